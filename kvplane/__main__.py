@@ -1,0 +1,3 @@
+from kvplane.cli import main
+
+raise SystemExit(main())

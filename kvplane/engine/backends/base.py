@@ -1,0 +1,102 @@
+"""The storage-tier contract and the registry of tiers.
+
+Every tier (CPU, disk, remote, fs, p2p) implements :class:`StorageBackend`. Methods are
+thread-safe and never block the caller beyond the tier's own deadline. A tier announces
+what it holds through :class:`ChunkAdmitted` / :class:`ChunkEvicted` events to the listeners
+added with :meth:`add_listener`; the storage manager forwards them to the worker, which
+reports them to the controller.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple
+
+from kvplane.engine.chunk import KVChunk
+from kvplane.keys import CacheKey
+
+__all__ = [
+    "BACKENDS",
+    "ChunkAdmitted",
+    "ChunkEvicted",
+    "StorageBackend",
+    "StorageEvent",
+    "register_backend",
+]
+
+
+class ChunkAdmitted(NamedTuple):
+    key: CacheKey
+    location: str
+
+
+class ChunkEvicted(NamedTuple):
+    key: CacheKey
+    location: str
+
+
+StorageEvent = ChunkAdmitted | ChunkEvicted
+Listener = Callable[[StorageEvent], None]
+
+
+class StorageBackend(ABC):
+    """One tier. ``name`` is the seeds' backend name (e.g. ``LocalCPUBackend``)."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+        self._listeners_lock = threading.Lock()
+
+    def add_listener(self, listener: Listener) -> None:
+        with self._listeners_lock:
+            self._listeners.append(listener)
+
+    def _emit(self, event: StorageEvent) -> None:
+        for listener in list(self._listeners):
+            listener(event)
+
+    @abstractmethod
+    def contains(self, key: CacheKey) -> bool:
+        """Whether ``get(key)`` would return a chunk now."""
+
+    @abstractmethod
+    def put(self, key: CacheKey, chunk: KVChunk) -> bool:
+        """Store ``chunk`` (the tier copies what it keeps). False when refused (full, down)."""
+
+    @abstractmethod
+    def get(self, key: CacheKey) -> KVChunk | None:
+        """The chunk, or None on a miss. The payload stays valid after later puts/evictions."""
+
+    @abstractmethod
+    def remove(self, key: CacheKey) -> bool:
+        """Drop one chunk; True if it was there. Emits ChunkEvicted."""
+
+    @abstractmethod
+    def keys(self) -> list[CacheKey]:
+        """Every key held now."""
+
+    def clear(self) -> int:
+        """Drop everything; returns the number of chunks removed."""
+        return sum(1 for k in self.keys() if self.remove(k))
+
+    def pin(self, key: CacheKey) -> bool:
+        """Exempt a chunk from eviction. Tiers without eviction accept and ignore."""
+        return self.contains(key)
+
+    def unpin(self, key: CacheKey) -> bool:
+        return self.contains(key)
+
+    def close(self) -> None:  # noqa: B027 - most tiers hold nothing to release
+        """Release files, sockets and threads."""
+
+
+BACKENDS: dict[str, type[StorageBackend]] = {}
+
+
+def register_backend(cls: type[StorageBackend]) -> type[StorageBackend]:
+    """Class decorator: make a tier selectable by its ``name``."""
+    BACKENDS[cls.name] = cls
+    return cls
