@@ -6,7 +6,8 @@
     ├── NotFound         unknown instance, worker, event, backend (HTTP 404)
     ├── Conflict         the request contradicts current state (HTTP 409)
     ├── Forbidden        refused by policy, e.g. /run_script disabled (HTTP 403)
-    └── Unavailable      a peer, worker or store did not answer in time (HTTP 503)
+    ├── Unavailable      a peer, worker or store did not answer in time (HTTP 503)
+    └── Unsupported      known operation this build or worker cannot do (HTTP 501)
 
 Third-party exceptions are translated at the boundary that meets them.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "KvplaneError",
     "NotFound",
     "Unavailable",
+    "Unsupported",
 ]
 
 
@@ -52,3 +54,9 @@ class Forbidden(KvplaneError):
 
 class Unavailable(KvplaneError):
     status_code = 503
+
+
+class Unsupported(KvplaneError):
+    """The operation exists in the API but this build or this worker cannot do it (HTTP 501)."""
+
+    status_code = 501
