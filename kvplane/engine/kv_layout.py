@@ -118,9 +118,9 @@ def _rows(
     if mla:
         width = cache.shape[1] * cache.shape[2] if by_block else cache.shape[2]
         return bits.view(-1, width), out_bits.view(-1, width), 0
-    width = cache.shape[2] * cache.shape[3] * cache.shape[4] if by_block else None
-    if width is None:
+    if not by_block:
         return bits.view(2, -1, cache.shape[3], cache.shape[4]), out_bits, 1
+    width = cache.shape[2] * cache.shape[3] * cache.shape[4]
     return bits.view(2, -1, width), out_bits.view(2, -1, width), 1
 
 
