@@ -1,27 +1,42 @@
-"""``kvplane`` command line: one subcommand per module, registered in :data:`SUBCOMMANDS`."""
+"""``kvplane`` command line: one table of subcommands, each in its own module.
+
+Each module exposes ``add_parser(subparsers)`` that registers its parser and sets
+``func(args) -> int``. Modules keep heavy imports (torch) inside ``func`` so that
+``kvplane controller`` starts without them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import sys
 from collections.abc import Sequence
 
-__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+from kvplane import __version__
+from kvplane.errors import KvplaneError
 
-# name -> module exposing ``add_parser(subparsers)``; the module sets ``run`` as default.
-SUBCOMMANDS: dict[str, str] = {
-    "controller": "kvplane.controller.main",
-}
+__all__ = ["SUBCOMMANDS", "main"]
+
+SUBCOMMANDS = ("kvplane.engine.main", "kvplane.controller.main")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvplane", description="KV-cache layer for LLM serving")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in SUBCOMMANDS.values():
+    parser = argparse.ArgumentParser(prog="kvplane", description="kvplane KV-cache layer")
+    parser.add_argument("--version", action="version", version=f"kvplane {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS:
         importlib.import_module(module).add_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s] kvplane %(levelname)s %(name)s: %(message)s"
+    )
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.func(args) or 0)
+    except KvplaneError as exc:
+        print(f"kvplane {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -50,7 +50,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", help="log level (default INFO)")
     p.add_argument("--config", help="YAML file with these settings (flags override it)")
-    p.set_defaults(run=run)
+    p.set_defaults(func=run)
     return p
 
 
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         level=(args.log_level or "INFO").upper(),
         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger().setLevel((args.log_level or "INFO").upper())
     try:
         settings = settings_from_args(args)
     except KvplaneError as exc:
