@@ -25,6 +25,7 @@ from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.storage_manager import StorageManager
+from kvplane.worker.service import ControllerWorker
 
 __all__ = ["EngineRuntime", "Service", "build_backends"]
 
@@ -78,6 +79,8 @@ class EngineRuntime:
             kv_caches = allocate_kv_caches(self.layout, device, seed=1234 + config.worker_id)
         self.kv_caches = list(kv_caches)
         self.services: list[Service] = []
+        if config.enable_controller:
+            self.add_service(ControllerWorker(config, self.cache_engine))
         self._stopped = threading.Event()
         self._started = False
         config.on_change(self._apply_config_change)
