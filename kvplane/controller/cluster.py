@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from kvplane.controller.core import ControllerCore
 from kvplane.controller.executor import EventStatus, EventTable, Executor, FanOutResult
 from kvplane.controller.index import Match
@@ -66,7 +68,8 @@ class Cluster:
     def lookup(self, tokens: Sequence[int]) -> tuple[str, dict[str, Match]]:
         with self.lock:
             sizes = self.core.index.chunk_sizes()
-        hashes = {cs: chunk_hashes(tokens, cs) for cs in sizes}
+        arr = np.asarray(tokens, dtype="<i4")  # once, for every chunk size in use
+        hashes = {cs: chunk_hashes(arr, cs) for cs in sizes}
         with self.lock:
             found = self.core.index.match(hashes, len(tokens))
         return self.events.start("lookup", finished=True), found

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -32,9 +32,14 @@ from kvplane.protocol import (
     unpack_hashes,
 )
 
-__all__ = ["ControllerCore", "Counters"]
+__all__ = ["ControllerCore", "Counters", "StagedReport"]
 
 log = logging.getLogger(__name__)
+
+
+class StagedReport(NamedTuple):
+    report: ChunkReport
+    hashes: list[list[int]]  # per segment, unpacked
 
 
 @dataclass
@@ -71,13 +76,21 @@ class ControllerCore:
         self.counters = Counters()
         self._dropped: list[DroppedChunks] = []
         self._handlers: dict[type, Callable[[Any, float], msgspec.Struct | None]] = {
-            ChunkReport: self._on_report,
+            StagedReport: self._on_report,
             RegisterRequest: self._on_register,
             HeartbeatRequest: self._on_heartbeat,
             DeregisterRequest: self._on_deregister,
             PeerLookupRequest: self._on_peer_lookup,
             UnknownMessage: self._on_unknown,
         }
+
+    @staticmethod
+    def stage(msg: Any) -> Any:
+        """Lock-free preparation of a message for :meth:`handle` (unpacks report hashes), so
+        the caller's lock covers only the index update."""
+        if type(msg) is ChunkReport:
+            return StagedReport(msg, [unpack_hashes(seg.hashes) for seg in msg.segments])
+        return msg
 
     def handle(self, msg: Any, now: float) -> msgspec.Struct | None:
         """Apply one message; the reply to send back, if the message expects one."""
@@ -112,7 +125,8 @@ class ControllerCore:
 
     # --- handlers ----------------------------------------------------------------------------
 
-    def _on_report(self, msg: ChunkReport, now: float) -> None:
+    def _on_report(self, staged: StagedReport, now: float) -> None:
+        msg = staged.report
         key = WorkerKey(msg.instance_id, msg.worker_id)
         check = self.registry.check_seq(key, msg.epoch, msg.seq)
         if check is SeqCheck.UNKNOWN:
@@ -126,8 +140,7 @@ class ControllerCore:
             log.warning("sequence gap from %s/%d at seq %d", *key, msg.seq)
         index = self.index
         applied = admits = 0
-        for seg in msg.segments:
-            hashes = unpack_hashes(seg.hashes)
+        for seg, hashes in zip(msg.segments, staged.hashes, strict=True):
             if seg.admit:
                 index.admit(key, seg.location, hashes)
                 admits += len(hashes)

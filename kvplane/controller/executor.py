@@ -54,7 +54,7 @@ class EventRecord:
 class EventTable:
     """Recent events by id (bounded: the oldest are forgotten first). Thread-safe."""
 
-    def __init__(self, capacity: int = 100_000) -> None:
+    def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
         self._events: OrderedDict[str, EventRecord] = OrderedDict()
         self._lock = threading.Lock()

@@ -126,10 +126,11 @@ class ControllerService:
                 frame = rep.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            reply = self._apply(frame)
+            reply, dropped = self._apply(frame)
             if reply is None:  # REP must answer every request, even one it could not use
                 reply = CommandReply(error_code=ErrorCode.BAD_REQUEST, message="no reply")
             rep.send(encode(reply))
+            _free(dropped)  # after the reply: a deregistering worker is not kept waiting
 
     def _ingest(self, pull: zmq.Socket[bytes]) -> None:
         for _ in range(_REPORTS_PER_ROUND):
@@ -137,9 +138,12 @@ class ControllerService:
                 frame = pull.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._apply(frame.buffer)
+            _free(self._apply(frame.buffer)[1])
 
-    def _apply(self, frame: bytes | memoryview) -> msgspec.Struct | None:
+    def _apply(
+        self, frame: bytes | memoryview
+    ) -> tuple[msgspec.Struct | None, list[DroppedChunks]]:
+        """Decode and apply one frame: its reply, and chunk sets the caller should free."""
         cluster = self.cluster
         try:
             msg = decode(frame)
@@ -147,21 +151,19 @@ class ControllerService:
             with cluster.lock:
                 cluster.core.counters.malformed_frames += 1
             log.warning("skipped a malformed frame: %s", exc)
-            return None
+            return None, []
+        staged = cluster.core.stage(msg)
         with cluster.lock:
-            reply = cluster.core.handle(msg, cluster.clock())
+            reply = cluster.core.handle(staged, cluster.clock())
             dropped = cluster.core.take_dropped()
-        if dropped:
-            _free(dropped)
-        return reply
+        return reply, dropped
 
     def _reap(self) -> None:
         cluster = self.cluster
         with cluster.lock:
             cluster.core.reap(cluster.clock())
             dropped = cluster.core.take_dropped()
-        if dropped:
-            _free(dropped)
+        _free(dropped)
 
     # --- commands to workers -----------------------------------------------------------------
 
