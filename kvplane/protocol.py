@@ -81,7 +81,7 @@ class HeartbeatStatus(IntEnum):
     RESYNC = 2  # the controller saw a sequence gap: re-register and resync
 
 
-class _Msg(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+class _Msg(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True, gc=False):
     pass
 
 
@@ -125,7 +125,7 @@ class DeregisterReply(_Msg, tag="deregister_reply", kw_only=True):
     ok: bool
 
 
-class Segment(msgspec.Struct, array_like=True):
+class Segment(msgspec.Struct, array_like=True, gc=False):
     """A run of admits (or evicts) in one location, in the order they happened."""
 
     admit: bool
