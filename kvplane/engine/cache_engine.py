@@ -38,6 +38,10 @@ __all__ = ["CacheEngine", "RetrieveResult", "StoreResult"]
 
 Decoder = Callable[[KVChunk], KVChunk]
 
+# Chunks planned before their copies are issued: large enough to batch kernels on CUDA,
+# small enough that the device works while the host plans the next ones.
+_FLUSH_CHUNKS = 8
+
 
 class StoreResult(NamedTuple):
     num_tokens: int  # tokens whose chunks are now held (newly stored or already present)
@@ -134,6 +138,9 @@ class CacheEngine:
                         size = self.layout.chunk_nbytes(n)
                         staged.append((key, KVChunk(meta, page.data[:size]), page))
                         copies.append((index, staged[-1][1].kv()))
+                        if len(copies) == _FLUSH_CHUNKS:  # start the copies while planning on
+                            gather_many(kv_caches, copies)
+                            copies = []
                     elif cpu is not None or not self._store_uncached(key, meta, kv_caches, index):
                         self.metrics.refused_stores.inc()
                         break
@@ -188,6 +195,9 @@ class CacheEngine:
                 if kv.shape != self.layout.chunk_shape(end - start):
                     break  # a chunk of another layout under this key: treat as a miss
                 copies.append((self._index(kv_caches, slots[start:end]), kv))
+                if len(copies) == _FLUSH_CHUNKS:
+                    scatter_many(kv_caches, copies)
+                    copies = []
                 self.metrics.lookup_hits.inc()
                 loaded_tokens, chunks, nbytes = end, chunks + 1, nbytes + chunk.nbytes
             scatter_many(kv_caches, copies)
