@@ -23,10 +23,12 @@ class Peer:
 
     def __init__(self, host: str = "127.0.0.1", **kw: int | float) -> None:
         self.store: dict[CacheKey, KVChunk] = {}
+        self.locations: list[str | None] = []
         self.server = ChunkServer(host, 0, self.store.get, self.accept, **kw)  # type: ignore[arg-type]
         self.server.start()
 
-    def accept(self, key: CacheKey, chunk: KVChunk) -> bool:
+    def accept(self, key: CacheKey, chunk: KVChunk, location: str | None = None) -> bool:
+        self.locations.append(location)
         self.store[key] = chunk
         return True
 
@@ -57,6 +59,8 @@ def test_push_moves_chunks_into_the_peer(peers: tuple[Peer, Peer]) -> None:
     # A tiny limit forces several batches; every chunk still arrives.
     client = P2PClient(timeout_s=2, max_transfer_bytes=2 * FRAME)
     assert client.push(b.server.url, items) == [True] * 5
+    assert client.push(b.server.url, items[:1], location="LocalDiskBackend") == [True]
+    assert b.locations == [None] * 5 + ["LocalDiskBackend"]
     assert all(same_kv(b.store[k], c) for k, c in items)
     assert not a.store
 

@@ -125,7 +125,7 @@ def _remote(tmp_path: Path) -> Iterator[TierCase]:
 def _p2p(tmp_path: Path) -> Iterator[TierCase]:
     store: dict[CacheKey, KVChunk] = {}
 
-    def put(key: CacheKey, chunk: KVChunk) -> bool:
+    def put(key: CacheKey, chunk: KVChunk, location: str | None = None) -> bool:
         store[key] = chunk
         return True
 

@@ -15,7 +15,7 @@ Non-finite values cannot be quantized and are refused.
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 import zstandard
@@ -27,6 +27,7 @@ from kvplane.errors import BadRequest, CorruptChunk
 __all__ = [
     "CODECS",
     "Codec",
+    "CompressResult",
     "Int8Codec",
     "NoneCodec",
     "ZstdCodec",
@@ -35,6 +36,19 @@ __all__ = [
     "get_codec",
     "saved_bytes",
 ]
+
+
+class CompressResult(NamedTuple):
+    """What a compress/decompress pass over stored chunks did."""
+
+    num_chunks: int
+    num_tokens: int
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
 
 
 class Codec(Protocol):

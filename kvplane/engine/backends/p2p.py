@@ -29,6 +29,7 @@ PeerLocator = Callable[[Sequence[CacheKey]], str | None]
 @register_backend
 class P2PBackend(StorageBackend):
     name = "P2PBackend"
+    fetch_only = True
 
     def __init__(
         self, client: P2PClient, peer_locator: PeerLocator, *, self_url: str | None = None
@@ -39,6 +40,10 @@ class P2PBackend(StorageBackend):
         self.peer_locator = peer_locator
         self.self_url = self_url
         self.fetch_errors = 0
+
+    def set_peer_locator(self, peer_locator: PeerLocator) -> None:
+        """Late wiring: the controller worker starts after the tiers are built."""
+        self.peer_locator = peer_locator
 
     def contains(self, key: CacheKey) -> bool:
         return self._locate([key]) is not None

@@ -62,8 +62,15 @@ class P2PClient:
                     out.append(None)
             return out
 
-    def push(self, peer_url: str, items: Sequence[tuple[CacheKey, KVChunk]]) -> list[bool]:
-        """Send chunks for the peer to store; whether each was accepted. Chunks go in batches
+    def push(
+        self,
+        peer_url: str,
+        items: Sequence[tuple[CacheKey, KVChunk]],
+        *,
+        location: str | None = None,
+    ) -> list[bool]:
+        """Send chunks for the peer to store (into its tier ``location``; None: its usual
+        store path); whether each was accepted. Chunks go in batches
         under ``max_transfer_bytes``; a chunk larger than that is not sent (False).
         Raises Unavailable when the peer cannot be reached or refuses pushes."""
         frames = [serde.encode_parts(key, chunk) for key, chunk in items]
@@ -75,12 +82,12 @@ class P2PClient:
             if size > self.max_transfer_bytes:
                 continue
             if batch and batch_bytes + size > self.max_transfer_bytes:
-                self._push_batch(peer_url, batch, frames, sizes, accepted)
+                self._push_batch(peer_url, batch, frames, sizes, accepted, location)
                 batch, batch_bytes = [], 0
             batch.append(i)
             batch_bytes += size
         if batch:
-            self._push_batch(peer_url, batch, frames, sizes, accepted)
+            self._push_batch(peer_url, batch, frames, sizes, accepted, location)
         return accepted
 
     def _push_batch(
@@ -90,10 +97,11 @@ class P2PClient:
         frames: list[tuple[bytes, memoryview]],
         sizes: list[int],
         accepted: list[bool],
+        location: str | None,
     ) -> None:
         deadline = wire.Deadline(self.timeout_s)
         with self._connect(peer_url, deadline) as sock:
-            wire.send_message(sock, wire.PushRequest([sizes[i] for i in batch]), deadline)
+            wire.send_message(sock, wire.PushRequest([sizes[i] for i in batch], location), deadline)
             for i in batch:
                 wire.send_all(sock, frames[i][0], deadline)
                 wire.send_all(sock, frames[i][1], deadline)

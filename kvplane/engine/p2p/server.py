@@ -2,7 +2,8 @@
 
 It knows nothing of tiers: ``lookup(key)`` and ``sink(key, chunk)`` are handed in by the
 composition root (lookup reads the local tiers only, so two peers never ask each other in a
-loop; sink stores into the local tiers). A reply never exceeds ``max_transfer_bytes``:
+loop; ``sink(key, chunk, location)`` stores into the named local tier, or the usual store
+path for None). A reply never exceeds ``max_transfer_bytes``:
 chunks past the budget are answered as misses. Each connection has ``timeout_s`` in all.
 """
 
@@ -25,7 +26,7 @@ __all__ = ["ChunkLookup", "ChunkServer", "ChunkSink"]
 log = logging.getLogger(__name__)
 
 ChunkLookup = Callable[[CacheKey], KVChunk | None]
-ChunkSink = Callable[[CacheKey, KVChunk], bool]
+ChunkSink = Callable[[CacheKey, KVChunk, str | None], bool]
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -153,7 +154,7 @@ class ChunkServer:
             frame = wire.recv_exact(sock, size, deadline)
             try:
                 key, chunk = serde.decode(frame)
-                accepted.append(bool(self.sink(key, chunk)))
+                accepted.append(bool(self.sink(key, chunk, req.location)))
             except (CorruptChunk, KvplaneError) as exc:
                 log.warning("p2p server: refusing a pushed chunk: %s", exc)
                 accepted.append(False)

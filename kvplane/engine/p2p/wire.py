@@ -4,7 +4,7 @@ A control message is a u32 length (little endian) and a msgpack-encoded tagged s
 frames (:mod:`kvplane.engine.serde`) follow a message back to back, their sizes listed in it:
 
     fetch:  -> FetchRequest(keys)          <- FetchReply(sizes) frame*   (size 0 = miss)
-    push:   -> PushRequest(sizes) frame*   <- PushReply(accepted)
+    push:   -> PushRequest(sizes, location) frame*   <- PushReply(accepted)
     either: <- ErrorReply(message) instead of the reply
 
 Every read and write runs against one absolute deadline, so a silent or dead peer costs at
@@ -49,6 +49,8 @@ class FetchReply(msgspec.Struct, tag="fetch_reply"):
 
 class PushRequest(msgspec.Struct, tag="push"):
     sizes: list[int]
+    #: the receiver's tier to store into (None: its usual store path)
+    location: str | None = None
 
 
 class PushReply(msgspec.Struct, tag="push_reply"):
