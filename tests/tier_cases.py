@@ -15,11 +15,13 @@ import torch
 
 from kvplane.engine import chunk_files
 from kvplane.engine.backends.base import StorageBackend, StorageEvent
+from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.backends.disk import LocalDiskBackend
 from kvplane.engine.backends.fs import FSConnectorBackend
 from kvplane.engine.backends.p2p import P2PBackend
 from kvplane.engine.backends.remote import RemoteBackend
 from kvplane.engine.chunk import KVChunk
+from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.p2p import ChunkServer, P2PClient
 from kvplane.keys import CacheKey
 from tests.redis_support import RedisServer
@@ -70,13 +72,25 @@ def _frame_size() -> int:
 @contextlib.contextmanager
 def tier_case(kind: str, tmp_path: Path) -> Iterator[TierCase]:
     """Build the tier ``kind`` over fresh storage under ``tmp_path``; tear it all down."""
-    builders = {"disk": _disk, "fs": _fs, "remote": _remote, "p2p": _p2p}
+    builders = {"cpu": _cpu, "disk": _disk, "fs": _fs, "remote": _remote, "p2p": _p2p}
     with builders[kind](tmp_path) as case:
         case.backend.add_listener(case.events.append)
         try:
             yield case
         finally:
             case.backend.close()
+
+
+@contextlib.contextmanager
+def _cpu(tmp_path: Path) -> Iterator[TierCase]:
+    pool = HostMemoryPool(make_chunk(0).nbytes, 4, pin=False)
+    backend = LocalCPUBackend(pool)
+    yield TierCase(
+        backend,
+        seed=backend.put,
+        break_it=lambda: backend.set_hot_cache(False),
+        capacity_chunks=4,
+    )
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from kvplane.engine.backends.remote import RemoteBackend
 from kvplane.engine.chunk_files import directory_from_url
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.p2p import ChunkServer, P2PClient
+from kvplane.engine.p2p.move import MoveResult, move_chunks
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import ConfigError
 from kvplane.keys import CacheKey
@@ -123,6 +124,7 @@ class P2PNode:
             timeout_s=config.p2p_timeout_s,
             max_transfer_bytes=config.p2p_max_transfer_bytes,
         )
+        self.storage = storage
         tier = storage.backends.get(P2PBackend.name)
         self.backend = tier if isinstance(tier, P2PBackend) else None
 
@@ -134,6 +136,26 @@ class P2PNode:
     def set_peer_locator(self, peer_locator: PeerLocator) -> None:
         if self.backend is not None:
             self.backend.set_peer_locator(peer_locator)
+
+    def move(
+        self,
+        *,
+        source_location: str,
+        peer_url: str,
+        target_location: str | None,
+        keys: Sequence[CacheKey] | None = None,
+        copy: bool = False,
+    ) -> MoveResult:
+        """Push chunks of a local tier to a peer's tier (see :func:`move_chunks`)."""
+        return move_chunks(
+            self.storage,
+            self.client,
+            source_location=source_location,
+            peer_url=peer_url,
+            target_location=target_location,
+            keys=keys,
+            copy=copy,
+        )
 
     def start(self) -> None:
         self.server.start()
