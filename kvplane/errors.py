@@ -6,7 +6,8 @@
     ├── NotFound         unknown instance, worker, event, backend (HTTP 404)
     ├── Conflict         the request contradicts current state (HTTP 409)
     ├── Forbidden        refused by policy, e.g. /run_script disabled (HTTP 403)
-    └── Unavailable      a peer, worker or store did not answer in time (HTTP 503)
+    ├── Unavailable      a peer, worker or store did not answer in time (HTTP 503)
+    └── CorruptChunk     stored or received chunk bytes fail their header or checksum check
 
 Third-party exceptions are translated at the boundary that meets them.
 """
@@ -17,6 +18,7 @@ __all__ = [
     "BadRequest",
     "ConfigError",
     "Conflict",
+    "CorruptChunk",
     "Forbidden",
     "KvplaneError",
     "NotFound",
@@ -52,3 +54,9 @@ class Forbidden(KvplaneError):
 
 class Unavailable(KvplaneError):
     status_code = 503
+
+
+class CorruptChunk(KvplaneError):
+    """Framed chunk bytes are truncated, malformed or fail their checksum; never served as KV."""
+
+    status_code = 500
