@@ -5,6 +5,7 @@
     ├── BadRequest       a caller's input is malformed (HTTP 400)
     ├── NotFound         unknown instance, worker, event, backend (HTTP 404)
     ├── Conflict         the request contradicts current state (HTTP 409)
+    ├── Unauthorized     a mutating call without the configured bearer token (HTTP 401)
     ├── Forbidden        refused by policy, e.g. /run_script disabled (HTTP 403)
     └── Unavailable      a peer, worker or store did not answer in time (HTTP 503)
 
@@ -13,6 +14,9 @@ Third-party exceptions are translated at the boundary that meets them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 __all__ = [
     "BadRequest",
     "ConfigError",
@@ -20,35 +24,64 @@ __all__ = [
     "Forbidden",
     "KvplaneError",
     "NotFound",
+    "Unauthorized",
     "Unavailable",
 ]
 
 
 class KvplaneError(Exception):
-    """Base of every error kvplane raises on purpose."""
+    """Base of every error kvplane raises on purpose.
+
+    ``title`` is the short ``error`` field of an HTTP error body (the seeds' error shapes use
+    titles such as "Unknown backend"); ``details`` are extra fields for that body.
+    """
 
     status_code = 500
+    title = "Internal error"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        title: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        if title is not None:
+            self.title = title
+        self.details: dict[str, Any] = dict(details or {})
 
 
 class ConfigError(KvplaneError):
     status_code = 400
+    title = "Invalid config"
 
 
 class BadRequest(KvplaneError):
     status_code = 400
+    title = "Bad request"
 
 
 class NotFound(KvplaneError):
     status_code = 404
+    title = "Not found"
 
 
 class Conflict(KvplaneError):
     status_code = 409
+    title = "Conflict"
+
+
+class Unauthorized(KvplaneError):
+    status_code = 401
+    title = "Unauthorized"
 
 
 class Forbidden(KvplaneError):
     status_code = 403
+    title = "Forbidden"
 
 
 class Unavailable(KvplaneError):
     status_code = 503
+    title = "Unavailable"
