@@ -14,6 +14,7 @@ Third-party exceptions are translated at the boundary that meets them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,15 +30,21 @@ __all__ = [
 ]
 
 
+def _in_words(class_name: str) -> str:
+    """``BadRequest`` -> ``Bad request``."""
+    words = re.findall(r"[A-Z][a-z]*|[a-z]+|\d+", class_name)
+    return " ".join(words).capitalize() if words else class_name
+
+
 class KvplaneError(Exception):
     """Base of every error kvplane raises on purpose.
 
     ``title`` is the short ``error`` field of an HTTP error body (the seeds' error shapes use
-    titles such as "Unknown backend"); ``details`` are extra fields for that body.
+    titles such as "Unknown backend"; by default the class name in words, "Bad request");
+    ``details`` are extra fields for that body.
     """
 
     status_code = 500
-    title = "Internal error"
 
     def __init__(
         self,
@@ -47,41 +54,35 @@ class KvplaneError(Exception):
         details: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
-        if title is not None:
-            self.title = title
+        self.title = title or (
+            "Internal error" if type(self) is KvplaneError else _in_words(type(self).__name__)
+        )
         self.details: dict[str, Any] = dict(details or {})
 
 
 class ConfigError(KvplaneError):
     status_code = 400
-    title = "Invalid config"
 
 
 class BadRequest(KvplaneError):
     status_code = 400
-    title = "Bad request"
 
 
 class NotFound(KvplaneError):
     status_code = 404
-    title = "Not found"
 
 
 class Conflict(KvplaneError):
     status_code = 409
-    title = "Conflict"
 
 
 class Unauthorized(KvplaneError):
     status_code = 401
-    title = "Unauthorized"
 
 
 class Forbidden(KvplaneError):
     status_code = 403
-    title = "Forbidden"
 
 
 class Unavailable(KvplaneError):
     status_code = 503
-    title = "Unavailable"

@@ -65,3 +65,36 @@ def serving(
                 yield service, client
         finally:
             service.stop()
+
+
+ENGINE_DEFAULTS: dict[str, Any] = dict(
+    chunk_size=16,
+    kv_block_size=4,
+    kv_num_blocks=64,
+    kv_num_layers=2,
+    kv_num_heads=2,
+    kv_head_size=16,
+    max_local_cpu_size=0.01,
+)
+
+
+@contextlib.contextmanager
+def engine_serving(transport: str, **overrides: Any) -> Iterator[tuple[Any, httpx.Client]]:
+    """A real EngineRuntime whose own internal API service (index 0) serves over
+    ``transport``; yields the runtime and a client."""
+    from kvplane.engine.runtime import EngineRuntime
+
+    with short_tmpdir() as tmp:
+        settings = {**ENGINE_DEFAULTS, "internal_api_server_include_index_list": [0], **overrides}
+        if transport == "uds":
+            settings["internal_api_server_socket_path_prefix"] = f"{tmp}/api"
+        else:
+            settings["internal_api_server_port_start"] = free_port()
+        runtime = EngineRuntime(api_config(**settings))
+        runtime.start()
+        try:
+            service = next(s for s in runtime.services if isinstance(s, InternalApiService))
+            with client_for(service, 0) as client:
+                yield runtime, client
+        finally:
+            runtime.stop()

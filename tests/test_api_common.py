@@ -83,7 +83,7 @@ def test_meta_all_and_filtered(transport):
         meta = client.get("/meta").json()
         assert meta["model_name"] == "m"
         assert meta["role"] == "worker_0" and meta["index"] == 1
-        assert meta["kv_shape"] == [3, 2, 256, 2, 64]
+        assert meta["kv_shape"] == [3, 2, 256, 2, 64]  # [layers, K/V, tokens, heads, head size]
         r = client.get("/meta", params={"names": "worker_id,model_name"})
         assert r.json() == {"worker_id": 0, "model_name": "m"}
         assert client.get("/meta", params={"names": "bogus"}).status_code == 400

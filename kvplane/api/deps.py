@@ -13,8 +13,10 @@ from fastapi import Depends, Request
 
 from kvplane.api.context import ApiContext, SlotRecording
 from kvplane.config import EngineConfig
-from kvplane.engine.chunk_statistics import ChunkStatistics
-from kvplane.errors import Unauthorized, Unavailable
+from kvplane.engine.backends.cpu import LocalCPUBackend
+from kvplane.engine.cache_engine import CacheEngine
+from kvplane.engine.storage_manager import StorageManager
+from kvplane.errors import BadRequest, Unauthorized, Unavailable
 
 if TYPE_CHECKING:
     from kvplane.engine.runtime import EngineRuntime
@@ -22,12 +24,14 @@ if TYPE_CHECKING:
 __all__ = [
     "SAFE_METHODS",
     "Config",
+    "CpuTier",
     "Ctx",
-    "Runtime",
+    "Engine",
     "SlotRecordingDep",
-    "Statistics",
+    "Storage",
     "check_token",
     "require_token",
+    "runtime_of",
 ]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -45,14 +49,28 @@ def get_config(ctx: Ctx) -> EngineConfig:
     return ctx.config
 
 
-def get_runtime(ctx: Ctx) -> EngineRuntime:
+def runtime_of(ctx: ApiContext) -> EngineRuntime:
+    """The engine runtime; 503 in a process that has none."""
     if ctx.runtime is None:
         raise Unavailable("This process has no cache engine", title="Not available")
     return ctx.runtime
 
 
-def get_statistics(ctx: Ctx) -> ChunkStatistics:
-    return ctx.statistics
+def get_engine(ctx: Ctx) -> CacheEngine:
+    return runtime_of(ctx).cache_engine
+
+
+def get_storage(ctx: Ctx) -> StorageManager:
+    return runtime_of(ctx).storage
+
+
+def get_cpu_tier(ctx: Ctx) -> LocalCPUBackend:
+    cpu = runtime_of(ctx).storage.cpu
+    if cpu is None:
+        raise BadRequest(
+            "This engine has no LocalCPUBackend (local_cpu: false)", title="Not available"
+        )
+    return cpu
 
 
 def get_slot_recording(ctx: Ctx) -> SlotRecording:
@@ -60,8 +78,9 @@ def get_slot_recording(ctx: Ctx) -> SlotRecording:
 
 
 Config = Annotated[EngineConfig, Depends(get_config)]
-Runtime = Annotated["EngineRuntime", Depends(get_runtime)]
-Statistics = Annotated[ChunkStatistics, Depends(get_statistics)]
+Engine = Annotated[CacheEngine, Depends(get_engine)]
+Storage = Annotated[StorageManager, Depends(get_storage)]
+CpuTier = Annotated[LocalCPUBackend, Depends(get_cpu_tier)]
 SlotRecordingDep = Annotated[SlotRecording, Depends(get_slot_recording)]
 
 

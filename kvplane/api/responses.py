@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from kvplane.errors import KvplaneError
 
-__all__ = ["error_body", "success"]
+__all__ = ["Success", "error_body", "success"]
+
+
+class Success(BaseModel):
+    """Base of the engine endpoints' answers: ``{"status": "success", ...}``."""
+
+    status: Literal["success"] = "success"
 
 
 def success(**fields: Any) -> dict[str, Any]:
-    """``{"status": "success", **fields}``, the shape of every engine endpoint's answer."""
+    """``{"status": "success", **fields}`` for shapes whose field names vary."""
     return {"status": "success", **fields}
 
 

@@ -224,6 +224,8 @@ class InternalApiService:
         self.slot_recording = SlotRecording()
         self.servers: dict[int, ApiServer] = {}
         config.on_change(self._on_config_change)
+        if runtime is not None:
+            runtime.cache_engine.add_lookup_observer(self.statistics.record)
 
     def _on_config_change(self, name: str, value: object) -> None:
         if name.startswith("chunk_statistics_auto_exit_"):

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from kvplane.api.common.conf_api import select
 from kvplane.api.context import ApiContext
 from kvplane.api.deps import Ctx
+from kvplane.engine.kv_layout import KVLayout
 
 __all__ = ["engine_metadata", "router"]
 
@@ -16,24 +17,23 @@ router = APIRouter()
 
 
 def engine_metadata(ctx: ApiContext) -> dict[str, Any]:
+    """The engine's own metadata (config-derived without an engine) plus this server's role."""
     cfg = ctx.config
-    kv_pairs = 1 if cfg.use_mla else 2
-    kv_heads = 1 if cfg.use_mla else cfg.kv_num_heads
-    return {
-        "model_name": cfg.model_name,
-        "world_size": cfg.world_size,
-        "worker_id": cfg.worker_id,
-        "is_first_rank": cfg.worker_id == 0,
-        "instance_id": cfg.lmcache_instance_id,
-        "kv_dtype": cfg.kv_dtype,
-        "use_mla": cfg.use_mla,
-        "chunk_size": cfg.chunk_size,
-        # The original's kv_shape: (layers, K/V, tokens per chunk, heads, head size).
-        "kv_shape": [cfg.kv_num_layers, kv_pairs, cfg.chunk_size, kv_heads, cfg.kv_head_size],
-        "role": ctx.role,
-        "index": ctx.index,
-        "has_engine": ctx.runtime is not None,
-    }
+    if ctx.runtime is not None:
+        meta = ctx.runtime.metadata()
+    else:
+        meta = {
+            "model_name": cfg.model_name,
+            "world_size": cfg.world_size,
+            "worker_id": cfg.worker_id,
+            "instance_id": cfg.lmcache_instance_id,
+            "kv_dtype": cfg.kv_dtype,
+            "kv_shape": list(KVLayout.from_config(cfg).chunk_shape(cfg.chunk_size)),
+            "chunk_size": cfg.chunk_size,
+            "use_mla": cfg.use_mla,
+            "is_first_rank": cfg.worker_id == 0,
+        }
+    return {**meta, "role": ctx.role, "index": ctx.index, "has_engine": ctx.runtime is not None}
 
 
 @router.get("/meta")
