@@ -372,3 +372,15 @@ def test_engine_endpoints_without_an_engine(transport):
         ):
             r = client.request(method, path)
             assert (r.status_code, r.json()["error"]) == (503, "Not available"), path
+
+
+def test_inference_info_failure_is_a_500_with_the_seed_error(engine):
+    runtime, client = engine
+
+    def broken_metadata():
+        raise RuntimeError("metadata exploded")
+
+    runtime.metadata = broken_metadata  # fault injection on the real runtime object
+    r = client.get("/inference_info")
+    assert r.status_code == 500
+    assert r.json() == {"error": "Failed to get inference info", "message": "metadata exploded"}

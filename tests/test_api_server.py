@@ -13,6 +13,7 @@ import pytest
 from kvplane.api.discovery import discover_routers
 from kvplane.api.server import (
     InternalApiService,
+    exposure_warning,
     process_indices,
     served_indices,
     server_address,
@@ -211,3 +212,25 @@ def test_token_guards_every_mutating_call(transport):
             methods = getattr(route, "methods", set()) - {"GET", "HEAD"}
             for method in methods:
                 assert client.request(method, route.path).status_code == 401, route.path
+
+
+def test_public_bind_without_token_warns():
+    assert exposure_warning(api_config()) is None
+    assert exposure_warning(api_config(internal_api_server_host="::1")) is None
+    assert exposure_warning(api_config(internal_api_server_host="localhost")) is None
+    public = api_config(internal_api_server_host="0.0.0.0")
+    assert "without internal_api_server_token" in (exposure_warning(public) or "")
+    public.internal_api_server_token = "t"
+    assert exposure_warning(public) is None
+
+
+def test_ipv6_loopback_host():
+    port = free_port("::1")
+    cfg = api_config(internal_api_server_host="::1", internal_api_server_port_start=port)
+    service = InternalApiService(cfg, indices=[0])
+    service.start()
+    try:
+        with httpx.Client(timeout=5) as client:
+            assert client.get(f"http://[::1]:{port}/meta").json()["index"] == 0
+    finally:
+        service.stop()

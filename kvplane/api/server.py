@@ -10,6 +10,7 @@ and stops.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -37,6 +38,7 @@ __all__ = [
     "Address",
     "ApiServer",
     "InternalApiService",
+    "exposure_warning",
     "process_indices",
     "served_indices",
     "server_address",
@@ -235,6 +237,9 @@ class InternalApiService:
         return ApiContext(index, self.config, self.runtime, self.statistics, self.slot_recording)
 
     def start(self) -> None:
+        warning = exposure_warning(self.config)
+        if warning:
+            log.warning("%s", warning)
         try:
             for index in self.indices:
                 server = ApiServer(
@@ -250,6 +255,23 @@ class InternalApiService:
     def stop(self) -> None:
         for index in sorted(self.servers, reverse=True):
             self.servers.pop(index).stop()
+
+
+def exposure_warning(config: EngineConfig) -> str | None:
+    """A warning when the API listens beyond loopback with no token to guard it."""
+    host = config.internal_api_server_host
+    if config.internal_api_server_socket_path_prefix or config.internal_api_server_token:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (
+        f"internal API server binds {host} without internal_api_server_token: anyone who "
+        "can reach it can change this engine"
+    )
 
 
 def _auto_exit(config: EngineConfig) -> AutoExit:
