@@ -194,8 +194,9 @@ def test_token_guards_every_mutating_call(transport):
         assert r.json()["error"] == "Unauthorized"
         assert r.headers["www-authenticate"] == "Bearer"
         assert cfg.min_retrieve_tokens == 0
-        wrong = {"Authorization": "Bearer nope"}
-        assert client.post("/conf", json={}, headers=wrong).status_code == 401
+        for wrong in ("Bearer nope", "Basic s3cret", "s3cret", "Bearer s3cr\u00e9t"):
+            headers = {"Authorization": wrong.encode("utf-8")}
+            assert client.post("/conf", json={}, headers=headers).status_code == 401, wrong
         r = client.get("/loglevel", params={"logger_name": "kvplane.t", "level": "DEBUG"})
         assert r.status_code == 401
         good = {"Authorization": "Bearer s3cret"}

@@ -90,7 +90,9 @@ def require_token(request: Request, config: Config) -> None:
     if not token:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip(), token):
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
         raise Unauthorized("This endpoint requires 'Authorization: Bearer <token>'")
 
 
