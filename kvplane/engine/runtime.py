@@ -76,6 +76,11 @@ class EngineRuntime:
         self._stopped = threading.Event()
         self._started = False
         config.on_change(self._apply_config_change)
+        if config.internal_api_server_enabled:
+            # Imported here: the API's modules import the engine's, not the other way round.
+            from kvplane.api.server import InternalApiService
+
+            self.add_service(InternalApiService(config, self))
 
     # ------------------------------------------------------------------ metadata
     def metadata(self) -> dict[str, Any]:
