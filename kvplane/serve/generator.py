@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -65,7 +66,7 @@ class Generator:
         max_model_len: int,
         eos_token_id: int | None,
         cache: PrefixCache | None = None,
-        store_decode: bool = False,
+        store_decode: Callable[[], bool] = lambda: False,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -130,7 +131,7 @@ class Generator:
             logits = self.model.forward(torch.tensor([token]), pos, slots[: pos + 1])
             token = _sample(logits, params.temperature, rng)
             out.append(token)
-        if self.cache is not None and self.store_decode:
+        if self.cache is not None and self.store_decode():
             seq = prompt + out[:-1]
             self.cache.store(
                 torch.tensor(seq, dtype=torch.long), self.model.kv_caches, slots[: len(seq)]
