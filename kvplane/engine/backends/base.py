@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import ClassVar, NamedTuple
 
 from kvplane.engine.chunk import KVChunk
@@ -69,6 +70,12 @@ class StorageBackend(ABC):
     @abstractmethod
     def get(self, key: CacheKey) -> KVChunk | None:
         """The chunk, or None on a miss. The payload stays valid after later puts/evictions."""
+
+    @contextmanager
+    def read(self, key: CacheKey) -> Iterator[KVChunk | None]:
+        """The chunk for the duration of the block; tiers that can lend bytes without a copy
+        (the CPU tier) keep them from being reused until the block ends."""
+        yield self.get(key)
 
     @abstractmethod
     def remove(self, key: CacheKey) -> bool:

@@ -1,0 +1,247 @@
+"""The cache engine: store a prompt's KV in chunks, retrieve the cached prefix back.
+
+``store`` gathers each chunk's slots from the paged caches straight into a page of the CPU
+tier (pinned memory; one device->host copy per chunk) and hands it to the storage manager.
+``retrieve`` walks the prompt's chunks in order and scatters each into the paged caches; the
+first chunk that no tier holds ends it, so what comes back is always a prefix from token 0.
+Thread-safe: the engine itself holds no mutable state besides its listeners.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from kvplane.config import EngineConfig
+from kvplane.engine.backends.base import StorageEvent
+from kvplane.engine.chunk import ChunkMeta, KVChunk, dtype_name
+from kvplane.engine.kv_layout import KVLayout, gather, scatter
+from kvplane.engine.metrics import EngineMetrics
+from kvplane.engine.storage_manager import StorageManager
+from kvplane.errors import BadRequest
+from kvplane.keys import CacheKey, chunk_hashes, chunk_spans, to_token_array
+
+__all__ = ["CacheEngine", "RetrieveResult", "StoreResult"]
+
+Decoder = Callable[[KVChunk], KVChunk]
+
+
+class StoreResult(NamedTuple):
+    num_tokens: int  # tokens whose chunks are now held (newly stored or already present)
+    num_chunks: int  # chunks newly stored
+    nbytes: int  # bytes newly stored
+
+
+class RetrieveResult(NamedTuple):
+    num_tokens: int
+    num_chunks: int
+    nbytes: int
+
+
+def _identity_decoder(chunk: KVChunk) -> KVChunk:
+    if chunk.meta.compression != "none":
+        raise BadRequest(f"chunk compressed with {chunk.meta.compression!r} and no decoder set")
+    return chunk
+
+
+class CacheEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        layout: KVLayout,
+        storage: StorageManager,
+        *,
+        decode: Decoder | None = None,
+    ) -> None:
+        self.config = config
+        self.layout = layout
+        self.storage = storage
+        self.metrics: EngineMetrics = storage.metrics
+        self.decode = decode or _identity_decoder
+        self._dtype_name = dtype_name(layout.dtype)
+        self._cuda_lock = threading.Lock()
+        self._lookup_observers: list[Callable[[Sequence[int]], None]] = []
+
+    # ------------------------------------------------------------------ keys and events
+    def keys_for(self, tokens: Any) -> list[CacheKey]:
+        c = self.config
+        return [
+            CacheKey(c.model_name, c.world_size, c.worker_id, self._dtype_name, h)
+            for h in chunk_hashes(tokens, c.chunk_size)
+        ]
+
+    def add_listener(self, listener: Callable[[StorageEvent], None]) -> None:
+        """Receive ChunkAdmitted / ChunkEvicted events from every tier."""
+        self.storage.add_listener(listener)
+
+    def add_lookup_observer(self, observer: Callable[[Sequence[int]], None]) -> None:
+        """Receive the chunk hashes of every lookup/retrieve (e.g. chunk statistics)."""
+        self._lookup_observers.append(observer)
+
+    def _observe(self, keys: Sequence[CacheKey]) -> None:
+        if self._lookup_observers:
+            hashes = [k.chunk_hash for k in keys]
+            for observer in list(self._lookup_observers):
+                observer(hashes)
+
+    @property
+    def frozen(self) -> bool:
+        return self.storage.frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        self.storage.frozen = value
+
+    # ------------------------------------------------------------------ data path
+    def store(
+        self, tokens: Any, kv_caches: Sequence[torch.Tensor], slot_mapping: Any
+    ) -> StoreResult:
+        """Store every chunk of ``tokens`` not held yet. Skipped entirely while frozen."""
+        token_arr = to_token_array(tokens)
+        slots = self._slots(slot_mapping, len(token_arr))
+        if self.storage.frozen or len(token_arr) == 0:
+            return StoreResult(0, 0, 0)
+        start_time = time.perf_counter()
+        spans = chunk_spans(len(token_arr), self.config.chunk_size)
+        keys = self.keys_for(token_arr)
+        held_tokens = new_chunks = nbytes = 0
+        with self._device_guard(kv_caches):
+            for key, (start, end) in zip(keys, spans, strict=True):
+                partial = end - start < self.config.chunk_size
+                if partial and not self.config.save_unfull_chunk:
+                    break
+                if self.storage.locate(key) is None:
+                    stored = self._store_chunk(key, kv_caches, slots[start:end])
+                    if not stored:
+                        self.metrics.refused_stores.inc()
+                        break
+                    new_chunks += 1
+                    nbytes += self.layout.chunk_nbytes(end - start)
+                held_tokens = end
+        self.metrics.stored_tokens.inc(held_tokens)
+        self.metrics.stored_bytes.inc(nbytes)
+        self.metrics.store_seconds.observe(time.perf_counter() - start_time)
+        return StoreResult(held_tokens, new_chunks, nbytes)
+
+    def _store_chunk(
+        self, key: CacheKey, kv_caches: Sequence[torch.Tensor], slots: torch.Tensor
+    ) -> bool:
+        n = int(slots.numel())
+        shape = self.layout.chunk_shape(n)
+        meta = ChunkMeta(shape, self._dtype_name, n)
+        nbytes = self.layout.chunk_nbytes(n)
+        cpu = self.storage.cpu_writable
+        page = cpu.allocate() if cpu is not None else None
+        if page is not None:
+            out = page.data[:nbytes].view(self.layout.dtype).view(shape)
+            gather(kv_caches, slots, out=out)
+            return self.storage.put(key, KVChunk(meta, page.data[:nbytes]), page)
+        kv = gather(kv_caches, slots).cpu()
+        return self.storage.put(key, KVChunk.from_kv(kv, n))
+
+    def retrieve(
+        self, tokens: Any, kv_caches: Sequence[torch.Tensor], slot_mapping: Any
+    ) -> RetrieveResult:
+        """Load the cached prefix of ``tokens`` into the caches at ``slot_mapping``.
+
+        Returns how many leading tokens were loaded (0 when the cached prefix is shorter than
+        ``min_retrieve_tokens``). A chunk no tier holds ends the prefix.
+        """
+        token_arr = to_token_array(tokens)
+        slots = self._slots(slot_mapping, len(token_arr))
+        keys = self.keys_for(token_arr)
+        self._observe(keys)
+        spans = chunk_spans(len(token_arr), self.config.chunk_size)
+        min_tokens = self.config.min_retrieve_tokens
+        if min_tokens and self._prefix_tokens(keys, spans) < min_tokens:
+            return RetrieveResult(0, 0, 0)
+        start_time = time.perf_counter()
+        loaded_tokens = chunks = nbytes = 0
+        with contextlib.ExitStack() as reads, self._device_guard(kv_caches):
+            for key, (start, end) in zip(keys, spans, strict=True):
+                chunk = reads.enter_context(self.storage.read(key))
+                if chunk is None:
+                    self.metrics.lookup_misses.inc()
+                    break
+                kv = self.decode(chunk).kv()
+                if kv.shape != self.layout.chunk_shape(end - start):
+                    break  # a chunk of another layout under this key: treat as a miss
+                scatter(kv_caches, slots[start:end], kv)
+                self.metrics.lookup_hits.inc()
+                loaded_tokens, chunks, nbytes = end, chunks + 1, nbytes + chunk.nbytes
+            self._sync(kv_caches)  # pages must not be reused before the copies finished
+        self.metrics.retrieved_tokens.inc(loaded_tokens)
+        self.metrics.retrieved_bytes.inc(nbytes)
+        self.metrics.retrieve_seconds.observe(time.perf_counter() - start_time)
+        return RetrieveResult(loaded_tokens, chunks, nbytes)
+
+    def lookup(self, tokens: Any) -> int:
+        """Leading tokens whose chunks are all held by an active tier."""
+        token_arr = to_token_array(tokens)
+        keys = self.keys_for(token_arr)
+        self._observe(keys)
+        return self._prefix_tokens(keys, chunk_spans(len(token_arr), self.config.chunk_size))
+
+    def _prefix_tokens(self, keys: Sequence[CacheKey], spans: Sequence[tuple[int, int]]) -> int:
+        held = 0
+        for key, (_, end) in zip(keys, spans, strict=True):
+            if self.storage.locate(key) is None:
+                break
+            held = end
+        return held
+
+    # ------------------------------------------------------------------ management
+    def clear(self, locations: Sequence[str] | None = None) -> int:
+        return self.storage.clear(locations)
+
+    def pin(self, tokens: Any) -> int:
+        """Exempt the prompt's CPU-held chunks from eviction; returns tokens pinned."""
+        return self._for_cpu_chunks(tokens, "pin")
+
+    def unpin(self, tokens: Any) -> int:
+        return self._for_cpu_chunks(tokens, "unpin")
+
+    def _for_cpu_chunks(self, tokens: Any, op: str) -> int:
+        cpu = self.storage.cpu
+        if cpu is None:
+            return 0
+        token_arr = to_token_array(tokens)
+        spans = chunk_spans(len(token_arr), self.config.chunk_size)
+        done = 0
+        for key, (start, end) in zip(self.keys_for(token_arr), spans, strict=True):
+            if getattr(cpu, op)(key):
+                done += end - start
+        return done
+
+    # ------------------------------------------------------------------ helpers
+    def _slots(self, slot_mapping: Any, num_tokens: int) -> torch.Tensor:
+        slots = torch.as_tensor(slot_mapping).reshape(-1)
+        if slots.numel() < num_tokens:
+            raise BadRequest(f"slot_mapping has {slots.numel()} entries for {num_tokens} tokens")
+        slots = slots[:num_tokens].to(torch.long)
+        if num_tokens and (int(slots.min()) < 0 or int(slots.max()) >= self.layout.num_slots):
+            raise BadRequest(f"slot_mapping out of range [0, {self.layout.num_slots})")
+        return slots
+
+    @contextlib.contextmanager
+    def _device_guard(self, kv_caches: Sequence[torch.Tensor]) -> Any:
+        """Serialize GPU transfers of this engine on one side stream."""
+        if not kv_caches or kv_caches[0].device.type != "cuda":
+            yield
+            return
+        with self._cuda_lock:
+            stream = torch.cuda.Stream(device=kv_caches[0].device)
+            stream.wait_stream(torch.cuda.current_stream(kv_caches[0].device))
+            with torch.cuda.stream(stream):
+                yield
+            stream.synchronize()
+
+    @staticmethod
+    def _sync(kv_caches: Sequence[torch.Tensor]) -> None:
+        if kv_caches and kv_caches[0].device.type == "cuda":
+            torch.cuda.current_stream(kv_caches[0].device).synchronize()

@@ -1,0 +1,166 @@
+import threading
+
+import pytest
+import torch
+
+from kvplane.config import EngineConfig
+from kvplane.engine.backends.base import ChunkAdmitted
+from kvplane.engine.kv_layout import allocate_kv_caches, gather
+from kvplane.engine.runtime import EngineRuntime
+from kvplane.errors import BadRequest
+
+SHAPES = [
+    dict(kv_num_layers=2, kv_num_heads=2, kv_head_size=16, kv_dtype="bfloat16"),
+    dict(kv_num_layers=3, kv_num_heads=1, kv_head_size=8, kv_dtype="float32"),
+    dict(kv_num_layers=2, kv_num_heads=4, kv_head_size=8, kv_dtype="float16"),
+    dict(kv_num_layers=2, kv_num_heads=1, kv_head_size=32, kv_dtype="bfloat16", use_mla=True),
+]
+
+
+def make_runtime(device="cpu", **overrides):
+    base = dict(chunk_size=16, kv_block_size=4, kv_num_blocks=64, max_local_cpu_size=0.01)
+    base.update(overrides)
+    return EngineRuntime(EngineConfig(**base), device=device)
+
+
+def random_slots(rt, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(rt.layout.num_slots, generator=gen)[:n]
+
+
+def kv_at(caches, slots):
+    return gather(caches, slots).cpu().view(torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "shape", SHAPES, ids=lambda s: f"{s['kv_dtype']}-{'mla' if s.get('use_mla') else 'paged'}"
+)
+def test_store_clear_retrieve_round_trip(device, shape):
+    rt = make_runtime(device, **shape)
+    engine = rt.cache_engine
+    tokens = list(range(1000, 1000 + 45))  # 2 full chunks + a partial one
+    slots = random_slots(rt, 45, 1)
+    expected = kv_at(rt.kv_caches, slots)
+    result = engine.store(tokens, rt.kv_caches, slots)
+    assert (result.num_tokens, result.num_chunks) == (45, 3)
+    assert engine.lookup(tokens) == 45
+    for cache in rt.kv_caches:  # "clear the GPU-side cache"
+        cache.zero_()
+    new_slots = random_slots(rt, 45, 2)
+    got = engine.retrieve(tokens, rt.kv_caches, new_slots)
+    assert got.num_tokens == 45 and got.num_chunks == 3
+    assert torch.equal(kv_at(rt.kv_caches, new_slots), expected)
+    rt.stop()
+
+
+def test_retrieve_stops_at_missing_middle_chunk():
+    rt = make_runtime()
+    engine = rt.cache_engine
+    tokens = list(range(64))
+    slots = random_slots(rt, 64, 3)
+    engine.store(tokens, rt.kv_caches, slots)
+    keys = engine.keys_for(tokens)
+    rt.storage.cpu.remove(keys[2])
+    assert engine.lookup(tokens) == 32
+    dst = allocate_kv_caches(rt.layout)
+    assert engine.retrieve(tokens, dst, slots).num_tokens == 32
+    assert torch.equal(kv_at(dst, slots[:32]), kv_at(rt.kv_caches, slots[:32]))
+    assert not kv_at(dst, slots[32:]).any()
+
+
+def test_shared_prefix_hits_partially_and_store_skips_held_chunks():
+    rt = make_runtime()
+    engine = rt.cache_engine
+    slots = random_slots(rt, 64, 4)
+    engine.store(list(range(40)), rt.kv_caches, slots)
+    longer = list(range(32)) + [7] * 32
+    assert engine.lookup(longer) == 32
+    result = engine.store(longer, rt.kv_caches, slots)
+    assert result.num_chunks == 2 and result.num_tokens == 64
+
+
+def test_events_min_retrieve_tokens_and_freeze():
+    rt = make_runtime()
+    engine = rt.cache_engine
+    events = []
+    engine.add_listener(events.append)
+    slots = random_slots(rt, 32, 5)
+    engine.store(list(range(32)), rt.kv_caches, slots)
+    assert [type(e) for e in events] == [ChunkAdmitted, ChunkAdmitted]
+    rt.config.update({"min_retrieve_tokens": 64})
+    assert engine.retrieve(list(range(32)), rt.kv_caches, slots).num_tokens == 0
+    rt.config.update({"min_retrieve_tokens": 0})
+    engine.frozen = True
+    assert engine.store(list(range(100, 132)), rt.kv_caches, slots).num_tokens == 0
+    assert engine.retrieve(list(range(32)), rt.kv_caches, slots).num_tokens == 32
+    assert len(events) == 2
+
+
+def test_full_tier_refuses_cleanly_and_pins_survive():
+    # 0.0001 GB / 16 tokens * 2 layers * 2 * 4 heads * 64 * 2 bytes -> 16 pages
+    rt = make_runtime(
+        kv_num_layers=2,
+        kv_num_heads=4,
+        kv_head_size=64,
+        kv_num_blocks=512,
+        max_local_cpu_size=0.0001,
+    )
+    engine = rt.cache_engine
+    pages = rt.pool.num_pages
+    slots = random_slots(rt, 16, 6)
+    first = list(range(16))
+    engine.store(first, rt.kv_caches, slots)
+    assert engine.pin(first) == 16
+    for i in range(1, pages * 2):
+        engine.store([i * 1000 + t for t in range(16)], rt.kv_caches, slots)
+    assert engine.lookup(first) == 16
+    cpu = rt.storage.cpu
+    for k in cpu.keys():
+        cpu.pin(k)
+    before = rt.metrics.refused_stores._value.get()
+    assert engine.store(list(range(10**6, 10**6 + 16)), rt.kv_caches, slots).num_tokens == 0
+    assert rt.metrics.refused_stores._value.get() == before + 1
+
+
+def test_bad_slot_mapping_is_rejected():
+    rt = make_runtime()
+    with pytest.raises(BadRequest):
+        rt.cache_engine.store(list(range(10)), rt.kv_caches, torch.arange(5))
+    with pytest.raises(BadRequest):
+        rt.cache_engine.store(list(range(10)), rt.kv_caches, torch.arange(10) + 10**6)
+
+
+def test_four_threads_store_and_retrieve_concurrently(device):
+    rt = make_runtime(device, max_local_cpu_size=0.002)
+    engine = rt.cache_engine
+    prompts = [list(range(s, s + 48)) for s in (0, 0, 500, 900)]
+    prompts[1] = list(range(32)) + [9] * 16  # shares two chunks with prompt 0
+    errors: list = []
+
+    # Every thread reads the same source slots, so a chunk's bytes do not depend on which
+    # thread stored it first, and each retrieve must reproduce the source exactly.
+    slots = random_slots(rt, 48, 10)
+    expected = kv_at(rt.kv_caches, slots)
+
+    def worker(i):
+        try:
+            dst = allocate_kv_caches(rt.layout, device)
+            for _ in range(15):
+                engine.store(prompts[i], rt.kv_caches, slots)
+                got = engine.retrieve(prompts[i], dst, slots).num_tokens
+                if got != 48:
+                    errors.append(f"thread {i} retrieved {got} tokens")
+                elif not torch.equal(kv_at(dst, slots), expected):
+                    errors.append(f"thread {i} read corrupted KV")
+                for cache in dst:
+                    cache.zero_()
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert errors == []

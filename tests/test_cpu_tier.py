@@ -1,0 +1,134 @@
+import threading
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvplane.engine.backends.base import ChunkAdmitted, ChunkEvicted
+from kvplane.engine.backends.cpu import LocalCPUBackend
+from kvplane.engine.chunk import KVChunk
+from kvplane.engine.memory_pool import HostMemoryPool
+from kvplane.keys import CacheKey
+
+PAGE = 64
+
+
+def key(i: int) -> CacheKey:
+    return CacheKey("m", 1, 0, "float32", i)
+
+
+def chunk(value: int) -> KVChunk:
+    return KVChunk.from_kv(torch.full((PAGE // 4,), float(value)), 1)
+
+
+def tier(pages: int) -> LocalCPUBackend:
+    return LocalCPUBackend(HostMemoryPool(PAGE, pages, pin=False))
+
+
+def test_pool_refcounts_and_full_pool():
+    pool = HostMemoryPool(PAGE, 2, pin=False)
+    a, b = pool.allocate(), pool.allocate()
+    assert a is not None and b is not None and pool.allocate() is None
+    a.retain()
+    a.release()
+    assert pool.free_pages == 0
+    a.release()
+    assert pool.free_pages == 1
+    assert pool.used_bytes == PAGE
+
+
+def test_lru_evicts_least_recently_used_and_emits_events():
+    t = tier(3)
+    events = []
+    t.add_listener(events.append)
+    for i in range(3):
+        assert t.put(key(i), chunk(i))
+    assert t.get(key(0)) is not None  # touch 0: LRU order is now 1, 2, 0
+    assert t.put(key(3), chunk(3))
+    assert t.keys() == [key(2), key(0), key(3)]
+    assert ChunkEvicted(key(1), "LocalCPUBackend") in events
+    assert events[0] == ChunkAdmitted(key(0), "LocalCPUBackend")
+    assert torch.equal(t.get(key(3)).kv(), chunk(3).kv())
+
+
+def test_pinned_chunks_are_never_evicted_and_full_of_pins_refuses():
+    t = tier(2)
+    t.put(key(0), chunk(0))
+    t.put(key(1), chunk(1))
+    assert t.pin(key(0))
+    t.put(key(2), chunk(2))
+    assert t.contains(key(0)) and not t.contains(key(1))
+    t.pin(key(2))
+    assert t.put(key(3), chunk(3)) is False
+    assert t.refused_stores == 1
+    assert set(t.keys()) == {key(0), key(2)}
+    t.unpin(key(0))
+    assert t.put(key(3), chunk(3))
+    assert not t.contains(key(0))
+
+
+def test_in_use_chunk_is_not_evicted_nor_reused():
+    t = tier(1)
+    t.put(key(0), chunk(0))
+    with t.read(key(0)) as held:
+        assert t.put(key(1), chunk(1)) is False  # the only page is being read
+        assert torch.equal(held.kv(), chunk(0).kv())
+    assert t.put(key(1), chunk(1))
+
+
+def test_hot_cache_off_drops_entries_and_keeps_nothing_new():
+    t = tier(4)
+    t.put(key(0), chunk(0))
+    t.pin(key(0))
+    assert t.set_hot_cache(False) == 1
+    assert t.keys() == [] and t.pool.free_pages == 4
+    assert t.put(key(1), chunk(1)) is False
+    t.set_hot_cache(True)
+    assert t.put(key(1), chunk(1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["put", "pin", "unpin", "get", "remove"]), st.integers(0, 9)),
+        max_size=80,
+    )
+)
+def test_accounting_never_exceeds_limit(ops):
+    t = tier(4)
+    for op, i in ops:
+        if op == "put":
+            t.put(key(i), chunk(i))
+        elif op == "get":
+            got = t.get(key(i))
+            assert got is None or torch.equal(got.kv(), chunk(i).kv())
+        else:
+            getattr(t, op)(key(i))
+        assert len(t.keys()) <= 4
+        assert t.pool.used_bytes <= t.pool.capacity_bytes
+        assert t.pool.free_pages == 4 - len(t.keys())
+
+
+def test_concurrent_puts_and_reads_keep_data_intact():
+    t = tier(8)
+    errors = []
+
+    def worker(seed):
+        try:
+            for n in range(300):
+                i = (seed * 7 + n) % 20
+                t.put(key(i), chunk(i))
+                got = t.get(key(i))
+                if got is not None and not torch.equal(got.kv(), chunk(i).kv()):
+                    errors.append(i)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not any(th.is_alive() for th in threads)
+    assert errors == []
+    assert t.pool.free_pages == 8 - len(t.keys())
