@@ -75,7 +75,9 @@ def create_app(served: ServedModel) -> FastAPI:
     @app.post("/tokenize")
     def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         tokens = served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return TokenizeResponse(count=len(tokens), max_model_len=served.max_model_len, tokens=tokens)
+        return TokenizeResponse(
+            count=len(tokens), max_model_len=served.max_model_len, tokens=tokens
+        )
 
     @app.post("/v1/completions")
     def completions(body: CompletionRequest) -> JSONResponse:
@@ -84,9 +86,7 @@ def create_app(served: ServedModel) -> FastAPI:
         params = SamplingParams(body.max_tokens, body.temperature, body.seed, body.ignore_eos)
         done = [served.generator.generate(p, params) for p in _prompts(served, body.prompt)]
         reply = _completion_response(served.name, done, served.tokenizer)
-        return JSONResponse(
-            reply.model_dump(), headers={TTFT_HEADER: f"{done[0].ttft_s:.6f}"}
-        )
+        return JSONResponse(reply.model_dump(), headers={TTFT_HEADER: f"{done[0].ttft_s:.6f}"})
 
     return app
 
