@@ -18,7 +18,7 @@ from kvplane.errors import KvplaneError
 
 __all__ = ["SUBCOMMANDS", "main"]
 
-SUBCOMMANDS = ("kvplane.engine.main", "kvplane.serve.cli")
+SUBCOMMANDS = ("kvplane.engine.main", "kvplane.serve.cli", "kvplane.demo.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

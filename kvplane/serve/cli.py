@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     runtime, served = build_instance(options, args.config)
     runtime.start()
+    # uvicorn handles SIGTERM/SIGINT while it runs, then re-raises the signal to the handler
+    # installed before it; this one only notes it, so the runtime below still stops cleanly.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: log.info("signal %d: stopping", signum))
     try:
         log.info(
             "serving %s (KV %s) on http://%s:%d",
