@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvplane.config import help_lines
 
@@ -43,6 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="local Llama checkpoint directory (default: a small model with seeded random weights)",
     )
+    p.add_argument(
+        "--architecture",
+        default="tiny",
+        help="shape of the random-weight model without --model: tiny (default) or "
+        "llama-3.1-8b (bfloat16 on a GPU)",
+    )
     p.add_argument("--served-model-name", default=None, help="name in responses and cache keys")
     p.add_argument("--max-model-len", type=int, default=4096, help="prompt + output tokens limit")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -59,6 +66,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         host=args.host,
         port=args.port,
         model_dir=args.model,
+        architecture=args.architecture,
         served_model_name=args.served_model_name,
         max_model_len=args.max_model_len,
         device=args.device,
@@ -68,20 +76,23 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
 
 
 def build_instance(
-    options: ServeOptions, config_path: str | None
+    options: ServeOptions,
+    config_path: str | None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[EngineRuntime, ServedModel]:
     """Model -> config with the model's KV shape -> runtime around the model's caches ->
-    served model. Returns ``(runtime, served)``; nothing started yet."""
+    served model. ``overrides`` are config keys on top of the YAML and the environment.
+    Returns ``(runtime, served)``; nothing started yet."""
     from kvplane.config import load_config
     from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
     from kvplane.engine.runtime import EngineRuntime
     from kvplane.serve.launch import engine_overrides, load_model, make_served
 
-    base = load_config(config_path)
+    base = load_config(config_path, overrides=overrides)
     log.info("loading model %s", options.model_name)
     loaded = load_model(options)
-    overrides = engine_overrides(loaded.shape, base, options.model_name, options.max_model_len)
-    config = load_config(config_path, overrides=overrides)
+    kv_keys = engine_overrides(loaded.shape, base, options.model_name, options.max_model_len)
+    config = load_config(config_path, overrides={**(overrides or {}), **kv_keys})
     layout = KVLayout(
         num_layers=loaded.shape.num_layers,
         num_kv_heads=loaded.shape.num_kv_heads,

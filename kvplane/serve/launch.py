@@ -19,11 +19,16 @@ from kvplane.config import EngineConfig
 from kvplane.engine.chunk import dtype_name
 from kvplane.serve.app import ServedModel
 from kvplane.serve.generator import Generator, PrefixCache
-from kvplane.serve.model import DEFAULT_SEED, ModelShape, PagedLlama, build_model, default_config
+from kvplane.serve.model import (
+    DEFAULT_SEED,
+    ModelShape,
+    PagedLlama,
+    architecture_config,
+    build_model,
+)
 from kvplane.serve.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, CheckpointTokenizer, Tokenizer
 
 __all__ = [
-    "DEFAULT_MODEL_NAME",
     "LoadedModel",
     "ServeOptions",
     "engine_overrides",
@@ -32,14 +37,13 @@ __all__ = [
     "resolve_device",
 ]
 
-DEFAULT_MODEL_NAME = "kvplane/tiny-llama-random"
-
 
 @dataclass(frozen=True)
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     model_dir: Path | None = None
+    architecture: str = "tiny"  # of the random-weight model (see model.ARCHITECTURES)
     served_model_name: str | None = None
     max_model_len: int = 4096
     device: str = "auto"
@@ -50,7 +54,9 @@ class ServeOptions:
     def model_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name
-        return str(self.model_dir) if self.model_dir else DEFAULT_MODEL_NAME
+        if self.model_dir:
+            return str(self.model_dir)
+        return f"kvplane/{self.architecture}-llama-random"
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ def load_model(options: ServeOptions) -> LoadedModel:
         model = build_model(model_dir=options.model_dir, device=device, dtype=dtype)
         tokenizer = CheckpointTokenizer(options.model_dir)
     else:
-        config = default_config(BYTE_VOCAB_SIZE, max_model_len=options.max_model_len)
+        config = architecture_config(options.architecture, BYTE_VOCAB_SIZE, options.max_model_len)
         model = build_model(config, device=device, dtype=dtype, seed=options.seed)
         tokenizer = ByteTokenizer()
     shape = PagedLlama.shape_of(model)

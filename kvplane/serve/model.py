@@ -15,6 +15,7 @@ compute over the same stored values and differ only by floating-point summation 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -22,10 +23,14 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from kvplane.errors import ConfigError
+
 __all__ = [
+    "ARCHITECTURES",
     "DEFAULT_SEED",
     "ModelShape",
     "PagedLlama",
+    "architecture_config",
     "build_model",
     "default_config",
     "llama_8b_config",
@@ -81,6 +86,23 @@ def llama_8b_config(max_model_len: int = 32768) -> LlamaConfig:
         eos_token_id=128001,
         tie_word_embeddings=False,
     )
+
+
+#: Random-weight model shapes by name: ``(vocab_size, max_model_len) -> LlamaConfig``.
+ARCHITECTURES: dict[str, Callable[[int, int], LlamaConfig]] = {
+    "tiny": default_config,
+    "llama-3.1-8b": lambda _vocab, max_len: llama_8b_config(max_len),
+}
+
+
+def architecture_config(name: str, vocab_size: int, max_model_len: int) -> LlamaConfig:
+    try:
+        make = ARCHITECTURES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}"
+        ) from None
+    return make(vocab_size, max_model_len)
 
 
 def build_model(
