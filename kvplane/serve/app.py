@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from kvplane.errors import BadRequest, KvplaneError
-from kvplane.serve.generator import Completion, Generator, SamplingParams
+from kvplane.serve.generator import Completion, SamplingParams
+from kvplane.serve.launch import ServedModel
 from kvplane.serve.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -29,19 +29,11 @@ from kvplane.serve.protocol import (
 )
 from kvplane.serve.tokenizer import Tokenizer
 
-__all__ = ["TTFT_HEADER", "ServedModel", "create_app"]
+__all__ = ["TTFT_HEADER", "create_app"]
 
 #: Time to first token of the request's first prompt, in seconds (a non-standard header:
 #: a non-streaming client cannot measure it otherwise).
 TTFT_HEADER = "x-kvplane-ttft-s"
-
-
-class ServedModel(NamedTuple):
-    name: str
-    tokenizer: Tokenizer
-    generator: Generator
-    max_model_len: int
-    created: int
 
 
 def create_app(served: ServedModel) -> FastAPI:

@@ -20,8 +20,7 @@ from kvplane.config import help_lines
 
 if TYPE_CHECKING:
     from kvplane.engine.runtime import EngineRuntime
-    from kvplane.serve.app import ServedModel
-    from kvplane.serve.launch import ServeOptions
+    from kvplane.serve.launch import ServedModel, ServeOptions
 
 __all__ = ["add_parser", "build_instance", "options_from_args"]
 

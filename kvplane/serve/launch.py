@@ -11,13 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from kvplane.config import EngineConfig
 from kvplane.engine.chunk import dtype_name
-from kvplane.serve.app import ServedModel
 from kvplane.serve.generator import Generator, PrefixCache
 from kvplane.serve.model import (
     DEFAULT_SEED,
@@ -31,6 +30,7 @@ from kvplane.serve.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, CheckpointTo
 __all__ = [
     "LoadedModel",
     "ServeOptions",
+    "ServedModel",
     "engine_overrides",
     "load_model",
     "make_served",
@@ -57,6 +57,16 @@ class ServeOptions:
         if self.model_dir:
             return str(self.model_dir)
         return f"kvplane/{self.architecture}-llama-random"
+
+
+class ServedModel(NamedTuple):
+    """What the HTTP front serves: one model, its tokenizer and its generator."""
+
+    name: str
+    tokenizer: Tokenizer
+    generator: Generator
+    max_model_len: int
+    created: int
 
 
 @dataclass(frozen=True)
