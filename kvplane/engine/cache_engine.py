@@ -20,6 +20,7 @@ import torch
 from kvplane.config import EngineConfig
 from kvplane.engine.backends.base import StorageEvent
 from kvplane.engine.chunk import ChunkMeta, KVChunk, dtype_name
+from kvplane.engine.compression import CompressResult
 from kvplane.engine.kv_layout import (
     KVLayout,
     SlotIndex,
@@ -183,6 +184,8 @@ class CacheEngine:
         if min_tokens and self._prefix_tokens(keys, spans) < min_tokens:
             return RetrieveResult(0, 0, 0)
         start_time = time.perf_counter()
+        if self.storage.fetches_from_peers:
+            self.storage.prefetch(keys)  # one batch per peer instead of one fetch per chunk
         loaded_tokens = chunks = nbytes = 0
         copies: list[tuple[SlotIndex, torch.Tensor]] = []
         with contextlib.ExitStack() as reads, self._device_guard(kv_caches):
@@ -208,11 +211,16 @@ class CacheEngine:
         return RetrieveResult(loaded_tokens, chunks, nbytes)
 
     def lookup(self, tokens: Any) -> int:
-        """Leading tokens whose chunks are all held by an active tier."""
+        """Leading tokens whose chunks are all held by an active tier. With a peer tier, the
+        chunks after the local prefix are fetched from the peer that holds them first."""
         token_arr = to_token_array(tokens)
         keys = self.keys_for(token_arr)
         self._observe(keys)
-        return self._prefix_tokens(keys, chunk_spans(len(token_arr), self.config.chunk_size))
+        spans = chunk_spans(len(token_arr), self.config.chunk_size)
+        if self.storage.fetches_from_peers:
+            held = self.storage.prefetch(keys)
+            return spans[held - 1][1] if held else 0
+        return self._prefix_tokens(keys, spans)
 
     def _prefix_tokens(self, keys: Sequence[CacheKey], spans: Sequence[tuple[int, int]]) -> int:
         held = 0
@@ -244,6 +252,17 @@ class CacheEngine:
             if getattr(cpu, op)(key):
                 done += end - start
         return done
+
+    def compress(self, tokens: Any | None, method: str, location: str) -> CompressResult:
+        """Re-encode the chunks of ``tokens`` (None: every chunk) held in tier ``location``
+        with ``method`` (see :mod:`kvplane.engine.compression`); retrieve decodes them.
+        Raises BadRequest for an unknown tier or method, Conflict while frozen."""
+        keys = None if tokens is None else self.keys_for(tokens)
+        return self.storage.compress(method, location, keys)
+
+    def decompress(self, tokens: Any | None, location: str) -> CompressResult:
+        """Store the chunks of ``tokens`` (None: all) in ``location`` uncompressed again."""
+        return self.compress(tokens, "none", location)
 
     # ------------------------------------------------------------------ helpers
     def _slots(self, slot_mapping: Any, num_tokens: int) -> torch.Tensor:
