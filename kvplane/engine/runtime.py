@@ -18,20 +18,18 @@ import torch
 
 from kvplane import __version__
 from kvplane.config import EngineConfig
-from kvplane.engine.backends.base import StorageBackend
-from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.cache_engine import CacheEngine
+from kvplane.engine.compression import decompress
 from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.storage_manager import StorageManager
+from kvplane.engine.tiers import GB, P2PNode, build_backends
 from kvplane.worker.service import ControllerWorker
 
 __all__ = ["EngineRuntime", "Service", "build_backends"]
 
 log = logging.getLogger(__name__)
-
-GB = 1 << 30
 
 
 class Service(Protocol):
@@ -42,14 +40,6 @@ class Service(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
-
-
-def build_backends(config: EngineConfig, pool: HostMemoryPool | None) -> list[StorageBackend]:
-    """The configured tiers, highest first."""
-    backends: list[StorageBackend] = []
-    if pool is not None:
-        backends.append(LocalCPUBackend(pool))
-    return backends
 
 
 class EngineRuntime:
@@ -74,16 +64,26 @@ class EngineRuntime:
         self.storage = StorageManager(
             build_backends(config, pool), self.metrics, queue_size=config.tier_queue_size
         )
-        self.cache_engine = CacheEngine(config, self.layout, self.storage)
+        self.cache_engine = CacheEngine(config, self.layout, self.storage, decode=decompress)
         if kv_caches is None:
             kv_caches = allocate_kv_caches(self.layout, device, seed=1234 + config.worker_id)
         self.kv_caches = list(kv_caches)
         self.services: list[Service] = []
+        # The chunk server peers fetch from (and push to, for move); the worker registers
+        # its url as peer_init_url and wires the p2p tier's locator with set_peer_locator.
+        self.p2p = P2PNode(config, self.storage) if config.enable_p2p else None
+        if self.p2p is not None:
+            self.add_service(self.p2p)
         if config.enable_controller:
             self.add_service(ControllerWorker(config, self.cache_engine))
         self._stopped = threading.Event()
         self._started = False
         config.on_change(self._apply_config_change)
+        if config.internal_api_server_enabled:
+            # Imported here: the API's modules import the engine's, not the other way round.
+            from kvplane.api.server import InternalApiService
+
+            self.add_service(InternalApiService(config, self))
 
     # ------------------------------------------------------------------ metadata
     def metadata(self) -> dict[str, Any]:

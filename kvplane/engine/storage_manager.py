@@ -20,9 +20,10 @@ from typing import NamedTuple
 from kvplane.engine.backends.base import ChunkEvicted, StorageBackend, StorageEvent
 from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.chunk import KVChunk
+from kvplane.engine.compression import CompressResult, compress, get_codec
 from kvplane.engine.memory_pool import MemoryPage
 from kvplane.engine.metrics import EngineMetrics
-from kvplane.errors import BadRequest
+from kvplane.errors import BadRequest, Conflict
 from kvplane.keys import CacheKey
 
 __all__ = ["StorageManager"]
@@ -104,7 +105,9 @@ class StorageManager:
         first = backends[0] if backends else None
         self.cpu: LocalCPUBackend | None = first if isinstance(first, LocalCPUBackend) else None
         self._writers = {
-            b.name: _TierWriter(b, self.metrics, queue_size) for b in backends if b is not self.cpu
+            b.name: _TierWriter(b, self.metrics, queue_size)
+            for b in backends
+            if b is not self.cpu and not b.fetch_only
         }
         self._bypassed: set[str] = set()
         self._frozen = False
@@ -218,12 +221,92 @@ class StorageManager:
         with self.read(key) as chunk:
             return None if chunk is None else chunk.with_payload(chunk.payload.clone())
 
+    @property
+    def fetches_from_peers(self) -> bool:
+        """Whether an active fetch-only tier (p2p) may supply chunks local tiers lack."""
+        return not self._frozen and any(b.fetch_only for b in self._active())
+
     def locate(self, key: CacheKey) -> str | None:
-        """Name of the highest active tier holding ``key``."""
+        """Name of the highest active local tier holding ``key`` (fetch-only tiers, i.e.
+        peers, are not asked: see :meth:`prefetch`)."""
         for backend in self._active():
-            if backend.contains(key):
+            if not backend.fetch_only and backend.contains(key):
                 return backend.name
         return None
+
+    def get_local(self, key: CacheKey) -> KVChunk | None:
+        """The chunk from the highest active local tier, owning its bytes, without promotion
+        (what this process serves to peers; never asks a peer itself)."""
+        for backend in self._active():
+            if backend.fetch_only:
+                continue
+            with backend.read(key) as chunk:
+                if chunk is not None:
+                    return chunk.with_payload(chunk.payload.clone())
+        return None
+
+    def put_into(self, key: CacheKey, chunk: KVChunk, location: str | None = None) -> bool:
+        """Store into one named tier synchronously (a chunk pushed by a peer for ``move``),
+        or through :meth:`put` when ``location`` is None. False when frozen or refused."""
+        if location is None:
+            return self.put(key, chunk)
+        self._check_name(location)
+        backend = self.backends[location]
+        if self._frozen or location in self._bypassed or backend.fetch_only:
+            return False
+        return backend.put(key, chunk)
+
+    def prefetch(self, keys: Sequence[CacheKey]) -> int:
+        """Bring the leading run of ``keys`` that local tiers lack in from fetch-only tiers
+        (peers), one batch per tier, promoted into the CPU tier. Returns how many leading
+        keys are held locally afterwards."""
+        held = 0
+        while held < len(keys) and self.locate(keys[held]) is not None:
+            held += 1
+        cpu = self.cpu_writable
+        if held == len(keys) or cpu is None or self._frozen:
+            return held
+        for backend in self._active():
+            if not backend.fetch_only or held == len(keys):
+                continue
+            missing = keys[held:]
+            for key, chunk in zip(missing, backend.get_many(missing), strict=True):
+                if chunk is None:
+                    self.metrics.tier_misses.labels(backend.name).inc()
+                    break
+                self.metrics.tier_hits.labels(backend.name).inc()
+                self.metrics.tier_bytes_read.labels(backend.name).inc(chunk.nbytes)
+                if not cpu.put(key, chunk):
+                    return held
+                held += 1
+        return held
+
+    def compress(
+        self, method: str, location: str, keys: Sequence[CacheKey] | None = None
+    ) -> CompressResult:
+        """Re-encode the chunks of tier ``location`` (all, or those of ``keys`` it holds)
+        with ``method`` (``none`` decompresses). A chunk a reader is using right now is
+        skipped. Raises BadRequest (unknown tier or method), Conflict while frozen."""
+        get_codec(method)
+        self._check_name(location)
+        if self._frozen:
+            raise Conflict("the engine is frozen: stored chunks may not change")
+        backend = self.backends[location]
+        result = CompressResult(0, 0, 0, 0)
+        for key in backend.keys() if keys is None else keys:
+            chunk = backend.get(key)
+            if chunk is None:
+                continue
+            packed = compress(chunk, method)
+            if packed is not chunk and not backend.replace_chunk(key, packed):
+                continue
+            result = CompressResult(
+                result.num_chunks + 1,
+                result.num_tokens + chunk.meta.num_tokens,
+                result.bytes_before + chunk.nbytes,
+                result.bytes_after + packed.nbytes,
+            )
+        return result
 
     def clear(self, locations: Sequence[str] | None = None) -> int:
         """Remove chunks from the named tiers (all when None); returns how many."""

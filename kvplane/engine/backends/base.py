@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import ClassVar, NamedTuple
 
@@ -46,6 +46,9 @@ class StorageBackend(ABC):
     """One tier. ``name`` is the seeds' backend name (e.g. ``LocalCPUBackend``)."""
 
     name: ClassVar[str]
+    #: True for a tier that holds nothing itself and fetches from elsewhere (the p2p tier):
+    #: the storage manager queues no writes to it and asks it only after local tiers miss.
+    fetch_only: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
@@ -71,6 +74,10 @@ class StorageBackend(ABC):
     def get(self, key: CacheKey) -> KVChunk | None:
         """The chunk, or None on a miss. The payload stays valid after later puts/evictions."""
 
+    def get_many(self, keys: Sequence[CacheKey]) -> list[KVChunk | None]:
+        """``get`` for several keys; tiers with a cheaper batch path override it."""
+        return [self.get(k) for k in keys]
+
     @contextmanager
     def read(self, key: CacheKey) -> Iterator[KVChunk | None]:
         """The chunk for the duration of the block; tiers that can lend bytes without a copy
@@ -95,6 +102,10 @@ class StorageBackend(ABC):
 
     def unpin(self, key: CacheKey) -> bool:
         return self.contains(key)
+
+    def replace_chunk(self, key: CacheKey, chunk: KVChunk) -> bool:
+        """Swap a held chunk for ``chunk`` (e.g. compressed); False when the key is absent."""
+        return self.contains(key) and self.put(key, chunk)
 
     def close(self) -> None:  # noqa: B027 - most tiers hold nothing to release
         """Release files, sockets and threads."""

@@ -1,0 +1,176 @@
+"""The remote tier on Redis or Valkey (``remote_url: redis://[:password@]host:port[/db]``,
+``rediss://`` for TLS).
+
+Each chunk is one string value, a :mod:`~kvplane.engine.serde` frame, under
+``kvplane:<CacheKey.to_str()>``. Calls go through a blocking connection pool; every socket
+operation and every wait for a pooled connection has the ``remote_timeout_s`` deadline, and
+redis-py's own retries are off so a deadline means one deadline. A circuit breaker sits in
+front: after a few failures in a row the tier stops calling the server (puts are dropped
+and counted, gets miss at once) and lets one probe through every ``reset_after_s``; the
+first probe that succeeds closes it, so the tier recovers by itself when the server returns.
+Eviction is the server's (``maxmemory-policy``); this tier never evicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from kvplane.engine import serde
+from kvplane.engine.backends.base import (
+    ChunkAdmitted,
+    ChunkEvicted,
+    StorageBackend,
+    register_backend,
+)
+from kvplane.engine.chunk import KVChunk
+from kvplane.engine.circuit_breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from kvplane.errors import ConfigError, CorruptChunk
+from kvplane.keys import CacheKey
+
+__all__ = ["KEY_PREFIX", "RemoteBackend", "RemoteStats"]
+
+log = logging.getLogger(__name__)
+KEY_PREFIX = "kvplane:"
+T = TypeVar("T")
+
+
+class RemoteStats(NamedTuple):
+    breaker: BreakerState
+    times_opened: int
+    errors: int
+    dropped_puts: int
+    skipped_gets: int
+    corrupt: int
+
+
+@register_backend
+class RemoteBackend(StorageBackend):
+    name = "RemoteBackend"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 1.0,
+        max_connections: int = 16,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        """Set up the pool (no connection is made yet). Raises ConfigError for a bad URL."""
+        super().__init__()
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"remote_url: {url.split('://')[0]!r} is not a Redis URL "
+                "(expected redis://host:port or rediss://host:port)"
+            )
+        try:
+            pool = redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=timeout_s,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),
+                retry_on_timeout=False,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"remote_url: {exc}") from None
+        self._client = redis.Redis(connection_pool=pool)
+        self.breaker = breaker or CircuitBreaker(
+            BreakerPolicy(failure_threshold=3, reset_after_s=max(1.0, timeout_s))
+        )
+        self._lock = threading.Lock()
+        self._errors = 0
+        self._dropped = 0
+        self._skipped = 0
+        self._corrupt = 0
+
+    # ------------------------------------------------------------------ contract
+    def contains(self, key: CacheKey) -> bool:
+        return self._call(lambda: bool(self._client.exists(_rkey(key))), False)
+
+    def put(self, key: CacheKey, chunk: KVChunk) -> bool:
+        frame = serde.encode(key, chunk)
+        ok = self._call(lambda: bool(self._client.set(_rkey(key), frame)), False)
+        if not ok:
+            with self._lock:
+                self._dropped += 1
+            return False
+        self._emit(ChunkAdmitted(key, self.name))
+        return True
+
+    def get(self, key: CacheKey) -> KVChunk | None:
+        data = self._call(lambda: self._client.get(_rkey(key)), None)
+        if not isinstance(data, bytes):
+            return None
+        try:
+            _, chunk = serde.decode(data, expected_key=key)
+        except CorruptChunk as exc:
+            log.warning("remote tier: dropping corrupt value for %s: %s", key.to_str(), exc)
+            with self._lock:
+                self._corrupt += 1
+            self.remove(key)
+            return None
+        return chunk
+
+    def remove(self, key: CacheKey) -> bool:
+        removed = self._call(lambda: bool(self._client.delete(_rkey(key))), False)
+        if removed:
+            self._emit(ChunkEvicted(key, self.name))
+        return removed
+
+    def keys(self) -> list[CacheKey]:
+        def scan() -> list[CacheKey]:
+            found = []
+            for raw in self._client.scan_iter(match=KEY_PREFIX + "*", count=1000):
+                text = raw.decode() if isinstance(raw, bytes) else str(raw)
+                try:
+                    found.append(CacheKey.from_str(text[len(KEY_PREFIX) :]))
+                except ValueError:
+                    continue
+            return found
+
+        return self._call(scan, [])
+
+    def close(self) -> None:
+        self._client.close()
+        self._client.connection_pool.disconnect()
+
+    def stats(self) -> RemoteStats:
+        with self._lock:
+            return RemoteStats(
+                self.breaker.state,
+                self.breaker.times_opened,
+                self._errors,
+                self._dropped,
+                self._skipped,
+                self._corrupt,
+            )
+
+    # ------------------------------------------------------------------ internals
+    def _call(self, fn: Callable[[], T], fallback: T) -> T:
+        """Run one Redis call behind the breaker; ``fallback`` when refused or failed."""
+        if not self.breaker.allow():
+            with self._lock:
+                self._skipped += 1
+            return fallback
+        try:
+            result = fn()
+        except redis.RedisError as exc:
+            self.breaker.record_failure()
+            with self._lock:
+                self._errors += 1
+            log.debug("remote tier call failed: %s", exc)
+            return fallback
+        self.breaker.record_success()
+        return result
+
+
+def _rkey(key: CacheKey) -> str:
+    return KEY_PREFIX + key.to_str()

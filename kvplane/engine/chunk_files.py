@@ -1,0 +1,129 @@
+"""Chunk files in a directory: one file per chunk, named by its key, written atomically.
+
+Shared by the local disk tier and the shared-filesystem tier. A file holds exactly one
+:mod:`~kvplane.engine.serde` frame. Writers write a hidden temp file in the same directory
+and ``os.replace`` it onto the final name, so a reader (in this process or another one) sees
+the old file, the new file or none, never half of one. No fsync: a chunk lost to a power cut
+is a cache miss, and the checksum catches a torn file after a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import NamedTuple
+
+from kvplane.engine import serde
+from kvplane.engine.chunk import KVChunk
+from kvplane.keys import CacheKey
+
+__all__ = [
+    "SUFFIX",
+    "TEMP_PREFIX",
+    "ChunkFile",
+    "chunk_path",
+    "directory_from_url",
+    "key_of",
+    "read_chunk_file",
+    "remove_temp_files",
+    "scan",
+    "write_chunk_file",
+]
+
+SUFFIX = ".kvc"
+TEMP_PREFIX = ".tmp-"
+
+
+class ChunkFile(NamedTuple):
+    key: CacheKey
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+def chunk_path(root: Path, key: CacheKey) -> Path:
+    # to_str() percent-quotes the model name, so the name never holds a path separator.
+    return root / (key.to_str() + SUFFIX)
+
+
+def key_of(name: str) -> CacheKey | None:
+    """The key a file name stands for, or None for anything that is not a chunk file."""
+    if not name.endswith(SUFFIX) or name.startswith("."):
+        return None
+    try:
+        return CacheKey.from_str(name[: -len(SUFFIX)])
+    except ValueError:
+        return None
+
+
+def write_chunk_file(root: Path, key: CacheKey, chunk: KVChunk) -> int:
+    """Write one chunk atomically; returns the file size. Raises OSError."""
+    header, payload = serde.encode_parts(key, chunk)
+    tmp = root / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(payload)
+        os.replace(tmp, chunk_path(root, key))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(header) + payload.nbytes
+
+
+def read_chunk_file(path: Path, key: CacheKey) -> KVChunk:
+    """Read and verify one chunk file. Raises FileNotFoundError (gone) or CorruptChunk."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    _, chunk = serde.decode(view[:got], expected_key=key)
+    return chunk
+
+
+def scan(root: Path) -> list[ChunkFile]:
+    """Every chunk file directly in ``root`` (symlinks and other names are ignored)."""
+    found: list[ChunkFile] = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            key = key_of(entry.name)
+            if key is None or entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            found.append(ChunkFile(key, Path(entry.path), st.st_size, st.st_mtime_ns))
+    return found
+
+
+def remove_temp_files(root: Path) -> int:
+    """Delete leftovers of interrupted writes (only safe when no other writer shares root)."""
+    removed = 0
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def directory_from_url(url: str, scheme: str) -> Path:
+    """``scheme:///abs/path``, ``scheme://rel/path``, ``scheme://host:port/path`` (the
+    original's form; host and port are ignored) or a plain path -> the directory."""
+    prefix = f"{scheme}://"
+    if not url.startswith(prefix):
+        return Path(url)
+    rest = url[len(prefix) :]
+    first, sep, tail = rest.partition("/")
+    host, colon, port = first.rpartition(":")
+    if sep and colon and host and port.isdigit():
+        return Path("/" + tail)
+    return Path(rest)

@@ -1,0 +1,82 @@
+"""Move or copy stored chunks to a peer's tier: the transport of the controller's ``move``.
+
+Chunks are read from the source tier and pushed in batches no larger than the client's
+``max_transfer_bytes``, so a whole tier never sits in memory twice. Without ``copy`` a chunk
+leaves the source only once the peer has accepted it; a refused chunk stays where it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from kvplane.engine.backends.base import StorageBackend
+from kvplane.engine.chunk import KVChunk
+from kvplane.engine.p2p.client import P2PClient
+from kvplane.engine.storage_manager import StorageManager
+from kvplane.errors import BadRequest
+from kvplane.keys import CacheKey
+
+__all__ = ["MoveResult", "move_chunks"]
+
+
+class MoveResult(NamedTuple):
+    num_chunks: int
+    num_tokens: int
+
+
+def move_chunks(
+    storage: StorageManager,
+    client: P2PClient,
+    *,
+    source_location: str,
+    peer_url: str,
+    target_location: str | None,
+    keys: Sequence[CacheKey] | None = None,
+    copy: bool = False,
+) -> MoveResult:
+    """Push the chunks of ``keys`` (None: all) held in local tier ``source_location`` to the
+    peer's tier ``target_location`` (None: its usual store path); remove each accepted one
+    from the source unless ``copy``. Raises BadRequest for an unknown source tier and
+    Unavailable when the peer cannot be reached (chunks already moved stay moved)."""
+    source = storage.backends.get(source_location)
+    if source is None:
+        raise BadRequest(
+            f"Backend {source_location!r} not found. Available: {list(storage.backends)}"
+        )
+    moved = MoveResult(0, 0)
+    batch: list[tuple[CacheKey, KVChunk]] = []
+    batch_bytes = 0
+    for key in source.keys() if keys is None else keys:
+        chunk = source.get(key)
+        if chunk is None:
+            continue
+        if batch and batch_bytes + chunk.nbytes > client.max_transfer_bytes:
+            moved = _send(source, client, peer_url, target_location, batch, copy, moved)
+            batch, batch_bytes = [], 0
+        batch.append((key, chunk))
+        batch_bytes += chunk.nbytes
+    if batch:
+        moved = _send(source, client, peer_url, target_location, batch, copy, moved)
+    return moved
+
+
+def _send(
+    source: StorageBackend,
+    client: P2PClient,
+    peer_url: str,
+    target_location: str | None,
+    batch: list[tuple[CacheKey, KVChunk]],
+    copy: bool,
+    moved: MoveResult,
+) -> MoveResult:
+    accepted = client.push(peer_url, batch, location=target_location)
+    chunks, tokens = moved
+    for (key, chunk), ok in zip(batch, accepted, strict=True):
+        if not ok:
+            continue
+        chunks += 1
+        tokens += chunk.meta.num_tokens
+        if not copy:
+            source.remove(key)
+    return MoveResult(chunks, tokens)

@@ -1,0 +1,161 @@
+"""The chunk server of one engine process: serves chunks by key, accepts pushed chunks.
+
+It knows nothing of tiers: ``lookup(key)`` and ``sink(key, chunk)`` are handed in by the
+composition root (lookup reads the local tiers only, so two peers never ask each other in a
+loop; ``sink(key, chunk, location)`` stores into the named local tier, or the usual store
+path for None). A reply never exceeds ``max_transfer_bytes``:
+chunks past the budget are answered as misses. Each connection has ``timeout_s`` in all.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+
+from kvplane.engine import serde
+from kvplane.engine.chunk import KVChunk
+from kvplane.engine.p2p import wire
+from kvplane.errors import CorruptChunk, KvplaneError, Unavailable
+from kvplane.keys import CacheKey
+
+__all__ = ["ChunkLookup", "ChunkServer", "ChunkSink"]
+
+log = logging.getLogger(__name__)
+
+ChunkLookup = Callable[[CacheKey], KVChunk | None]
+ChunkSink = Callable[[CacheKey, KVChunk, str | None], bool]
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, host: str, port: int, owner: ChunkServer) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.owner = owner
+        super().__init__((host, port), _Handler)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        owner = self.server.owner
+        sock: socket.socket = self.request
+        deadline = wire.Deadline(owner.timeout_s)
+        try:
+            msg = wire.recv_message(sock, deadline)
+            if isinstance(msg, wire.FetchRequest):
+                owner.handle_fetch(sock, msg, deadline)
+            elif isinstance(msg, wire.PushRequest):
+                owner.handle_push(sock, msg, deadline)
+            else:
+                wire.send_message(
+                    sock, wire.ErrorReply(f"unexpected {type(msg).__name__}"), deadline
+                )
+        except (Unavailable, OSError) as exc:
+            log.debug("p2p server: connection from %s ended: %s", self.client_address, exc)
+
+
+class ChunkServer:
+    """A threaded TCP server; ``start()`` binds (port 0: any free port), ``close()`` stops."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        lookup: ChunkLookup,
+        sink: ChunkSink | None = None,
+        *,
+        timeout_s: float = 5.0,
+        max_transfer_bytes: int = 1 << 30,
+    ) -> None:
+        self.host = host
+        self.lookup = lookup
+        self.sink = sink
+        self.timeout_s = timeout_s
+        self.max_transfer_bytes = max_transfer_bytes
+        self._port = port
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``host:port`` as peers dial it (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self._port}"
+
+    def start(self) -> None:
+        """Bind and serve on a daemon thread. Raises OSError when the port is taken."""
+        server = _Server(self.host, self._port, self)
+        self._port = int(server.server_address[1])
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="p2p-server",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = None
+
+    # ------------------------------------------------------------------ request handling
+    def handle_fetch(
+        self, sock: socket.socket, req: wire.FetchRequest, deadline: wire.Deadline
+    ) -> None:
+        parts: list[tuple[bytes, memoryview] | None] = []
+        budget = self.max_transfer_bytes
+        for text in req.keys:
+            part = None
+            try:
+                key = CacheKey.from_str(text)
+                chunk = self.lookup(key)
+                if chunk is not None:
+                    header, payload = serde.encode_parts(key, chunk)
+                    if len(header) + payload.nbytes <= budget:
+                        part = (header, payload)
+                        budget -= len(header) + payload.nbytes
+            except (ValueError, KvplaneError) as exc:
+                log.debug("p2p server: cannot serve %s: %s", text, exc)
+            parts.append(part)
+        sizes = [0 if p is None else len(p[0]) + p[1].nbytes for p in parts]
+        wire.send_message(sock, wire.FetchReply(sizes), deadline)
+        for p in parts:
+            if p is not None:
+                wire.send_all(sock, p[0], deadline)
+                wire.send_all(sock, p[1], deadline)
+
+    def handle_push(
+        self, sock: socket.socket, req: wire.PushRequest, deadline: wire.Deadline
+    ) -> None:
+        total = sum(req.sizes)
+        if self.sink is None or total > self.max_transfer_bytes or min(req.sizes, default=0) < 0:
+            reason = "pushes are not accepted" if self.sink is None else "push too large"
+            wire.send_message(sock, wire.ErrorReply(reason), deadline)
+            return
+        accepted: list[bool] = []
+        for size in req.sizes:
+            frame = wire.recv_exact(sock, size, deadline)
+            try:
+                key, chunk = serde.decode(frame)
+                accepted.append(bool(self.sink(key, chunk, req.location)))
+            except (CorruptChunk, KvplaneError) as exc:
+                log.warning("p2p server: refusing a pushed chunk: %s", exc)
+                accepted.append(False)
+        wire.send_message(sock, wire.PushReply(accepted), deadline)

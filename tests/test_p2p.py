@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kvplane.engine import serde
+from kvplane.engine.backends.p2p import P2PBackend
+from kvplane.engine.chunk import KVChunk
+from kvplane.engine.p2p import ChunkServer, P2PClient, parse_peer_url
+from kvplane.errors import BadRequest, Unavailable
+from kvplane.keys import CacheKey
+from tests.support import free_port
+from tests.tier_cases import make_chunk, make_key, same_kv
+
+FRAME = len(serde.encode(make_key(0), make_chunk(0)))
+
+
+class Peer:
+    """A chunk server over a dict, as an engine process would run one over its tiers."""
+
+    def __init__(self, host: str = "127.0.0.1", **kw: int | float) -> None:
+        self.store: dict[CacheKey, KVChunk] = {}
+        self.locations: list[str | None] = []
+        self.server = ChunkServer(host, 0, self.store.get, self.accept, **kw)  # type: ignore[arg-type]
+        self.server.start()
+
+    def accept(self, key: CacheKey, chunk: KVChunk, location: str | None = None) -> bool:
+        self.locations.append(location)
+        self.store[key] = chunk
+        return True
+
+
+@pytest.fixture
+def peers() -> Iterator[tuple[Peer, Peer]]:
+    a, b = Peer(), Peer()
+    yield a, b
+    a.server.close()
+    b.server.close()
+
+
+def test_fetch_across_two_servers(peers: tuple[Peer, Peer]) -> None:
+    a, b = peers
+    a.store[make_key(1)] = make_chunk(1)
+    b.store[make_key(2)] = make_chunk(2)
+    client = P2PClient(timeout_s=2)
+    got = client.fetch(a.server.url, [make_key(1), make_key(2)])
+    assert same_kv(got[0], make_chunk(1)) and got[1] is None
+    got = client.fetch(b.server.url, [make_key(2)])
+    assert same_kv(got[0], make_chunk(2))
+    assert client.fetch(a.server.url, []) == []
+
+
+def test_push_moves_chunks_into_the_peer(peers: tuple[Peer, Peer]) -> None:
+    a, b = peers
+    items = [(make_key(i), make_chunk(i)) for i in range(5)]
+    # A tiny limit forces several batches; every chunk still arrives.
+    client = P2PClient(timeout_s=2, max_transfer_bytes=2 * FRAME)
+    assert client.push(b.server.url, items) == [True] * 5
+    assert client.push(b.server.url, items[:1], location="LocalDiskBackend") == [True]
+    assert b.locations == [None] * 5 + ["LocalDiskBackend"]
+    assert all(same_kv(b.store[k], c) for k, c in items)
+    assert not a.store
+
+
+def test_transfer_size_is_bounded_on_both_sides() -> None:
+    small = Peer(max_transfer_bytes=2 * FRAME)
+    try:
+        for i in range(4):
+            small.store[make_key(i)] = make_chunk(i)
+        keys = [make_key(i) for i in range(4)]
+        got = P2PClient(timeout_s=2).fetch(small.server.url, keys)
+        assert [g is not None for g in got] == [True, True, False, False]
+        # A client with a smaller budget refuses a reply announcing more.
+        with pytest.raises(Unavailable, match="over the limit"):
+            P2PClient(timeout_s=2, max_transfer_bytes=FRAME).fetch(small.server.url, keys)
+        # A push bigger than the server accepts is refused as a whole.
+        with pytest.raises(Unavailable):
+            P2PClient(timeout_s=2, max_transfer_bytes=10 * FRAME).push(
+                small.server.url, [(make_key(i), make_chunk(i)) for i in range(3)]
+            )
+        assert P2PClient(max_transfer_bytes=FRAME - 1).push(
+            small.server.url, [(make_key(9), make_chunk(9))]
+        ) == [False]
+    finally:
+        small.server.close()
+
+
+def test_dead_peer_fails_fast() -> None:
+    client = P2PClient(timeout_s=1)
+    start = time.monotonic()
+    with pytest.raises(Unavailable):
+        client.fetch(f"127.0.0.1:{free_port()}", [make_key(1)])
+    with pytest.raises(Unavailable):
+        client.push(f"127.0.0.1:{free_port()}", [(make_key(1), make_chunk(1))])
+    assert time.monotonic() - start < 2
+
+
+def test_silent_peer_costs_one_deadline_not_a_hang() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts connections, never answers
+    try:
+        url = f"127.0.0.1:{listener.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(Unavailable, match="deadline"):
+            P2PClient(timeout_s=0.5).fetch(url, [make_key(1)])
+        assert time.monotonic() - start < 1.5
+    finally:
+        listener.close()
+
+
+def test_server_without_sink_refuses_pushes() -> None:
+    server = ChunkServer("127.0.0.1", 0, lambda key: None)
+    server.start()
+    try:
+        with pytest.raises(Unavailable, match="not accepted"):
+            P2PClient(timeout_s=2).push(server.url, [(make_key(1), make_chunk(1))])
+    finally:
+        server.close()
+
+
+def test_ipv6_loopback() -> None:
+    try:
+        peer = Peer("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    try:
+        peer.store[make_key(1)] = make_chunk(1)
+        assert peer.server.url.startswith("[::1]:")
+        assert same_kv(
+            P2PClient(timeout_s=2).fetch(peer.server.url, [make_key(1)])[0], make_chunk(1)
+        )
+    finally:
+        peer.server.close()
+
+
+def test_backend_fetches_from_the_located_peer_and_never_itself(peers: tuple[Peer, Peer]) -> None:
+    a, b = peers
+    b.store[make_key(1)] = make_chunk(1)
+    asked: list[list[CacheKey]] = []
+
+    def locate(keys):  # the controller lookup, in the engine
+        asked.append(list(keys))
+        return b.server.url if keys[0] in b.store else a.server.url
+
+    backend = P2PBackend(P2PClient(timeout_s=2), locate, self_url=a.server.url)
+    assert backend.contains(make_key(1))
+    assert same_kv(backend.get(make_key(1)), make_chunk(1))
+    got = backend.get_many([make_key(1), make_key(2)])
+    assert same_kv(got[0], make_chunk(1)) and got[1] is None
+    assert not backend.contains(make_key(3))  # located at ourselves: not asked
+    assert asked[-1] == [make_key(3)]
+
+
+def test_backend_survives_a_failing_locator_and_a_dead_peer() -> None:
+    def broken(keys):
+        raise Unavailable("controller down")
+
+    assert P2PBackend(P2PClient(timeout_s=1), broken).get(make_key(1)) is None
+    dead = P2PBackend(P2PClient(timeout_s=1), lambda keys: f"127.0.0.1:{free_port()}")
+    assert dead.get(make_key(1)) is None and dead.fetch_errors == 1
+
+
+def test_peer_url_forms() -> None:
+    assert parse_peer_url("10.0.0.1:8200") == ("10.0.0.1", 8200)
+    assert parse_peer_url("tcp://host:1") == ("host", 1)
+    assert parse_peer_url("[::1]:9") == ("::1", 9)
+    for bad in ("host", "host:0", "host:x", ":80"):
+        with pytest.raises(BadRequest):
+            parse_peer_url(bad)

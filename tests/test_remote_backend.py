@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from kvplane.engine.backends.remote import KEY_PREFIX, RemoteBackend
+from kvplane.engine.circuit_breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from kvplane.errors import ConfigError
+from tests.redis_support import RedisServer, needs_redis
+from tests.support import wait_until
+from tests.tier_cases import make_chunk, make_key, same_kv
+
+pytestmark = needs_redis
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    s = RedisServer(tmp_path)
+    s.start()
+    yield s
+    s.stop()
+
+
+def fast_breaker() -> CircuitBreaker:
+    return CircuitBreaker(BreakerPolicy(failure_threshold=2, reset_after_s=0.2))
+
+
+def test_server_down_drops_puts_and_misses_fast_then_recovers(server: RedisServer) -> None:
+    remote = RemoteBackend(server.url, timeout_s=0.5, breaker=fast_breaker())
+    assert remote.put(make_key(1), make_chunk(1))
+    server.stop()
+    start = time.monotonic()
+    for i in range(20):
+        assert remote.get(make_key(1)) is None
+        assert not remote.put(make_key(i), make_chunk(i))
+    assert time.monotonic() - start < 2.0
+    assert remote.breaker.state is BreakerState.OPEN
+    stats = remote.stats()
+    assert stats.dropped_puts == 20 and stats.skipped_gets > 0
+    server.start()  # same port, empty (no persistence)
+    wait_until(lambda: remote.put(make_key(2), make_chunk(2)), timeout=5, what="recovery")
+    assert remote.breaker.state is BreakerState.CLOSED
+    assert same_kv(remote.get(make_key(2)), make_chunk(2))
+    remote.close()
+
+
+def test_hung_server_costs_one_timeout_then_the_breaker_answers(server: RedisServer) -> None:
+    remote = RemoteBackend(server.url, timeout_s=0.3, breaker=fast_breaker())
+    assert remote.put(make_key(1), make_chunk(1))
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert remote.get(make_key(1)) is None
+        assert time.monotonic() - start < 1.0
+        assert remote.get(make_key(1)) is None  # second failure opens it
+        start = time.monotonic()
+        for _ in range(50):
+            assert remote.get(make_key(1)) is None
+        assert time.monotonic() - start < 0.3
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: remote.get(make_key(1)) is not None, timeout=5, what="recovery")
+    remote.close()
+
+
+def test_password_in_url(tmp_path: Path) -> None:
+    s = RedisServer(tmp_path, password="s3cret")
+    s.start()
+    try:
+        good = RemoteBackend(s.url, timeout_s=0.5)
+        assert good.put(make_key(1), make_chunk(1))
+        assert same_kv(good.get(make_key(1)), make_chunk(1))
+        bad = RemoteBackend(f"redis://:wrong@127.0.0.1:{s.port}", timeout_s=0.5)
+        assert bad.get(make_key(1)) is None
+        assert not bad.put(make_key(2), make_chunk(2))
+        assert bad.stats().errors >= 1
+        good.close()
+        bad.close()
+    finally:
+        s.stop()
+
+
+def test_corrupt_value_is_a_miss_and_deleted(server: RedisServer) -> None:
+    remote = RemoteBackend(server.url, timeout_s=0.5)
+    remote.put(make_key(1), make_chunk(1))
+    raw = redis.Redis.from_url(server.url)
+    name = KEY_PREFIX + make_key(1).to_str()
+    value = bytearray(raw.get(name))  # type: ignore[arg-type]
+    value[-1] ^= 1
+    raw.set(name, bytes(value))
+    assert remote.get(make_key(1)) is None
+    assert raw.exists(name) == 0
+    assert remote.stats().corrupt == 1
+    raw.close()
+    remote.close()
+
+
+def test_other_redis_keys_are_not_ours(server: RedisServer) -> None:
+    raw = redis.Redis.from_url(server.url)
+    raw.set("unrelated", b"x")
+    raw.set(KEY_PREFIX + "garbage", b"x")
+    remote = RemoteBackend(server.url, timeout_s=0.5)
+    remote.put(make_key(1), make_chunk(1))
+    assert remote.keys() == [make_key(1)]
+    raw.close()
+    remote.close()
+
+
+def test_not_a_redis_url() -> None:
+    with pytest.raises(ConfigError, match="not a Redis URL"):
+        RemoteBackend("http://127.0.0.1:1")

@@ -1,0 +1,225 @@
+"""The tiers inside a whole engine: built from config, promoted on retrieve, surviving a
+restart, compressed in place, fetched from and moved to a peer engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvplane.config import EngineConfig
+from kvplane.engine.kv_layout import gather
+from kvplane.engine.runtime import EngineRuntime
+from kvplane.engine.tiers import build_backends
+from kvplane.errors import BadRequest, ConfigError, Conflict
+from tests.redis_support import RedisServer, needs_redis
+
+BASE = dict(
+    chunk_size=16,
+    kv_block_size=4,
+    kv_num_blocks=64,
+    kv_num_layers=2,
+    kv_num_heads=2,
+    kv_head_size=16,
+    max_local_cpu_size=0.01,
+)
+TOKENS = list(range(500, 545))  # two full chunks and a partial one
+
+
+def runtime(**overrides: object) -> EngineRuntime:
+    return EngineRuntime(EngineConfig(**{**BASE, **overrides}))  # type: ignore[arg-type]
+
+
+def slots(rt: EngineRuntime, seed: int, n: int = len(TOKENS)) -> torch.Tensor:
+    return torch.randperm(rt.layout.num_slots, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def kv_at(rt: EngineRuntime, s: torch.Tensor) -> torch.Tensor:
+    return gather(rt.kv_caches, s).float()
+
+
+def test_tiers_are_built_in_order_from_config(tmp_path: Path) -> None:
+    cfg = EngineConfig(
+        **BASE,  # type: ignore[arg-type]
+        local_disk=f"file://{tmp_path / 'disk'}",
+        max_local_disk_size=0.001,
+        remote_url=f"fs://{tmp_path / 'shared'}",
+        enable_p2p=True,
+    )
+    from kvplane.engine.memory_pool import HostMemoryPool
+
+    tiers = build_backends(cfg, HostMemoryPool(4096, 2, pin=False))
+    assert [t.name for t in tiers] == [
+        "LocalCPUBackend",
+        "LocalDiskBackend",
+        "FSConnector",
+        "P2PBackend",
+    ]
+    assert (tmp_path / "disk").is_dir() and (tmp_path / "shared").is_dir()
+    for t in tiers:
+        t.close()
+
+
+def test_bad_tier_settings_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"valid schemes: \['fs', 'redis', 'rediss', 'unix'\]"):
+        build_backends(EngineConfig(remote_url="s3://bucket"), None)
+    with pytest.raises(ConfigError, match="max_local_disk_size"):
+        build_backends(EngineConfig(local_disk=str(tmp_path)), None)
+    with pytest.raises(ConfigError, match="p2p_init_ports"):
+        runtime(enable_p2p=True, p2p_init_ports=[1234], worker_id=1)
+
+
+def test_disk_tier_serves_after_cpu_clear_and_after_restart(tmp_path: Path) -> None:
+    disk = dict(local_disk=str(tmp_path / "disk"), max_local_disk_size=0.01)
+    rt = runtime(**disk)
+    s = slots(rt, 1)
+    expected = kv_at(rt, s)
+    assert rt.cache_engine.store(TOKENS, rt.kv_caches, s).num_chunks == 3
+    assert rt.storage.flush(5)
+    assert rt.cache_engine.clear(["LocalCPUBackend"]) == 3
+    assert rt.storage.locate(rt.cache_engine.keys_for(TOKENS)[0]) == "LocalDiskBackend"
+    for cache in rt.kv_caches:
+        cache.zero_()
+    assert rt.cache_engine.retrieve(TOKENS, rt.kv_caches, s).num_tokens == len(TOKENS)
+    assert torch.equal(kv_at(rt, s), expected)
+    # promoted back into the CPU tier
+    assert rt.storage.locate(rt.cache_engine.keys_for(TOKENS)[0]) == "LocalCPUBackend"
+    rt.stop()
+
+    again = runtime(**disk)  # a new process over the same directory: the cache survives
+    assert again.cache_engine.lookup(TOKENS) == len(TOKENS)
+    s2 = slots(again, 2)
+    assert again.cache_engine.retrieve(TOKENS, again.kv_caches, s2).num_tokens == len(TOKENS)
+    assert torch.equal(kv_at(again, s2), expected)
+    again.stop()
+
+
+@needs_redis
+def test_remote_tier_in_the_engine_and_a_dead_server(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        rt = runtime(remote_url=server.url, remote_timeout_s=0.3)
+        s = slots(rt, 3)
+        expected = kv_at(rt, s)
+        rt.cache_engine.store(TOKENS, rt.kv_caches, s)
+        assert rt.storage.flush(5)
+        rt.cache_engine.clear(["LocalCPUBackend"])
+        assert rt.cache_engine.lookup(TOKENS) == len(TOKENS)
+        assert rt.cache_engine.retrieve(TOKENS, rt.kv_caches, s).num_tokens == len(TOKENS)
+        assert torch.equal(kv_at(rt, s), expected)
+        server.stop()
+        start = time.monotonic()
+        other = [t + 10_000 for t in TOKENS]
+        rt.cache_engine.store(other, rt.kv_caches, s)  # CPU takes it; the remote write drops
+        assert rt.cache_engine.lookup(other) == len(other)
+        assert rt.cache_engine.lookup([1, 2, 3]) == 0
+        assert time.monotonic() - start < 3
+        rt.stop()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("location", ["LocalCPUBackend", "LocalDiskBackend"])
+def test_compress_in_place_and_retrieve_decodes(tmp_path: Path, location: str) -> None:
+    rt = runtime(local_disk=str(tmp_path / "disk"), max_local_disk_size=0.01)
+    engine = rt.cache_engine
+    s = slots(rt, 4)
+    expected = kv_at(rt, s)
+    engine.store(TOKENS, rt.kv_caches, s)
+    rt.storage.flush(5)
+    if location == "LocalDiskBackend":
+        engine.clear(["LocalCPUBackend"])
+    packed = engine.compress(TOKENS, "zstd", location)
+    assert (packed.num_chunks, packed.num_tokens) == (3, len(TOKENS))
+    key = engine.keys_for(TOKENS)[0]
+    assert rt.storage.backends[location].get(key).meta.compression == "zstd"  # type: ignore[union-attr]
+    assert engine.retrieve(TOKENS, rt.kv_caches, s).num_tokens == len(TOKENS)
+    assert torch.equal(kv_at(rt, s), expected)  # lossless
+
+    if location == "LocalDiskBackend":
+        engine.clear(["LocalCPUBackend"])  # the retrieve promoted them
+    raw = rt.layout.chunk_nbytes(16) * 2 + rt.layout.chunk_nbytes(13)
+    q = engine.compress(None, "int8", location)  # re-encoded from zstd through raw
+    # int8 values plus a float32 scale per 16-value row: 1/2 + 1/8 of bfloat16's bytes
+    assert q.num_chunks == 3 and q.bytes_after == raw // 2 + raw // 8
+    assert engine.retrieve(TOKENS, rt.kv_caches, s).num_tokens == len(TOKENS)
+    got = kv_at(rt, s)
+    step = expected.abs().amax(dim=-1, keepdim=True) / 127
+    assert bool(((got - expected).abs() <= step / 2 + got.abs() * 2**-8 + 1e-6).all())
+
+    back = engine.decompress(TOKENS, "LocalCPUBackend")
+    assert back.num_chunks == 3 and back.bytes_saved < 0
+    with pytest.raises(BadRequest, match="valid methods"):
+        engine.compress(TOKENS, "lz4", location)
+    with pytest.raises(BadRequest, match="not found"):
+        engine.compress(TOKENS, "zstd", "NoSuchBackend")
+    engine.frozen = True
+    with pytest.raises(Conflict):
+        engine.compress(TOKENS, "zstd", location)
+    rt.stop()
+
+
+@pytest.fixture
+def two_peers() -> Iterator[tuple[EngineRuntime, EngineRuntime]]:
+    a = runtime(enable_p2p=True, p2p_host="127.0.0.1", lmcache_instance_id="a")
+    b = runtime(enable_p2p=True, p2p_host="127.0.0.1", lmcache_instance_id="b")
+    a.start()
+    b.start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def test_lookup_fetches_the_missing_chunks_from_the_peer(two_peers) -> None:
+    a, b = two_peers
+    assert a.p2p is not None and b.p2p is not None
+    holder: dict[str, str] = {}
+    # Stands in for the controller: "a" holds whatever "a" stored.
+    b.p2p.set_peer_locator(lambda keys: holder.get("url"))
+    s = slots(a, 5)
+    expected = kv_at(a, s)
+    a.cache_engine.store(TOKENS, a.kv_caches, s)
+    assert b.cache_engine.lookup(TOKENS) == 0  # nobody known yet
+    holder["url"] = a.p2p.url
+    assert b.cache_engine.lookup(TOKENS) == len(TOKENS)
+    assert b.storage.locate(b.cache_engine.keys_for(TOKENS)[2]) == "LocalCPUBackend"
+    s2 = slots(b, 6)
+    assert b.cache_engine.retrieve(TOKENS, b.kv_caches, s2).num_tokens == len(TOKENS)
+    assert torch.equal(kv_at(b, s2), expected)
+    # a peer that has died: a miss within the deadline, not a hang
+    a.p2p.stop()
+    start = time.monotonic()
+    assert b.cache_engine.lookup([t + 7 for t in TOKENS]) == 0
+    assert time.monotonic() - start < 6
+
+
+def test_move_and_copy_to_a_peer_tier(two_peers) -> None:
+    a, b = two_peers
+    assert a.p2p is not None and b.p2p is not None
+    s = slots(a, 7)
+    expected = kv_at(a, s)
+    a.cache_engine.store(TOKENS, a.kv_caches, s)
+    keys = a.cache_engine.keys_for(TOKENS)
+    copied = a.p2p.move(
+        source_location="LocalCPUBackend",
+        peer_url=b.p2p.url,
+        target_location="LocalCPUBackend",
+        keys=keys[:1],
+        copy=True,
+    )
+    assert (copied.num_chunks, copied.num_tokens) == (1, 16)
+    assert a.storage.locate(keys[0]) == "LocalCPUBackend"
+    moved = a.p2p.move(
+        source_location="LocalCPUBackend",
+        peer_url=b.p2p.url,
+        target_location="LocalCPUBackend",
+    )
+    assert (moved.num_chunks, moved.num_tokens) == (3, len(TOKENS))
+    assert a.cache_engine.lookup(TOKENS) == 0
+    s2 = slots(b, 8)
+    assert b.cache_engine.retrieve(TOKENS, b.kv_caches, s2).num_tokens == len(TOKENS)
+    assert torch.equal(kv_at(b, s2), expected)
