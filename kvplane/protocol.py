@@ -144,9 +144,11 @@ class ChunkReport(_Msg, tag="chunks", kw_only=True):
 
 
 class PeerLookupRequest(_Msg, tag="peer_lookup", kw_only=True):
-    """Which other instance holds the longest prefix of these chunks (for p2p fetches)."""
+    """Which other instance holds the longest run of these chunks from the first one, and
+    the chunk-server URL of its rank ``worker_id`` (for p2p fetches)."""
 
     instance_id: str
+    worker_id: int
     hashes: bytes
     chunk_size: int
 

@@ -214,10 +214,10 @@ class ControllerCore:
         if not matches:
             return PeerLookupReply()
         best_id, best = max(matches.items(), key=lambda kv: (kv[1].num_chunks, kv[0]))
-        ranks = self.registry.workers(best_id)
+        rank = self.registry.get(WorkerKey(best_id, msg.worker_id))
         return PeerLookupReply(
             instance_id=best_id,
-            peer_init_url=ranks[0].peer_init_url if ranks else None,
+            peer_init_url=rank.peer_init_url if rank else None,
             location=best.location,
             num_chunks=best.num_chunks,
         )

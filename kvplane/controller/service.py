@@ -33,6 +33,7 @@ _REPORTS_PER_ROUND = 256
 _POLL_MS = 100
 _WORK_SLICE_S = 0.002
 _YIELD_S = 0.0001
+_READER_WAIT_S = 0.005
 
 
 class ControllerService:
@@ -142,6 +143,7 @@ class ControllerService:
             except zmq.Again:
                 return
             _free(self._apply(frame.buffer)[1])
+            self.cluster.gate.wait_for_readers(_READER_WAIT_S)
             if time.perf_counter() - busy_since > _WORK_SLICE_S:
                 # A CPU-bound thread starves I/O-bound ones under the GIL (each of a lookup's
                 # many GIL hand-offs waits a switch interval). Stepping aside briefly lets

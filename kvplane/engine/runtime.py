@@ -75,7 +75,7 @@ class EngineRuntime:
         if self.p2p is not None:
             self.add_service(self.p2p)
         if config.enable_controller:
-            self.add_service(ControllerWorker(config, self.cache_engine))
+            self.add_service(ControllerWorker(config, self.cache_engine, p2p=self.p2p))
         self._stopped = threading.Event()
         self._started = False
         config.on_change(self._apply_config_change)
