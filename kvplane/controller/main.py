@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import sys
@@ -57,7 +58,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
     base = ControllerSettings.from_file(args.config) if args.config else ControllerSettings()
-    ports: dict[str, int | None] = {}
+    ports: dict[str, Any] = {}
     if args.monitor_ports:
         ports = parse_monitor_ports(args.monitor_ports)
     elif args.monitor_port is not None:
@@ -75,9 +76,8 @@ def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
         command_timeout=args.command_timeout,
         log_level=args.log_level,
     )
-    if ports:
-        settings = settings.__class__(**{**settings.to_dict(), **ports})
-    return settings
+    # Replaced, not merged: "--monitor-port N" means pull N and no reply port at all.
+    return dataclasses.replace(settings, **ports) if ports else settings
 
 
 def run(args: argparse.Namespace) -> int:
