@@ -216,3 +216,18 @@ def test_controller_restart_then_kill_9(tmp_path: Path) -> None:
             assert c.lookup(0, n) == {"inst-a": ["LocalCPUBackend", n]}
             assert "reaped worker inst-b/0" in (tmp_path / "c2.log").read_text()
             assert c.post("/health", {"instance_id": "inst-b"}).status_code == 404
+
+
+def test_p2p_tier_finds_the_peer_through_the_controller(
+    cluster: tuple[Cluster, Engine, Engine],
+) -> None:
+    c, a, b = cluster
+    start, end = 9000, 9000 + 2 * CHUNK
+    a.store(start, end, slots=f"[200,{200 + 2 * CHUNK - 1}]")
+    wait_until(lambda: "inst-a" in c.lookup(start, end), timeout=5)
+    target = f"[1500,{1500 + 2 * CHUNK - 1}]"
+    resp = b.api.post(
+        "/cache/retrieve", params={"tokens_mock": f"{start},{end}", "slot_mapping": target}
+    )
+    assert resp.status_code == 200 and resp.json()["num_retrieved"] == 2 * CHUNK, resp.text
+    assert b.checksums(target) == a.checksums(f"[200,{200 + 2 * CHUNK - 1}]")
