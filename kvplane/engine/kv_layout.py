@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -215,11 +216,13 @@ def gather_chunks(
     kv_caches: Sequence[torch.Tensor],
     indices: Sequence[SlotIndex],
     outs: Sequence[torch.Tensor],
+    copy_stream: torch.cuda.Stream | None = None,
 ) -> None:
     """Gather several same-size chunks into host buffers ``outs`` with two kernels per layer
     instead of one per layer per chunk (CUDA; kernel launches dominate small chunks).
 
-    The device->host copies are queued on the current stream: synchronize before reading.
+    The device->host copies are queued on ``copy_stream`` (else the current stream), so
+    they overlap the next batch's kernels: synchronize both before reading ``outs``.
     """
     first = kv_caches[0]
     mla = first.dim() == 3
@@ -237,25 +240,40 @@ def gather_chunks(
             staging_bits[:, layer].view(count, 2, -1).copy_(
                 picked.view(2, count, -1).transpose(0, 1)
             )
-    for c, out in enumerate(outs):
-        out.copy_(staging[c], non_blocking=True)
+    if copy_stream is None:
+        for c, out in enumerate(outs):
+            out.copy_(staging[c], non_blocking=True)
+        return
+    copy_stream.wait_stream(torch.cuda.current_stream(first.device))
+    with torch.cuda.stream(copy_stream):
+        for c, out in enumerate(outs):
+            out.copy_(staging[c], non_blocking=True)
+    staging.record_stream(copy_stream)  # not reused before the copies read it
 
 
 def scatter_chunks(
     kv_caches: Sequence[torch.Tensor],
     indices: Sequence[SlotIndex],
     kvs: Sequence[torch.Tensor],
+    copy_stream: torch.cuda.Stream | None = None,
 ) -> None:
     """Scatter several same-size chunks (pinned host tensors) with one copy per chunk and
-    two kernels per layer. Keep ``kvs`` unchanged until the current stream is synchronized."""
+    two kernels per layer. The host->device copies run on ``copy_stream`` (else the current
+    stream) ahead of the kernels. Keep ``kvs`` unchanged until both are synchronized."""
     first = kv_caches[0]
     mla = first.dim() == 3
     count = len(indices)
     by_block = indices[0].by_block
     ids = torch.cat([i.ids for i in indices])
-    staging = torch.empty((count, *kvs[0].shape), dtype=first.dtype, device=first.device)
-    for c, kv in enumerate(kvs):
-        staging[c].copy_(kv, non_blocking=True)
+    on_copy_stream = torch.cuda.stream(copy_stream) if copy_stream is not None else nullcontext()
+    with on_copy_stream:
+        staging = torch.empty((count, *kvs[0].shape), dtype=first.dtype, device=first.device)
+        for c, kv in enumerate(kvs):
+            staging[c].copy_(kv, non_blocking=True)
+    if copy_stream is not None:
+        compute = torch.cuda.current_stream(first.device)
+        compute.wait_stream(copy_stream)
+        staging.record_stream(compute)
     staging_bits = _bits(staging)
     for layer, cache in enumerate(kv_caches):
         rows, _, dim = _rows(cache, staging[0, layer], by_block)
@@ -298,11 +316,14 @@ def gather_many(
         for index, out in items:
             gather(kv_caches, index, out=out)
         return
+    compute = torch.cuda.current_stream(kv_caches[0].device)
+    copy_stream = torch.cuda.Stream(kv_caches[0].device)
     for run in _runs(items):
         if len(run) == 1:
             gather(kv_caches, run[0][0], out=run[0][1], non_blocking=True)
         else:
-            gather_chunks(kv_caches, [i for i, _ in run], [o for _, o in run])
+            gather_chunks(kv_caches, [i for i, _ in run], [o for _, o in run], copy_stream)
+    compute.wait_stream(copy_stream)  # syncing the caller's stream now covers the copies
 
 
 def scatter_many(
@@ -314,11 +335,12 @@ def scatter_many(
         for index, kv in items:
             scatter(kv_caches, index, kv)
         return
+    copy_stream = torch.cuda.Stream(kv_caches[0].device)
     for run in _runs(items):
         if len(run) == 1:
             scatter(kv_caches, run[0][0], run[0][1])
         else:
-            scatter_chunks(kv_caches, [i for i, _ in run], [kv for _, kv in run])
+            scatter_chunks(kv_caches, [i for i, _ in run], [kv for _, kv in run], copy_stream)
 
 
 def kv_checksums(
