@@ -187,12 +187,15 @@ class RemoteBackend(StorageBackend):
             return fallback
         try:
             result = fn()
-        except redis.RedisError as exc:
+        except (redis.RedisError, OSError) as exc:
             self.breaker.record_failure()
             with self._lock:
                 self._errors += 1
             log.debug("remote tier call failed: %s", exc)
             return fallback
+        except BaseException:
+            self.breaker.record_failure()  # never leave a half-open probe outstanding
+            raise
         self.breaker.record_success()
         return result
 
