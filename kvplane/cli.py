@@ -18,7 +18,7 @@ from kvplane.errors import KvplaneError
 
 __all__ = ["SUBCOMMANDS", "main"]
 
-SUBCOMMANDS = ("kvplane.engine.main",)
+SUBCOMMANDS = ("kvplane.engine.main", "kvplane.controller.main")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,16 @@ import hashlib
 import pytest
 import torch
 
-from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches, gather, kv_checksums, scatter
+from kvplane.engine.kv_layout import (
+    KVLayout,
+    allocate_kv_caches,
+    gather,
+    gather_chunks,
+    kv_checksums,
+    scatter,
+    scatter_chunks,
+    slot_index,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 if hasattr(torch, "float8_e4m3fn"):
@@ -78,3 +87,45 @@ def test_checksums_per_chunk_and_layerwise(device):
     assert kv_checksums(dst, slots, chunk_size=3) == combined
     with pytest.raises(ValueError):
         kv_checksums(caches, slots, chunk_size=0)
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["paged", "mla"])
+def test_whole_block_path_matches_per_slot_path(device, mla):
+    layout = _layout(torch.bfloat16, mla)
+    src = allocate_kv_caches(layout, device, seed=11)
+    table = torch.tensor([5, 2, 9, 0])
+    slots = (table[:, None] * layout.block_size + torch.arange(layout.block_size)).reshape(-1)
+    prepared = slot_index(slots, layout.block_size, src[0].device)
+    assert prepared.by_block and prepared.host_ids == [5, 2, 9, 0]
+    per_slot = gather(src, slot_index(slots[:-1], layout.block_size, src[0].device))
+    by_block = gather(src, prepared)
+    assert torch.equal(by_block[..., :-1, :, :] if not mla else by_block[:, :-1], per_slot)
+    dst = allocate_kv_caches(layout, device)
+    scatter(dst, prepared, by_block.cpu().pin_memory() if device == "cuda" else by_block)
+    torch.cuda.synchronize() if device == "cuda" else None
+    assert torch.equal(gather(dst, slots).cpu().view(torch.int16), by_block.cpu().view(torch.int16))
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["paged", "mla"])
+@pytest.mark.parametrize("blocks", [True, False], ids=["blocks", "slots"])
+def test_batched_chunks_match_single_chunks(device, mla, blocks):
+    layout = _layout(torch.bfloat16, mla, blocks=32)
+    src = allocate_kv_caches(layout, device, seed=13)
+    bs = layout.block_size
+    if blocks:
+        table = torch.randperm(32, generator=torch.Generator().manual_seed(1))[:6]
+        slots = (table[:, None] * bs + torch.arange(bs)).reshape(-1)
+    else:
+        slots = torch.randperm(layout.num_slots, generator=torch.Generator().manual_seed(2))[:24]
+    parts = [slot_index(p, bs, src[0].device) for p in slots.split(8)]
+    outs = [torch.empty(layout.chunk_shape(8), dtype=layout.dtype) for _ in parts]
+    gather_chunks(src, parts, outs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    for part, out in zip(parts, outs, strict=True):
+        assert torch.equal(out.view(torch.int16), gather(src, part).cpu().view(torch.int16))
+    dst = allocate_kv_caches(layout, device)
+    scatter_chunks(dst, parts, [o.to(device) for o in outs])
+    assert torch.equal(
+        gather(dst, slots).cpu().view(torch.int16), gather(src, slots).cpu().view(torch.int16)
+    )

@@ -21,7 +21,15 @@ from kvplane.config import EngineConfig
 from kvplane.engine.backends.base import StorageEvent
 from kvplane.engine.chunk import ChunkMeta, KVChunk, dtype_name
 from kvplane.engine.compression import CompressResult
-from kvplane.engine.kv_layout import KVLayout, gather, scatter
+from kvplane.engine.kv_layout import (
+    KVLayout,
+    SlotIndex,
+    gather,
+    gather_many,
+    scatter_many,
+    slot_index,
+)
+from kvplane.engine.memory_pool import MemoryPage
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import BadRequest
@@ -30,6 +38,10 @@ from kvplane.keys import CacheKey, chunk_hashes, chunk_spans, to_token_array
 __all__ = ["CacheEngine", "RetrieveResult", "StoreResult"]
 
 Decoder = Callable[[KVChunk], KVChunk]
+
+# Chunks planned before their copies are issued: large enough to batch kernels on CUDA,
+# small enough that the device works while the host plans the next ones.
+_FLUSH_CHUNKS = 8
 
 
 class StoreResult(NamedTuple):
@@ -111,39 +123,49 @@ class CacheEngine:
         spans = chunk_spans(len(token_arr), self.config.chunk_size)
         keys = self.keys_for(token_arr)
         held_tokens = new_chunks = nbytes = 0
+        staged: list[tuple[CacheKey, KVChunk, MemoryPage]] = []
+        copies: list[tuple[SlotIndex, torch.Tensor]] = []
         with self._device_guard(kv_caches):
             for key, (start, end) in zip(keys, spans, strict=True):
-                partial = end - start < self.config.chunk_size
-                if partial and not self.config.save_unfull_chunk:
+                n = end - start
+                if n < self.config.chunk_size and not self.config.save_unfull_chunk:
                     break
                 if self.storage.locate(key) is None:
-                    stored = self._store_chunk(key, kv_caches, slots[start:end])
-                    if not stored:
+                    index = self._index(kv_caches, slots[start:end])
+                    meta = ChunkMeta(self.layout.chunk_shape(n), self._dtype_name, n)
+                    cpu = self.storage.cpu_writable
+                    page = cpu.allocate() if cpu is not None else None
+                    if page is not None:
+                        size = self.layout.chunk_nbytes(n)
+                        staged.append((key, KVChunk(meta, page.data[:size]), page))
+                        copies.append((index, staged[-1][1].kv()))
+                        if len(copies) == _FLUSH_CHUNKS:  # start the copies while planning on
+                            gather_many(kv_caches, copies)
+                            copies = []
+                    elif cpu is not None or not self._store_uncached(key, meta, kv_caches, index):
                         self.metrics.refused_stores.inc()
                         break
                     new_chunks += 1
-                    nbytes += self.layout.chunk_nbytes(end - start)
+                    nbytes += self.layout.chunk_nbytes(n)
                 held_tokens = end
+            gather_many(kv_caches, copies)
+        # The guard synchronized the stream: the pages hold the KV now, publish them.
+        for key, chunk, page in staged:
+            self.storage.put(key, chunk, page)
         self.metrics.stored_tokens.inc(held_tokens)
         self.metrics.stored_bytes.inc(nbytes)
         self.metrics.store_seconds.observe(time.perf_counter() - start_time)
         return StoreResult(held_tokens, new_chunks, nbytes)
 
-    def _store_chunk(
-        self, key: CacheKey, kv_caches: Sequence[torch.Tensor], slots: torch.Tensor
+    def _store_uncached(
+        self, key: CacheKey, meta: ChunkMeta, kv_caches: Sequence[torch.Tensor], index: SlotIndex
     ) -> bool:
-        n = int(slots.numel())
-        shape = self.layout.chunk_shape(n)
-        meta = ChunkMeta(shape, self._dtype_name, n)
-        nbytes = self.layout.chunk_nbytes(n)
-        cpu = self.storage.cpu_writable
-        page = cpu.allocate() if cpu is not None else None
-        if page is not None:
-            out = page.data[:nbytes].view(self.layout.dtype).view(shape)
-            gather(kv_caches, slots, out=out)
-            return self.storage.put(key, KVChunk(meta, page.data[:nbytes]), page)
-        kv = gather(kv_caches, slots).cpu()
-        return self.storage.put(key, KVChunk.from_kv(kv, n))
+        """Without a writable CPU tier: gather into plain memory for the lower tiers."""
+        kv = gather(kv_caches, index).cpu()
+        return self.storage.put(key, KVChunk.from_kv(kv, meta.num_tokens))
+
+    def _index(self, kv_caches: Sequence[torch.Tensor], slots: torch.Tensor) -> SlotIndex:
+        return slot_index(slots, self.layout.block_size, kv_caches[0].device)
 
     def retrieve(
         self, tokens: Any, kv_caches: Sequence[torch.Tensor], slot_mapping: Any
@@ -165,6 +187,7 @@ class CacheEngine:
         if self.storage.fetches_from_peers:
             self.storage.prefetch(keys)  # one batch per peer instead of one fetch per chunk
         loaded_tokens = chunks = nbytes = 0
+        copies: list[tuple[SlotIndex, torch.Tensor]] = []
         with contextlib.ExitStack() as reads, self._device_guard(kv_caches):
             for key, (start, end) in zip(keys, spans, strict=True):
                 chunk = reads.enter_context(self.storage.read(key))
@@ -174,9 +197,13 @@ class CacheEngine:
                 kv = self.decode(chunk).kv()
                 if kv.shape != self.layout.chunk_shape(end - start):
                     break  # a chunk of another layout under this key: treat as a miss
-                scatter(kv_caches, slots[start:end], kv)
+                copies.append((self._index(kv_caches, slots[start:end]), kv))
+                if len(copies) == _FLUSH_CHUNKS:
+                    scatter_many(kv_caches, copies)
+                    copies = []
                 self.metrics.lookup_hits.inc()
                 loaded_tokens, chunks, nbytes = end, chunks + 1, nbytes + chunk.nbytes
+            scatter_many(kv_caches, copies)
             self._sync(kv_caches)  # pages must not be reused before the copies finished
         self.metrics.retrieved_tokens.inc(loaded_tokens)
         self.metrics.retrieved_bytes.inc(nbytes)
@@ -242,7 +269,7 @@ class CacheEngine:
         slots = torch.as_tensor(slot_mapping).reshape(-1)
         if slots.numel() < num_tokens:
             raise BadRequest(f"slot_mapping has {slots.numel()} entries for {num_tokens} tokens")
-        slots = slots[:num_tokens].to(torch.long)
+        slots = slots[:num_tokens].to("cpu", torch.long)  # one sync; chunks index on the host
         if num_tokens and (int(slots.min()) < 0 or int(slots.max()) >= self.layout.num_slots):
             raise BadRequest(f"slot_mapping out of range [0, {self.layout.num_slots})")
         return slots

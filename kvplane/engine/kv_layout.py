@@ -22,10 +22,16 @@ from kvplane.engine.chunk import dtype_from_name
 
 __all__ = [
     "KVLayout",
+    "SlotIndex",
     "allocate_kv_caches",
     "gather",
+    "gather_chunks",
+    "gather_many",
     "kv_checksums",
     "scatter",
+    "scatter_chunks",
+    "scatter_many",
+    "slot_index",
 ]
 
 _BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -92,20 +98,38 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS_VIEW[t.element_size()])
 
 
-def _block_ids(slots: torch.Tensor, block_size: int) -> torch.Tensor | None:
-    """Block indices when ``slots`` are whole blocks in order (the usual paged case), so the
-    copy can move a block per row instead of a token per row; None otherwise."""
-    n = int(slots.numel())
-    if n == 0 or n % block_size:
-        return None
-    rows = slots.view(-1, block_size)
-    starts = rows[:, :1]
-    offsets = torch.arange(block_size, device=slots.device)
-    if bool(((starts % block_size) != 0).any()) or not torch.equal(
-        rows - starts, offsets.expand_as(rows)
-    ):
-        return None
-    return starts.reshape(-1) // block_size
+class SlotIndex(NamedTuple):
+    """A chunk's slots prepared for copying: per block when they are whole blocks in order
+    (the usual paged case: a row per block instead of a row per token), else per slot.
+
+    Built on the host from host slots, so preparing it never waits for the GPU.
+    """
+
+    ids: torch.Tensor  # block or slot indices, on the caches' device
+    by_block: bool
+    host_ids: list[int]  # the same indices on the host (CPU per-block copies)
+
+
+def slot_index(slots: torch.Tensor, block_size: int, device: torch.device) -> SlotIndex:
+    host = slots.detach().to("cpu", torch.long).reshape(-1)
+    n = int(host.numel())
+    by_block = False
+    if n and n % block_size == 0:
+        rows = host.view(-1, block_size)
+        starts = rows[:, :1]
+        by_block = bool((starts % block_size == 0).all()) and torch.equal(
+            rows - starts, torch.arange(block_size).expand_as(rows)
+        )
+    index = host[::block_size] // block_size if by_block else host
+    return SlotIndex(index.to(device, non_blocking=True), by_block, index.tolist())
+
+
+def _prepare(kv_caches: Sequence[torch.Tensor], slots: torch.Tensor | SlotIndex) -> SlotIndex:
+    if isinstance(slots, SlotIndex):
+        return slots
+    first = kv_caches[0]
+    block_size = int(first.shape[1] if first.dim() == 3 else first.shape[2])
+    return slot_index(slots, block_size, first.device)
 
 
 def _rows(
@@ -124,24 +148,23 @@ def _rows(
     return bits.view(2, -1, width), out_bits.view(2, -1, width), 1
 
 
-def _block_size(cache: torch.Tensor) -> int:
-    return int(cache.shape[1] if cache.dim() == 3 else cache.shape[2])
-
-
 def gather(
     kv_caches: Sequence[torch.Tensor],
-    slots: torch.Tensor,
+    slots: torch.Tensor | SlotIndex,
     out: torch.Tensor | None = None,
+    *,
+    non_blocking: bool = False,
 ) -> torch.Tensor:
     """Copy the KV at ``slots`` of every layer into one chunk tensor.
 
     ``out`` (shape ``chunk_shape(len(slots))``, the caches' dtype) may live on another
-    device, e.g. a pinned host page for CUDA caches; the copy to it is synchronous.
+    device, e.g. a pinned host page for CUDA caches. With ``non_blocking`` the copy into a
+    pinned ``out`` is only queued on the current stream: synchronize before reading it.
     """
     first = kv_caches[0]
     device = first.device
-    slots = slots.to(device=device, dtype=torch.long)
-    n = int(slots.numel())
+    prepared = _prepare(kv_caches, slots)
+    n = int(prepared.ids.numel()) * (_block_len(first) if prepared.by_block else 1)
     if first.dim() == 3:
         shape: tuple[int, ...] = (len(kv_caches), n, first.shape[-1])
     else:
@@ -150,37 +173,152 @@ def gather(
     staging = (
         out if direct and out is not None else torch.empty(shape, dtype=first.dtype, device=device)
     )
-    blocks = _block_ids(slots, _block_size(first))
-    index = slots if blocks is None else blocks
     for layer, cache in enumerate(kv_caches):
-        rows, out_rows, dim = _rows(cache, staging[layer], blocks is not None)
-        torch.index_select(rows, dim, index, out=out_rows)
+        rows, out_rows, dim = _rows(cache, staging[layer], prepared.by_block)
+        torch.index_select(rows, dim, prepared.ids, out=out_rows)
     if out is None or direct:
         return staging
-    out.copy_(staging)
+    out.copy_(staging, non_blocking=non_blocking)
     return out
 
 
-def scatter(kv_caches: Sequence[torch.Tensor], slots: torch.Tensor, kv: torch.Tensor) -> None:
-    """Write a chunk tensor (any device) into the caches at ``slots``."""
+def _block_len(cache: torch.Tensor) -> int:
+    return int(cache.shape[1] if cache.dim() == 3 else cache.shape[2])
+
+
+def scatter(
+    kv_caches: Sequence[torch.Tensor], slots: torch.Tensor | SlotIndex, kv: torch.Tensor
+) -> None:
+    """Write a chunk tensor (any device) into the caches at ``slots``.
+
+    A pinned ``kv`` is copied to the device asynchronously on the current stream: keep it
+    unchanged until that stream is synchronized.
+    """
     first = kv_caches[0]
     device = first.device
-    slots = slots.to(device=device, dtype=torch.long)
+    prepared = _prepare(kv_caches, slots)
     src = kv.to(device, non_blocking=kv.is_pinned())
-    blocks = _block_ids(slots, _block_size(first))
-    index = slots if blocks is None else blocks
     # On CPU, index_copy_ runs serially at a fraction of memcpy speed; a copy per block
     # (or index_put_ per token) is several times faster. On CUDA one kernel per layer wins.
-    per_block = blocks.tolist() if blocks is not None and device.type == "cpu" else None
     for layer, cache in enumerate(kv_caches):
-        rows, src_rows, dim = _rows(cache, src[layer], blocks is not None)
-        if per_block is not None:
-            for i, block in enumerate(per_block):
+        rows, src_rows, dim = _rows(cache, src[layer], prepared.by_block)
+        if device.type != "cpu":
+            rows.index_copy_(dim, prepared.ids, src_rows)
+        elif prepared.by_block:
+            for i, block in enumerate(prepared.host_ids):
                 rows.select(dim, block).copy_(src_rows.select(dim, i))
-        elif device.type == "cpu":
-            rows[(slice(None),) * dim + (index,)] = src_rows
         else:
-            rows.index_copy_(dim, index, src_rows)
+            rows[(slice(None),) * dim + (prepared.ids,)] = src_rows
+
+
+def gather_chunks(
+    kv_caches: Sequence[torch.Tensor],
+    indices: Sequence[SlotIndex],
+    outs: Sequence[torch.Tensor],
+) -> None:
+    """Gather several same-size chunks into host buffers ``outs`` with two kernels per layer
+    instead of one per layer per chunk (CUDA; kernel launches dominate small chunks).
+
+    The device->host copies are queued on the current stream: synchronize before reading.
+    """
+    first = kv_caches[0]
+    mla = first.dim() == 3
+    count = len(indices)
+    by_block = indices[0].by_block
+    ids = torch.cat([i.ids for i in indices])
+    staging = torch.empty((count, *outs[0].shape), dtype=first.dtype, device=first.device)
+    staging_bits = _bits(staging)
+    for layer, cache in enumerate(kv_caches):
+        rows, _, dim = _rows(cache, staging[0, layer], by_block)
+        picked = torch.index_select(rows, dim, ids)
+        if mla:
+            staging_bits[:, layer].view(count, -1).copy_(picked.view(count, -1))
+        else:
+            staging_bits[:, layer].view(count, 2, -1).copy_(
+                picked.view(2, count, -1).transpose(0, 1)
+            )
+    for c, out in enumerate(outs):
+        out.copy_(staging[c], non_blocking=True)
+
+
+def scatter_chunks(
+    kv_caches: Sequence[torch.Tensor],
+    indices: Sequence[SlotIndex],
+    kvs: Sequence[torch.Tensor],
+) -> None:
+    """Scatter several same-size chunks (pinned host tensors) with one copy per chunk and
+    two kernels per layer. Keep ``kvs`` unchanged until the current stream is synchronized."""
+    first = kv_caches[0]
+    mla = first.dim() == 3
+    count = len(indices)
+    by_block = indices[0].by_block
+    ids = torch.cat([i.ids for i in indices])
+    staging = torch.empty((count, *kvs[0].shape), dtype=first.dtype, device=first.device)
+    for c, kv in enumerate(kvs):
+        staging[c].copy_(kv, non_blocking=True)
+    staging_bits = _bits(staging)
+    for layer, cache in enumerate(kv_caches):
+        rows, _, dim = _rows(cache, staging[0, layer], by_block)
+        per_chunk = staging_bits[:, layer]
+        if mla:
+            src = per_chunk.reshape(-1, *rows.shape[1:])
+        else:
+            src = per_chunk.view(count, 2, -1).transpose(0, 1).reshape(2, -1, *rows.shape[2:])
+        rows.index_copy_(dim, ids, src)
+
+
+_BATCH_CHUNKS = 16  # chunks per batched copy: bounds the device staging buffer
+
+
+def _runs(
+    items: Sequence[tuple[SlotIndex, torch.Tensor]],
+) -> list[list[tuple[SlotIndex, torch.Tensor]]]:
+    """Consecutive items of one shape and index kind, at most ``_BATCH_CHUNKS`` each."""
+    runs: list[list[tuple[SlotIndex, torch.Tensor]]] = []
+    for item in items:
+        last = runs[-1] if runs else None
+        if (
+            last
+            and len(last) < _BATCH_CHUNKS
+            and last[0][1].shape == item[1].shape
+            and last[0][0].by_block == item[0].by_block
+        ):
+            last.append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+def gather_many(
+    kv_caches: Sequence[torch.Tensor], items: Sequence[tuple[SlotIndex, torch.Tensor]]
+) -> None:
+    """Gather each ``(slots, out)`` pair. On CUDA, runs of same-size chunks share kernels and
+    the copies into pinned ``out`` are queued: synchronize the stream before reading them."""
+    if not kv_caches or kv_caches[0].device.type != "cuda":
+        for index, out in items:
+            gather(kv_caches, index, out=out)
+        return
+    for run in _runs(items):
+        if len(run) == 1:
+            gather(kv_caches, run[0][0], out=run[0][1], non_blocking=True)
+        else:
+            gather_chunks(kv_caches, [i for i, _ in run], [o for _, o in run])
+
+
+def scatter_many(
+    kv_caches: Sequence[torch.Tensor], items: Sequence[tuple[SlotIndex, torch.Tensor]]
+) -> None:
+    """Scatter each ``(slots, kv)`` pair; batched like :func:`gather_many`. Keep the ``kv``
+    tensors unchanged until the stream is synchronized."""
+    if not kv_caches or kv_caches[0].device.type != "cuda":
+        for index, kv in items:
+            scatter(kv_caches, index, kv)
+        return
+    for run in _runs(items):
+        if len(run) == 1:
+            scatter(kv_caches, run[0][0], run[0][1])
+        else:
+            scatter_chunks(kv_caches, [i for i, _ in run], [kv for _, kv in run])
 
 
 def kv_checksums(

@@ -1,0 +1,27 @@
+"""Building the FastAPI app of one internal API server (one per process role)."""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+
+import kvplane
+from kvplane.api.context import ApiContext
+from kvplane.api.deps import check_token
+from kvplane.api.discovery import CATEGORIES, discover_routers
+from kvplane.api.error_handlers import install_error_handlers
+
+__all__ = ["build_app"]
+
+
+def build_app(ctx: ApiContext, categories: tuple[str, ...] = CATEGORIES) -> FastAPI:
+    """A fresh app for ``ctx``: discovered routers, the token guard, the error handlers."""
+    app = FastAPI(
+        title=f"kvplane internal API ({ctx.role})",
+        version=kvplane.__version__,
+        dependencies=[Depends(check_token)],
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    for found in discover_routers(categories):
+        app.include_router(found.router, tags=[found.category])
+    return app

@@ -1,0 +1,18 @@
+"""GET /metrics: the engine's Prometheus registry in the text exposition format."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from kvplane.api.deps import Ctx
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/metrics")
+def metrics(ctx: Ctx) -> Response:
+    registry = ctx.runtime.metrics.registry if ctx.runtime is not None else CollectorRegistry()
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

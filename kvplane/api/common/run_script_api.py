@@ -1,0 +1,57 @@
+"""POST /run_script: run an uploaded Python script inside the engine process.
+
+Refused (403) unless ``internal_api_server_allow_run_script`` is true, and it needs the
+bearer token when one is configured. The script sees ``app`` (the FastAPI app: the engine
+is ``app.state.ctx.runtime``); the value it leaves in ``result`` is the JSON answer.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+from fastapi import APIRouter, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from kvplane.api.deps import Config
+from kvplane.errors import BadRequest, Forbidden
+
+__all__ = ["router", "run_script_source"]
+
+router = APIRouter()
+
+
+def run_script_source(source: str, filename: str, scope: dict[str, Any]) -> Any:
+    """Execute ``source`` with ``scope`` as its globals; return its ``result`` variable."""
+    namespace: dict[str, Any] = {"__name__": "__kvplane_script__", "result": None, **scope}
+    try:
+        code = compile(source, filename, "exec")
+        exec(code, namespace)
+    except Exception as exc:
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        raise BadRequest(last, title="Script failed") from None
+    return namespace.get("result")
+
+
+@router.post("/run_script")
+async def run_script(request: Request, config: Config, script: UploadFile) -> JSONResponse:
+    if not config.internal_api_server_allow_run_script:
+        raise Forbidden(
+            "/run_script is disabled; set internal_api_server_allow_run_script: true to allow it",
+            title="Run script disabled",
+        )
+    raw = await script.read()
+    try:
+        source = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("The script is not UTF-8 text", title="Script failed") from None
+    result = await run_in_threadpool(
+        run_script_source, source, script.filename or "<script>", {"app": request.app}
+    )
+    try:
+        body = jsonable_encoder(result)
+    except (TypeError, ValueError):
+        body = repr(result)
+    return JSONResponse(body)

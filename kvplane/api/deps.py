@@ -1,0 +1,103 @@
+"""Dependencies of the internal API's routes, as ``Annotated`` aliases.
+
+Everything a route needs comes from ``request.app.state.ctx`` (an :class:`ApiContext`), so
+one process can serve several apps (scheduler and worker roles) without globals.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
+
+from kvplane.api.context import ApiContext, SlotRecording
+from kvplane.config import EngineConfig
+from kvplane.engine.backends.cpu import LocalCPUBackend
+from kvplane.engine.cache_engine import CacheEngine
+from kvplane.engine.storage_manager import StorageManager
+from kvplane.errors import BadRequest, Unauthorized, Unavailable
+
+if TYPE_CHECKING:
+    from kvplane.engine.runtime import EngineRuntime
+
+__all__ = [
+    "SAFE_METHODS",
+    "Config",
+    "CpuTier",
+    "Ctx",
+    "Engine",
+    "SlotRecordingDep",
+    "Storage",
+    "check_token",
+    "require_token",
+    "runtime_of",
+]
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def get_context(request: Request) -> ApiContext:
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[ApiContext, Depends(get_context)]
+
+
+def get_config(ctx: Ctx) -> EngineConfig:
+    return ctx.config
+
+
+def runtime_of(ctx: ApiContext) -> EngineRuntime:
+    """The engine runtime; 503 in a process that has none."""
+    if ctx.runtime is None:
+        raise Unavailable("This process has no cache engine", title="Not available")
+    return ctx.runtime
+
+
+def get_engine(ctx: Ctx) -> CacheEngine:
+    return runtime_of(ctx).cache_engine
+
+
+def get_storage(ctx: Ctx) -> StorageManager:
+    return runtime_of(ctx).storage
+
+
+def get_cpu_tier(ctx: Ctx) -> LocalCPUBackend:
+    cpu = runtime_of(ctx).storage.cpu
+    if cpu is None:
+        raise BadRequest(
+            "This engine has no LocalCPUBackend (local_cpu: false)", title="Not available"
+        )
+    return cpu
+
+
+def get_slot_recording(ctx: Ctx) -> SlotRecording:
+    return ctx.slot_recording
+
+
+Config = Annotated[EngineConfig, Depends(get_config)]
+Engine = Annotated[CacheEngine, Depends(get_engine)]
+Storage = Annotated[StorageManager, Depends(get_storage)]
+CpuTier = Annotated[LocalCPUBackend, Depends(get_cpu_tier)]
+SlotRecordingDep = Annotated[SlotRecording, Depends(get_slot_recording)]
+
+
+def require_token(request: Request, config: Config) -> None:
+    """Refuse the call with 401 unless it carries the configured bearer token (if any)."""
+    token = config.internal_api_server_token
+    if not token:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise Unauthorized("This endpoint requires 'Authorization: Bearer <token>'")
+
+
+def check_token(request: Request, config: Config) -> None:
+    """App-wide guard: every call with a mutating method needs the token. Routes that
+    mutate on GET (``/loglevel?level=``) depend on :func:`require_token` themselves."""
+    if request.method not in SAFE_METHODS:
+        require_token(request, config)

@@ -1,0 +1,65 @@
+"""/bypass/*: skip storage tiers at runtime (excluded from contains, put and get)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from kvplane.api.deps import Storage
+from kvplane.api.responses import Success
+from kvplane.engine.storage_manager import StorageManager
+from kvplane.errors import BadRequest
+
+__all__ = ["BypassChange", "BypassList", "router"]
+
+router = APIRouter()
+
+
+class BypassList(Success):
+    bypassed_backends: list[str]
+    all_backends: list[str]
+
+
+class BypassChange(Success):
+    backend_name: str
+    bypassed: bool
+    was_already_bypassed: bool | None = None
+    was_bypassed: bool | None = None
+    bypassed_backends: list[str]
+
+
+def check_backend(storage: StorageManager, name: str) -> None:
+    """400 "Unknown backend" naming the available ones."""
+    if name not in storage.backends:
+        raise BadRequest(
+            f"Backend {name!r} not found. Available: {list(storage.backends)}",
+            title="Unknown backend",
+        )
+
+
+@router.get("/bypass/list")
+def bypass_list(storage: Storage) -> BypassList:
+    return BypassList(bypassed_backends=storage.bypassed, all_backends=list(storage.backends))
+
+
+@router.put("/bypass/add", response_model_exclude_none=True)
+def bypass_add(storage: Storage, backend_name: str) -> BypassChange:
+    check_backend(storage, backend_name)
+    was = storage.bypass(backend_name)
+    return BypassChange(
+        backend_name=backend_name,
+        bypassed=True,
+        was_already_bypassed=was,
+        bypassed_backends=storage.bypassed,
+    )
+
+
+@router.put("/bypass/remove", response_model_exclude_none=True)
+def bypass_remove(storage: Storage, backend_name: str) -> BypassChange:
+    check_backend(storage, backend_name)
+    was = storage.unbypass(backend_name)
+    return BypassChange(
+        backend_name=backend_name,
+        bypassed=False,
+        was_bypassed=was,
+        bypassed_backends=storage.bypassed,
+    )

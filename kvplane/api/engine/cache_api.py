@@ -1,0 +1,144 @@
+"""/cache/clear, /cache/store, /cache/retrieve: drive the engine with mock or given tokens.
+
+Store and retrieve use the engine's own paged KV caches. Tokens come from ``tokens_mock``
+(``"start,end"``: tokens start..end-1) or ``tokens_input`` (comma-separated token ids); the
+KV goes to / comes from ``slot_mapping`` (the slot syntax of ``/cache/kvcache/check``),
+by default slots 0..n-1.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Query
+
+from kvplane.api.context import ApiContext
+from kvplane.api.deps import Ctx, Engine, Storage, runtime_of
+from kvplane.api.engine.bypass_api import check_backend
+from kvplane.api.responses import Success
+from kvplane.api.slot_syntax import format_ranges, parse_slot_mapping, to_ranges
+from kvplane.errors import BadRequest
+
+__all__ = [
+    "ClearResponse",
+    "RetrieveResponse",
+    "StoreResponse",
+    "parse_tokens",
+    "router",
+]
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+class ClearResponse(Success):
+    num_removed: int
+
+
+class StoreResponse(Success):
+    num_tokens: int  # tokens asked for
+    num_stored_tokens: int  # leading tokens whose chunks are now held
+    num_new_chunks: int
+
+
+class RetrieveResponse(Success):
+    num_tokens: int  # tokens asked for
+    num_retrieved: int  # leading tokens loaded into the KV caches
+
+
+def parse_tokens(tokens_mock: str | None, tokens_input: str | None) -> list[int]:
+    """The request's tokens. Raises BadRequest for none, both, or a malformed value."""
+    if (tokens_mock is None) == (tokens_input is None):
+        raise BadRequest(
+            "Must specify either tokens_input or tokens_mock", title="Missing parameters"
+        )
+    if tokens_mock is not None:
+        parts = tokens_mock.split(",")
+        try:
+            start, end = (int(p) for p in parts)
+        except ValueError:
+            raise BadRequest(
+                f"tokens_mock must be two comma-separated integers 'start,end', got {tokens_mock!r}"
+            ) from None
+        if not 0 <= start < end:
+            raise BadRequest(f"tokens_mock needs 0 <= start < end, got {tokens_mock!r}")
+        return list(range(start, end))
+    text = tokens_input or ""
+    try:
+        tokens = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise BadRequest(
+            f"tokens_input must be comma-separated integers, got {tokens_input!r}"
+        ) from None
+    if any(t < 0 for t in tokens):
+        raise BadRequest("tokens_input: token ids must be non-negative")
+    return tokens
+
+
+def slots_for(ctx: ApiContext, slot_mapping: str | None, num_tokens: int) -> torch.Tensor:
+    """The slots of ``num_tokens`` tokens: ``slot_mapping`` or 0..n-1."""
+    num_slots = runtime_of(ctx).layout.num_slots
+    if slot_mapping is None:
+        if num_tokens > num_slots:
+            raise BadRequest(f"{num_tokens} tokens do not fit the paged cache ({num_slots} slots)")
+        return torch.arange(num_tokens)
+    slots = parse_slot_mapping(slot_mapping, limit=num_slots)
+    if len(slots) != num_tokens:
+        raise BadRequest(f"slot_mapping names {len(slots)} slots for {num_tokens} tokens")
+    return torch.tensor(slots, dtype=torch.long)
+
+
+def _record(ctx: ApiContext, op: str, slots: torch.Tensor) -> None:
+    if ctx.slot_recording.enabled:
+        log.info("%s slot_mapping=%s", op, format_ranges(to_ranges(slots.tolist())))
+
+
+TokensMock = Annotated[str | None, Query(description='"start,end": tokens start..end-1')]
+TokensInput = Annotated[str | None, Query(description="comma-separated token ids")]
+SlotMapping = Annotated[str | None, Query(description='e.g. "0,1,[8,15]" (default 0..n-1)')]
+
+
+@router.delete("/cache/clear")
+def clear(
+    storage: Storage, locations: Annotated[list[str] | None, Query()] = None
+) -> ClearResponse:
+    for name in locations or []:
+        check_backend(storage, name)
+    return ClearResponse(num_removed=storage.clear(locations or None))
+
+
+@router.post("/cache/store")
+def store(
+    ctx: Ctx,
+    engine: Engine,
+    tokens_mock: TokensMock = None,
+    tokens_input: TokensInput = None,
+    slot_mapping: SlotMapping = None,
+) -> StoreResponse:
+    tokens = parse_tokens(tokens_mock, tokens_input)
+    slots = slots_for(ctx, slot_mapping, len(tokens))
+    _record(ctx, "store", slots)
+    result = engine.store(tokens, runtime_of(ctx).kv_caches, slots)
+    return StoreResponse(
+        num_tokens=len(tokens),
+        num_stored_tokens=result.num_tokens,
+        num_new_chunks=result.num_chunks,
+    )
+
+
+@router.post("/cache/retrieve")
+def retrieve(
+    ctx: Ctx,
+    engine: Engine,
+    tokens_mock: TokensMock = None,
+    tokens_input: TokensInput = None,
+    slot_mapping: SlotMapping = None,
+) -> RetrieveResponse:
+    tokens = parse_tokens(tokens_mock, tokens_input)
+    slots = slots_for(ctx, slot_mapping, len(tokens))
+    _record(ctx, "retrieve", slots)
+    result = engine.retrieve(tokens, runtime_of(ctx).kv_caches, slots)
+    return RetrieveResponse(num_tokens=len(tokens), num_retrieved=result.num_tokens)

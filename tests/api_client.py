@@ -1,0 +1,100 @@
+"""Helpers for the internal API tests: a real uvicorn server on TCP or a Unix socket."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from kvplane.api.server import InternalApiService
+from kvplane.config import EngineConfig, load_config
+from tests.support import free_port
+
+TRANSPORTS = ("tcp", "uds")
+
+
+def api_config(**overrides: Any) -> EngineConfig:
+    return load_config(env={}, overrides={"internal_api_server_enabled": True, **overrides})
+
+
+@contextlib.contextmanager
+def short_tmpdir() -> Iterator[str]:
+    """A short directory name: Unix socket paths are limited to ~107 bytes."""
+    path = tempfile.mkdtemp(prefix="kvp", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def client_for(service: InternalApiService, index: int) -> httpx.Client:
+    server = service.servers[index]
+    if server.address.uds:
+        return httpx.Client(
+            base_url="http://kvplane-api",
+            transport=httpx.HTTPTransport(uds=server.address.uds),
+            timeout=10.0,
+        )
+    return httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10.0)
+
+
+@contextlib.contextmanager
+def serving(
+    transport: str,
+    config: EngineConfig | None = None,
+    runtime: Any = None,
+    index: int = 0,
+    **service_kwargs: Any,
+) -> Iterator[tuple[InternalApiService, httpx.Client]]:
+    """Start the API for ``index`` over ``transport`` and yield it with a client."""
+    config = config or api_config()
+    with short_tmpdir() as tmp:
+        if transport == "uds":
+            if config.internal_api_server_socket_path_prefix is None:
+                config.internal_api_server_socket_path_prefix = f"{tmp}/api"
+        else:
+            config.internal_api_server_port_start = free_port() - index
+        service = InternalApiService(config, runtime, indices=[index], **service_kwargs)
+        service.start()
+        try:
+            with client_for(service, index) as client:
+                yield service, client
+        finally:
+            service.stop()
+
+
+ENGINE_DEFAULTS: dict[str, Any] = dict(
+    chunk_size=16,
+    kv_block_size=4,
+    kv_num_blocks=64,
+    kv_num_layers=2,
+    kv_num_heads=2,
+    kv_head_size=16,
+    max_local_cpu_size=0.01,
+)
+
+
+@contextlib.contextmanager
+def engine_serving(transport: str, **overrides: Any) -> Iterator[tuple[Any, httpx.Client]]:
+    """A real EngineRuntime whose own internal API service (index 0) serves over
+    ``transport``; yields the runtime and a client."""
+    from kvplane.engine.runtime import EngineRuntime
+
+    with short_tmpdir() as tmp:
+        settings = {**ENGINE_DEFAULTS, "internal_api_server_include_index_list": [0], **overrides}
+        if transport == "uds":
+            settings["internal_api_server_socket_path_prefix"] = f"{tmp}/api"
+        else:
+            settings["internal_api_server_port_start"] = free_port()
+        runtime = EngineRuntime(api_config(**settings))
+        runtime.start()
+        try:
+            service = next(s for s in runtime.services if isinstance(s, InternalApiService))
+            with client_for(service, 0) as client:
+                yield runtime, client
+        finally:
+            runtime.stop()

@@ -1,0 +1,185 @@
+"""The common endpoints over real HTTP: /conf, /meta, /threads, /loglevel, /run_script,
+/metrics and the version endpoints."""
+
+import logging
+
+import pytest
+
+import kvplane
+from tests.api_client import TRANSPORTS, api_config, serving
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request):
+    return request.param
+
+
+def test_conf_get_all_filtered_and_unknown(transport):
+    with serving(transport) as (_, client):
+        conf = client.get("/conf").json()
+        assert conf["chunk_size"] == 256
+        assert conf["internal_api_server_host"] == "127.0.0.1"
+        r = client.get("/conf", params={"names": "min_retrieve_tokens,save_decode_cache"})
+        assert r.json() == {"min_retrieve_tokens": 0, "save_decode_cache": False}
+        r = client.get("/conf", params={"names": "chunk_size,nope"})
+        assert r.status_code == 400
+        assert r.json()["error"] == "Unknown config"
+        assert "nope" in r.json()["message"]
+
+
+def test_conf_never_shows_secrets(transport):
+    cfg = api_config(
+        remote_url="redis://:hunter2@localhost:6379", internal_api_server_token="tok3n"
+    )
+    with serving(transport, cfg) as (_, client):
+        r = client.get("/conf")
+        assert "hunter2" not in r.text and "tok3n" not in r.text
+        assert r.json()["remote_url"] == "redis://***@localhost:6379"
+        assert r.json()["internal_api_server_token"] == "***"
+
+
+def test_conf_post_success_partial_failure_and_bad_bodies(transport):
+    cfg = api_config()
+    with serving(transport, cfg) as (_, client):
+        r = client.post("/conf", json={"min_retrieve_tokens": 512, "save_decode_cache": True})
+        assert (r.status_code, r.json()) == (
+            200,
+            {"updated": {"min_retrieve_tokens": 512, "save_decode_cache": True}},
+        )
+        assert cfg.min_retrieve_tokens == 512 and cfg.save_decode_cache is True
+        r = client.post(
+            "/conf", json={"min_retrieve_tokens": 7, "unknown_key": 1, "chunk_size": 16}
+        )
+        assert r.status_code == 400
+        assert r.json() == {
+            "updated": {"min_retrieve_tokens": 7},
+            "errors": {
+                "unknown_key": "Unknown config",
+                "chunk_size": "Config is not mutable at runtime",
+            },
+        }
+        r = client.post("/conf", json={"min_retrieve_tokens": "lots"})
+        assert r.status_code == 400
+        assert "min_retrieve_tokens" in r.json()["errors"]
+        assert cfg.min_retrieve_tokens == 7
+        r = client.post("/conf", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400
+        assert r.json()["error"] == "Invalid JSON"
+        assert client.post("/conf", json=[1, 2]).status_code == 400
+
+
+def test_conf_post_calls_the_config_listeners(transport):
+    cfg = api_config()
+    seen = []
+    cfg.on_change(lambda name, value: seen.append((name, value)))
+    with serving(transport, cfg) as (_, client):
+        client.post("/conf", json={"save_unfull_chunk": False})
+    assert seen == [("save_unfull_chunk", False)]
+
+
+def test_meta_all_and_filtered(transport):
+    cfg = api_config(model_name="m", worker_id=0, kv_num_layers=3, kv_num_heads=2)
+    with serving(transport, cfg, index=1) as (_, client):
+        meta = client.get("/meta").json()
+        assert meta["model_name"] == "m"
+        assert meta["role"] == "worker_0" and meta["index"] == 1
+        assert meta["kv_shape"] == [3, 2, 256, 2, 64]  # [layers, K/V, tokens, heads, head size]
+        r = client.get("/meta", params={"names": "worker_id,model_name"})
+        assert r.json() == {"worker_id": 0, "model_name": "m"}
+        assert client.get("/meta", params={"names": "bogus"}).status_code == 400
+
+
+def test_threads_lists_the_server_thread_with_stacks(transport):
+    with serving(transport) as (_, client):
+        body = client.get("/threads").json()
+        assert body["count"] == len(body["threads"])
+        names = [t["name"] for t in body["threads"]]
+        assert any(n.startswith("kvplane-api-") for n in names)
+        main = next(t for t in body["threads"] if t["name"] == "MainThread")
+        assert main["alive"] and main["stack"]
+
+
+def test_loglevel_get_all_get_one_set(transport):
+    logging.getLogger("kvplane.test_api_common.child").setLevel(logging.WARNING)
+    with serving(transport) as (_, client):
+        all_levels = client.get("/loglevel").json()["loggers"]
+        assert all_levels["kvplane.test_api_common.child"] == "WARNING"
+        assert "root" in all_levels
+        r = client.get("/loglevel", params={"logger_name": "kvplane.test_api_common.child"})
+        assert r.json()["level"] == "WARNING"
+        r = client.get(
+            "/loglevel", params={"logger_name": "kvplane.test_api_common.child", "level": "debug"}
+        )
+        assert r.json()["status"] == "success" and r.json()["level"] == "DEBUG"
+        assert logging.getLogger("kvplane.test_api_common.child").level == logging.DEBUG
+        r = client.get("/loglevel", params={"logger_name": "no.such.logger.x"})
+        assert (r.status_code, r.json()["error"]) == (404, "Unknown logger")
+        r = client.get("/loglevel", params={"logger_name": "kvplane", "level": "LOUD"})
+        assert r.status_code == 400
+        assert client.get("/loglevel", params={"level": "DEBUG"}).status_code == 400
+
+
+SCRIPT = b"""
+ctx = app.state.ctx
+ctx.config.min_retrieve_tokens = 33
+result = {"role": ctx.role, "chunk_size": ctx.config.chunk_size, "squares": [i * i for i in range(4)]}
+"""
+
+
+def test_run_script_refused_by_default(transport):
+    cfg = api_config()
+    with serving(transport, cfg) as (_, client):
+        r = client.post("/run_script", files={"script": ("s.py", SCRIPT)})
+        assert r.status_code == 403
+        assert set(r.json()) == {"error", "message"}
+        assert cfg.min_retrieve_tokens == 0
+
+
+def test_run_script_when_allowed(transport):
+    cfg = api_config(internal_api_server_allow_run_script=True)
+    with serving(transport, cfg) as (_, client):
+        r = client.post("/run_script", files={"script": ("s.py", SCRIPT)})
+        assert r.status_code == 200
+        assert r.json() == {"role": "scheduler", "chunk_size": 256, "squares": [0, 1, 4, 9]}
+        assert cfg.min_retrieve_tokens == 33
+        r = client.post("/run_script", files={"script": ("bad.py", b"result = 1 / 0")})
+        assert (r.status_code, r.json()["error"]) == (400, "Script failed")
+        assert "ZeroDivisionError" in r.json()["message"]
+        r = client.post("/run_script", files={"script": ("s.py", b"x = 1")})
+        assert r.json() is None
+        assert client.post("/run_script").status_code == 400  # no script part
+
+
+def test_run_script_needs_the_token_too(transport):
+    cfg = api_config(internal_api_server_allow_run_script=True, internal_api_server_token="t")
+    with serving(transport, cfg) as (_, client):
+        r = client.post("/run_script", files={"script": ("s.py", b"result = 1")})
+        assert r.status_code == 401
+        r = client.post(
+            "/run_script",
+            files={"script": ("s.py", b"result = 1")},
+            headers={"Authorization": "Bearer t"},
+        )
+        assert r.json() == 1
+
+
+def test_version_endpoints(transport):
+    with serving(transport) as (_, client):
+        r = client.get("/lmc_version")
+        assert r.headers["content-type"].startswith("text/plain")
+        assert r.text == kvplane.__version__
+        commit = client.get("/commit_id").text
+        assert commit
+        assert client.get("/version").text == f"{kvplane.__version__}-{commit}"
+        body = client.get("/inference_version").json()
+        assert "vllm_version" in body and body["inference_engine"] == "kvplane"
+        info = client.get("/inference_info", params={"format": "json"}).json()
+        assert info["kvplane"]["version"] == kvplane.__version__
+        assert info["model"]["model_name"] == "kvplane/synthetic"
+
+
+def test_metrics_is_prometheus_text(transport):
+    with serving(transport) as (_, client):
+        r = client.get("/metrics")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
