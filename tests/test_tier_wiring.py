@@ -288,3 +288,22 @@ def test_worker_registers_the_bound_p2p_url() -> None:
     worker = next(s for s in rt.services if s.name == "controller worker")
     assert worker.peer_init_url == rt.p2p.url  # type: ignore[attr-defined]
     rt.stop()
+
+
+def test_tier_internal_figures_are_in_the_engine_metrics(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from kvplane.engine import chunk_files
+
+    rt = runtime(local_disk=str(tmp_path / "disk"), max_local_disk_size=0.01)
+    s = slots(rt, 11)
+    rt.cache_engine.store(TOKENS, rt.kv_caches, s)
+    assert rt.storage.flush(5)
+    rt.cache_engine.clear(["LocalCPUBackend"])
+    for f in chunk_files.scan(tmp_path / "disk"):
+        f.path.write_bytes(f.path.read_bytes()[:-1])  # truncate every file
+    assert rt.cache_engine.retrieve(TOKENS, rt.kv_caches, s).num_tokens == 0
+    text = generate_latest(rt.metrics.registry).decode()
+    assert 'kvplane_tier_stat{stat="corrupt",tier="LocalDiskBackend"} 1.0' in text
+    assert 'kvplane_tier_stat{stat="chunks",tier="LocalDiskBackend"} 2.0' in text
+    rt.stop()

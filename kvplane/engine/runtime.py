@@ -24,6 +24,7 @@ from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.storage_manager import StorageManager
+from kvplane.engine.tier_metrics import TierStatsCollector
 from kvplane.engine.tiers import GB, P2PNode, build_backends
 from kvplane.worker.service import ControllerWorker
 
@@ -64,6 +65,7 @@ class EngineRuntime:
         self.storage = StorageManager(
             build_backends(config, pool), self.metrics, queue_size=config.tier_queue_size
         )
+        self.metrics.registry.register(TierStatsCollector(self.storage.backends))
         # The chunk server peers fetch from and push to (move). Bound here so its url is
         # final when the worker registers it as peer_init_url; the worker (or whoever knows
         # where chunks live) wires the p2p tier's locator with self.p2p.set_peer_locator.

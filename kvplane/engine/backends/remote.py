@@ -160,6 +160,17 @@ class RemoteBackend(StorageBackend):
                 self._corrupt,
             )
 
+    def counters(self) -> dict[str, float]:
+        s = self.stats()
+        return {
+            "breaker_open": float(s.breaker is not BreakerState.CLOSED),
+            "breaker_times_opened": float(s.times_opened),
+            "errors": float(s.errors),
+            "dropped_puts": float(s.dropped_puts),
+            "skipped_gets": float(s.skipped_gets),
+            "corrupt": float(s.corrupt),
+        }
+
     # ------------------------------------------------------------------ internals
     def _set_parts(self, name: str, header: bytes, payload: memoryview) -> bool:
         """``SET name header+payload`` with the value sent as its parts (RESP bulk strings
