@@ -263,7 +263,7 @@ def test_controller_commands_reach_the_tiers(two_peers) -> None:
     s2 = slots(b, 10)
     assert b.cache_engine.retrieve(TOKENS, b.kv_caches, s2).num_tokens == len(TOKENS)
     step = expected.abs().amax(dim=-1, keepdim=True) / 127  # went through int8 once
-    assert bool(((kv_at(b, s2) - expected).abs() <= step / 2 + expected.abs() * 2**-7).all())
+    assert bool(((kv_at(b, s2) - expected).abs() <= step / 2 + expected.abs() * 2**-7 + 1e-6).all())
 
 
 def test_move_without_p2p_is_unsupported() -> None:
