@@ -1,0 +1,1 @@
+"""``kvplane demo``: a controller and two reference servers on loopback, every seed flow."""

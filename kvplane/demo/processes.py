@@ -1,0 +1,123 @@
+"""The demo's child processes: started with ``python -m kvplane``, stopped by PID.
+
+Every child writes its output to a log file in the demo's work directory, so a failure can
+be explained by pointing at its log; stopping is SIGTERM, a bounded wait, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple
+
+import kvplane
+from kvplane.errors import Unavailable
+
+__all__ = ["Child", "Children", "free_ports"]
+
+#: The directory holding the ``kvplane`` package: children import the same code as the demo.
+_PACKAGE_ROOT = str(Path(kvplane.__file__).resolve().parent.parent)
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free right now (held open together so they differ)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Child(NamedTuple):
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Children:
+    """A group of children; leaving the ``with`` block stops them all (reverse order)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.children: list[Child] = []
+
+    def start(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
+        full_env = dict(os.environ)
+        for var in ("KVPLANE_CONFIG_FILE", "LMCACHE_CONFIG_FILE"):
+            full_env.pop(var, None)
+        full_env.update(env or {})
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PACKAGE_ROOT, full_env.get("PYTHONPATH", "")) if p
+        )
+        full_env["PYTHONUNBUFFERED"] = "1"
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kvplane", *args],
+                env=full_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        child = Child(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def check_alive(self) -> None:
+        """Raises Unavailable naming the first child that exited, with its log's tail."""
+        for child in self.children:
+            if child.exited():
+                raise Unavailable(
+                    f"{child.name} exited with code {child.proc.returncode}; "
+                    f"last lines of {child.log_path}:\n{child.log_tail()}"
+                )
+
+    def stop_all(self, timeout: float = 15.0) -> list[tuple[str, int | None]]:
+        """SIGTERM each child by PID (last started first), wait, SIGKILL what remains.
+        Returns each child's name and exit code."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes: list[tuple[str, int | None]] = []
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait(5)
+            codes.append((child.name, child.proc.returncode))
+        return codes
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_all()

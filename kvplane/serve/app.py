@@ -1,0 +1,128 @@
+"""The reference server's HTTP front: OpenAI completions, /tokenize, /v1/models, /health.
+
+Handlers are plain ``def``: FastAPI runs them on its thread pool, so a long prefill does not
+stall /health. The generator serializes requests itself (one at a time).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from kvplane.errors import BadRequest, KvplaneError
+from kvplane.serve.generator import Completion, SamplingParams
+from kvplane.serve.launch import ServedModel
+from kvplane.serve.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+)
+from kvplane.serve.tokenizer import Tokenizer
+
+__all__ = ["TTFT_HEADER", "create_app"]
+
+#: Time to first token of the request's first prompt, in seconds (a non-standard header:
+#: a non-streaming client cannot measure it otherwise).
+TTFT_HEADER = "x-kvplane-ttft-s"
+
+
+def create_app(served: ServedModel) -> FastAPI:
+    app = FastAPI(title="kvplane reference server")
+
+    @app.exception_handler(KvplaneError)
+    def _domain_error(_: Request, exc: KvplaneError) -> JSONResponse:
+        return _error(exc.status_code, type(exc).__name__, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return _error(400, "BadRequest", detail)
+
+    @app.get("/health")
+    def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    def models() -> ModelList:
+        card = ModelCard(
+            id=served.name,
+            created=served.created,
+            root=served.name,
+            max_model_len=served.max_model_len,
+        )
+        return ModelList(data=[card])
+
+    @app.post("/tokenize")
+    def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        tokens = served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(
+            count=len(tokens), max_model_len=served.max_model_len, tokens=tokens
+        )
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionRequest) -> JSONResponse:
+        if body.stream:
+            raise BadRequest("stream=true is not supported by the reference server")
+        params = SamplingParams(body.max_tokens, body.temperature, body.seed, body.ignore_eos)
+        done = [served.generator.generate(p, params) for p in _prompts(served, body.prompt)]
+        reply = _completion_response(served.name, done, served.tokenizer)
+        return JSONResponse(reply.model_dump(), headers={TTFT_HEADER: f"{done[0].ttft_s:.6f}"})
+
+    return app
+
+
+def _prompts(served: ServedModel, prompt: str | list[int] | list[str]) -> list[list[int]]:
+    """A text, a list of texts, or one prompt already tokenized."""
+    if isinstance(prompt, str):
+        return [served.tokenizer.encode(prompt)]
+    if not prompt:
+        raise BadRequest("prompt is empty")
+    if all(isinstance(p, int) for p in prompt):
+        return [[int(p) for p in prompt]]
+    return [served.tokenizer.encode(str(p)) for p in prompt]
+
+
+def _completion_response(
+    model: str, done: list[Completion], tokenizer: Tokenizer
+) -> CompletionResponse:
+    choices = [
+        CompletionChoice(
+            text=tokenizer.decode(c.output_tokens),
+            index=i,
+            finish_reason="stop" if c.finish_reason == "stop" else "length",
+        )
+        for i, c in enumerate(done)
+    ]
+    prompt_tokens = sum(len(c.prompt_tokens) for c in done)
+    completion_tokens = sum(len(c.output_tokens) for c in done)
+    usage = Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c.cached_tokens for c in done)),
+    )
+    return CompletionResponse(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=model,
+        choices=choices,
+        usage=usage,
+    )
+
+
+def _error(status: int, kind: str, message: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": kind, "code": status}}
+    )

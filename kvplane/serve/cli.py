@@ -1,0 +1,145 @@
+"""``kvplane serve``: the reference OpenAI-compatible server with kvplane's engine inside.
+
+Like the seeds' ``LMCACHE_CONFIG_FILE=example.yaml vllm serve MODEL --port 8000``: kvplane's
+YAML comes from ``--config``, ``$KVPLANE_CONFIG_FILE`` or ``$LMCACHE_CONFIG_FILE``. The
+process is one engine rank: the :class:`~kvplane.engine.runtime.EngineRuntime` is built
+around the model's own paged KV caches and runs its services (internal API server,
+controller worker) next to the HTTP front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvplane.config import help_lines
+
+if TYPE_CHECKING:
+    from kvplane.engine.runtime import EngineRuntime
+    from kvplane.serve.launch import ServedModel, ServeOptions
+
+__all__ = ["add_parser", "build_instance", "options_from_args"]
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible server over a small Llama with kvplane's KV cache",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (YAML via --config, $KVPLANE_CONFIG_FILE or $LMCACHE_CONFIG_FILE):\n  "
+        + "\n  ".join(help_lines()),
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="local Llama checkpoint directory (default: a small model with seeded random weights)",
+    )
+    p.add_argument(
+        "--architecture",
+        default="tiny",
+        help="shape of the random-weight model without --model: tiny (default) or "
+        "llama-3.1-8b (bfloat16 on a GPU)",
+    )
+    p.add_argument("--served-model-name", default=None, help="name in responses and cache keys")
+    p.add_argument("--max-model-len", type=int, default=4096, help="prompt + output tokens limit")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the random weights")
+    p.add_argument("--config", default=None, help="kvplane YAML (overrides the env variables)")
+    p.set_defaults(func=run)
+
+
+def options_from_args(args: argparse.Namespace) -> ServeOptions:
+    from kvplane.serve.launch import ServeOptions
+
+    return ServeOptions(
+        host=args.host,
+        port=args.port,
+        model_dir=args.model,
+        architecture=args.architecture,
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+
+
+def build_instance(
+    options: ServeOptions,
+    config_path: str | None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[EngineRuntime, ServedModel]:
+    """Model -> config with the model's KV shape -> runtime around the model's caches ->
+    served model. ``overrides`` are config keys on top of the YAML and the environment.
+    Returns ``(runtime, served)``; nothing started yet."""
+    from kvplane.config import load_config
+    from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
+    from kvplane.engine.runtime import EngineRuntime
+    from kvplane.serve.launch import engine_overrides, load_model, make_served
+
+    base = load_config(config_path, overrides=overrides)
+    log.info("loading model %s", options.model_name)
+    loaded = load_model(options)
+    kv_keys = engine_overrides(loaded.shape, base, options.model_name, options.max_model_len)
+    config = load_config(config_path, overrides={**(overrides or {}), **kv_keys})
+    layout = KVLayout(
+        num_layers=loaded.shape.num_layers,
+        num_kv_heads=loaded.shape.num_kv_heads,
+        head_size=loaded.shape.head_size,
+        block_size=config.kv_block_size,
+        num_blocks=config.kv_num_blocks,
+        dtype=loaded.shape.dtype,
+    )
+    kv_caches = allocate_kv_caches(layout, loaded.device)
+    runtime = EngineRuntime(config, layout=layout, kv_caches=kv_caches)
+    served = make_served(
+        loaded,
+        runtime.kv_caches,
+        config,
+        model_name=options.model_name,
+        max_model_len=options.max_model_len,
+        cache=runtime.cache_engine,
+    )
+    return runtime, served
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvplane.serve.app import create_app
+
+    options = options_from_args(args)
+    runtime, served = build_instance(options, args.config)
+    runtime.start()
+    # uvicorn handles SIGTERM/SIGINT while it runs, then re-raises the signal to the handler
+    # installed before it; this one only notes it, so the runtime below still stops cleanly.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: log.info("signal %d: stopping", signum))
+    try:
+        log.info(
+            "serving %s (KV %s) on http://%s:%d",
+            served.name,
+            runtime.layout,
+            options.host,
+            options.port,
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(served), host=options.host, port=options.port, log_level="warning"
+            )
+        )
+        server.run()
+    finally:
+        log.info("shutting down")
+        runtime.stop()
+    return 0

@@ -1,0 +1,143 @@
+"""Builds one reference-server instance: model, tokenizer, paged KV caches, generator.
+
+The paged caches' shape comes from the model (layers, KV heads, head size, dtype) and from
+kvplane's config (block size, number of blocks); :func:`engine_overrides` writes the
+model's side back into the config so that the engine's layout, storage keys and ``/conf``
+all describe the KV this process really has.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from kvplane.config import EngineConfig
+from kvplane.engine.chunk import dtype_name
+from kvplane.serve.generator import Generator, PrefixCache
+from kvplane.serve.model import (
+    DEFAULT_SEED,
+    ModelShape,
+    PagedLlama,
+    architecture_config,
+    build_model,
+)
+from kvplane.serve.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, CheckpointTokenizer, Tokenizer
+
+__all__ = [
+    "LoadedModel",
+    "ServeOptions",
+    "ServedModel",
+    "engine_overrides",
+    "load_model",
+    "make_served",
+    "resolve_device",
+]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_dir: Path | None = None
+    architecture: str = "tiny"  # of the random-weight model (see model.ARCHITECTURES)
+    served_model_name: str | None = None
+    max_model_len: int = 4096
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = DEFAULT_SEED
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model_dir:
+            return str(self.model_dir)
+        return f"kvplane/{self.architecture}-llama-random"
+
+
+class ServedModel(NamedTuple):
+    """What the HTTP front serves: one model, its tokenizer and its generator."""
+
+    name: str
+    tokenizer: Tokenizer
+    generator: Generator
+    max_model_len: int
+    created: int
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # transformers' LlamaForCausalLM
+    tokenizer: Tokenizer
+    shape: ModelShape
+    device: torch.device
+
+
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``auto``: CUDA with bfloat16 when there is a GPU, else the CPU with float32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(dtypes)} or auto")
+    return dev, dtypes[dtype]
+
+
+def load_model(options: ServeOptions) -> LoadedModel:
+    device, dtype = resolve_device(options.device, options.dtype)
+    tokenizer: Tokenizer
+    if options.model_dir is not None:
+        model = build_model(model_dir=options.model_dir, device=device, dtype=dtype)
+        tokenizer = CheckpointTokenizer(options.model_dir)
+    else:
+        config = architecture_config(options.architecture, BYTE_VOCAB_SIZE, options.max_model_len)
+        model = build_model(config, device=device, dtype=dtype, seed=options.seed)
+        tokenizer = ByteTokenizer()
+    shape = PagedLlama.shape_of(model)
+    return LoadedModel(model, tokenizer, shape, device)
+
+
+def engine_overrides(
+    shape: ModelShape, config: EngineConfig, model_name: str, max_model_len: int
+) -> dict[str, Any]:
+    """Config keys that must describe the served model's KV (see the module docstring)."""
+    needed_blocks = -(-max_model_len // config.kv_block_size)
+    return {
+        "model_name": model_name,
+        "kv_num_layers": shape.num_layers,
+        "kv_num_heads": shape.num_kv_heads,
+        "kv_head_size": shape.head_size,
+        "kv_dtype": dtype_name(shape.dtype),
+        "kv_num_blocks": max(config.kv_num_blocks, needed_blocks),
+        "use_mla": False,
+    }
+
+
+def make_served(
+    loaded: LoadedModel,
+    kv_caches: list[torch.Tensor],
+    config: EngineConfig,
+    *,
+    model_name: str,
+    max_model_len: int,
+    cache: PrefixCache | None,
+) -> ServedModel:
+    max_len = min(max_model_len, loaded.shape.max_model_len)
+    generator = Generator(
+        PagedLlama(loaded.model, kv_caches),
+        block_size=config.kv_block_size,
+        num_blocks=config.kv_num_blocks,
+        max_model_len=max_len,
+        eos_token_id=loaded.tokenizer.eos_token_id,
+        cache=cache,
+        # read per request: save_decode_cache may change at runtime (POST /conf)
+        store_decode=lambda: config.save_decode_cache,
+    )
+    return ServedModel(model_name, loaded.tokenizer, generator, max_len, int(time.time()))

@@ -1,0 +1,111 @@
+"""``kvplane serve`` as a real process: the seeds' request bodies over real HTTP."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.support import free_port, kvplane_env, kvplane_process, wait_until
+
+SEED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+SEED_PROMPT = "Explain the significance of KV cache in language models."
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve-http")
+    cfg = tmp / "example.yaml"
+    cfg.write_text("chunk_size: 16\nlocal_cpu: True\nmax_local_cpu_size: 0.05\n")
+    port = free_port()
+    log = tmp / "serve.log"
+    env = kvplane_env(LMCACHE_CONFIG_FILE=str(cfg))
+    args = ["serve", "--port", str(port), "--max-model-len", "512"]
+    with kvplane_process(args, env=env, log_path=log) as proc:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(
+            lambda: proc.poll() is None and httpx.get(f"{base}/health").status_code == 200,
+            timeout=90,
+            what=f"kvplane serve on {port} (log {log})",
+        )
+        with httpx.Client(base_url=base, timeout=30) as client:
+            yield client
+
+
+def test_completion_follows_openai_schema_and_second_request_hits(server):
+    body = {"model": SEED_MODEL, "prompt": SEED_PROMPT, "max_tokens": 10, "temperature": 0}
+    first = server.post("/v1/completions", json=body)
+    assert first.status_code == 200
+    reply = first.json()
+    assert reply["object"] == "text_completion"
+    assert reply["id"].startswith("cmpl-")
+    assert isinstance(reply["created"], int)
+    assert reply["model"] == "kvplane/tiny-llama-random"
+    (choice,) = reply["choices"]
+    assert set(choice) == {"text", "index", "logprobs", "finish_reason"}
+    assert choice["index"] == 0 and choice["logprobs"] is None
+    assert choice["finish_reason"] in ("length", "stop")
+    n_prompt = len(SEED_PROMPT.encode()) + 1
+    usage = reply["usage"]
+    assert usage["prompt_tokens"] == n_prompt
+    assert usage["total_tokens"] == n_prompt + usage["completion_tokens"]
+    assert float(first.headers["x-kvplane-ttft-s"]) > 0
+
+    again = server.post("/v1/completions", json=body).json()
+    assert again["choices"][0]["text"] == choice["text"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == n_prompt - 1
+
+
+def test_seed_body_without_temperature_samples(server):
+    body = {"model": SEED_MODEL, "prompt": SEED_PROMPT, "max_tokens": 10}
+    reply = server.post("/v1/completions", json=body).json()
+    assert 1 <= reply["usage"]["completion_tokens"] <= 10
+    seeded = {**body, "temperature": 0.8, "seed": 7}
+    a = server.post("/v1/completions", json=seeded).json()["choices"][0]["text"]
+    b = server.post("/v1/completions", json=seeded).json()["choices"][0]["text"]
+    assert a == b
+
+
+def test_tokenize_has_the_seed_shape(server):
+    reply = server.post("/tokenize", json={"model": SEED_MODEL, "prompt": SEED_PROMPT}).json()
+    assert set(reply) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert reply["count"] == len(reply["tokens"]) == len(SEED_PROMPT.encode()) + 1
+    assert reply["max_model_len"] == 512
+    assert reply["token_strs"] is None
+    assert reply["tokens"][0] == 1  # BOS
+
+
+def test_prompt_lists_and_token_prompts(server):
+    tokens = server.post("/tokenize", json={"prompt": "abc"}).json()["tokens"]
+    by_tokens = server.post(
+        "/v1/completions", json={"prompt": tokens, "max_tokens": 3, "temperature": 0}
+    ).json()
+    by_text = server.post(
+        "/v1/completions", json={"prompt": ["abc", "xyz"], "max_tokens": 3, "temperature": 0}
+    ).json()
+    assert [c["index"] for c in by_text["choices"]] == [0, 1]
+    assert by_text["choices"][0]["text"] == by_tokens["choices"][0]["text"]
+    assert by_text["usage"]["prompt_tokens"] == 8
+
+
+def test_models_and_health(server):
+    models = server.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["kvplane/tiny-llama-random"]
+    assert models["data"][0]["max_model_len"] == 512
+    assert server.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"prompt": "x", "max_tokens": 600}, "max_model_len"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 3}, "prompt"),
+        ({"prompt": "x", "stream": True}, "stream"),
+        ({"prompt": []}, "empty"),
+    ],
+)
+def test_bad_requests_are_400_with_a_reason(server, body, fragment):
+    reply = server.post("/v1/completions", json=body)
+    assert reply.status_code == 400
+    assert fragment in reply.json()["error"]["message"]
