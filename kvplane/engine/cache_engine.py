@@ -28,7 +28,7 @@ from kvplane.engine.kv_layout import (
     gather,
     gather_many,
     scatter_many,
-    slot_index,
+    slot_indices,
 )
 from kvplane.engine.memory_pool import MemoryPage
 from kvplane.engine.metrics import EngineMetrics
@@ -134,13 +134,14 @@ class CacheEngine:
         held_tokens = new_chunks = nbytes = 0
         staged: list[tuple[CacheKey, KVChunk, MemoryPage]] = []
         copies: list[tuple[SlotIndex, torch.Tensor]] = []
+        indices = self._indices(kv_caches, slots, spans)
         with self._device_guard(kv_caches):
-            for key, (start, end) in zip(keys, spans, strict=True):
+            for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
                 n = end - start
                 if n < self.config.chunk_size and not self.config.save_unfull_chunk:
                     break
                 if self.storage.locate(key) is None:
-                    index = self._index(kv_caches, slots[start:end])
+                    index = indices[chunk_no]
                     meta = ChunkMeta(self.layout.chunk_shape(n), self._dtype_name, n)
                     cpu = self.storage.cpu_writable
                     page = cpu.allocate() if cpu is not None else None
@@ -173,8 +174,13 @@ class CacheEngine:
         kv = gather(kv_caches, index).cpu()
         return self.storage.put(key, KVChunk.from_kv(kv, meta.num_tokens))
 
-    def _index(self, kv_caches: Sequence[torch.Tensor], slots: torch.Tensor) -> SlotIndex:
-        return slot_index(slots, self.layout.block_size, kv_caches[0].device)
+    def _indices(
+        self,
+        kv_caches: Sequence[torch.Tensor],
+        slots: torch.Tensor,
+        spans: Sequence[tuple[int, int]],
+    ) -> list[SlotIndex]:
+        return slot_indices(slots, spans, self.layout.block_size, kv_caches[0].device)
 
     def retrieve(
         self, tokens: Any, kv_caches: Sequence[torch.Tensor], slot_mapping: Any
@@ -197,8 +203,9 @@ class CacheEngine:
             self.storage.prefetch(keys)  # one batch per peer instead of one fetch per chunk
         loaded_tokens = chunks = nbytes = 0
         copies: list[tuple[SlotIndex, torch.Tensor]] = []
+        indices = self._indices(kv_caches, slots, spans)
         with contextlib.ExitStack() as reads, self._device_guard(kv_caches):
-            for key, (start, end) in zip(keys, spans, strict=True):
+            for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
                 chunk = reads.enter_context(self.storage.read(key))
                 if chunk is None:
                     self.metrics.lookup_misses.inc()
@@ -206,7 +213,7 @@ class CacheEngine:
                 kv = self.decode(chunk).kv()
                 if kv.shape != self.layout.chunk_shape(end - start):
                     break  # a chunk of another layout under this key: treat as a miss
-                copies.append((self._index(kv_caches, slots[start:end]), kv))
+                copies.append((indices[chunk_no], kv))
                 if len(copies) == _FLUSH_CHUNKS:
                     scatter_many(kv_caches, copies)
                     copies = []

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from kvplane.config import EngineConfig
@@ -33,6 +34,7 @@ __all__ = [
     "scatter_chunks",
     "scatter_many",
     "slot_index",
+    "slot_indices",
 ]
 
 _BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -112,17 +114,43 @@ class SlotIndex(NamedTuple):
 
 
 def slot_index(slots: torch.Tensor, block_size: int, device: torch.device) -> SlotIndex:
-    host = slots.detach().to("cpu", torch.long).reshape(-1)
-    n = int(host.numel())
-    by_block = False
-    if n and n % block_size == 0:
-        rows = host.view(-1, block_size)
-        starts = rows[:, :1]
-        by_block = bool((starts % block_size == 0).all()) and torch.equal(
-            rows - starts, torch.arange(block_size).expand_as(rows)
+    """One chunk's slots, prepared."""
+    return slot_indices(slots, [(0, int(slots.numel()))], block_size, device)[0]
+
+
+def slot_indices(
+    slots: torch.Tensor,
+    spans: Sequence[tuple[int, int]],
+    block_size: int,
+    device: torch.device,
+) -> list[SlotIndex]:
+    """Prepare every chunk ``slots[start:end]`` of a request at once: the checks run
+    vectorized on the host and the indices cross to the device in one copy each (per-chunk
+    preparation costs more host time than the copies it feeds on a fast GPU)."""
+    host = slots.detach().to("cpu", torch.long).reshape(-1).numpy()
+    n = len(host)
+    pos = np.arange(n)
+    # token i sits where a whole-block copy would put it: its block's first slot + offset
+    first_in_block = host[pos - pos % block_size]
+    aligned = (host == first_in_block + pos % block_size) & (first_in_block % block_size == 0)
+    bad_before = np.concatenate(([0], np.cumsum(~aligned)))
+    block_ids = host[::block_size] // block_size
+    device_slots = torch.from_numpy(host).to(device, non_blocking=True)
+    device_blocks = torch.from_numpy(block_ids).to(device, non_blocking=True)
+    prepared = []
+    for start, end in spans:
+        by_block = (
+            start % block_size == 0
+            and (end - start) % block_size == 0
+            and end > start
+            and bad_before[end] == bad_before[start]
         )
-    index = host[::block_size] // block_size if by_block else host
-    return SlotIndex(index.to(device, non_blocking=True), by_block, index.tolist())
+        if by_block:
+            lo, hi = start // block_size, end // block_size
+            prepared.append(SlotIndex(device_blocks[lo:hi], True, block_ids[lo:hi].tolist()))
+        else:
+            prepared.append(SlotIndex(device_slots[start:end], False, host[start:end].tolist()))
+    return prepared
 
 
 def _prepare(kv_caches: Sequence[torch.Tensor], slots: torch.Tensor | SlotIndex) -> SlotIndex:
