@@ -105,7 +105,8 @@ class Generator:
             slot_mapping(blocks, n + params.max_tokens, self.block_size), dtype=torch.long
         )
         prompt_t = torch.tensor(prompt, dtype=torch.long)
-        prompt_slots = slots[:n].to(device)
+        # Host tensors: the engine plans its copies on the host, without waiting on a GPU.
+        prompt_slots = slots[:n]
         cached = 0
         if self.cache is not None:
             got = self.cache.retrieve(prompt_t, self.model.kv_caches, prompt_slots)
