@@ -18,7 +18,12 @@ from kvplane.errors import KvplaneError
 
 __all__ = ["SUBCOMMANDS", "main"]
 
-SUBCOMMANDS = ("kvplane.engine.main", "kvplane.serve.cli", "kvplane.demo.cli")
+SUBCOMMANDS = (
+    "kvplane.engine.main",
+    "kvplane.controller.main",
+    "kvplane.serve.cli",
+    "kvplane.demo.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@
     ├── Unauthorized     a mutating call without the configured bearer token (HTTP 401)
     ├── Forbidden        refused by policy, e.g. /run_script disabled (HTTP 403)
     ├── Unavailable      a peer, worker or store did not answer in time (HTTP 503)
+    ├── Unsupported      known operation this build or worker cannot do (HTTP 501)
     └── CorruptChunk     stored or received chunk bytes fail their header or checksum check
 
 Third-party exceptions are translated at the boundary that meets them.
@@ -29,6 +30,7 @@ __all__ = [
     "NotFound",
     "Unauthorized",
     "Unavailable",
+    "Unsupported",
 ]
 
 
@@ -88,6 +90,12 @@ class Forbidden(KvplaneError):
 
 class Unavailable(KvplaneError):
     status_code = 503
+
+
+class Unsupported(KvplaneError):
+    """The operation exists in the API but this build or this worker cannot do it (HTTP 501)."""
+
+    status_code = 501
 
 
 class CorruptChunk(KvplaneError):

@@ -25,6 +25,7 @@ from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.engine.tiers import GB, P2PNode, build_backends
+from kvplane.worker.service import ControllerWorker
 
 __all__ = ["EngineRuntime", "Service", "build_backends"]
 
@@ -73,6 +74,8 @@ class EngineRuntime:
         self.p2p = P2PNode(config, self.storage) if config.enable_p2p else None
         if self.p2p is not None:
             self.add_service(self.p2p)
+        if config.enable_controller:
+            self.add_service(ControllerWorker(config, self.cache_engine))
         self._stopped = threading.Event()
         self._started = False
         config.on_change(self._apply_config_change)

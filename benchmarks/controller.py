@@ -1,0 +1,399 @@
+"""Controller benchmark: ingest rate, lookup latency/throughput, burst latency, deregister, RSS.
+
+Runs a real ``kvplane controller`` process on loopback and drives it like workers and a
+router would: admits arrive as packed ChunkReport batches through ZMQ PUSH from a separate
+sender process (counted when *applied*, read from /metrics), lookups are real HTTP POSTs of
+8K-token prompts (chunk_size 256) with keep-alive clients.
+
+    python benchmarks/controller.py            # 100K and 1M chunks across 16 instances
+    python benchmarks/controller.py --quick    # smaller, for a smoke run
+
+The last line printed is one JSON object with the headline numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kvplane.keys import chunk_hashes, key_scheme_fingerprint  # noqa: E402
+from kvplane.protocol import (  # noqa: E402
+    ChunkReport,
+    DeregisterRequest,
+    RegisterRequest,
+    Segment,
+    decode,
+    encode,
+)
+
+CHUNK = 256
+PROMPT_TOKENS = 8192
+BATCH = 16_384  # hashes per report: the worker's batch size
+LOC = "LocalCPUBackend"
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = psutil.virtual_memory().total / 2**30
+    return f"{os.cpu_count()}-core {model}, {mem:.0f} GiB RAM, {platform.platform()}, Python {platform.python_version()}"
+
+
+class Client:
+    """Registers workers and sends requests on the controller's reply socket."""
+
+    def __init__(self, reply_port: int) -> None:
+        self.ctx = zmq.Context()
+        self.reply_port = reply_port
+
+    def request(self, msg: object, timeout: float = 30.0) -> object:
+        sock = self.ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{self.reply_port}")
+        try:
+            sock.send(encode(msg))  # type: ignore[arg-type]
+            if not sock.poll(int(timeout * 1000)):
+                raise TimeoutError("controller did not answer")
+            return decode(sock.recv())
+        finally:
+            sock.close()
+
+    def register(self, instance_id: str, epoch: int) -> None:
+        reply = self.request(
+            RegisterRequest(
+                instance_id=instance_id,
+                worker_id=0,
+                ip="127.0.0.1",
+                port=1,
+                key_scheme=key_scheme_fingerprint(CHUNK),
+                chunk_size=CHUNK,
+                epoch=epoch,
+            )
+        )
+        assert getattr(reply, "ok", False), reply
+
+
+def reports(instance_id: str, epoch: int, first_seq: int, hashes: np.ndarray) -> list[bytes]:
+    frames = []
+    for i, start in enumerate(range(0, len(hashes), BATCH)):
+        part = hashes[start : start + BATCH].astype("<u8").tobytes()
+        frames.append(
+            encode(
+                ChunkReport(
+                    instance_id=instance_id,
+                    worker_id=0,
+                    epoch=epoch,
+                    seq=first_seq + i,
+                    segments=[Segment(True, LOC, part)],
+                )
+            )
+        )
+    return frames
+
+
+def _send(pull_port: int, frames: list[bytes], go: mp.synchronize.Event) -> None:
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, -1)
+    push.connect(f"tcp://127.0.0.1:{pull_port}")
+    go.wait()
+    for frame in frames:
+        push.send(frame, copy=False)
+    push.close()
+    ctx.term()
+
+
+def send_in_process(pull_port: int, frames: list[bytes]) -> tuple[mp.Process, float]:
+    """Start a sender process; returns it and the time it was let go (after connecting)."""
+    go = mp.Event()
+    proc = mp.Process(target=_send, args=(pull_port, frames, go), daemon=True)
+    proc.start()
+    time.sleep(0.5)  # forked and connected before the clock starts
+    start = time.perf_counter()
+    go.set()
+    return proc, start
+
+
+def metric(http: httpx.Client, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(f"kvplane_controller_{name}_total ") or line.startswith(
+            f"kvplane_controller_{name} "
+        ):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+def wait_applied(http: httpx.Client, target: float, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(http, "chunk_events_applied") < target:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {metric(http, 'chunk_events_applied')} of {target} applied")
+        time.sleep(0.02)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+class LookupClient:
+    """A lean keep-alive HTTP/1.1 client (stdlib), so the client is not what is measured."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def post(self, body: bytes) -> bytes:
+        try:
+            self.conn.request("POST", "/lookup", body, {"content-type": "application/json"})
+            resp = self.conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            self.conn.close()  # the server closed an idle keep-alive connection: reconnect
+            self.conn.request("POST", "/lookup", body, {"content-type": "application/json"})
+            resp = self.conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"/lookup answered {resp.status}: {data[:200]!r}")
+        return data
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def timed_lookups(client: LookupClient, bodies: list[bytes], n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        start = time.perf_counter()
+        client.post(bodies[i % len(bodies)])
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def throughput(port: int, bodies: list[bytes], threads: int, seconds: float) -> float:
+    counts = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def run(k: int) -> None:
+        client = LookupClient(port)
+        i = k
+        while time.monotonic() < stop:
+            client.post(bodies[i % len(bodies)])
+            counts[k] += 1
+            i += threads
+        client.close()
+
+    workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    start = time.monotonic()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(counts) / (time.monotonic() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=16)
+    parser.add_argument("--small", type=int, default=100_000)
+    parser.add_argument("--large", type=int, default=1_000_000)
+    parser.add_argument("--burst", type=int, default=300_000)
+    parser.add_argument("--lookups", type=int, default=2000)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.small, args.large, args.burst, args.lookups = 20_000, 100_000, 50_000, 300
+
+    print(f"machine: {machine()}")
+    http_port, pull, reply = free_ports(3)
+    cmd = [
+        sys.executable, "-m", "kvplane", "controller", "--host", "127.0.0.1",
+        "--port", str(http_port), "--monitor-ports", json.dumps({"pull": pull, "reply": reply}),
+        "--worker-timeout", "3600", "--log-level", "WARNING",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{http_port}"
+    http = httpx.Client(base_url=url, timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if http.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("controller did not start")
+            time.sleep(0.1)
+        results = run_benchmark(args, http, http_port, pull, reply, proc.pid)
+    finally:
+        http.close()
+        proc.terminate()
+        proc.wait(20)
+    print(json.dumps(results))
+
+
+def run_benchmark(
+    args: argparse.Namespace, http: httpx.Client, http_port: int, pull: int, reply: int, pid: int
+) -> dict[str, object]:
+    rng = np.random.default_rng(7)
+    client = Client(reply)
+    instances = [f"instance-{i:02d}" for i in range(args.instances)]
+    epochs = {name: random.getrandbits(62) for name in instances}
+    for name in instances:
+        client.register(name, epochs[name])
+    seqs = dict.fromkeys(instances, 1)
+
+    # Real prompts (cached prefixes of 1..32 chunks on one instance each) inside random bulk.
+    prompts = [rng.integers(0, 128_000, PROMPT_TOKENS).tolist() for _ in range(64)]
+    prompt_hashes = [chunk_hashes(p, CHUNK) for p in prompts]
+    bodies = [json.dumps({"tokens": p}).encode() for p in prompts]
+
+    def fill(total: int) -> float:
+        """Admit ``total`` chunks spread over the instances; seconds until all applied."""
+        frames: list[bytes] = []
+        per = total // len(instances)
+        for k, name in enumerate(instances):
+            own = [
+                h
+                for j, hs in enumerate(prompt_hashes)
+                if j % len(instances) == k
+                for h in hs[: (j * 7) % 32 + 1]
+            ]
+            bulk = rng.integers(1, 2**63, per - len(own), dtype=np.uint64)
+            hashes = np.concatenate([np.array(own, dtype=np.uint64), bulk])
+            batch = reports(name, epochs[name], seqs[name], hashes)
+            seqs[name] += len(batch)
+            frames.extend(batch)
+        random.Random(1).shuffle(frames)  # interleave instances like real traffic
+        before = metric(http, "chunk_events_applied")
+        sender, start = send_in_process(pull, frames)
+        wait_applied(http, before + per * len(instances))
+        elapsed = time.perf_counter() - start
+        sender.join(30)
+        return elapsed
+
+    out: dict[str, object] = {}
+    lookups = LookupClient(http_port)
+    elapsed_small = fill(args.small)
+    small_chunks = metric(http, "index_chunks")
+    lat_small = timed_lookups(lookups, bodies, args.lookups)
+    print(
+        f"{small_chunks:.0f} chunks: ingest {args.small / elapsed_small / 1e6:.2f}M admits/s; "
+        f"lookup p50 {statistics.median(lat_small):.2f} ms p99 {percentile(lat_small, 99):.2f} ms"
+    )
+    elapsed_large = fill(args.large - args.small)
+    ingest_rate = (args.large - args.small) / elapsed_large
+    chunks = metric(http, "index_chunks")
+    rss = psutil.Process(pid).memory_info().rss / 2**20
+    print(
+        f"{chunks:.0f} chunks: ingest {ingest_rate / 1e6:.2f}M admits/s, controller RSS {rss:.0f} MB"
+    )
+    timed_lookups(lookups, bodies, 100)  # warm
+    lat = timed_lookups(lookups, bodies, args.lookups)
+    rps = throughput(http_port, bodies, threads=4, seconds=5)
+    print(
+        f"lookup at {chunks:.0f} chunks: p50 {statistics.median(lat):.2f} ms, "
+        f"p99 {percentile(lat, 99):.2f} ms, {rps:.0f} lookups/s with 4 threads"
+    )
+    server_ms = lookup_server_ms(http)
+    print(f"server-side lookup time (hash + probe), mean: {server_ms:.3f} ms")
+
+    # Lookups while a burst of admits is being ingested.
+    burst_name = instances[0]
+    hashes = rng.integers(1, 2**63, args.burst, dtype=np.uint64)
+    frames = reports(burst_name, epochs[burst_name], seqs[burst_name], hashes)
+    seqs[burst_name] += len(frames)
+    target = metric(http, "chunk_events_applied") + args.burst
+    sender, _ = send_in_process(pull, frames)
+    burst_lat: list[float] = []
+    burst_start = time.perf_counter()
+    while metric(http, "chunk_events_applied") < target:
+        burst_lat.extend(timed_lookups(lookups, bodies, 20))
+        if time.perf_counter() - burst_start > 120:
+            raise TimeoutError("burst not applied")
+    burst_s = time.perf_counter() - burst_start
+    sender.join(30)
+    burst_p99 = percentile(burst_lat, 99)
+    print(
+        f"during a {args.burst} admit burst ({burst_s:.2f} s, {len(burst_lat)} lookups): "
+        f"lookup p99 {burst_p99:.2f} ms"
+    )
+
+    # Deregistering a worker that holds args.large chunks.
+    epoch = random.getrandbits(62)
+    client.register("dereg", epoch)
+    hashes = rng.integers(1, 2**63, args.large, dtype=np.uint64)
+    before = metric(http, "chunk_events_applied")
+    send_in_process(pull, reports("dereg", epoch, 1, hashes))[0].join(120)
+    wait_applied(http, before + args.large)
+    start = time.perf_counter()
+    client.request(DeregisterRequest(instance_id="dereg", worker_id=0, epoch=epoch))
+    dereg_ms = (time.perf_counter() - start) * 1000
+    print(f"deregister a worker with {args.large} chunks: {dereg_ms:.2f} ms (request round trip)")
+
+    out.update(
+        ingest_events_per_s=round(ingest_rate),
+        lookup_p50_ms=round(statistics.median(lat), 3),
+        lookup_p99_ms=round(percentile(lat, 99), 3),
+        lookup_rps=round(rps),
+        lookup_p99_during_burst_ms=round(burst_p99, 3),
+        deregister_ms=round(dereg_ms, 3),
+        rss_mb=round(rss, 1),
+        index_chunks=int(chunks),
+        instances=len(instances),
+        lookup_p50_ms_100k=round(statistics.median(lat_small), 3),
+        lookup_p99_ms_100k=round(percentile(lat_small, 99), 3),
+        ingest_events_per_s_100k=round(args.small / elapsed_small),
+    )
+    return out
+
+
+def lookup_server_ms(http: httpx.Client) -> float:
+    total = count = 0.0
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("kvplane_controller_lookup_seconds_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("kvplane_controller_lookup_seconds_count"):
+            count = float(line.split()[-1])
+    return total / count * 1000 if count else 0.0
+
+
+if __name__ == "__main__":
+    main()

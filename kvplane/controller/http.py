@@ -1,0 +1,270 @@
+"""The controller's HTTP API: the seeds' cluster endpoints plus /metrics, /healthz and the
+common internal endpoints. Request/response models sit next to their routes; one handler
+maps kvplane errors to ``{"error", "message"}`` JSON bodies with their status codes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import AliasChoices, BaseModel, Field
+
+from kvplane.controller.cluster import Cluster
+from kvplane.controller.ops_api import build_ops_router
+from kvplane.controller.settings import ControllerSettings
+from kvplane.errors import BadRequest, KvplaneError
+
+__all__ = ["create_app"]
+
+MAX_TOKEN = 2**31 - 1
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+class LookupRequest(BaseModel):
+    tokens: list[int] = Field(description=f"token ids, each in [0, {MAX_TOKEN}]")
+
+
+class _LookupBody(msgspec.Struct):
+    tokens: list[Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN)]]
+
+
+_lookup_decoder = msgspec.json.Decoder(_LookupBody)
+_encoder = msgspec.json.Encoder()
+
+
+class LookupResponse(BaseModel):
+    event_id: str
+    layout_info: dict[str, tuple[str, int]] = Field(
+        description="instance_id -> [location, matched_prefix_len in tokens]"
+    )
+
+
+class ClearRequest(BaseModel):
+    instance_id: str
+    location: str | None = Field(None, description="a tier name; null clears every tier")
+
+
+class PinRequest(BaseModel):
+    instance_id: str
+    location: str | None = None
+    tokens: list[int]
+
+
+class CompressRequest(BaseModel):
+    instance_id: str
+    method: str
+    location: str
+    tokens: list[int] | None = None
+
+
+class MoveRequest(BaseModel):
+    old_position: tuple[str, str] = Field(description="[instance_id, location]")
+    new_position: tuple[str, str] = Field(description="[instance_id, location]")
+    tokens: list[int] | None = None
+    should_copy: bool = Field(
+        False,
+        validation_alias=AliasChoices("should_copy", "copy"),
+        description="keep the source copy (false: the source copy is removed)",
+    )
+
+
+class NumTokensResponse(BaseModel):
+    event_id: str
+    num_tokens: int
+
+
+class HealthRequest(BaseModel):
+    instance_id: str
+
+
+class HealthResponse(BaseModel):
+    event_id: str
+    error_codes: dict[int, int] = Field(description="worker_id -> code (0 = healthy)")
+
+
+class CheckFinishRequest(BaseModel):
+    event_id: str
+
+
+class CheckFinishResponse(BaseModel):
+    status: str
+
+
+class QueryWorkerInfoRequest(BaseModel):
+    instance_id: str
+    worker_ids: list[int] | None = None
+
+
+class WorkerInfo(BaseModel):
+    instance_id: str
+    worker_id: int
+    ip: str
+    port: int
+    peer_init_url: str | None
+    registration_time: float
+    last_heartbeat_time: float
+
+
+class QueryWorkerInfoResponse(BaseModel):
+    event_id: str
+    worker_infos: list[WorkerInfo]
+
+
+class QueryInstanceRequest(BaseModel):
+    ip: str
+    event_id: str | None = Field(None, description="accepted for old clients and ignored")
+
+
+class QueryInstanceResponse(BaseModel):
+    event_id: str
+    res: str
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+def _check_tokens(tokens: list[int] | None) -> list[int] | None:
+    if tokens and (min(tokens) < 0 or max(tokens) > MAX_TOKEN):
+        raise BadRequest(f"tokens: token ids must be in [0, {MAX_TOKEN}]")
+    return tokens
+
+
+def build_cluster_router(cluster: Cluster, latency: Any) -> APIRouter:
+    router = APIRouter(tags=["cluster"])
+
+    @router.post(
+        "/lookup",
+        response_model=LookupResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": LookupRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def lookup(request: Request) -> Response:
+        # The hot path: msgspec parses the 8K-token body in one pass (FastAPI's json.loads +
+        # pydantic would take several times longer), and the probe runs on the event loop,
+        # holding the cluster lock only for the index walk.
+        body = await request.body()
+        start = time.perf_counter()
+        try:
+            tokens = _lookup_decoder.decode(body).tokens
+        except msgspec.MsgspecError as exc:
+            raise BadRequest(f"body: {exc}") from None
+        event_id, found = cluster.lookup(tokens)
+        latency.observe(time.perf_counter() - start)
+        layout = {i: (m.location, m.num_tokens) for i, m in found.items()}
+        return Response(
+            _encoder.encode({"event_id": event_id, "layout_info": layout}),
+            media_type="application/json",
+        )
+
+    @router.post("/clear", response_model=NumTokensResponse)
+    def clear(body: ClearRequest) -> NumTokensResponse:
+        return NumTokensResponse(**cluster.clear(body.instance_id, body.location)._asdict())
+
+    @router.post("/pin", response_model=NumTokensResponse)
+    def pin(body: PinRequest) -> NumTokensResponse:
+        done = cluster.pin(body.instance_id, body.location, _check_tokens(body.tokens) or [])
+        return NumTokensResponse(**done._asdict())
+
+    @router.post("/compress", response_model=NumTokensResponse)
+    def compress(body: CompressRequest) -> NumTokensResponse:
+        done = cluster.compress(
+            body.instance_id, body.method, body.location, _check_tokens(body.tokens)
+        )
+        return NumTokensResponse(**done._asdict())
+
+    @router.post("/decompress", response_model=NumTokensResponse)
+    def decompress(body: CompressRequest) -> NumTokensResponse:
+        done = cluster.compress(
+            body.instance_id,
+            body.method,
+            body.location,
+            _check_tokens(body.tokens),
+            decompress=True,
+        )
+        return NumTokensResponse(**done._asdict())
+
+    @router.post("/move", response_model=NumTokensResponse)
+    def move(body: MoveRequest) -> NumTokensResponse:
+        done = cluster.move(
+            body.old_position, body.new_position, _check_tokens(body.tokens), body.should_copy
+        )
+        return NumTokensResponse(**done._asdict())
+
+    @router.post("/health", response_model=HealthResponse)
+    def health(body: HealthRequest) -> HealthResponse:
+        event_id, codes = cluster.health(body.instance_id)
+        return HealthResponse(event_id=event_id, error_codes=codes)
+
+    @router.post("/check_finish", response_model=CheckFinishResponse)
+    def check_finish(body: CheckFinishRequest) -> CheckFinishResponse:
+        return CheckFinishResponse(status=cluster.check_finish(body.event_id).value)
+
+    @router.post("/query_worker_info", response_model=QueryWorkerInfoResponse)
+    def query_worker_info(body: QueryWorkerInfoRequest) -> QueryWorkerInfoResponse:
+        workers = cluster.workers(body.instance_id, body.worker_ids)
+        infos = [
+            WorkerInfo(
+                instance_id=w.instance_id,
+                worker_id=w.worker_id,
+                ip=w.ip,
+                port=w.port,
+                peer_init_url=w.peer_init_url,
+                registration_time=w.registration_time,
+                last_heartbeat_time=w.last_heartbeat_time,
+            )
+            for w in workers
+        ]
+        event_id = cluster.events.start("query_worker_info", finished=True)
+        return QueryWorkerInfoResponse(event_id=event_id, worker_infos=infos)
+
+    @router.post("/query_instance", response_model=QueryInstanceResponse)
+    def query_instance(body: QueryInstanceRequest) -> QueryInstanceResponse:
+        instance_id = cluster.instance_by_ip(body.ip)
+        event_id = cluster.events.start("query_instance", finished=True)
+        return QueryInstanceResponse(event_id=event_id, res=instance_id)
+
+    return router
+
+
+# --- the app -------------------------------------------------------------------------------
+
+
+def _error_body(error: str, message: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"error": error, "message": message, **(extra or {})}
+
+
+def create_app(cluster: Cluster, settings: ControllerSettings) -> FastAPI:
+    """The controller's FastAPI app over a running cluster (OpenAPI at /docs)."""
+    app = FastAPI(
+        title="kvplane controller",
+        description="KV-aware routing lookups and cluster operations over kvplane workers.",
+    )
+    ops_router, latency = build_ops_router(cluster, settings)
+    app.include_router(build_cluster_router(cluster, latency))
+    app.include_router(ops_router)
+
+    @app.exception_handler(KvplaneError)
+    async def kvplane_error(request: Request, exc: KvplaneError) -> JSONResponse:
+        body = _error_body(type(exc).__name__, str(exc), getattr(exc, "extra", None))
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+            for err in exc.errors()
+        )
+        return JSONResponse(_error_body("BadRequest", problems or "invalid request"), 400)
+
+    return app

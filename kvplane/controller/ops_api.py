@@ -1,0 +1,111 @@
+"""Operational endpoints of the controller: /metrics, /healthz, /conf, /threads, /loglevel."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from kvplane.controller.cluster import Cluster
+from kvplane.controller.settings import ControllerSettings
+from kvplane.errors import BadRequest
+
+__all__ = ["build_ops_router"]
+
+_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET")
+
+
+class _CoreCollector:
+    """Reads the core's counters and sizes at scrape time (under the cluster lock)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        cluster = self._cluster
+        with cluster.lock:
+            counts = cluster.core.counters.as_dict()
+            chunks = cluster.core.index.num_chunks()
+            workers = len(cluster.core.registry)
+            instances = len(cluster.core.registry.instances())
+        for name, value in counts.items():
+            metric = CounterMetricFamily(f"kvplane_controller_{name}", name.replace("_", " "))
+            metric.add_metric([], value)
+            yield metric
+        for name, value, doc in (
+            ("index_chunks", chunks, "chunks in the index (one per worker and tier)"),
+            ("workers", workers, "registered workers"),
+            ("instances", instances, "instances with a registered worker"),
+        ):
+            gauge = GaugeMetricFamily(f"kvplane_controller_{name}", doc)
+            gauge.add_metric([], value)
+            yield gauge
+
+
+def build_ops_router(cluster: Cluster, settings: ControllerSettings) -> tuple[APIRouter, Histogram]:
+    """The router, and the lookup-latency histogram the cluster routes observe."""
+    registry = CollectorRegistry()
+    registry.register(_CoreCollector(cluster))  # type: ignore[arg-type]
+    latency = Histogram(
+        "kvplane_controller_lookup_seconds",
+        "Time to answer /lookup (hashing + index probe)",
+        buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0),
+        registry=registry,
+    )
+    router = APIRouter(tags=["ops"])
+
+    @router.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        with cluster.lock:
+            workers = len(cluster.core.registry)
+        return {"status": "ok", "workers": workers}
+
+    @router.get("/conf")
+    def conf() -> dict[str, Any]:
+        return settings.to_dict()
+
+    @router.get("/threads")
+    def threads() -> list[dict[str, Any]]:
+        frames = sys._current_frames()
+        return [
+            {
+                "name": t.name,
+                "ident": t.ident,
+                "daemon": t.daemon,
+                "stack": traceback.format_stack(frames[t.ident]) if t.ident in frames else [],
+            }
+            for t in threading.enumerate()
+        ]
+
+    @router.get("/loglevel")
+    def loglevel(logger_name: str | None = None, level: str | None = None) -> dict[str, Any]:
+        """Without arguments: every logger's level; with ``logger_name``: that one's; with
+        ``level`` too: set it."""
+        if logger_name is None:
+            loggers = {"root": logging.getLevelName(logging.getLogger().level)}
+            for name, obj in sorted(logging.Logger.manager.loggerDict.items()):
+                if isinstance(obj, logging.Logger):
+                    loggers[name] = logging.getLevelName(obj.getEffectiveLevel())
+            return {"loggers": loggers}
+        logger = logging.getLogger(logger_name)
+        if level is not None:
+            if level.upper() not in _LEVELS:
+                raise BadRequest(f"level: {level!r} is not one of {list(_LEVELS)}")
+            logger.setLevel(level.upper())
+        return {
+            "logger_name": logger_name,
+            "level": logging.getLevelName(logger.getEffectiveLevel()),
+        }
+
+    return router, latency

@@ -1,0 +1,198 @@
+"""The controller's sockets: a PULL for chunk reports, REP(s) for worker requests, and the
+REQ transport for commands to workers. Thin: decoding and state changes live elsewhere.
+
+One ingest thread owns the PULL and REP sockets. Each round it answers pending worker
+requests first (registrations and heartbeats are never queued behind a report burst), then
+applies a bounded number of reports, taking the cluster lock once per message so HTTP
+lookups interleave. Reaping runs on the same thread every ``health_check_interval``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import msgspec
+import zmq
+
+from kvplane.controller.cluster import Cluster
+from kvplane.controller.core import ControllerCore
+from kvplane.controller.executor import Executor
+from kvplane.controller.index import DroppedChunks
+from kvplane.controller.registry import WorkerRecord
+from kvplane.controller.settings import ControllerSettings
+from kvplane.errors import BadRequest, Unavailable
+from kvplane.protocol import Command, CommandReply, ErrorCode, decode, encode
+
+__all__ = ["ControllerService"]
+
+log = logging.getLogger(__name__)
+
+_REPORTS_PER_ROUND = 256
+_POLL_MS = 100
+
+
+class ControllerService:
+    """Binds the worker-facing sockets and runs the ingest thread (:meth:`start`/:meth:`stop`)."""
+
+    def __init__(self, settings: ControllerSettings) -> None:
+        self.settings = settings
+        self._ctx = zmq.Context()
+        core = ControllerCore(settings.worker_timeout)
+        self.cluster = Cluster(core, Executor(self._send_command, settings.command_timeout))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pull: zmq.Socket[bytes] | None = None
+        self._reps: list[zmq.Socket[bytes]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the sockets (raises Unavailable if a port is taken) and start ingesting."""
+        s = self.settings
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        try:
+            self._pull = self._bind(zmq.PULL, f"tcp://{host}:{s.pull_port}")
+            for port in (s.reply_port, s.heartbeat_port):
+                if port is not None:
+                    self._reps.append(self._bind(zmq.REP, f"tcp://{host}:{port}"))
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            raise Unavailable(f"controller cannot bind its worker ports: {exc}") from None
+        self._thread = threading.Thread(target=self._run, name="kvplane-ingest", daemon=True)
+        self._thread.start()
+        log.info(
+            "controller listening for workers: pull %s, reply %s, heartbeat %s",
+            s.pull_port,
+            s.reply_port,
+            s.heartbeat_port,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.cluster.executor.close()
+        self._close_sockets()
+        self._ctx.term()
+
+    def _bind(self, kind: int, url: str) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if ":" in url.rsplit(":", 1)[0]:
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.bind(url)
+        return sock
+
+    def _close_sockets(self) -> None:
+        for sock in [self._pull, *self._reps]:
+            if sock is not None:
+                sock.close(linger=0)
+        self._pull, self._reps = None, []
+
+    # --- ingest thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._pull is not None  # set by start()
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        for rep in self._reps:
+            poller.register(rep, zmq.POLLIN)
+        next_reap = time.monotonic() + self.settings.health_check_interval
+        while not self._stop.is_set():
+            try:
+                ready = dict(poller.poll(_POLL_MS))
+                for rep in self._reps:
+                    if rep in ready:
+                        self._answer(rep)
+                if self._pull in ready:
+                    self._ingest(self._pull)
+                if time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + self.settings.health_check_interval
+                    self._reap()
+            except zmq.ZMQError as exc:
+                if self._stop.is_set():
+                    return
+                log.error("ingest socket error: %s", exc)
+            except Exception:  # one bad message must not end ingestion for good
+                log.exception("ingest round failed; continuing")
+
+    def _answer(self, rep: zmq.Socket[bytes]) -> None:
+        """Answer every request waiting on ``rep`` (REP: one reply per request)."""
+        while True:
+            try:
+                frame = rep.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply, dropped = self._apply(frame)
+            if reply is None:  # REP must answer every request, even one it could not use
+                reply = CommandReply(error_code=ErrorCode.BAD_REQUEST, message="no reply")
+            rep.send(encode(reply))
+            _free(dropped)  # after the reply: a deregistering worker is not kept waiting
+
+    def _ingest(self, pull: zmq.Socket[bytes]) -> None:
+        for _ in range(_REPORTS_PER_ROUND):
+            try:
+                frame = pull.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            _free(self._apply(frame.buffer)[1])
+
+    def _apply(
+        self, frame: bytes | memoryview
+    ) -> tuple[msgspec.Struct | None, list[DroppedChunks]]:
+        """Decode and apply one frame: its reply, and chunk sets the caller should free."""
+        cluster = self.cluster
+        try:
+            msg = decode(frame)
+        except BadRequest as exc:
+            with cluster.lock:
+                cluster.core.counters.malformed_frames += 1
+            log.warning("skipped a malformed frame: %s", exc)
+            return None, []
+        staged = cluster.core.stage(msg)
+        with cluster.lock:
+            reply = cluster.core.handle(staged, cluster.clock())
+            dropped = cluster.core.take_dropped()
+        return reply, dropped
+
+    def _reap(self) -> None:
+        cluster = self.cluster
+        with cluster.lock:
+            cluster.core.reap(cluster.clock())
+            dropped = cluster.core.take_dropped()
+        _free(dropped)
+
+    # --- commands to workers -----------------------------------------------------------------
+
+    def _send_command(self, worker: WorkerRecord, command: Command, timeout: float) -> CommandReply:
+        """One REQ socket per command, so a timed-out exchange never poisons the next."""
+        sock: zmq.Socket[bytes] = self._ctx.socket(zmq.REQ)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            if ":" in worker.ip:
+                sock.setsockopt(zmq.IPV6, 1)
+            sock.connect(worker.address)
+            sock.send(encode(command))
+            if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+                raise Unavailable(
+                    f"worker {worker.instance_id}/{worker.worker_id} at {worker.address} "
+                    f"did not answer within {timeout:g}s"
+                )
+            reply = decode(sock.recv())
+        finally:
+            sock.close(linger=0)
+        if not isinstance(reply, CommandReply):
+            return CommandReply(
+                error_code=ErrorCode.FAILED, message=f"unexpected reply {type(reply).__name__}"
+            )
+        return reply
+
+
+def _free(dropped: list[DroppedChunks]) -> None:
+    """Free dropped chunk sets now, outside the cluster lock (memory returns at once)."""
+    for d in dropped:
+        for chunks in d.sets:
+            chunks.clear()

@@ -1,0 +1,130 @@
+"""What a worker does with each controller command: one handler per command type.
+
+Handlers run the command against the cache engine and return a :class:`CommandReply`;
+kvplane errors become error codes (BadRequest -> BAD_REQUEST, Unsupported -> UNSUPPORTED,
+anything else -> FAILED) with the error text, so the controller can say what went wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from kvplane.errors import BadRequest, Unsupported
+from kvplane.protocol import (
+    CheckFinishCommand,
+    ClearCommand,
+    Command,
+    CommandReply,
+    CompressCommand,
+    DecompressCommand,
+    ErrorCode,
+    HealthCommand,
+    MoveCommand,
+    PinCommand,
+    UnpinCommand,
+)
+
+if TYPE_CHECKING:
+    from kvplane.engine.cache_engine import CacheEngine
+
+__all__ = ["CommandHandlers"]
+
+log = logging.getLogger(__name__)
+
+_ERROR_CODES: tuple[tuple[type[Exception], ErrorCode], ...] = (
+    (BadRequest, ErrorCode.BAD_REQUEST),
+    (Unsupported, ErrorCode.UNSUPPORTED),
+)
+
+
+class CommandHandlers:
+    """Runs commands on one engine; remembers recent event outcomes for check_finish."""
+
+    def __init__(self, engine: CacheEngine, chunk_size: int, remember: int = 10_000) -> None:
+        self._engine = engine
+        self._chunk_size = chunk_size
+        self._remember = remember
+        self._events: OrderedDict[str, str] = OrderedDict()
+        self._handlers: dict[type, Callable[[Any], CommandReply]] = {
+            ClearCommand: self._clear,
+            PinCommand: self._pin,
+            UnpinCommand: self._unpin,
+            CompressCommand: self._compress,
+            DecompressCommand: self._decompress,
+            MoveCommand: self._move,
+            HealthCommand: self._health,
+            CheckFinishCommand: self._check_finish,
+        }
+
+    def handle(self, command: Command | Any) -> CommandReply:
+        handler = self._handlers.get(type(command))
+        if handler is None:
+            return CommandReply(
+                error_code=ErrorCode.BAD_REQUEST,
+                message=f"unknown command {getattr(command, 'type', type(command).__name__)!r}",
+            )
+        try:
+            reply = handler(command)
+        except Exception as exc:
+            code = next((c for t, c in _ERROR_CODES if isinstance(exc, t)), ErrorCode.FAILED)
+            if code is ErrorCode.FAILED:
+                log.exception("command %s failed", type(command).__name__)
+            reply = CommandReply(error_code=code, message=f"{type(exc).__name__}: {exc}")
+        event_id = getattr(command, "event_id", None)
+        if event_id and not isinstance(command, CheckFinishCommand):
+            self._events[event_id] = "finished" if reply.error_code == ErrorCode.OK else "failed"
+            while len(self._events) > self._remember:
+                self._events.popitem(last=False)
+        return reply
+
+    # --- handlers ----------------------------------------------------------------------------
+
+    def _clear(self, cmd: ClearCommand) -> CommandReply:
+        chunks = self._engine.clear(cmd.locations)
+        return CommandReply(num_tokens=chunks * self._chunk_size)
+
+    def _pin(self, cmd: PinCommand) -> CommandReply:
+        return CommandReply(num_tokens=self._engine.pin(cmd.tokens))
+
+    def _unpin(self, cmd: UnpinCommand) -> CommandReply:
+        return CommandReply(num_tokens=self._engine.unpin(cmd.tokens))
+
+    def _compress(self, cmd: CompressCommand) -> CommandReply:
+        op = self._engine_op("compress")
+        return CommandReply(
+            num_tokens=op(method=cmd.method, location=cmd.location, tokens=cmd.tokens)
+        )
+
+    def _decompress(self, cmd: DecompressCommand) -> CommandReply:
+        op = self._engine_op("decompress")
+        return CommandReply(
+            num_tokens=op(method=cmd.method, location=cmd.location, tokens=cmd.tokens)
+        )
+
+    def _move(self, cmd: MoveCommand) -> CommandReply:
+        op = self._engine_op("move")
+        if not cmd.dst_peer_url:
+            raise BadRequest(f"destination instance {cmd.dst_instance_id!r} has no peer URL")
+        moved = op(
+            tokens=cmd.tokens,
+            src_location=cmd.src_location,
+            dst_peer_url=cmd.dst_peer_url,
+            dst_location=cmd.dst_location,
+            copy=cmd.copy,
+        )
+        return CommandReply(num_tokens=moved)
+
+    def _health(self, cmd: HealthCommand) -> CommandReply:
+        return CommandReply()
+
+    def _check_finish(self, cmd: CheckFinishCommand) -> CommandReply:
+        return CommandReply(status=self._events.get(cmd.event_id, "not_found"))
+
+    def _engine_op(self, name: str) -> Callable[..., int]:
+        op = getattr(self._engine, name, None)
+        if op is None:
+            raise Unsupported(f"{name} is not supported by this engine build yet")
+        return op  # type: ignore[no-any-return]

@@ -1,0 +1,82 @@
+"""The worker's outbox of admit/evict events, kept in order and cut into wire batches.
+
+Storage listeners call :meth:`ReportBuffer.record` from whatever thread mutated a tier; the
+worker thread calls :meth:`drain`. Consecutive events of the same kind and tier share one
+segment, so a store of N chunks travels as one packed run of N hashes. While the worker is
+not registered, events are dropped: the full key set is resent at (re)registration
+(:meth:`restart`), and that snapshot is taken under the same lock as new events, so no event
+falls between the snapshot and the stream that follows it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+from kvplane.protocol import Segment, pack_hashes
+
+__all__ = ["ReportBuffer"]
+
+MAX_BATCH_HASHES = 16_384
+
+
+class ReportBuffer:
+    def __init__(self, max_batch: int = MAX_BATCH_HASHES) -> None:
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._open = False
+        self._segments: list[tuple[bool, str, list[int]]] = []
+        self._pending = 0
+
+    def record(self, admit: bool, location: str, chunk_hash: int) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            segs = self._segments
+            if segs and segs[-1][0] == admit and segs[-1][1] == location:
+                segs[-1][2].append(chunk_hash)
+            else:
+                segs.append((admit, location, [chunk_hash]))
+            self._pending += 1
+
+    def restart(self, snapshot: Callable[[], Iterable[tuple[str, list[int]]]]) -> int:
+        """Open (again) with ``snapshot()``'s keys as admits, replacing anything pending.
+
+        ``snapshot`` runs under the buffer lock: it must not call back into the buffer.
+        Returns how many hashes the snapshot held.
+        """
+        with self._lock:
+            self._segments = [(True, loc, list(hashes)) for loc, hashes in snapshot() if hashes]
+            self._pending = sum(len(s[2]) for s in self._segments)
+            self._open = True
+            return self._pending
+
+    def close(self) -> None:
+        """Stop recording (not registered) and drop what is pending."""
+        with self._lock:
+            self._open = False
+            self._segments, self._pending = [], 0
+
+    def __len__(self) -> int:
+        return self._pending
+
+    def drain(self) -> list[list[Segment]]:
+        """Everything pending, as batches of at most ``max_batch`` hashes each, in order."""
+        with self._lock:
+            segments, self._segments, self._pending = self._segments, [], 0
+        batches: list[list[Segment]] = []
+        current: list[Segment] = []
+        room = self._max_batch
+        for admit, location, hashes in segments:
+            start = 0
+            while start < len(hashes):
+                take = hashes[start : start + room]
+                current.append(Segment(admit, location, pack_hashes(take)))
+                start += len(take)
+                room -= len(take)
+                if room == 0:
+                    batches.append(current)
+                    current, room = [], self._max_batch
+        if current:
+            batches.append(current)
+        return batches

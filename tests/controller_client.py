@@ -1,0 +1,160 @@
+"""A protocol-level worker for controller tests: real ZMQ sockets, real frames.
+
+It speaks the wire protocol directly (no engine), so controller tests can send exact
+batches, gaps and unknown frames. The real worker is tested against engines elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+import zmq
+
+from kvplane.keys import key_scheme_fingerprint
+from kvplane.protocol import (
+    ChunkReport,
+    CommandReply,
+    DeregisterRequest,
+    HeartbeatRequest,
+    HeartbeatStatus,
+    RegisterReply,
+    RegisterRequest,
+    Segment,
+    decode,
+    encode,
+    pack_hashes,
+)
+
+
+class ProtoWorker:
+    def __init__(
+        self,
+        pull_port: int,
+        reply_port: int,
+        instance_id: str,
+        worker_id: int = 0,
+        *,
+        chunk_size: int = 4,
+        port: int = 1,
+    ) -> None:
+        self.ctx = zmq.Context()
+        self.instance_id, self.worker_id = instance_id, worker_id
+        self.chunk_size, self.port = chunk_size, port
+        self.reply_port = reply_port
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.connect(f"tcp://127.0.0.1:{pull_port}")
+        self.epoch = random.getrandbits(62)
+        self.seq = 0
+        self._server: threading.Thread | None = None
+        self._beater: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def request(self, msg: msgspec.Struct, timeout: float = 5.0) -> Any:
+        sock = self.ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{self.reply_port}")
+        try:
+            sock.send(encode(msg))
+            if not sock.poll(int(timeout * 1000)):
+                raise TimeoutError("controller did not answer")
+            return decode(sock.recv())
+        finally:
+            sock.close()
+
+    def register(self, **overrides: Any) -> RegisterReply:
+        self.epoch = random.getrandbits(62)
+        self.seq = 0
+        fields = {
+            "instance_id": self.instance_id,
+            "worker_id": self.worker_id,
+            "ip": "127.0.0.1",
+            "port": self.port,
+            "peer_init_url": f"127.0.0.1:{self.port + 1}",
+            "key_scheme": key_scheme_fingerprint(self.chunk_size),
+            "chunk_size": self.chunk_size,
+            "epoch": self.epoch,
+        }
+        fields.update(overrides)
+        reply = self.request(RegisterRequest(**fields))
+        assert isinstance(reply, RegisterReply)
+        return reply
+
+    def heartbeat(self) -> HeartbeatStatus:
+        reply = self.request(
+            HeartbeatRequest(
+                instance_id=self.instance_id, worker_id=self.worker_id, epoch=self.epoch
+            )
+        )
+        return HeartbeatStatus(reply.status)
+
+    def deregister(self) -> bool:
+        req = DeregisterRequest(
+            instance_id=self.instance_id, worker_id=self.worker_id, epoch=self.epoch
+        )
+        return bool(self.request(req).ok)
+
+    def report(
+        self,
+        hashes: Sequence[int],
+        *,
+        admit: bool = True,
+        location: str = "LocalCPUBackend",
+        seq: int | None = None,
+    ) -> None:
+        self.seq = self.seq + 1 if seq is None else seq
+        msg = ChunkReport(
+            instance_id=self.instance_id,
+            worker_id=self.worker_id,
+            epoch=self.epoch,
+            seq=self.seq,
+            segments=[Segment(admit, location, pack_hashes(list(hashes)))],
+        )
+        self.push.send(encode(msg))
+
+    def keep_alive(self, interval: float = 0.2) -> None:
+        """Heartbeat on a thread until :meth:`close` (its own context: sockets are per thread)."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                with contextlib.suppress(TimeoutError):
+                    self.heartbeat()
+
+        self._beater = threading.Thread(target=loop, daemon=True)
+        self._beater.start()
+
+    def send_raw(self, frame: bytes) -> None:
+        self.push.send(frame)
+
+    def serve_commands(self, answer: Callable[[Any], CommandReply | None]) -> None:
+        """Answer commands on ``self.port``; ``answer`` returning None means "hang"."""
+        rep = self.ctx.socket(zmq.REP)
+        rep.setsockopt(zmq.LINGER, 0)
+        rep.bind(f"tcp://127.0.0.1:{self.port}")
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                if not rep.poll(50):
+                    continue
+                reply = answer(decode(rep.recv()))
+                if reply is None:
+                    self._stop.wait()
+                    break
+                rep.send(encode(reply))
+            rep.close()
+
+        self._server = threading.Thread(target=loop, daemon=True)
+        self._server.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in (self._server, self._beater):
+            if thread is not None:
+                thread.join(5)
+        self.push.close()
+        self.ctx.term()

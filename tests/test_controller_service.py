@@ -1,0 +1,284 @@
+"""The controller process over real sockets: HTTP API shapes, errors, liveness, robustness.
+
+Workers here are protocol-level clients (tests/controller_client.py), so each test sends
+exact frames; the engine-backed worker is covered by tests/test_controller_integration.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import httpx
+import msgspec
+import pytest
+
+from kvplane.keys import chunk_hashes
+from kvplane.protocol import CommandReply, ErrorCode, HealthCommand, HeartbeatStatus
+from tests.controller_client import ProtoWorker
+from tests.support import free_ports, kvplane_process, wait_until
+
+TIMEOUT = 1.5  # worker timeout of the controller under test, seconds
+
+
+class Controller(NamedTuple):
+    url: str
+    pull: int
+    reply: int
+    log: Path
+
+    def post(self, path: str, body: Any) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=10)
+
+    def lookup(self, tokens: list[int]) -> dict[str, list[Any]]:
+        resp = self.post("/lookup", {"tokens": tokens})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["layout_info"]
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(f"kvplane_controller_{name} ") or line.startswith(
+                f"kvplane_controller_{name}_total "
+            ):
+                return float(line.split()[-1])
+        raise KeyError(name)
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[Controller]:
+    http, pull, reply = free_ports(3)
+    log = tmp_path / "controller.log"
+    args = [
+        "controller",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http),
+        "--monitor-ports",
+        json.dumps({"pull": pull, "reply": reply}),
+        "--worker-timeout",
+        str(TIMEOUT),
+        "--health-check-interval",
+        "0.2",
+        "--command-timeout",
+        "1",
+    ]
+    with kvplane_process(args, log_path=log):
+        url = f"http://127.0.0.1:{http}"
+        wait_until(
+            lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
+            timeout=30,
+            what="controller /healthz",
+        )
+        yield Controller(url, pull, reply, log)
+
+
+@pytest.fixture
+def worker(controller: Controller) -> Iterator[ProtoWorker]:
+    w = ProtoWorker(controller.pull, controller.reply, "A", port=free_ports(1)[0])
+    yield w
+    w.close()
+
+
+TOKENS = list(range(10))  # chunk_size 4: chunks [0,4) [4,8) [8,10)
+
+
+def test_lookup_full_partial_and_miss(controller: Controller, worker: ProtoWorker) -> None:
+    assert worker.register().ok
+    worker.report(chunk_hashes(TOKENS, 4))
+    wait_until(lambda: controller.lookup(TOKENS), timeout=5, what="admits applied")
+    assert controller.lookup(TOKENS) == {"A": ["LocalCPUBackend", 10]}
+    assert controller.lookup([*TOKENS[:8], 50, 51, 52]) == {"A": ["LocalCPUBackend", 8]}
+    assert controller.lookup([*TOKENS[:6]]) == {"A": ["LocalCPUBackend", 4]}
+    assert controller.lookup([9, 9, 9, 9]) == {}
+    resp = controller.post("/lookup", {"tokens": TOKENS}).json()
+    assert isinstance(resp["event_id"], str) and resp["event_id"]
+    worker.report(chunk_hashes(TOKENS, 4)[1:2], admit=False)
+    wait_until(lambda: controller.lookup(TOKENS) == {"A": ["LocalCPUBackend", 4]}, timeout=5)
+
+
+def test_errors_are_4xx_json_naming_the_problem(controller: Controller) -> None:
+    resp = controller.post("/health", {"instance_id": "nope"})
+    assert resp.status_code == 404
+    assert resp.json()["error"] == "NotFound" and "nope" in resp.json()["message"]
+    resp = controller.post("/lookup", {"tokens": "abc"})
+    assert resp.status_code == 400 and "tokens" in resp.json()["message"]
+    resp = controller.post("/lookup", {"tokens": [-1]})
+    assert resp.status_code == 400 and "tokens" in resp.json()["message"]
+    resp = controller.post("/query_instance", {"ip": "10.1.1.1", "event_id": "x"})
+    assert resp.status_code == 404 and "10.1.1.1" in resp.json()["message"]
+    resp = controller.post("/clear", {"location": "LocalCPUBackend"})
+    assert resp.status_code == 400 and "instance_id" in resp.json()["message"]
+    assert controller.post("/check_finish", {"event_id": "zzz"}).json() == {"status": "not_found"}
+
+
+def test_worker_info_instance_query_and_reregistration(
+    controller: Controller, worker: ProtoWorker
+) -> None:
+    assert worker.register().ok
+    body = {"instance_id": "A", "worker_ids": [0]}
+    info = controller.post("/query_worker_info", body).json()["worker_infos"][0]
+    assert info["port"] == worker.port and info["ip"] == "127.0.0.1"
+    assert info["peer_init_url"] == f"127.0.0.1:{worker.port + 1}"
+    time.sleep(0.05)
+    assert worker.heartbeat() is HeartbeatStatus.OK
+    info2 = controller.post("/query_worker_info", body).json()["worker_infos"][0]
+    assert info2["last_heartbeat_time"] > info["last_heartbeat_time"]
+    resp = controller.post("/query_instance", {"ip": "127.0.0.1", "event_id": "old-client"})
+    assert resp.json()["res"] == "A"
+    assert (
+        controller.post("/query_worker_info", {"instance_id": "A", "worker_ids": [3]}).status_code
+        == 404
+    )
+    # a restarted worker on a new port replaces its address
+    worker.port += 7
+    assert worker.register().ok
+    info3 = controller.post("/query_worker_info", body).json()["worker_infos"][0]
+    assert info3["port"] == worker.port
+
+
+def test_refused_registration_says_why_in_reply_and_log(
+    controller: Controller, worker: ProtoWorker
+) -> None:
+    reply = worker.register(key_scheme="sha1/chunk_size=4")
+    assert not reply.ok and "key scheme" in reply.reason
+    reply = worker.register(protocol_version=99)
+    assert not reply.ok and "protocol version" in reply.reason
+    wait_until(lambda: "refused worker A/0" in controller.log.read_text(), timeout=5)
+    assert controller.metric("registrations_refused") == 2
+
+
+def test_unknown_and_malformed_frames_are_skipped_and_ingestion_goes_on(
+    controller: Controller, worker: ProtoWorker
+) -> None:
+    assert worker.register().ok
+    worker.send_raw(msgspec.msgpack.encode({"type": "admit_v9", "hashes": [1, 2]}))
+    worker.send_raw(b"\x00\xffnot msgpack")
+    worker.report(chunk_hashes(TOKENS, 4))
+    wait_until(lambda: controller.lookup(TOKENS), timeout=5, what="admits after junk")
+    assert controller.metric("unknown_messages") == 1
+    assert controller.metric("malformed_frames") == 1
+    assert "unknown type 'admit_v9'" in controller.log.read_text()
+
+
+def test_dead_worker_is_reaped_and_told_to_reregister(
+    controller: Controller, worker: ProtoWorker
+) -> None:
+    assert worker.register().ok
+    assert worker.heartbeat() is HeartbeatStatus.OK  # brand new, no keys: no resync
+    worker.report(chunk_hashes(TOKENS, 4))
+    wait_until(lambda: controller.lookup(TOKENS), timeout=5)
+    start = time.monotonic()
+    wait_until(lambda: not controller.lookup(TOKENS), timeout=TIMEOUT + 3, what="reap")
+    assert time.monotonic() - start < TIMEOUT + 2
+    assert controller.metric("reaped_workers") == 1
+    assert controller.metric("index_chunks") == 0
+    assert "reaped worker A/0" in controller.log.read_text()
+    assert worker.heartbeat() is HeartbeatStatus.UNKNOWN_WORKER
+    assert controller.post("/health", {"instance_id": "A"}).status_code == 404
+
+
+def test_deregistration_drops_chunks_and_memory_at_once(
+    controller: Controller, worker: ProtoWorker
+) -> None:
+    assert worker.register().ok
+    worker.report(range(1, 50_001))
+    worker.report(chunk_hashes(TOKENS, 4))
+    wait_until(lambda: controller.lookup(TOKENS), timeout=5)
+    assert controller.metric("index_chunks") == 50_003
+    assert worker.deregister()
+    assert controller.lookup(TOKENS) == {}
+    assert controller.metric("index_chunks") == 0
+    assert controller.metric("chunks_dropped") == 50_003
+
+
+def test_sequence_gap_asks_for_resync(controller: Controller, worker: ProtoWorker) -> None:
+    assert worker.register().ok
+    worker.report([1])
+    worker.report([2], seq=5)
+    wait_until(lambda: controller.metric("sequence_gaps") == 1, timeout=5)
+    assert worker.heartbeat() is HeartbeatStatus.RESYNC
+    assert worker.register().ok  # the resync starts with a fresh registration
+    assert worker.heartbeat() is HeartbeatStatus.OK
+
+
+def test_commands_to_dead_or_hung_workers_answer_within_the_deadline(
+    controller: Controller, worker: ProtoWorker
+) -> None:
+    assert worker.register().ok  # nothing listens on its command port yet: dead
+    worker.keep_alive()
+    start = time.monotonic()
+    resp = controller.post("/health", {"instance_id": "A"})
+    assert time.monotonic() - start < 4
+    assert resp.status_code == 200
+    assert resp.json()["error_codes"] == {"0": int(ErrorCode.TIMEOUT)}
+    resp = controller.post("/clear", {"instance_id": "A", "location": "LocalCPUBackend"})
+    assert resp.status_code == 503
+    body = resp.json()
+    assert (
+        body["error_codes"] == {"0": int(ErrorCode.TIMEOUT)} and "did not answer" in body["message"]
+    )
+    assert controller.post("/check_finish", {"event_id": body["event_id"]}).json() == {
+        "status": "failed"
+    }
+    # the worker comes up: the next call works
+    seen: list[Any] = []
+
+    def answer(cmd: Any) -> CommandReply:
+        seen.append(cmd)
+        return CommandReply(num_tokens=12)
+
+    worker.serve_commands(answer)
+    resp = controller.post("/clear", {"instance_id": "A", "location": "LocalCPUBackend"})
+    assert resp.status_code == 200 and resp.json()["num_tokens"] == 12
+    assert seen[-1].locations == ["LocalCPUBackend"]
+    event_id = resp.json()["event_id"]
+    assert controller.post("/check_finish", {"event_id": event_id}).json() == {"status": "finished"}
+    resp = controller.post("/health", {"instance_id": "A"})
+    assert resp.json()["error_codes"] == {"0": 0}
+    assert isinstance(seen[-1], HealthCommand)
+
+
+def test_hung_worker_times_out_and_unsupported_maps_to_501(
+    controller: Controller, worker: ProtoWorker
+) -> None:
+    worker.serve_commands(lambda cmd: None)  # receives, never answers
+    assert worker.register().ok
+    worker.keep_alive()
+    start = time.monotonic()
+    resp = controller.post("/health", {"instance_id": "A"})
+    assert time.monotonic() - start < 4
+    assert resp.json()["error_codes"] == {"0": int(ErrorCode.TIMEOUT)}
+    other = ProtoWorker(controller.pull, controller.reply, "B", port=free_ports(1)[0])
+    try:
+        other.serve_commands(
+            lambda cmd: CommandReply(error_code=ErrorCode.UNSUPPORTED, message="no codec")
+        )
+        assert other.register().ok
+        body = {"instance_id": "B", "method": "zstd", "location": "LocalCPUBackend"}
+        resp = controller.post("/compress", body)
+        assert resp.status_code == 501 and "no codec" in resp.json()["message"]
+    finally:
+        other.close()
+
+
+def test_ops_endpoints(controller: Controller) -> None:
+    assert httpx.get(controller.url + "/conf").json()["worker_timeout"] == TIMEOUT
+    names = [t["name"] for t in httpx.get(controller.url + "/threads").json()]
+    assert "kvplane-ingest" in names
+    resp = httpx.get(
+        controller.url + "/loglevel", params={"logger_name": "kvplane", "level": "DEBUG"}
+    )
+    assert resp.json() == {"logger_name": "kvplane", "level": "DEBUG"}
+    assert (
+        httpx.get(
+            controller.url + "/loglevel", params={"logger_name": "x", "level": "LOUD"}
+        ).status_code
+        == 400
+    )
+    assert httpx.get(controller.url + "/docs").status_code == 200
+    assert "/lookup" in httpx.get(controller.url + "/openapi.json").json()["paths"]

@@ -1,0 +1,261 @@
+"""The worker inside a real engine runtime, against a real controller process.
+
+Engines run in this process (EngineRuntime with enable_controller) so the test can store
+prompts directly; the controller is a separate process reached over loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from kvplane.config import EngineConfig
+from kvplane.engine.runtime import EngineRuntime
+from kvplane.protocol import ErrorCode
+from tests.support import free_ports, kvplane_process, wait_until
+
+HEARTBEAT = 0.3
+CHUNK = 16
+
+
+class Ctl:
+    def __init__(self, url: str, pull: int, reply: int, log: Path) -> None:
+        self.url, self.pull, self.reply, self.log = url, pull, reply, log
+
+    def post(self, path: str, body: Any) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=15)
+
+    def lookup(self, tokens: list[int]) -> dict[str, list[Any]]:
+        resp = self.post("/lookup", {"tokens": tokens})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["layout_info"]
+
+
+def controller_args(http: int, pull: int, reply: int, timeout: float = 2.0) -> list[str]:
+    return [
+        "controller",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http),
+        "--monitor-ports",
+        json.dumps({"pull": pull, "reply": reply}),
+        "--worker-timeout",
+        str(timeout),
+        "--health-check-interval",
+        "0.1",
+        "--command-timeout",
+        "2",
+    ]
+
+
+@pytest.fixture
+def ports() -> list[int]:
+    return free_ports(3)
+
+
+@pytest.fixture
+def ctl(tmp_path: Path, ports: list[int]) -> Iterator[Ctl]:
+    http, pull, reply = ports
+    log = tmp_path / "controller.log"
+    with kvplane_process(controller_args(http, pull, reply), log_path=log):
+        url = f"http://127.0.0.1:{http}"
+        wait_until(
+            lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
+            timeout=30,
+            what="controller up",
+        )
+        yield Ctl(url, pull, reply, log)
+
+
+def make_engine(ctl: Ctl, instance_id: str, **overrides: Any) -> EngineRuntime:
+    cfg = dict(
+        chunk_size=CHUNK,
+        kv_num_layers=2,
+        kv_num_heads=2,
+        kv_head_size=16,
+        kv_block_size=16,
+        kv_num_blocks=64,
+        max_local_cpu_size=0.01,
+        enable_controller=True,
+        lmcache_instance_id=instance_id,
+        controller_pull_url=f"127.0.0.1:{ctl.pull}",
+        controller_reply_url=f"127.0.0.1:{ctl.reply}",
+        lmcache_worker_heartbeat_time=HEARTBEAT,
+        controller_timeout_s=1.0,
+    )
+    cfg.update(overrides)
+    rt = EngineRuntime(EngineConfig(**cfg))
+    rt.start()
+    return rt
+
+
+def store(rt: EngineRuntime, tokens: list[int]) -> int:
+    slots = torch.arange(len(tokens))
+    return rt.cache_engine.store(tokens, rt.kv_caches, slots).num_tokens
+
+
+@pytest.fixture
+def engines(ctl: Ctl) -> Iterator[list[EngineRuntime]]:
+    rts = [make_engine(ctl, "inst-a"), make_engine(ctl, "inst-b")]
+    yield rts
+    for rt in rts:
+        rt.stop()
+
+
+def registered(ctl: Ctl, *instances: str) -> bool:
+    return all(
+        ctl.post("/query_worker_info", {"instance_id": i}).status_code == 200 for i in instances
+    )
+
+
+PROMPT = list(range(1000, 1000 + 5 * CHUNK + 7))  # 5 full chunks + a partial one
+
+
+def test_store_lookup_partial_clear(ctl: Ctl, engines: list[EngineRuntime]) -> None:
+    a, b = engines
+    wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10, what="registration")
+    assert store(a, PROMPT) == len(PROMPT)
+    wait_until(lambda: ctl.lookup(PROMPT), timeout=5, what="admits reach the controller")
+    assert ctl.lookup(PROMPT) == {"inst-a": ["LocalCPUBackend", len(PROMPT)]}
+    longer = [*PROMPT[: 3 * CHUNK], *range(7, 7 + 2 * CHUNK)]
+    assert ctl.lookup(longer) == {"inst-a": ["LocalCPUBackend", 3 * CHUNK]}
+    assert store(b, PROMPT[: 2 * CHUNK]) == 2 * CHUNK
+    wait_until(lambda: "inst-b" in ctl.lookup(PROMPT), timeout=5)
+    assert ctl.lookup(PROMPT)["inst-b"] == ["LocalCPUBackend", 2 * CHUNK]
+    resp = ctl.post("/clear", {"instance_id": "inst-a", "location": "LocalCPUBackend"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["num_tokens"] == 6 * CHUNK  # 6 chunks removed
+    wait_until(lambda: "inst-a" not in ctl.lookup(PROMPT), timeout=5, what="evicts applied")
+    assert ctl.lookup(PROMPT) == {"inst-b": ["LocalCPUBackend", 2 * CHUNK]}
+    assert a.cache_engine.lookup(PROMPT) == 0
+    resp = ctl.post("/clear", {"instance_id": "inst-b", "location": "NoSuchBackend"})
+    assert resp.status_code == 400 and "NoSuchBackend" in resp.json()["message"]
+
+
+def test_pinned_chunks_survive_memory_pressure(ctl: Ctl) -> None:
+    # room for about 8 chunks in the CPU tier
+    rt = make_engine(ctl, "inst-p", max_local_cpu_size=8 * 2 * 2 * CHUNK * 2 * 16 * 2 / 2**30)
+    try:
+        wait_until(lambda: registered(ctl, "inst-p"), timeout=10)
+        pinned = list(range(2 * CHUNK))
+        store(rt, pinned)
+        resp = ctl.post(
+            "/pin", {"instance_id": "inst-p", "location": "LocalCPUBackend", "tokens": pinned}
+        )
+        assert resp.status_code == 200 and resp.json()["num_tokens"] == 2 * CHUNK
+        for i in range(6):  # 30 more chunks through an 8-chunk tier
+            store(rt, list(range(10_000 * (i + 1), 10_000 * (i + 1) + 5 * CHUNK)))
+        assert rt.cache_engine.lookup(pinned) == 2 * CHUNK
+        time.sleep(0.2)
+        wait_until(
+            lambda: ctl.lookup(pinned) == {"inst-p": ["LocalCPUBackend", 2 * CHUNK]}, timeout=5
+        )
+        first = list(range(10_000, 10_000 + 5 * CHUNK))
+        wait_until(lambda: "inst-p" not in ctl.lookup(first), timeout=5, what="evictions reported")
+    finally:
+        rt.stop()
+
+
+def test_health_check_finish_and_unsupported_ops(ctl: Ctl, engines: list[EngineRuntime]) -> None:
+    wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10)
+    resp = ctl.post("/health", {"instance_id": "inst-a"})
+    assert resp.status_code == 200 and resp.json()["error_codes"] == {"0": 0}
+    status = ctl.post("/check_finish", {"event_id": resp.json()["event_id"]}).json()["status"]
+    assert status == "finished"
+    body = {"instance_id": "inst-a", "method": "zstd", "location": "LocalCPUBackend"}
+    resp = ctl.post("/compress", body)
+    if resp.status_code == 501:  # until the engine has compression
+        assert "compress" in resp.json()["message"]
+    else:
+        assert resp.status_code == 200
+    move = {
+        "old_position": ["inst-a", "LocalCPUBackend"],
+        "new_position": ["inst-b", "LocalCPUBackend"],
+        "tokens": PROMPT,
+        "copy": True,
+    }
+    resp = ctl.post("/move", move)
+    assert resp.status_code in (200, 400, 501), resp.text
+    assert resp.json().get("error") != "NotFound"
+
+
+def test_workers_info_heartbeats_advance_and_clean_stop_deregisters(ctl: Ctl) -> None:
+    a, b = make_engine(ctl, "inst-a"), make_engine(ctl, "inst-b")
+    try:
+        wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10)
+        infos = [
+            ctl.post("/query_worker_info", {"instance_id": i}).json()["worker_infos"][0]
+            for i in ("inst-a", "inst-b")
+        ]
+        assert {i["instance_id"] for i in infos} == {"inst-a", "inst-b"}
+        assert all(i["port"] > 0 and i["ip"] == "127.0.0.1" for i in infos)
+        time.sleep(3 * HEARTBEAT)
+        later = ctl.post("/query_worker_info", {"instance_id": "inst-a", "worker_ids": [0]}).json()
+        assert later["worker_infos"][0]["last_heartbeat_time"] > infos[0]["last_heartbeat_time"]
+        store(a, PROMPT)
+        wait_until(lambda: ctl.lookup(PROMPT), timeout=5)
+    finally:
+        a.stop()
+    assert ctl.lookup(PROMPT) == {}  # deregistered at stop: gone at once, no timeout wait
+    assert ctl.post("/health", {"instance_id": "inst-a"}).status_code == 404
+    b.stop()
+
+
+def test_controller_restart_reregisters_and_resyncs(tmp_path: Path, ports: list[int]) -> None:
+    http, pull, reply = ports
+    url = f"http://127.0.0.1:{http}"
+    ctl = Ctl(url, pull, reply, tmp_path / "c1.log")
+    up = lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200  # noqa: E731
+    with kvplane_process(controller_args(http, pull, reply), log_path=ctl.log):
+        wait_until(up, timeout=30)
+        rt = make_engine(ctl, "inst-r")
+        try:
+            wait_until(lambda: registered(ctl, "inst-r"), timeout=10)
+            store(rt, PROMPT)
+            wait_until(lambda: ctl.lookup(PROMPT), timeout=5)
+        except BaseException:
+            rt.stop()
+            raise
+    try:
+        with kvplane_process(controller_args(http, pull, reply), log_path=tmp_path / "c2.log"):
+            wait_until(up, timeout=30)
+            start = time.monotonic()
+            wait_until(
+                lambda: ctl.lookup(PROMPT) == {"inst-r": ["LocalCPUBackend", len(PROMPT)]},
+                timeout=10,
+                interval=0.02,
+                what="resync after restart",
+            )
+            assert time.monotonic() - start < 2 * HEARTBEAT + 1.0
+            assert rt.services[0].stats["resyncs"] >= 1  # type: ignore[attr-defined]
+    finally:
+        rt.stop()
+
+
+def test_worker_refused_on_key_scheme_mismatch_logs_on_both_sides(
+    ctl: Ctl, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = make_engine(ctl, "inst-k", chunk_size=CHUNK)
+    try:
+        wait_until(lambda: registered(ctl, "inst-k"), timeout=10)
+        b = make_engine(ctl, "inst-k", chunk_size=2 * CHUNK, worker_id=1, world_size=2)
+        try:
+            wait_until(lambda: "refused worker inst-k/1" in ctl.log.read_text(), timeout=10)
+            wait_until(lambda: "refused registration" in caplog.text, timeout=5)
+            assert not b.services[0].registered.is_set()  # type: ignore[attr-defined]
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+
+
+def test_unknown_error_code_values_are_stable() -> None:
+    assert [int(c) for c in ErrorCode] == [0, 1, 2, 3, 4, 5]
