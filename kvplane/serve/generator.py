@@ -101,9 +101,7 @@ class Generator:
         device = self.model.device
         start_time = time.perf_counter()
         n = len(prompt)
-        slots = torch.tensor(
-            slot_mapping(blocks, n + params.max_tokens, self.block_size), dtype=torch.long
-        )
+        slots = slot_mapping(blocks, n + params.max_tokens, self.block_size)
         prompt_t = torch.tensor(prompt, dtype=torch.long)
         # Host tensors: the engine plans its copies on the host, without waiting on a GPU.
         prompt_slots = slots[:n]
