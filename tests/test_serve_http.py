@@ -34,7 +34,7 @@ def instance(tmp_path_factory):
         f"internal_api_server_enabled: true\ninternal_api_server_port_start: {api_port}\n"
     )
     log = tmp / "serve.log"
-    env = kvplane_env(LMCACHE_CONFIG_FILE=str(cfg))
+    env = kvplane_env(LMCACHE_CONFIG_FILE=str(cfg), OMP_NUM_THREADS="1")
     args = ["serve", "--port", str(port), "--max-model-len", "512"]
     with kvplane_process(args, env=env, log_path=log) as proc:
         base = f"http://127.0.0.1:{port}"
