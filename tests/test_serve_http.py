@@ -124,6 +124,7 @@ def test_models_and_health(server):
         ({"max_tokens": 3}, "prompt"),
         ({"prompt": "x", "stream": True}, "stream"),
         ({"prompt": []}, "empty"),
+        ({"prompt": [1, 5, 100000]}, "token ids"),
     ],
 )
 def test_bad_requests_are_400_with_a_reason(server, body, fragment):

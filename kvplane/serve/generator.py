@@ -82,6 +82,9 @@ class Generator:
         cache cannot hold it."""
         if not prompt:
             raise BadRequest("the prompt has no tokens")
+        vocab = self.model.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise BadRequest(f"prompt token ids must lie in [0, {vocab})")
         if params.max_tokens < 1:
             raise BadRequest("max_tokens must be at least 1")
         total = len(prompt) + params.max_tokens

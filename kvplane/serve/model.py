@@ -163,6 +163,7 @@ class PagedLlama:
         self.head_size = shape.head_size
         self.scale = 1.0 / math.sqrt(self.head_size)
         self.device = next(model.parameters()).device
+        self.vocab_size = shape.vocab_size
 
     @staticmethod
     def shape_of(model: LlamaForCausalLM) -> ModelShape:
