@@ -79,7 +79,9 @@ ENGINE_DEFAULTS: dict[str, Any] = dict(
 
 
 @contextlib.contextmanager
-def engine_serving(transport: str, **overrides: Any) -> Iterator[tuple[Any, httpx.Client]]:
+def engine_serving(
+    transport: str, device: str = "cpu", **overrides: Any
+) -> Iterator[tuple[Any, httpx.Client]]:
     """A real EngineRuntime whose own internal API service (index 0) serves over
     ``transport``; yields the runtime and a client."""
     from kvplane.engine.runtime import EngineRuntime
@@ -90,7 +92,7 @@ def engine_serving(transport: str, **overrides: Any) -> Iterator[tuple[Any, http
             settings["internal_api_server_socket_path_prefix"] = f"{tmp}/api"
         else:
             settings["internal_api_server_port_start"] = free_port()
-        runtime = EngineRuntime(api_config(**settings))
+        runtime = EngineRuntime(api_config(**settings), device=device)
         runtime.start()
         try:
             service = next(s for s in runtime.services if isinstance(s, InternalApiService))

@@ -384,3 +384,18 @@ def test_inference_info_failure_is_a_500_with_the_seed_error(engine):
     r = client.get("/inference_info")
     assert r.status_code == 500
     assert r.json() == {"error": "Failed to get inference info", "message": "metadata exploded"}
+
+
+def test_check_store_clear_retrieve_on_each_device(device):
+    """The same HTTP round trip with the paged caches on CPU and (when present) CUDA."""
+    with engine_serving("tcp", device=device) as (runtime, client):
+        info = client.get("/cache/kvcache/info").json()
+        assert info["layers"]["layer_0"]["device"].startswith(device)
+        client.post("/cache/store", params={"tokens_mock": "0,40", "slot_mapping": "[0,39]"})
+        params = {"slot_mapping": "[0,39]", "chunk_size": 16, "layerwise": "true"}
+        stored = client.get("/cache/kvcache/check", params=params).json()["chunk_checksums"]
+        for cache in runtime.kv_caches:
+            cache.zero_()
+        r = client.post("/cache/retrieve", params={"tokens_mock": "0,40", "slot_mapping": "[0,39]"})
+        assert r.json()["num_retrieved"] == 40
+        assert client.get("/cache/kvcache/check", params=params).json()["chunk_checksums"] == stored

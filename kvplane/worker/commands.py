@@ -29,7 +29,6 @@ from kvplane.protocol import (
 
 if TYPE_CHECKING:
     from kvplane.engine.cache_engine import CacheEngine
-    from kvplane.engine.tiers import P2PNode
 
 __all__ = ["CommandHandlers"]
 
@@ -42,18 +41,10 @@ _ERROR_CODES: tuple[tuple[type[Exception], ErrorCode], ...] = (
 
 
 class CommandHandlers:
-    """Runs commands on one engine; remembers recent event outcomes for check_finish.
-    ``p2p`` (this process's peer node) is what ``move`` pushes chunks through."""
+    """Runs commands on one engine; remembers recent event outcomes for check_finish."""
 
-    def __init__(
-        self,
-        engine: CacheEngine,
-        chunk_size: int,
-        p2p: P2PNode | None = None,
-        remember: int = 10_000,
-    ) -> None:
+    def __init__(self, engine: CacheEngine, chunk_size: int, remember: int = 10_000) -> None:
         self._engine = engine
-        self._p2p = p2p
         self._chunk_size = chunk_size
         self._remember = remember
         self._events: OrderedDict[str, str] = OrderedDict()
@@ -102,29 +93,26 @@ class CommandHandlers:
         return CommandReply(num_tokens=self._engine.unpin(cmd.tokens))
 
     def _compress(self, cmd: CompressCommand) -> CommandReply:
-        done = self._engine.compress(cmd.tokens, cmd.method, cmd.location)
-        return CommandReply(num_tokens=done.num_tokens)
+        done = self._engine.compress(method=cmd.method, location=cmd.location, tokens=cmd.tokens)
+        return CommandReply(num_tokens=done)
 
     def _decompress(self, cmd: DecompressCommand) -> CommandReply:
-        done = self._engine.decompress(cmd.tokens, cmd.location)
-        return CommandReply(num_tokens=done.num_tokens)
+        done = self._engine.decompress(location=cmd.location, tokens=cmd.tokens, method=cmd.method)
+        return CommandReply(num_tokens=done)
 
     def _move(self, cmd: MoveCommand) -> CommandReply:
-        if self._p2p is None:
-            raise Unsupported("move needs enable_p2p on the source instance")
         if not cmd.dst_peer_url:
             raise BadRequest(
                 f"destination instance {cmd.dst_instance_id!r} has no peer URL (enable_p2p)"
             )
-        keys = None if cmd.tokens is None else self._engine.keys_for(cmd.tokens)
-        moved = self._p2p.move(
-            source_location=cmd.src_location,
-            peer_url=cmd.dst_peer_url,
-            target_location=cmd.dst_location or None,
-            keys=keys,
+        moved = self._engine.move(
+            src_location=cmd.src_location,
+            dst_peer_url=cmd.dst_peer_url,
+            dst_location=cmd.dst_location or None,
+            tokens=cmd.tokens,
             copy=cmd.copy,
         )
-        return CommandReply(num_tokens=moved.num_tokens)
+        return CommandReply(num_tokens=moved)
 
     def _health(self, cmd: HealthCommand) -> CommandReply:
         return CommandReply()

@@ -89,8 +89,7 @@ class ControllerWorker:
         self, config: EngineConfig, engine: CacheEngine, *, p2p: P2PNode | None = None
     ) -> None:
         """``p2p``: this process's peer node, if any: its URL is registered as the
-        ``peer_init_url``, ``move`` pushes through it, and its tier asks this worker which
-        peer holds a chunk."""
+        ``peer_init_url`` and its tier asks this worker which peer holds a chunk."""
         if not config.controller_pull_url:
             raise ConfigError("enable_controller needs controller_pull_url (host:port)")
         self.config = config
@@ -107,7 +106,7 @@ class ControllerWorker:
         self.heartbeat_s = config.lmcache_worker_heartbeat_time
         self.timeout_s = config.controller_timeout_s
         self.buffer = ReportBuffer()
-        self.handlers = CommandHandlers(engine, config.chunk_size, p2p)
+        self.handlers = CommandHandlers(engine, config.chunk_size)
         self.registered = threading.Event()
         self.stats = {"registrations": 0, "resyncs": 0, "reports_sent": 0, "reports_dropped": 0}
         self._epoch = 0
