@@ -26,3 +26,26 @@ def test_engine_rejects_bad_config_with_a_clear_message(tmp_path):
     text = log.read_text()
     assert "chunk_size" in text and "banana" in text
     assert "Traceback" not in text
+
+
+def test_engine_stops_on_sigint_too(tmp_path):
+    cfg = tmp_path / "engine.yaml"
+    cfg.write_text("chunk_size: 16\nmax_local_cpu_size: 0.01\nkv_num_layers: 2\n")
+    log = tmp_path / "engine.log"
+    with kvplane_process(["engine", "--config", str(cfg)], log_path=log) as proc:
+        wait_until(lambda: b"ready" in log.read_bytes(), timeout=60, what="engine ready")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    assert b"shutting down" in log.read_bytes()
+    assert b"Traceback" not in log.read_bytes()
+
+
+def test_cpu_tier_larger_than_the_host_is_a_config_error_not_a_crash(tmp_path):
+    cfg = tmp_path / "huge.yaml"
+    cfg.write_text("max_local_cpu_size: 100000000\n")  # 100 PB
+    log = tmp_path / "huge.log"
+    with kvplane_process(["engine", "--config", str(cfg)], log_path=log) as proc:
+        assert proc.wait(60) == 2
+    text = log.read_text()
+    assert "max_local_cpu_size" in text and "cannot allocate" in text
+    assert "Traceback" not in text

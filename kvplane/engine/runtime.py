@@ -25,6 +25,7 @@ from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.engine.tiers import GB, P2PNode, build_backends
+from kvplane.errors import ConfigError, Unavailable
 from kvplane.worker.service import ControllerWorker
 
 __all__ = ["EngineRuntime", "Service", "build_backends"]
@@ -59,7 +60,12 @@ class EngineRuntime:
         pool = None
         if config.local_cpu:
             page = self.layout.chunk_nbytes(config.chunk_size)
-            pool = HostMemoryPool.for_capacity(int(config.max_local_cpu_size * GB), page)
+            try:
+                pool = HostMemoryPool.for_capacity(int(config.max_local_cpu_size * GB), page)
+            except Unavailable as exc:
+                raise ConfigError(
+                    f"max_local_cpu_size: {config.max_local_cpu_size}: {exc}"
+                ) from None
         self.pool = pool
         self.storage = StorageManager(
             build_backends(config, pool), self.metrics, queue_size=config.tier_queue_size
@@ -105,6 +111,15 @@ class EngineRuntime:
     def _apply_config_change(self, name: str, value: Any) -> None:
         if name == "log_level":
             logging.getLogger("kvplane").setLevel(value)
+        elif name == "max_local_cpu_size" and self.storage.cpu is not None:
+            held = self.storage.cpu.set_capacity(int(value * GB))
+            if held < int(value * GB):
+                log.warning(
+                    "max_local_cpu_size %s GB: the CPU tier holds at most %.3f GB, the slab "
+                    "allocated at start",
+                    value,
+                    held / GB,
+                )
 
     # ------------------------------------------------------------------ lifecycle
     def add_service(self, service: Service) -> None:
