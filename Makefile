@@ -39,6 +39,7 @@ docs: setup
 
 bench: setup
 	$(PY) benchmarks/transfer.py
+	$(PY) benchmarks/storage.py
 
 clean:
 	rm -rf $(VENV)

@@ -2,6 +2,8 @@ import hashlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvplane.engine.kv_layout import (
     KVLayout,
@@ -12,6 +14,7 @@ from kvplane.engine.kv_layout import (
     scatter,
     scatter_chunks,
     slot_index,
+    slot_indices,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -129,3 +132,28 @@ def test_batched_chunks_match_single_chunks(device, mla, blocks):
     assert torch.equal(
         gather(dst, slots).cpu().view(torch.int16), gather(src, slots).cpu().view(torch.int16)
     )
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_request_wide_slot_preparation_matches_per_chunk_rules(data):
+    block, chunk = data.draw(st.sampled_from([(4, 8), (4, 6), (2, 2)]))
+    blocks = data.draw(st.permutations(list(range(12))))
+    n_blocks = data.draw(st.integers(1, 12))
+    slots = torch.tensor([b * block + o for b in blocks[:n_blocks] for o in range(block)])
+    if data.draw(st.booleans()):  # break one slot so its chunk must copy per slot
+        slots[data.draw(st.integers(0, len(slots) - 1))] = 47
+    n = data.draw(st.integers(1, len(slots)))
+    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    prepared = slot_indices(slots[:n], spans, block, torch.device("cpu"))
+    for (start, end), got in zip(spans, prepared, strict=True):
+        part = slots[start:end]
+        rows_ok = len(part) % block == 0 and start % block == 0
+        if rows_ok:
+            rows = part.view(-1, block)
+            rows_ok = bool((rows[:, 0] % block == 0).all()) and torch.equal(
+                rows - rows[:, :1], torch.arange(block).expand_as(rows)
+            )
+        assert got.by_block == rows_ok
+        expected = part[::block] // block if rows_ok else part
+        assert got.ids.tolist() == expected.tolist() == got.host_ids

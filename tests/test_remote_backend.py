@@ -115,3 +115,21 @@ def test_other_redis_keys_are_not_ours(server: RedisServer) -> None:
 def test_not_a_redis_url() -> None:
     with pytest.raises(ConfigError, match="not a Redis URL"):
         RemoteBackend("http://127.0.0.1:1")
+
+
+def test_stored_value_is_exactly_one_frame(server: RedisServer) -> None:
+    import torch
+
+    from kvplane.engine import serde
+    from kvplane.engine.chunk import KVChunk
+
+    big = KVChunk.from_kv(torch.randn(4, 2, 64, 8, 64).to(torch.bfloat16), 64)  # 2 MiB
+    key = make_key(5, model="org/model name+ü")
+    remote = RemoteBackend(server.url, timeout_s=2)
+    assert remote.put(key, big)
+    raw = redis.Redis.from_url(server.url)
+    assert raw.get(KEY_PREFIX + key.to_str()) == serde.encode(key, big)
+    assert same_kv(remote.get(key), big)
+    assert remote.keys() == [key]
+    raw.close()
+    remote.close()

@@ -57,7 +57,7 @@ def cluster(tmp_path_factory):
         ),
         kvplane_process(
             ["serve", "--port", str(serve_port)],
-            env=kvplane_env(LMCACHE_CONFIG_FILE=str(cfg)),
+            env=kvplane_env(LMCACHE_CONFIG_FILE=str(cfg), OMP_NUM_THREADS="1"),
             log_path=tmp / "serve.log",
         ),
     ):

@@ -94,3 +94,30 @@ def test_layout_and_keys_come_from_the_model(instance):
     key = runtime.cache_engine.keys_for(BASE)[0]
     assert (key.model_name, key.kv_dtype) == (served.name, "float32")
     assert torch.float32 == shape.dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_bf16_cache_hit_matches_full_prefill(tmp_path):
+    """The same flow on a GPU in bfloat16 (KV in the GPU's paged caches, kvplane's CPU tier
+    in pinned memory). The recomputed last token runs through matmuls of other shapes than
+    in the full prefill, so logits agree to bfloat16 rounding: atol 0.05 on logits of
+    magnitude ~1; the greedy token must match unless the top two are closer than that."""
+    cfg = tmp_path / "kvplane.yaml"
+    cfg.write_text(f"chunk_size: {CHUNK}\nmax_local_cpu_size: 0.05\n")
+    options = ServeOptions(max_model_len=1024, device="cuda", dtype="bfloat16")
+    runtime, served = build_instance(options, str(cfg))
+    try:
+        assert runtime.kv_caches[0].is_cuda and runtime.layout.dtype == torch.bfloat16
+        cold = served.generator.generate(BASE, PARAMS)
+        for cache in runtime.kv_caches:
+            cache.zero_()
+        warm = served.generator.generate(BASE, PARAMS)
+        assert (cold.cached_tokens, warm.cached_tokens) == (0, len(BASE) - 1)
+        diff = (cold.prompt_logits - warm.prompt_logits).abs().max().item()
+        assert diff <= 0.05, f"last-position logits differ by {diff}"
+        top2 = cold.prompt_logits.topk(2).values
+        if (top2[0] - top2[1]).item() > 0.1:
+            assert cold.output_tokens[0] == warm.output_tokens[0]
+    finally:
+        runtime.stop()

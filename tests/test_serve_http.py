@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import pytest
 
@@ -11,14 +13,28 @@ SEED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 SEED_PROMPT = "Explain the significance of KV cache in language models."
 
 
+def adjacent_free_ports() -> int:
+    """A port p with p and p + 1 both free (the internal API's scheduler and worker 0)."""
+    for _ in range(100):
+        p = free_port()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", p + 1)) != 0:
+                return p
+    raise RuntimeError("no two adjacent free ports")
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def instance(tmp_path_factory):
+    """(an HTTP client of the server, the internal API's port_start)"""
     tmp = tmp_path_factory.mktemp("serve-http")
     cfg = tmp / "example.yaml"
-    cfg.write_text("chunk_size: 16\nlocal_cpu: True\nmax_local_cpu_size: 0.05\n")
-    port = free_port()
+    port, api_port = free_port(), adjacent_free_ports()
+    cfg.write_text(
+        "chunk_size: 16\nlocal_cpu: True\nmax_local_cpu_size: 0.05\n"
+        f"internal_api_server_enabled: true\ninternal_api_server_port_start: {api_port}\n"
+    )
     log = tmp / "serve.log"
-    env = kvplane_env(LMCACHE_CONFIG_FILE=str(cfg))
+    env = kvplane_env(LMCACHE_CONFIG_FILE=str(cfg), OMP_NUM_THREADS="1")
     args = ["serve", "--port", str(port), "--max-model-len", "512"]
     with kvplane_process(args, env=env, log_path=log) as proc:
         base = f"http://127.0.0.1:{port}"
@@ -28,7 +44,12 @@ def server(tmp_path_factory):
             what=f"kvplane serve on {port} (log {log})",
         )
         with httpx.Client(base_url=base, timeout=30) as client:
-            yield client
+            yield client, api_port
+
+
+@pytest.fixture
+def server(instance):
+    return instance[0]
 
 
 def test_completion_follows_openai_schema_and_second_request_hits(server):
@@ -103,9 +124,22 @@ def test_models_and_health(server):
         ({"max_tokens": 3}, "prompt"),
         ({"prompt": "x", "stream": True}, "stream"),
         ({"prompt": []}, "empty"),
+        ({"prompt": [1, 5, 100000]}, "token ids"),
     ],
 )
 def test_bad_requests_are_400_with_a_reason(server, body, fragment):
     reply = server.post("/v1/completions", json=body)
     assert reply.status_code == 400
     assert fragment in reply.json()["error"]["message"]
+
+
+def test_the_internal_api_server_sees_the_models_paged_caches(instance):
+    _, api_port = instance
+    worker = httpx.get(f"http://127.0.0.1:{api_port + 1}/cache/kvcache/info", timeout=10)
+    assert worker.status_code == 200, worker.text
+    info = worker.json()
+    assert info["num_layers"] == 4  # the tiny model's layers
+    assert info["layers"]["layer_0"]["shape"] == [2, info["num_slots"] // 16, 16, 4, 32]
+    assert info["layers"]["layer_0"]["dtype"] == "torch.float32"
+    meta = httpx.get(f"http://127.0.0.1:{api_port}/meta", timeout=10).json()
+    assert "kvplane/tiny-llama-random" in str(meta)

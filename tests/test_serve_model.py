@@ -101,7 +101,8 @@ def test_block_allocator_and_slot_mapping():
     alloc = BlockAllocator(3)
     a = alloc.allocate(2)
     assert a == [0, 1]
-    assert slot_mapping([2, 0], 5, 4) == [8, 9, 10, 11, 0]
+    assert slot_mapping([2, 0], 5, 4).tolist() == [8, 9, 10, 11, 0]
+    assert slot_mapping([], 0, 4).tolist() == []
     with pytest.raises(Unavailable):
         alloc.allocate(2)
     alloc.free(a)

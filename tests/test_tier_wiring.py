@@ -133,7 +133,7 @@ def test_compress_in_place_and_retrieve_decodes(tmp_path: Path, location: str) -
     rt.storage.flush(5)
     if location == "LocalDiskBackend":
         engine.clear(["LocalCPUBackend"])
-    packed = engine.compress(TOKENS, "zstd", location)
+    packed = engine.compress_chunks(TOKENS, "zstd", location)
     assert (packed.num_chunks, packed.num_tokens) == (3, len(TOKENS))
     key = engine.keys_for(TOKENS)[0]
     assert rt.storage.backends[location].get(key).meta.compression == "zstd"  # type: ignore[union-attr]
@@ -143,7 +143,7 @@ def test_compress_in_place_and_retrieve_decodes(tmp_path: Path, location: str) -
     if location == "LocalDiskBackend":
         engine.clear(["LocalCPUBackend"])  # the retrieve promoted them
     raw = rt.layout.chunk_nbytes(16) * 2 + rt.layout.chunk_nbytes(13)
-    q = engine.compress(None, "int8", location)  # re-encoded from zstd through raw
+    q = engine.compress_chunks(None, "int8", location)  # re-encoded from zstd through raw
     # int8 values plus a float32 scale per 16-value row: 1/2 + 1/8 of bfloat16's bytes
     assert q.num_chunks == 3 and q.bytes_after == raw // 2 + raw // 8
     assert engine.retrieve(TOKENS, rt.kv_caches, s).num_tokens == len(TOKENS)
@@ -151,15 +151,15 @@ def test_compress_in_place_and_retrieve_decodes(tmp_path: Path, location: str) -
     step = expected.abs().amax(dim=-1, keepdim=True) / 127
     assert bool(((got - expected).abs() <= step / 2 + got.abs() * 2**-8 + 1e-6).all())
 
-    back = engine.decompress(TOKENS, "LocalCPUBackend")
+    back = engine.compress_chunks(TOKENS, "none", "LocalCPUBackend")
     assert back.num_chunks == 3 and back.bytes_saved < 0
     with pytest.raises(BadRequest, match="valid methods"):
-        engine.compress(TOKENS, "lz4", location)
+        engine.compress(tokens=TOKENS, method="lz4", location=location)
     with pytest.raises(BadRequest, match="not found"):
-        engine.compress(TOKENS, "zstd", "NoSuchBackend")
+        engine.compress(tokens=TOKENS, method="zstd", location="NoSuchBackend")
     engine.frozen = True
     with pytest.raises(Conflict):
-        engine.compress(TOKENS, "zstd", location)
+        engine.compress(tokens=TOKENS, method="zstd", location=location)
     rt.stop()
 
 
@@ -223,3 +223,87 @@ def test_move_and_copy_to_a_peer_tier(two_peers) -> None:
     s2 = slots(b, 8)
     assert b.cache_engine.retrieve(TOKENS, b.kv_caches, s2).num_tokens == len(TOKENS)
     assert torch.equal(kv_at(b, s2), expected)
+
+
+def test_controller_commands_reach_the_tiers(two_peers) -> None:
+    """compress, decompress and move as the controller worker runs them."""
+    from kvplane.protocol import CompressCommand, DecompressCommand, ErrorCode, MoveCommand
+    from kvplane.worker.commands import CommandHandlers
+
+    a, b = two_peers
+    assert b.p2p is not None
+    s = slots(a, 9)
+    expected = kv_at(a, s)
+    a.cache_engine.store(TOKENS, a.kv_caches, s)
+    handlers = CommandHandlers(a.cache_engine, a.config.chunk_size)
+    reply = handlers.handle(
+        CompressCommand(event_id="e1", method="int8", location="LocalCPUBackend", tokens=TOKENS)
+    )
+    assert (reply.error_code, reply.num_tokens) == (ErrorCode.OK, len(TOKENS))
+    reply = handlers.handle(
+        DecompressCommand(event_id="e2", method="int8", location="LocalCPUBackend")
+    )
+    assert (reply.error_code, reply.num_tokens) == (ErrorCode.OK, len(TOKENS))
+    reply = handlers.handle(
+        CompressCommand(event_id="e3", method="lz4", location="LocalCPUBackend")
+    )
+    assert reply.error_code == ErrorCode.BAD_REQUEST and "valid methods" in reply.message
+    reply = handlers.handle(
+        MoveCommand(
+            event_id="e4",
+            src_location="LocalCPUBackend",
+            dst_instance_id="b",
+            dst_location="LocalCPUBackend",
+            dst_peer_url=b.p2p.url,
+            tokens=TOKENS,
+        )
+    )
+    assert (reply.error_code, reply.num_tokens) == (ErrorCode.OK, len(TOKENS))
+    assert a.cache_engine.lookup(TOKENS) == 0
+    s2 = slots(b, 10)
+    assert b.cache_engine.retrieve(TOKENS, b.kv_caches, s2).num_tokens == len(TOKENS)
+    step = expected.abs().amax(dim=-1, keepdim=True) / 127  # went through int8 once
+    assert bool(((kv_at(b, s2) - expected).abs() <= step / 2 + expected.abs() * 2**-7 + 1e-6).all())
+
+
+def test_move_without_p2p_is_unsupported() -> None:
+    from kvplane.errors import Unsupported
+
+    rt = runtime()
+    with pytest.raises(Unsupported, match="enable_p2p"):
+        rt.cache_engine.move(
+            src_location="LocalCPUBackend", dst_peer_url="127.0.0.1:1", dst_location=None
+        )
+    rt.stop()
+
+
+def test_worker_registers_the_bound_p2p_url() -> None:
+    rt = runtime(
+        enable_p2p=True,
+        p2p_host="127.0.0.1",
+        enable_controller=True,
+        controller_pull_url="127.0.0.1:1",
+    )
+    assert rt.p2p is not None and not rt.p2p.url.endswith(":0")
+    worker = next(s for s in rt.services if s.name == "controller worker")
+    assert worker.peer_init_url == rt.p2p.url  # type: ignore[attr-defined]
+    rt.stop()
+
+
+def test_tier_internal_figures_are_in_the_engine_metrics(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from kvplane.engine import chunk_files
+
+    rt = runtime(local_disk=str(tmp_path / "disk"), max_local_disk_size=0.01)
+    s = slots(rt, 11)
+    rt.cache_engine.store(TOKENS, rt.kv_caches, s)
+    assert rt.storage.flush(5)
+    rt.cache_engine.clear(["LocalCPUBackend"])
+    for f in chunk_files.scan(tmp_path / "disk"):
+        f.path.write_bytes(f.path.read_bytes()[:-1])  # truncate every file
+    assert rt.cache_engine.retrieve(TOKENS, rt.kv_caches, s).num_tokens == 0
+    text = generate_latest(rt.metrics.registry).decode()
+    assert 'kvplane_tier_stat{stat="corrupt",tier="LocalDiskBackend"} 1.0' in text
+    assert 'kvplane_tier_stat{stat="chunks",tier="LocalDiskBackend"} 2.0' in text
+    rt.stop()

@@ -6,6 +6,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from kvplane.errors import BadRequest
+
 __all__ = ["add_parser"]
 
 
@@ -35,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from kvplane.demo.flow import DemoOptions, run_demo
     from kvplane.demo.output import Printer
 
+    if not 256 <= args.prefix_tokens <= 3900:
+        raise BadRequest("--prefix-tokens must lie in [256, 3900] (the servers' 4096-token limit)")
     out = Printer()
     with tempfile.TemporaryDirectory(prefix="kvplane-demo-") as tmp:
         workdir = args.workdir or Path(tmp)

@@ -156,6 +156,12 @@ def _instance_yaml(name: str, ports: _Ports, with_controller: bool) -> str:
     )
 
 
+def _serve_env(cfg: Path) -> dict[str, str]:
+    # One intra-op thread per instance: two instances and a controller share a small box,
+    # and oversubscribed OpenMP threads spin instead of working.
+    return {"LMCACHE_CONFIG_FILE": str(cfg), "OMP_NUM_THREADS": "1"}
+
+
 def _prompts(prefix_tokens: int) -> tuple[str, str, str]:
     sentence = (
         "Section {i}: a transformer's KV cache keeps the attention keys and values of every "
@@ -194,9 +200,7 @@ class _Demo:
             cfg = self.options.workdir / f"{name}.yaml"
             cfg.write_text(_instance_yaml(name, ports, self.options.with_controller))
             port = str(ports.serve[name])
-            self.children.start(
-                name, ["serve", "--host", HOST, "--port", port], {"LMCACHE_CONFIG_FILE": str(cfg)}
-            )
+            self.children.start(name, ["serve", "--host", HOST, "--port", port], _serve_env(cfg))
             out.step(f"{name}: kvplane serve on {HOST}:{port} (config {cfg.name})")
         self._wait_ready()
 

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -95,19 +94,18 @@ class Children:
                 )
 
     def stop_all(self, timeout: float = 15.0) -> list[tuple[str, int | None]]:
-        """SIGTERM each child by PID (last started first), wait, SIGKILL what remains.
-        Returns each child's name and exit code."""
+        """Stop each child by PID, last started first, one after the other: a server's
+        worker deregisters from the controller before the controller goes. SIGTERM, then
+        SIGKILL after ``timeout`` seconds. Returns each child's name and exit code."""
+        codes: list[tuple[str, int | None]] = []
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        codes: list[tuple[str, int | None]] = []
-        for child in reversed(self.children):
-            try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait(5)
+                try:
+                    child.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait(5)
             codes.append((child.name, child.proc.returncode))
         return codes
 

@@ -10,6 +10,7 @@ Thread-safe: the engine itself holds no mutable state besides its listeners.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,17 +28,21 @@ from kvplane.engine.kv_layout import (
     gather,
     gather_many,
     scatter_many,
-    slot_index,
+    slot_indices,
 )
 from kvplane.engine.memory_pool import MemoryPage
 from kvplane.engine.metrics import EngineMetrics
+from kvplane.engine.p2p.move import MoveResult
 from kvplane.engine.storage_manager import StorageManager
-from kvplane.errors import BadRequest
+from kvplane.errors import BadRequest, Unsupported
 from kvplane.keys import CacheKey, chunk_hashes, chunk_spans, to_token_array
 
 __all__ = ["CacheEngine", "RetrieveResult", "StoreResult"]
 
+log = logging.getLogger(__name__)
+
 Decoder = Callable[[KVChunk], KVChunk]
+Mover = Callable[..., MoveResult]
 
 # Chunks planned before their copies are issued: large enough to batch kernels on CUDA,
 # small enough that the device works while the host plans the next ones.
@@ -70,12 +75,16 @@ class CacheEngine:
         storage: StorageManager,
         *,
         decode: Decoder | None = None,
+        mover: Mover | None = None,
     ) -> None:
+        """``decode`` turns a stored (possibly compressed) chunk into raw KV; ``mover``
+        pushes a tier's chunks to a peer (:meth:`P2PNode.move`), None without p2p."""
         self.config = config
         self.layout = layout
         self.storage = storage
         self.metrics: EngineMetrics = storage.metrics
         self.decode = decode or _identity_decoder
+        self._mover = mover
         self._dtype_name = dtype_name(layout.dtype)
         self._cuda_lock = threading.Lock()
         self._lookup_observers: list[Callable[[Sequence[int]], None]] = []
@@ -125,13 +134,14 @@ class CacheEngine:
         held_tokens = new_chunks = nbytes = 0
         staged: list[tuple[CacheKey, KVChunk, MemoryPage]] = []
         copies: list[tuple[SlotIndex, torch.Tensor]] = []
+        indices = self._indices(kv_caches, slots, spans)
         with self._device_guard(kv_caches):
-            for key, (start, end) in zip(keys, spans, strict=True):
+            for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
                 n = end - start
                 if n < self.config.chunk_size and not self.config.save_unfull_chunk:
                     break
                 if self.storage.locate(key) is None:
-                    index = self._index(kv_caches, slots[start:end])
+                    index = indices[chunk_no]
                     meta = ChunkMeta(self.layout.chunk_shape(n), self._dtype_name, n)
                     cpu = self.storage.cpu_writable
                     page = cpu.allocate() if cpu is not None else None
@@ -164,8 +174,13 @@ class CacheEngine:
         kv = gather(kv_caches, index).cpu()
         return self.storage.put(key, KVChunk.from_kv(kv, meta.num_tokens))
 
-    def _index(self, kv_caches: Sequence[torch.Tensor], slots: torch.Tensor) -> SlotIndex:
-        return slot_index(slots, self.layout.block_size, kv_caches[0].device)
+    def _indices(
+        self,
+        kv_caches: Sequence[torch.Tensor],
+        slots: torch.Tensor,
+        spans: Sequence[tuple[int, int]],
+    ) -> list[SlotIndex]:
+        return slot_indices(slots, spans, self.layout.block_size, kv_caches[0].device)
 
     def retrieve(
         self, tokens: Any, kv_caches: Sequence[torch.Tensor], slot_mapping: Any
@@ -188,8 +203,9 @@ class CacheEngine:
             self.storage.prefetch(keys)  # one batch per peer instead of one fetch per chunk
         loaded_tokens = chunks = nbytes = 0
         copies: list[tuple[SlotIndex, torch.Tensor]] = []
+        indices = self._indices(kv_caches, slots, spans)
         with contextlib.ExitStack() as reads, self._device_guard(kv_caches):
-            for key, (start, end) in zip(keys, spans, strict=True):
+            for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
                 chunk = reads.enter_context(self.storage.read(key))
                 if chunk is None:
                     self.metrics.lookup_misses.inc()
@@ -197,7 +213,7 @@ class CacheEngine:
                 kv = self.decode(chunk).kv()
                 if kv.shape != self.layout.chunk_shape(end - start):
                     break  # a chunk of another layout under this key: treat as a miss
-                copies.append((self._index(kv_caches, slots[start:end]), kv))
+                copies.append((indices[chunk_no], kv))
                 if len(copies) == _FLUSH_CHUNKS:
                     scatter_many(kv_caches, copies)
                     copies = []
@@ -253,16 +269,60 @@ class CacheEngine:
                 done += end - start
         return done
 
-    def compress(self, tokens: Any | None, method: str, location: str) -> CompressResult:
+    def compress_chunks(self, tokens: Any | None, method: str, location: str) -> CompressResult:
         """Re-encode the chunks of ``tokens`` (None: every chunk) held in tier ``location``
-        with ``method`` (see :mod:`kvplane.engine.compression`); retrieve decodes them.
+        with ``method`` (see :mod:`kvplane.engine.compression`; ``none`` decompresses);
+        retrieve decodes them. What changed, with the bytes saved, comes back.
         Raises BadRequest for an unknown tier or method, Conflict while frozen."""
         keys = None if tokens is None else self.keys_for(tokens)
-        return self.storage.compress(method, location, keys)
+        result = self.storage.compress(method, location, keys)
+        log.info(
+            "%s: %d chunks (%d tokens) of %s now %s, %d bytes saved",
+            "compress" if method != "none" else "decompress",
+            result.num_chunks,
+            result.num_tokens,
+            location,
+            method,
+            result.bytes_saved,
+        )
+        return result
 
-    def decompress(self, tokens: Any | None, location: str) -> CompressResult:
-        """Store the chunks of ``tokens`` (None: all) in ``location`` uncompressed again."""
-        return self.compress(tokens, "none", location)
+    def compress(self, *, method: str, location: str, tokens: Any | None = None) -> int:
+        """The controller's compress: tokens whose chunks in ``location`` are now stored
+        with ``method``. Raises as :meth:`compress_chunks`."""
+        return self.compress_chunks(tokens, method, location).num_tokens
+
+    def decompress(
+        self, *, location: str, tokens: Any | None = None, method: str | None = None
+    ) -> int:
+        """The controller's decompress: tokens whose chunks in ``location`` are stored
+        uncompressed again (whatever ``method`` they were compressed with)."""
+        return self.compress_chunks(tokens, "none", location).num_tokens
+
+    def move(
+        self,
+        *,
+        src_location: str,
+        dst_peer_url: str,
+        dst_location: str | None,
+        tokens: Any | None = None,
+        copy: bool = False,
+    ) -> int:
+        """The controller's move: push the chunks of ``tokens`` (None: all) held in local tier
+        ``src_location`` to the peer's tier ``dst_location``; without ``copy`` they leave
+        here once the peer accepted them. Returns the tokens moved. Raises Unsupported
+        without a peer-to-peer transport (``enable_p2p``), Unavailable for a dead peer."""
+        if self._mover is None:
+            raise Unsupported("move needs the peer-to-peer transport (enable_p2p: true)")
+        keys = None if tokens is None else self.keys_for(tokens)
+        moved = self._mover(
+            source_location=src_location,
+            peer_url=dst_peer_url,
+            target_location=dst_location,
+            keys=keys,
+            copy=copy,
+        )
+        return moved.num_tokens
 
     # ------------------------------------------------------------------ helpers
     def _slots(self, slot_mapping: Any, num_tokens: int) -> torch.Tensor:

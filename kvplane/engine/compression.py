@@ -9,7 +9,8 @@ token and head; MLA: of one layer and token) with its own scale ``s = absmax(row
 ``q = round(x / s)`` in ``[-127, 127]`` and ``x' = q * s``. The error bound, tested:
 ``|x - x'| <= s / 2`` per element before the cast back to the KV dtype, which adds at most
 half an ulp of that dtype at ``|x'|`` (relative ``2**-8`` for bfloat16, ``2**-11`` for
-float16, ``2**-24`` for float32). Scales are float32, appended after the int8 values.
+float16, ``2**-24`` for float32; for subnormals half their fixed spacing, ``2**-25`` in
+float16). Scales are float32, appended after the int8 values.
 Non-finite values cannot be quantized and are refused.
 """
 

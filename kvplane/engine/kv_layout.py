@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from kvplane.config import EngineConfig
@@ -32,6 +34,7 @@ __all__ = [
     "scatter_chunks",
     "scatter_many",
     "slot_index",
+    "slot_indices",
 ]
 
 _BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -111,17 +114,43 @@ class SlotIndex(NamedTuple):
 
 
 def slot_index(slots: torch.Tensor, block_size: int, device: torch.device) -> SlotIndex:
-    host = slots.detach().to("cpu", torch.long).reshape(-1)
-    n = int(host.numel())
-    by_block = False
-    if n and n % block_size == 0:
-        rows = host.view(-1, block_size)
-        starts = rows[:, :1]
-        by_block = bool((starts % block_size == 0).all()) and torch.equal(
-            rows - starts, torch.arange(block_size).expand_as(rows)
+    """One chunk's slots, prepared."""
+    return slot_indices(slots, [(0, int(slots.numel()))], block_size, device)[0]
+
+
+def slot_indices(
+    slots: torch.Tensor,
+    spans: Sequence[tuple[int, int]],
+    block_size: int,
+    device: torch.device,
+) -> list[SlotIndex]:
+    """Prepare every chunk ``slots[start:end]`` of a request at once: the checks run
+    vectorized on the host and the indices cross to the device in one copy each (per-chunk
+    preparation costs more host time than the copies it feeds on a fast GPU)."""
+    host = slots.detach().to("cpu", torch.long).reshape(-1).numpy()
+    n = len(host)
+    pos = np.arange(n)
+    # token i sits where a whole-block copy would put it: its block's first slot + offset
+    first_in_block = host[pos - pos % block_size]
+    aligned = (host == first_in_block + pos % block_size) & (first_in_block % block_size == 0)
+    bad_before = np.concatenate(([0], np.cumsum(~aligned)))
+    block_ids = host[::block_size] // block_size
+    device_slots = torch.from_numpy(host).to(device, non_blocking=True)
+    device_blocks = torch.from_numpy(block_ids).to(device, non_blocking=True)
+    prepared = []
+    for start, end in spans:
+        by_block = (
+            start % block_size == 0
+            and (end - start) % block_size == 0
+            and end > start
+            and bad_before[end] == bad_before[start]
         )
-    index = host[::block_size] // block_size if by_block else host
-    return SlotIndex(index.to(device, non_blocking=True), by_block, index.tolist())
+        if by_block:
+            lo, hi = start // block_size, end // block_size
+            prepared.append(SlotIndex(device_blocks[lo:hi], True, block_ids[lo:hi].tolist()))
+        else:
+            prepared.append(SlotIndex(device_slots[start:end], False, host[start:end].tolist()))
+    return prepared
 
 
 def _prepare(kv_caches: Sequence[torch.Tensor], slots: torch.Tensor | SlotIndex) -> SlotIndex:
@@ -215,11 +244,13 @@ def gather_chunks(
     kv_caches: Sequence[torch.Tensor],
     indices: Sequence[SlotIndex],
     outs: Sequence[torch.Tensor],
+    copy_stream: torch.cuda.Stream | None = None,
 ) -> None:
     """Gather several same-size chunks into host buffers ``outs`` with two kernels per layer
     instead of one per layer per chunk (CUDA; kernel launches dominate small chunks).
 
-    The device->host copies are queued on the current stream: synchronize before reading.
+    The device->host copies are queued on ``copy_stream`` (else the current stream), so
+    they overlap the next batch's kernels: synchronize both before reading ``outs``.
     """
     first = kv_caches[0]
     mla = first.dim() == 3
@@ -237,25 +268,40 @@ def gather_chunks(
             staging_bits[:, layer].view(count, 2, -1).copy_(
                 picked.view(2, count, -1).transpose(0, 1)
             )
-    for c, out in enumerate(outs):
-        out.copy_(staging[c], non_blocking=True)
+    if copy_stream is None:
+        for c, out in enumerate(outs):
+            out.copy_(staging[c], non_blocking=True)
+        return
+    copy_stream.wait_stream(torch.cuda.current_stream(first.device))
+    with torch.cuda.stream(copy_stream):
+        for c, out in enumerate(outs):
+            out.copy_(staging[c], non_blocking=True)
+    staging.record_stream(copy_stream)  # not reused before the copies read it
 
 
 def scatter_chunks(
     kv_caches: Sequence[torch.Tensor],
     indices: Sequence[SlotIndex],
     kvs: Sequence[torch.Tensor],
+    copy_stream: torch.cuda.Stream | None = None,
 ) -> None:
     """Scatter several same-size chunks (pinned host tensors) with one copy per chunk and
-    two kernels per layer. Keep ``kvs`` unchanged until the current stream is synchronized."""
+    two kernels per layer. The host->device copies run on ``copy_stream`` (else the current
+    stream) ahead of the kernels. Keep ``kvs`` unchanged until both are synchronized."""
     first = kv_caches[0]
     mla = first.dim() == 3
     count = len(indices)
     by_block = indices[0].by_block
     ids = torch.cat([i.ids for i in indices])
-    staging = torch.empty((count, *kvs[0].shape), dtype=first.dtype, device=first.device)
-    for c, kv in enumerate(kvs):
-        staging[c].copy_(kv, non_blocking=True)
+    on_copy_stream = torch.cuda.stream(copy_stream) if copy_stream is not None else nullcontext()
+    with on_copy_stream:
+        staging = torch.empty((count, *kvs[0].shape), dtype=first.dtype, device=first.device)
+        for c, kv in enumerate(kvs):
+            staging[c].copy_(kv, non_blocking=True)
+    if copy_stream is not None:
+        compute = torch.cuda.current_stream(first.device)
+        compute.wait_stream(copy_stream)
+        staging.record_stream(compute)
     staging_bits = _bits(staging)
     for layer, cache in enumerate(kv_caches):
         rows, _, dim = _rows(cache, staging[0, layer], by_block)
@@ -298,11 +344,14 @@ def gather_many(
         for index, out in items:
             gather(kv_caches, index, out=out)
         return
+    compute = torch.cuda.current_stream(kv_caches[0].device)
+    copy_stream = torch.cuda.Stream(kv_caches[0].device)
     for run in _runs(items):
         if len(run) == 1:
             gather(kv_caches, run[0][0], out=run[0][1], non_blocking=True)
         else:
-            gather_chunks(kv_caches, [i for i, _ in run], [o for _, o in run])
+            gather_chunks(kv_caches, [i for i, _ in run], [o for _, o in run], copy_stream)
+    compute.wait_stream(copy_stream)  # syncing the caller's stream now covers the copies
 
 
 def scatter_many(
@@ -314,11 +363,12 @@ def scatter_many(
         for index, kv in items:
             scatter(kv_caches, index, kv)
         return
+    copy_stream = torch.cuda.Stream(kv_caches[0].device)
     for run in _runs(items):
         if len(run) == 1:
             scatter(kv_caches, run[0][0], run[0][1])
         else:
-            scatter_chunks(kv_caches, [i for i, _ in run], [kv for _, kv in run])
+            scatter_chunks(kv_caches, [i for i, _ in run], [kv for _, kv in run], copy_stream)
 
 
 def kv_checksums(

@@ -24,6 +24,7 @@ from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.storage_manager import StorageManager
+from kvplane.engine.tier_metrics import TierStatsCollector
 from kvplane.engine.tiers import GB, P2PNode, build_backends
 from kvplane.errors import ConfigError, Unavailable
 from kvplane.worker.service import ControllerWorker
@@ -70,18 +71,29 @@ class EngineRuntime:
         self.storage = StorageManager(
             build_backends(config, pool), self.metrics, queue_size=config.tier_queue_size
         )
-        self.cache_engine = CacheEngine(config, self.layout, self.storage, decode=decompress)
+        self.metrics.registry.register(TierStatsCollector(self.storage.backends))
+        # The chunk server peers fetch from and push to (move). Bound here so its url is
+        # final when the worker registers it as peer_init_url; the worker (or whoever knows
+        # where chunks live) wires the p2p tier's locator with self.p2p.set_peer_locator.
+        self.p2p = P2PNode(config, self.storage) if config.enable_p2p else None
+        if self.p2p is not None:
+            self.p2p.bind()
+        self.cache_engine = CacheEngine(
+            config,
+            self.layout,
+            self.storage,
+            decode=decompress,
+            mover=self.p2p.move if self.p2p is not None else None,
+        )
         if kv_caches is None:
             kv_caches = allocate_kv_caches(self.layout, device, seed=1234 + config.worker_id)
         self.kv_caches = list(kv_caches)
         self.services: list[Service] = []
-        # The chunk server peers fetch from (and push to, for move); the worker registers
-        # its url as peer_init_url and wires the p2p tier's locator with set_peer_locator.
-        self.p2p = P2PNode(config, self.storage) if config.enable_p2p else None
         if self.p2p is not None:
             self.add_service(self.p2p)
         if config.enable_controller:
-            self.add_service(ControllerWorker(config, self.cache_engine))
+            peer_url = self.p2p.url if self.p2p is not None else None
+            self.add_service(ControllerWorker(config, self.cache_engine, peer_init_url=peer_url))
         self._stopped = threading.Event()
         self._started = False
         config.on_change(self._apply_config_change)

@@ -157,6 +157,12 @@ class P2PNode:
             copy=copy,
         )
 
+    def bind(self) -> None:
+        """Take the port now (``url`` is then final), before the worker registers it."""
+        self.server.bind()
+        if self.backend is not None:
+            self.backend.self_url = self.server.url
+
     def start(self) -> None:
         self.server.start()
         if self.backend is not None:

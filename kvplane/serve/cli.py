@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         )
         server.run()
     finally:
-        log.info("shutting down")
+        log.info("HTTP server closed; stopping the engine runtime")
         runtime.stop()
+        log.info("stopped")
     return 0

@@ -82,6 +82,9 @@ class Generator:
         cache cannot hold it."""
         if not prompt:
             raise BadRequest("the prompt has no tokens")
+        vocab = self.model.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise BadRequest(f"prompt token ids must lie in [0, {vocab})")
         if params.max_tokens < 1:
             raise BadRequest("max_tokens must be at least 1")
         total = len(prompt) + params.max_tokens
@@ -101,11 +104,10 @@ class Generator:
         device = self.model.device
         start_time = time.perf_counter()
         n = len(prompt)
-        slots = torch.tensor(
-            slot_mapping(blocks, n + params.max_tokens, self.block_size), dtype=torch.long
-        )
+        slots = slot_mapping(blocks, n + params.max_tokens, self.block_size)
         prompt_t = torch.tensor(prompt, dtype=torch.long)
-        prompt_slots = slots[:n].to(device)
+        # Host tensors: the engine plans its copies on the host, without waiting on a GPU.
+        prompt_slots = slots[:n]
         cached = 0
         if self.cache is not None:
             got = self.cache.retrieve(prompt_t, self.model.kv_caches, prompt_slots)

@@ -163,6 +163,7 @@ class PagedLlama:
         self.head_size = shape.head_size
         self.scale = 1.0 / math.sqrt(self.head_size)
         self.device = next(model.parameters()).device
+        self.vocab_size = shape.vocab_size
 
     @staticmethod
     def shape_of(model: LlamaForCausalLM) -> ModelShape:
@@ -209,8 +210,12 @@ class PagedLlama:
         hidden = llama.embed_tokens(ids)
         cos, sin = llama.rotary_emb(hidden[None], positions[None])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]
-        # Query i sits at position start + i and may see keys 0..start + i.
-        mask = torch.arange(total, device=self.device)[None, :] <= positions[:, None]
+        # Query i sits at position start + i and may see keys 0..start + i; a single query
+        # (decode, or the one recomputed token of a full hit) sees every key.
+        mask = None
+        if n > 1:
+            mask = torch.arange(total, device=self.device)[None, :] <= positions[:, None]
+            mask = mask.repeat(self.num_heads // self.num_kv_heads, 1)
         new_slots = slots[start:]
         for layer, cache in zip(llama.layers, self.kv_caches, strict=True):
             attn = layer.self_attn
@@ -226,15 +231,30 @@ class PagedLlama:
             v_flat.index_copy_(0, new_slots, v.to(cache.dtype))
             keys = k_flat.index_select(0, slots).to(q.dtype).transpose(0, 1)
             values = v_flat.index_select(0, slots).to(q.dtype).transpose(0, 1)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1),
-                keys,
-                values,
-                attn_mask=mask,
-                scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )
-            out = out.transpose(0, 1).reshape(n, self.num_heads * self.head_size)
+            out = self._attend(q, keys, values, mask)
             hidden = hidden + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Grouped-query attention without copying K/V per query head.
+
+        ``q`` is ``[n, heads, D]``, ``keys``/``values`` ``[kv_heads, T, D]``. Query head
+        ``h`` uses KV head ``h // group`` (transformers' ``repeat_kv`` order), so the group's
+        queries are folded into the row dimension: ``[kv_heads, group * n, D]`` against
+        ``[kv_heads, T, D]`` is plain multi-head attention, which every SDPA kernel runs
+        (the ``enable_gqa`` path was several times slower on CPU); ``mask`` is already
+        repeated per group row.
+        """
+        n = q.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        folded = q.transpose(0, 1).reshape(self.num_kv_heads, group * n, self.head_size)
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=self.scale)
+        out = out.reshape(self.num_heads, n, self.head_size).transpose(0, 1)
+        return out.reshape(n, self.num_heads * self.head_size)

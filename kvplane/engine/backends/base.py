@@ -107,6 +107,10 @@ class StorageBackend(ABC):
         """Swap a held chunk for ``chunk`` (e.g. compressed); False when the key is absent."""
         return self.contains(key) and self.put(key, chunk)
 
+    def counters(self) -> dict[str, float]:
+        """Tier-internal figures for metrics (corrupt files, breaker openings, ...)."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - most tiers hold nothing to release
         """Release files, sockets and threads."""
 

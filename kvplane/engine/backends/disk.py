@@ -154,6 +154,9 @@ class LocalDiskBackend(StorageBackend):
                 self._write_errors,
             )
 
+    def counters(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self.stats()._asdict().items()}
+
     # ------------------------------------------------------------------ internals
     def _evict_locked(self, incoming: int) -> list[StorageEvent]:
         """Drop least recently used unpinned chunks until ``incoming`` more bytes fit."""

@@ -57,6 +57,9 @@ class FSConnectorBackend(StorageBackend):
     def corrupt_count(self) -> int:
         return self._corrupt
 
+    def counters(self) -> dict[str, float]:
+        return {"corrupt": float(self._corrupt)}
+
     def contains(self, key: CacheKey) -> bool:
         return chunk_files.chunk_path(self.root, key).is_file()
 

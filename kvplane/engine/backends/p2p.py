@@ -45,6 +45,9 @@ class P2PBackend(StorageBackend):
         """Late wiring: the controller worker starts after the tiers are built."""
         self.peer_locator = peer_locator
 
+    def counters(self) -> dict[str, float]:
+        return {"fetch_errors": float(self.fetch_errors)}
+
     def contains(self, key: CacheKey) -> bool:
         return self._locate([key]) is not None
 

@@ -93,11 +93,18 @@ class ChunkServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self._port}"
 
+    def bind(self) -> None:
+        """Bind and listen (connections queue until ``start``), so the port, and with it
+        :attr:`url`, is known early. Raises OSError when the port is taken."""
+        if self._server is None:
+            self._server = _Server(self.host, self._port, self)
+            self._port = int(self._server.server_address[1])
+
     def start(self) -> None:
-        """Bind and serve on a daemon thread. Raises OSError when the port is taken."""
-        server = _Server(self.host, self._port, self)
-        self._port = int(server.server_address[1])
-        self._server = server
+        """Bind if not done yet and serve on a daemon thread. Raises OSError."""
+        self.bind()
+        server = self._server
+        assert server is not None  # bound just above
         self._thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": 0.1},
@@ -109,10 +116,11 @@ class ChunkServer:
     def close(self) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
+        if self._thread is not None:  # shutdown() waits for serve_forever: only if it runs
+            self._server.shutdown()
             self._thread.join(timeout=5)
+            self._thread = None
+        self._server.server_close()
         self._server = None
 
     # ------------------------------------------------------------------ request handling
