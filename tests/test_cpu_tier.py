@@ -170,3 +170,12 @@ def test_capacity_shrinks_by_lru_keeps_pins_and_grows_back_to_the_slab():
     for i in range(6, 9):
         assert t.put(key(i), chunk(i))
     assert len(t.keys()) == 4 and t.pool.free_pages == 0
+
+
+def test_slab_is_pinned_exactly_when_cuda_is_present():
+    pool = HostMemoryPool(PAGE, 4)
+    assert pool.pinned == torch.cuda.is_available()
+    page = pool.allocate()
+    assert page is not None and page.data.is_pinned() == torch.cuda.is_available()
+    # Every page is a view of the one slab allocated up front.
+    assert page.data.untyped_storage().data_ptr() == pool._slab.untyped_storage().data_ptr()

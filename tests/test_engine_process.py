@@ -1,6 +1,9 @@
 import signal
 import time
 
+import pytest
+import torch
+
 from tests.support import kvplane_process, wait_until
 
 
@@ -48,4 +51,25 @@ def test_cpu_tier_larger_than_the_host_is_a_config_error_not_a_crash(tmp_path):
         assert proc.wait(60) == 2
     text = log.read_text()
     assert "max_local_cpu_size" in text and "cannot allocate" in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "foo",
+        "meta",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present"),
+        ),
+        "cuda:99",
+    ],
+)
+def test_engine_rejects_an_unusable_device_with_a_clear_message(tmp_path, device):
+    log = tmp_path / "device.log"
+    with kvplane_process(["engine", "--device", device], log_path=log) as proc:
+        assert proc.wait(60) == 2
+    text = log.read_text()
+    assert f"--device {device!r}" in text
     assert "Traceback" not in text
