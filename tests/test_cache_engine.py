@@ -198,3 +198,46 @@ def test_metrics_count_what_happened():
     assert sample("kvplane_evictions_total", tier="LocalCPUBackend") >= 1 + 3
     assert len(rt.storage.cpu.keys()) == pages
     rt.stop()
+
+
+def test_four_threads_under_eviction_pressure_read_only_exact_prefixes(device):
+    layout_page = make_runtime().layout.chunk_nbytes(16)
+    rt = make_runtime(device, max_local_cpu_size=6 * layout_page / 2**30)  # 6 pages
+    assert rt.pool.num_pages == 6
+    engine = rt.cache_engine
+    prompts = [list(range(s, s + 48)) for s in (0, 1000, 2000, 3000)]  # 12 chunks in all
+    slots = random_slots(rt, 48, 11)
+    errors: list = []
+    retrieved: list[int] = []
+
+    def worker(i):
+        try:
+            dst = allocate_kv_caches(rt.layout, device)
+            for n in range(20):
+                prompt = prompts[(i + n) % 4]
+                engine.store(prompt, rt.kv_caches, slots)
+                got = engine.retrieve(prompt, dst, slots).num_tokens
+                retrieved.append(got)
+                if got % 16 or not torch.equal(
+                    kv_at(dst, slots[:got]), kv_at(rt.kv_caches, slots[:got])
+                ):
+                    errors.append(f"thread {i}: {got} tokens, corrupted or not chunk-aligned")
+                for cache in dst:
+                    cache.zero_()
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert errors == []
+    assert any(retrieved), "nothing was ever retrieved"
+    cpu = rt.storage.cpu
+    assert rt.pool.free_pages == rt.pool.num_pages - len(cpu.keys())  # no page leaked
+    assert rt.metrics.registry.get_sample_value(
+        "kvplane_evictions_total", {"tier": "LocalCPUBackend"}
+    )
+    rt.stop()

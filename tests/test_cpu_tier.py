@@ -179,3 +179,46 @@ def test_slab_is_pinned_exactly_when_cuda_is_present():
     assert page is not None and page.data.is_pinned() == torch.cuda.is_available()
     # Every page is a view of the one slab allocated up front.
     assert page.data.untyped_storage().data_ptr() == pool._slab.untyped_storage().data_ptr()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.lists(
+        st.tuples(st.sampled_from(["put", "get", "pin", "unpin", "remove"]), st.integers(0, 7)),
+        max_size=60,
+    ),
+)
+def test_lru_order_matches_a_reference_model(pages, ops):
+    """Exact eviction order: the least recently put or read unpinned entry goes first."""
+    t = tier(pages)
+    model: dict[int, bool] = {}  # key -> pinned, in LRU order (dicts keep insertion order)
+    for op, i in ops:
+        if op == "put":
+            expect = True
+            if i in model:
+                model[i] = model.pop(i)
+            else:
+                if len(model) >= pages:
+                    victim = next((k for k, pinned in model.items() if not pinned), None)
+                    if victim is None:
+                        expect = False
+                    else:
+                        del model[victim]
+                if expect:
+                    model[i] = False
+            assert t.put(key(i), chunk(i)) is expect
+        elif op == "get":
+            got = t.get(key(i))
+            assert (got is not None) == (i in model)
+            if i in model:
+                model[i] = model.pop(i)
+                assert torch.equal(got.kv(), chunk(i).kv())
+        elif op in ("pin", "unpin"):
+            assert getattr(t, op)(key(i)) == (i in model)
+            if i in model:
+                model[i] = op == "pin"
+        else:
+            assert t.remove(key(i)) == (i in model)
+            model.pop(i, None)
+        assert t.keys() == [key(k) for k in model]
