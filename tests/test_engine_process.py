@@ -1,10 +1,12 @@
 import signal
+import socket
+import threading
 import time
 
 import pytest
 import torch
 
-from tests.support import kvplane_process, wait_until
+from tests.support import free_ports, kvplane_process, wait_until
 
 
 def test_engine_runs_until_sigterm_and_exits_cleanly(tmp_path):
@@ -73,3 +75,40 @@ def test_engine_rejects_an_unusable_device_with_a_clear_message(tmp_path, device
     text = log.read_text()
     assert f"--device {device!r}" in text
     assert "Traceback" not in text
+
+
+def test_failed_start_stops_the_services_already_started():
+    from kvplane.config import load_config
+    from kvplane.engine.runtime import EngineRuntime
+    from kvplane.errors import Conflict
+
+    api, p2p, command, pull, reply = free_ports(5)
+    config = load_config(
+        env={},
+        overrides=dict(
+            chunk_size=16,
+            max_local_cpu_size=0.01,
+            enable_p2p=True,
+            p2p_host="127.0.0.1",
+            p2p_init_ports=[p2p],
+            enable_controller=True,
+            controller_pull_url=f"127.0.0.1:{pull}",
+            controller_reply_url=f"127.0.0.1:{reply}",
+            lmcache_worker_ports=[command],
+            controller_timeout_s=0.5,
+            internal_api_server_enabled=True,
+            internal_api_server_port_start=api,
+            internal_api_server_include_index_list=[0],
+        ),
+    )
+    runtime = EngineRuntime(config)
+    with socket.socket() as taken:  # the internal API cannot bind: the last service fails
+        taken.bind(("127.0.0.1", api))
+        taken.listen()
+        with pytest.raises(Conflict):
+            runtime.start()
+    for port in (p2p, command):  # the p2p server and the worker released their ports
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("kvplane-")]
+    assert alive == []

@@ -138,18 +138,29 @@ class EngineRuntime:
         self.services.append(service)
 
     def start(self) -> None:
+        """Start every service in order; if one fails, those already started are stopped
+        (ports released, the worker deregistered) and the tiers closed before it raises."""
         logging.getLogger("kvplane").setLevel(self.config.log_level)
-        for service in self.services:
-            log.info("starting %s", service.name)
-            service.start()
+        started: list[Service] = []
+        try:
+            for service in self.services:
+                log.info("starting %s", service.name)
+                service.start()
+                started.append(service)
+        except BaseException:
+            self._stop(started)
+            raise
         self._started = True
 
     def stop(self) -> None:
         """Stop services in reverse order, then drain and close the tiers. Idempotent."""
+        self._stop(self.services)
+
+    def _stop(self, services: Sequence[Service]) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        for service in reversed(self.services):
+        for service in reversed(services):
             try:
                 service.stop()
             except Exception:  # one failing service must not keep the others running
