@@ -241,3 +241,40 @@ def test_four_threads_under_eviction_pressure_read_only_exact_prefixes(device):
         "kvplane_evictions_total", {"tier": "LocalCPUBackend"}
     )
     rt.stop()
+
+
+def test_caches_of_another_layout_are_refused_and_no_page_leaks():
+    rt = make_runtime()
+    engine = rt.cache_engine
+    slots = torch.arange(40)
+    wrong = {
+        "fewer layers": rt.kv_caches[:1],
+        "more layers": rt.kv_caches + rt.kv_caches,
+        "other dtype": [c.float() for c in rt.kv_caches],
+        "other heads": allocate_kv_caches(rt.layout._replace(num_kv_heads=2)),
+        "other blocks": allocate_kv_caches(rt.layout._replace(num_blocks=128)),
+    }
+    for name, caches in wrong.items():
+        with pytest.raises(BadRequest, match="kv_caches must be"):
+            engine.store(list(range(40)), caches, slots)
+        with pytest.raises(BadRequest, match="kv_caches must be"):
+            engine.retrieve(list(range(40)), caches, slots)
+        assert rt.pool.free_pages == rt.pool.num_pages, name
+    assert rt.storage.cpu.keys() == []
+    rt.stop()
+
+
+def test_a_failing_copy_gives_its_pages_back(monkeypatch):
+    rt = make_runtime()
+    engine = rt.cache_engine
+
+    def broken_copy(kv_caches, items):
+        raise RuntimeError("device lost")
+
+    # Fault injection at the copy step of the real engine.
+    monkeypatch.setattr("kvplane.engine.cache_engine.gather_many", broken_copy)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.store(list(range(40)), rt.kv_caches, torch.arange(40))
+    assert rt.pool.free_pages == rt.pool.num_pages
+    assert rt.storage.cpu.keys() == []
+    rt.stop()
