@@ -268,7 +268,7 @@ def test_a_failing_copy_gives_its_pages_back(monkeypatch):
     rt = make_runtime()
     engine = rt.cache_engine
 
-    def broken_copy(kv_caches, items):
+    def broken_copy(kv_caches, items, copy_stream=None):
         raise RuntimeError("device lost")
 
     # Fault injection at the copy step of the real engine.

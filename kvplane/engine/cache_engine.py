@@ -136,7 +136,7 @@ class CacheEngine:
         staged: list[tuple[CacheKey, KVChunk, MemoryPage]] = []
         copies: list[tuple[SlotIndex, torch.Tensor]] = []
         indices = self._indices(kv_caches, slots, spans)
-        with self._releasing_on_error(staged), self._device_guard(kv_caches):
+        with self._releasing_on_error(staged), self._device_guard(kv_caches) as copy_stream:
             for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
                 n = end - start
                 if n < self.config.chunk_size and not self.config.save_unfull_chunk:
@@ -151,7 +151,7 @@ class CacheEngine:
                         staged.append((key, KVChunk(meta, page.data[:size]), page))
                         copies.append((index, staged[-1][1].kv()))
                         if len(copies) == _FLUSH_CHUNKS:  # start the copies while planning on
-                            gather_many(kv_caches, copies)
+                            gather_many(kv_caches, copies, copy_stream)
                             copies = []
                     elif cpu is not None or not self._store_uncached(key, meta, kv_caches, index):
                         self.metrics.refused_stores.inc()
@@ -159,7 +159,7 @@ class CacheEngine:
                     new_chunks += 1
                     nbytes += self.layout.chunk_nbytes(n)
                 held_tokens = end
-            gather_many(kv_caches, copies)
+            gather_many(kv_caches, copies, copy_stream)
         # The guard synchronized the stream: the pages hold the KV now, publish them.
         for key, chunk, page in staged:
             self.storage.put(key, chunk, page)
@@ -230,7 +230,7 @@ class CacheEngine:
         loaded_tokens = chunks = nbytes = 0
         copies: list[tuple[SlotIndex, torch.Tensor]] = []
         indices = self._indices(kv_caches, slots, spans)
-        with contextlib.ExitStack() as reads, self._device_guard(kv_caches):
+        with contextlib.ExitStack() as reads, self._device_guard(kv_caches) as copy_stream:
             for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
                 chunk = reads.enter_context(self.storage.read(key))
                 if chunk is None:
@@ -241,11 +241,11 @@ class CacheEngine:
                     break  # a chunk of another layout under this key: treat as a miss
                 copies.append((indices[chunk_no], kv))
                 if len(copies) == _FLUSH_CHUNKS:
-                    scatter_many(kv_caches, copies)
+                    scatter_many(kv_caches, copies, copy_stream)
                     copies = []
                 self.metrics.lookup_hits.inc()
                 loaded_tokens, chunks, nbytes = end, chunks + 1, nbytes + chunk.nbytes
-            scatter_many(kv_caches, copies)
+            scatter_many(kv_caches, copies, copy_stream)
             self._sync(kv_caches)  # pages must not be reused before the copies finished
         self.metrics.retrieved_tokens.inc(loaded_tokens)
         self.metrics.retrieved_bytes.inc(nbytes)
@@ -362,15 +362,19 @@ class CacheEngine:
 
     @contextlib.contextmanager
     def _device_guard(self, kv_caches: Sequence[torch.Tensor]) -> Any:
-        """Serialize GPU transfers of this engine on one side stream."""
+        """Serialize GPU transfers of this engine on a side stream for kernels and one for
+        host<->device copies (yielded; None on CPU); both are synchronized on exit."""
         if not kv_caches or kv_caches[0].device.type != "cuda":
-            yield
+            yield None
             return
+        device = kv_caches[0].device
         with self._cuda_lock:
-            stream = torch.cuda.Stream(device=kv_caches[0].device)
-            stream.wait_stream(torch.cuda.current_stream(kv_caches[0].device))
+            stream = torch.cuda.Stream(device=device)
+            copy_stream = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                yield
+                yield copy_stream
+            stream.wait_stream(copy_stream)
             stream.synchronize()
 
     @staticmethod

@@ -336,34 +336,45 @@ def _runs(
 
 
 def gather_many(
-    kv_caches: Sequence[torch.Tensor], items: Sequence[tuple[SlotIndex, torch.Tensor]]
+    kv_caches: Sequence[torch.Tensor],
+    items: Sequence[tuple[SlotIndex, torch.Tensor]],
+    copy_stream: torch.cuda.Stream | None = None,
 ) -> None:
     """Gather each ``(slots, out)`` pair. On CUDA, runs of same-size chunks share kernels and
-    the copies into pinned ``out`` are queued: synchronize the stream before reading them."""
+    the copies into pinned ``out`` are queued on ``copy_stream``.
+
+    Without ``copy_stream`` the current stream waits for the copies at the end, so syncing
+    it suffices. A caller that gathers in several calls passes one copy stream to all and
+    joins it once: a join per call would stall the copy engine at every call.
+    """
     if not kv_caches or kv_caches[0].device.type != "cuda":
         for index, out in items:
             gather(kv_caches, index, out=out)
         return
     compute = torch.cuda.current_stream(kv_caches[0].device)
-    copy_stream = torch.cuda.Stream(kv_caches[0].device)
+    stream = copy_stream or torch.cuda.Stream(kv_caches[0].device)
     for run in _runs(items):
         if len(run) == 1:
             gather(kv_caches, run[0][0], out=run[0][1], non_blocking=True)
         else:
-            gather_chunks(kv_caches, [i for i, _ in run], [o for _, o in run], copy_stream)
-    compute.wait_stream(copy_stream)  # syncing the caller's stream now covers the copies
+            gather_chunks(kv_caches, [i for i, _ in run], [o for _, o in run], stream)
+    if copy_stream is None:
+        compute.wait_stream(stream)
 
 
 def scatter_many(
-    kv_caches: Sequence[torch.Tensor], items: Sequence[tuple[SlotIndex, torch.Tensor]]
+    kv_caches: Sequence[torch.Tensor],
+    items: Sequence[tuple[SlotIndex, torch.Tensor]],
+    copy_stream: torch.cuda.Stream | None = None,
 ) -> None:
-    """Scatter each ``(slots, kv)`` pair; batched like :func:`gather_many`. Keep the ``kv``
-    tensors unchanged until the stream is synchronized."""
+    """Scatter each ``(slots, kv)`` pair; batched like :func:`gather_many` (host->device
+    copies on ``copy_stream``, the kernels on the current stream, which waits for them).
+    Keep the ``kv`` tensors unchanged until the current stream is synchronized."""
     if not kv_caches or kv_caches[0].device.type != "cuda":
         for index, kv in items:
             scatter(kv_caches, index, kv)
         return
-    copy_stream = torch.cuda.Stream(kv_caches[0].device)
+    copy_stream = copy_stream or torch.cuda.Stream(kv_caches[0].device)
     for run in _runs(items):
         if len(run) == 1:
             scatter(kv_caches, run[0][0], run[0][1])
