@@ -10,7 +10,10 @@ Key names are the seeds' names, so a YAML written for the original system loads 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -68,14 +71,16 @@ def _int(v: Any) -> int:
 def _float(v: Any) -> float:
     if isinstance(v, bool):
         raise ValueError("expected a number")
+    number: float | None = None
     if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v.strip())
-        except ValueError:
-            pass
-    raise ValueError("expected a number")
+        number = float(v)
+    elif isinstance(v, str):
+        with contextlib.suppress(ValueError):
+            number = float(v.strip())
+    # NaN passes every range check and inf overflows every size computed from it.
+    if number is None or not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number
 
 
 def _str(v: Any) -> str:
@@ -160,7 +165,8 @@ class EngineConfig:
     local_cpu: bool = key(True, "Keep chunks in the pinned CPU memory tier.", kind=BOOL)
     max_local_cpu_size: float = key(
         5.0,
-        "CPU tier size in GB (the host slab is allocated up front).",
+        "CPU tier size in GB; the host slab is allocated at start, so at runtime the tier "
+        "can shrink and grow back up to it.",
         kind=FLOAT,
         minimum=0.0,
         mutable=True,
@@ -393,15 +399,19 @@ def key_specs() -> list[KeySpec]:
 
 
 def _mask(value: Any) -> Any:
+    """A URL keeps its scheme, host and path; credentials and the query string (redis
+    accepts ``?password=``) are hidden. Anything else is hidden whole."""
     if value is None:
         return None
     text = str(value)
-    if "://" in text:
-        scheme, rest = text.split("://", 1)
-        if "@" in rest:
-            return f"{scheme}://***@{rest.split('@', 1)[1]}"
-        return text
-    return "***"
+    if "://" not in text:
+        return "***"
+    scheme, rest = text.split("://", 1)
+    rest, has_query, _ = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:  # a raw '@' may sit inside the password: the host follows the last one
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return f"{scheme}://{netloc}{slash}{path}" + ("?***" if has_query else "")
 
 
 def load_config(
@@ -440,9 +450,11 @@ def load_config(
     values: dict[str, Any] = {}
     unknown = sorted(k for k in raw if k not in by_name)
     if unknown:
+        close = difflib.get_close_matches(unknown[0], list(by_name), n=1)
         raise ConfigError(
-            f"unknown config key {unknown[0]!r}"
+            f"unknown config key {unknown[0]!r} (value {raw[unknown[0]]!r})"
             + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
+            + (f"; did you mean {close[0]!r}?" if close else "")
             + "; see docs/configuration.md for the valid keys"
         )
     for name, value in raw.items():

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 HASH_ALGORITHM = "xxh3_64-chained-int32le-v1"
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 def key_scheme_fingerprint(chunk_size: int) -> str:
@@ -45,6 +46,9 @@ def to_token_array(tokens: Any) -> np.ndarray:
         raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+    # A token beyond int32 would wrap silently and collide with another token's key.
+    if arr.size and (int(arr.min()) < _INT32_MIN or int(arr.max()) > _INT32_MAX):
+        raise ValueError(f"token ids must fit in int32 [{_INT32_MIN}, {_INT32_MAX}]")
     return arr.astype("<i4", copy=False)
 
 
@@ -57,6 +61,8 @@ def chunk_spans(num_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
 
 def chunk_hashes(tokens: Any, chunk_size: int) -> list[int]:
     """Chained 64-bit prefix hash of every chunk of ``tokens``."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
     data = to_token_array(tokens).tobytes()
     step = chunk_size * 4
     hashes: list[int] = []

@@ -399,3 +399,44 @@ def test_check_store_clear_retrieve_on_each_device(device):
         r = client.post("/cache/retrieve", params={"tokens_mock": "0,40", "slot_mapping": "[0,39]"})
         assert r.json()["num_retrieved"] == 40
         assert client.get("/cache/kvcache/check", params=params).json()["chunk_checksums"] == stored
+
+
+@pytest.mark.parametrize("path", ["/cache/store", "/cache/retrieve"])
+def test_huge_or_out_of_range_tokens_are_a_clean_400(engine, path):
+    runtime, client = engine
+    for params in (
+        {"tokens_mock": "0,100000000000"},  # refused before the range is built
+        {"tokens_mock": "0,99999999999999999999999"},
+        {"tokens_mock": "2147483647,2147483649"},  # token ids beyond int32
+        {"tokens_input": "1,4294967297"},  # would wrap to token 1 as int32
+    ):
+        r = client.post(path, params=params)
+        assert r.status_code == 400, (params, r.text)
+        assert set(r.json()) == {"error", "message"}
+    assert runtime.storage.cpu.keys() == []
+    assert client.post(path, params={"tokens_input": "1,2147483647"}).status_code == 200
+
+
+def test_conf_post_max_local_cpu_size_resizes_the_cpu_tier(engine):
+    runtime, client = engine
+    cpu = runtime.storage.cpu
+    page = runtime.layout.chunk_nbytes(16)
+    assert (
+        client.post("/cache/store", params={"tokens_mock": "0,64"}).json()["num_stored_tokens"]
+        == 64
+    )
+    two_pages_gb = 2 * page / 2**30
+    r = client.post("/conf", json={"max_local_cpu_size": two_pages_gb})
+    assert r.json() == {"updated": {"max_local_cpu_size": two_pages_gb}}
+    assert cpu.capacity_bytes == 2 * page
+    assert cpu.keys() == runtime.cache_engine.keys_for(list(range(64)))[2:]  # LRU went first
+    assert lookup(runtime, 0, 64) == 0
+    r = client.post("/cache/store", params={"tokens_mock": "100,164"})
+    assert r.json()["num_stored_tokens"] == 32  # two pages: the third chunk is refused
+    assert len(cpu.keys()) == 2
+    assert client.post("/conf", json={"max_local_cpu_size": 0.01}).status_code == 200
+    r = client.post("/cache/store", params={"tokens_mock": "100,164"})
+    assert r.json()["num_stored_tokens"] == 64
+    r = client.post("/conf", json={"max_local_cpu_size": "nan"})
+    assert r.status_code == 400 and "finite" in r.json()["errors"]["max_local_cpu_size"]
+    assert client.get("/conf").status_code == 200

@@ -18,7 +18,7 @@ from kvplane.api.server import (
     served_indices,
     server_address,
 )
-from kvplane.errors import Conflict, KvplaneError
+from kvplane.errors import ConfigError, Conflict, KvplaneError
 from tests.api_client import TRANSPORTS, api_config, client_for, serving, short_tmpdir
 from tests.support import free_port
 
@@ -235,3 +235,20 @@ def test_ipv6_loopback_host():
             assert client.get(f"http://[::1]:{port}/meta").json()["index"] == 0
     finally:
         service.stop()
+
+
+def test_unusable_socket_prefix_is_a_config_error_naming_the_key(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    too_long = f"{tmp_path}/{'x' * 120}/socket"
+    for prefix, words in (
+        (f"{not_a_dir}/sub/socket", "cannot create directory"),
+        (too_long, "at most 107"),
+    ):
+        cfg = api_config(internal_api_server_socket_path_prefix=prefix)
+        service = InternalApiService(cfg, indices=[0])
+        with pytest.raises(ConfigError, match=words) as info:
+            service.start()
+        assert "internal_api_server_socket_path_prefix" in str(info.value)
+        assert service.servers == {}
+    assert not os.path.exists(os.path.dirname(too_long))  # refused before creating anything

@@ -14,6 +14,8 @@ SHAPES = [
     dict(kv_num_layers=3, kv_num_heads=1, kv_head_size=8, kv_dtype="float32"),
     dict(kv_num_layers=2, kv_num_heads=4, kv_head_size=8, kv_dtype="float16"),
     dict(kv_num_layers=2, kv_num_heads=1, kv_head_size=32, kv_dtype="bfloat16", use_mla=True),
+    dict(kv_num_layers=2, kv_num_heads=2, kv_head_size=16, kv_dtype="float8_e4m3fn"),
+    dict(kv_num_layers=1, kv_num_heads=1, kv_head_size=64, kv_dtype="float8_e5m2", use_mla=True),
 ]
 
 
@@ -53,8 +55,8 @@ def test_store_clear_retrieve_round_trip(device, shape):
     rt.stop()
 
 
-def test_retrieve_stops_at_missing_middle_chunk():
-    rt = make_runtime()
+def test_retrieve_stops_at_missing_middle_chunk(device):
+    rt = make_runtime(device)
     engine = rt.cache_engine
     tokens = list(range(64))
     slots = random_slots(rt, 64, 3)
@@ -62,7 +64,7 @@ def test_retrieve_stops_at_missing_middle_chunk():
     keys = engine.keys_for(tokens)
     rt.storage.cpu.remove(keys[2])
     assert engine.lookup(tokens) == 32
-    dst = allocate_kv_caches(rt.layout)
+    dst = allocate_kv_caches(rt.layout, device)
     assert engine.retrieve(tokens, dst, slots).num_tokens == 32
     assert torch.equal(kv_at(dst, slots[:32]), kv_at(rt.kv_caches, slots[:32]))
     assert not kv_at(dst, slots[32:]).any()
@@ -164,3 +166,115 @@ def test_four_threads_store_and_retrieve_concurrently(device):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "deadlock"
     assert errors == []
+
+
+def test_metrics_count_what_happened():
+    rt = make_runtime(max_local_cpu_size=0.001)  # 16 pages of 64 KiB
+    engine = rt.cache_engine
+
+    def sample(name, **labels):
+        return rt.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+    tokens = list(range(45))
+    slots = random_slots(rt, 45, 7)
+    nbytes = rt.layout.chunk_nbytes(16) * 2 + rt.layout.chunk_nbytes(13)
+    engine.store(tokens, rt.kv_caches, slots)
+    assert sample("kvplane_stored_tokens_total") == 45
+    assert sample("kvplane_stored_bytes_total") == nbytes
+    assert sample("kvplane_store_seconds_count") == 1
+    engine.store(tokens, rt.kv_caches, slots)  # all held: nothing new
+    assert sample("kvplane_stored_bytes_total") == nbytes
+    rt.storage.cpu.remove(engine.keys_for(tokens)[1])
+    assert sample("kvplane_evictions_total", tier="LocalCPUBackend") == 1
+    assert engine.retrieve(tokens, rt.kv_caches, slots).num_tokens == 16
+    assert sample("kvplane_retrieved_tokens_total") == 16
+    assert sample("kvplane_retrieved_bytes_total") == rt.layout.chunk_nbytes(16)
+    assert (sample("kvplane_chunk_hits_total"), sample("kvplane_chunk_misses_total")) == (1, 1)
+    assert sample("kvplane_retrieve_seconds_count") == 1
+    # Memory pressure: every page is taken, so LRU evictions are counted per tier.
+    pages = rt.pool.num_pages
+    for i in range(pages + 3):
+        engine.store([10**5 + i * 100 + t for t in range(16)], rt.kv_caches, slots[:16])
+    assert sample("kvplane_evictions_total", tier="LocalCPUBackend") >= 1 + 3
+    assert len(rt.storage.cpu.keys()) == pages
+    rt.stop()
+
+
+def test_four_threads_under_eviction_pressure_read_only_exact_prefixes(device):
+    layout_page = make_runtime().layout.chunk_nbytes(16)
+    rt = make_runtime(device, max_local_cpu_size=6 * layout_page / 2**30)  # 6 pages
+    assert rt.pool.num_pages == 6
+    engine = rt.cache_engine
+    prompts = [list(range(s, s + 48)) for s in (0, 1000, 2000, 3000)]  # 12 chunks in all
+    slots = random_slots(rt, 48, 11)
+    errors: list = []
+    retrieved: list[int] = []
+
+    def worker(i):
+        try:
+            dst = allocate_kv_caches(rt.layout, device)
+            for n in range(20):
+                prompt = prompts[(i + n) % 4]
+                engine.store(prompt, rt.kv_caches, slots)
+                got = engine.retrieve(prompt, dst, slots).num_tokens
+                retrieved.append(got)
+                if got % 16 or not torch.equal(
+                    kv_at(dst, slots[:got]), kv_at(rt.kv_caches, slots[:got])
+                ):
+                    errors.append(f"thread {i}: {got} tokens, corrupted or not chunk-aligned")
+                for cache in dst:
+                    cache.zero_()
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert errors == []
+    assert any(retrieved), "nothing was ever retrieved"
+    cpu = rt.storage.cpu
+    assert rt.pool.free_pages == rt.pool.num_pages - len(cpu.keys())  # no page leaked
+    assert rt.metrics.registry.get_sample_value(
+        "kvplane_evictions_total", {"tier": "LocalCPUBackend"}
+    )
+    rt.stop()
+
+
+def test_caches_of_another_layout_are_refused_and_no_page_leaks():
+    rt = make_runtime()
+    engine = rt.cache_engine
+    slots = torch.arange(40)
+    wrong = {
+        "fewer layers": rt.kv_caches[:1],
+        "more layers": rt.kv_caches + rt.kv_caches,
+        "other dtype": [c.float() for c in rt.kv_caches],
+        "other heads": allocate_kv_caches(rt.layout._replace(num_kv_heads=2)),
+        "other blocks": allocate_kv_caches(rt.layout._replace(num_blocks=128)),
+    }
+    for name, caches in wrong.items():
+        with pytest.raises(BadRequest, match="kv_caches must be"):
+            engine.store(list(range(40)), caches, slots)
+        with pytest.raises(BadRequest, match="kv_caches must be"):
+            engine.retrieve(list(range(40)), caches, slots)
+        assert rt.pool.free_pages == rt.pool.num_pages, name
+    assert rt.storage.cpu.keys() == []
+    rt.stop()
+
+
+def test_a_failing_copy_gives_its_pages_back(monkeypatch):
+    rt = make_runtime()
+    engine = rt.cache_engine
+
+    def broken_copy(kv_caches, items):
+        raise RuntimeError("device lost")
+
+    # Fault injection at the copy step of the real engine.
+    monkeypatch.setattr("kvplane.engine.cache_engine.gather_many", broken_copy)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.store(list(range(40)), rt.kv_caches, torch.arange(40))
+    assert rt.pool.free_pages == rt.pool.num_pages
+    assert rt.storage.cpu.keys() == []
+    rt.stop()

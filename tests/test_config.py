@@ -1,8 +1,15 @@
+import math
+import subprocess
+import sys
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvplane.config import EngineConfig, key_specs, load_config
 from kvplane.docs import DOC_PATH, render_configuration_md
 from kvplane.errors import ConfigError
+from tests.support import REPO_ROOT, kvplane_env
 
 SEED_YAML = """
 chunk_size: 256
@@ -123,3 +130,123 @@ def test_every_key_has_help_and_valid_default():
 
 def test_configuration_doc_is_current():
     assert DOC_PATH.read_text() == render_configuration_md()
+
+
+# Verbatim from the seeds (controller_overview.rst, internal_api_server.rst): each YAML block
+# an operator may already have must load unchanged.
+SEED_OVERVIEW_YAML = """
+enable_controller: True
+lmcache_instance_id: "lmcache_instance_id"
+
+controller_pull_url: ip:pull_port
+# if controller reply port is None, no need to configure reply url
+controller_reply_url: ip:reply_port
+# the number of ports for LMCache Worker, must equal to the number of ranks
+lmcache_worker_ports: [1, 2, 3]
+
+# p2p configuration
+p2p_host: localhost
+p2p_init_port: [11, 12, 13]
+"""
+
+SEED_INTERNAL_API_YAML = """
+# Enable/disable the internal API server
+internal_api_server_enabled: True
+# Base port for the API server
+# actual_port = internal_api_server_port_start + index
+# Scheduler → 6999 + 0 = 6999
+# Worker 0 → 6999 + 1 = 7000
+internal_api_server_port_start: 6999
+# List of scheduler/worker indices: 0 for scheduler, 1 for worker 0, 2 for worker 1, etc.
+internal_api_server_include_index_list: [0, 1]
+# Socket path prefix for the API server. If configured, the server will use a Unix socket instead of listening on a port.
+internal_api_server_socket_path_prefix: "/tmp/lmcache_internal_api_server/socket"
+"""
+
+
+def test_every_seed_yaml_block_loads_unchanged(tmp_path):
+    path = tmp_path / "overview.yaml"
+    path.write_text(SEED_OVERVIEW_YAML)
+    cfg = load_config(env={"LMCACHE_CONFIG_FILE": str(path)})
+    assert cfg.lmcache_instance_id == "lmcache_instance_id"
+    assert (cfg.controller_pull_url, cfg.controller_reply_url) == ("ip:pull_port", "ip:reply_port")
+    assert cfg.lmcache_worker_ports == [1, 2, 3]
+    assert cfg.p2p_init_ports == [11, 12, 13]
+    path = tmp_path / "api.yaml"
+    path.write_text(SEED_INTERNAL_API_YAML)
+    cfg = load_config(env={"KVPLANE_CONFIG_FILE": str(path)})
+    assert cfg.internal_api_server_enabled is True
+    assert cfg.internal_api_server_port_start == 6999
+    assert cfg.internal_api_server_include_index_list == [0, 1]
+    assert cfg.internal_api_server_socket_path_prefix == "/tmp/lmcache_internal_api_server/socket"
+    # The keys the seeds' POST /conf examples change exist and are mutable.
+    specs = {s.name: s for s in key_specs()}
+    assert specs["min_retrieve_tokens"].mutable and specs["save_decode_cache"].mutable
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", "'nan'", "'inf'"])
+def test_non_finite_numbers_are_refused(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"max_local_cpu_size: {text}\n")
+    with pytest.raises(ConfigError, match=r"max_local_cpu_size.*finite number"):
+        load_config(path, env={})
+    cfg = EngineConfig()
+    result = cfg.update({"max_local_cpu_size": float("nan")})
+    assert result.updated == {} and "finite" in result.errors["max_local_cpu_size"]
+    assert cfg.max_local_cpu_size == 5.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
+def test_float_keys_hold_only_finite_values_within_their_range(raw):
+    for spec in key_specs():
+        if spec.kind.name != "float":
+            continue
+        try:
+            value = spec.validate(raw)
+        except ConfigError as exc:
+            assert str(exc).startswith(spec.name + ":")
+            continue
+        assert math.isfinite(value)
+        assert spec.minimum is None or value >= spec.minimum
+        assert spec.maximum is None or value <= spec.maximum
+
+
+def test_unknown_key_error_names_value_and_nearest_key():
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"max_local_cpu_sise": 3})
+    message = str(info.value)
+    assert "'max_local_cpu_sise'" in message and "3" in message
+    assert "did you mean 'max_local_cpu_size'" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:p@ss@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+        ("redis://user:pw@h:1", "redis://***@h:1"),
+        ("redis://h:1/0?password=pw", "redis://h:1/0?***"),
+        ("redis://h:1?password=pw", "redis://h:1?***"),
+        ("fs:///shared/dir", "fs:///shared/dir"),
+    ],
+)
+def test_remote_url_credentials_are_masked_in_every_form(url, shown):
+    cfg = load_config(env={}, overrides={"remote_url": url})
+    assert cfg.to_dict()["remote_url"] == shown
+    assert cfg.to_dict(reveal_secrets=True)["remote_url"] == url
+
+
+def test_engine_help_lists_every_config_key():
+    out = subprocess.run(
+        [sys.executable, "-m", "kvplane", "engine", "--help"],
+        cwd=REPO_ROOT,
+        env=kvplane_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    for spec in key_specs():
+        line = next((ln for ln in out.splitlines() if ln.strip().startswith(spec.name + " (")), "")
+        assert spec.help in line, spec.name
+        assert ("mutable" in line) == spec.mutable, spec.name

@@ -90,21 +90,31 @@ def test_hot_cache_off_drops_entries_and_keeps_nothing_new():
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.sampled_from(["put", "pin", "unpin", "get", "remove"]), st.integers(0, 9)),
+        st.tuples(
+            st.sampled_from(["put", "pin", "unpin", "get", "remove", "capacity"]),
+            st.integers(0, 9),
+        ),
         max_size=80,
     )
 )
 def test_accounting_never_exceeds_limit(ops):
     t = tier(4)
+    limit = 4
     for op, i in ops:
         if op == "put":
-            t.put(key(i), chunk(i))
+            stored = t.put(key(i), chunk(i))
+            pinned = sum(t.is_pinned(k) for k in t.keys())
+            assert stored or t.contains(key(i)) or pinned >= limit
+        elif op == "capacity":
+            assert t.set_capacity(i * PAGE) == min(i, 4) * PAGE
+            limit = min(i, 4)
         elif op == "get":
             got = t.get(key(i))
             assert got is None or torch.equal(got.kv(), chunk(i).kv())
         else:
             getattr(t, op)(key(i))
-        assert len(t.keys()) <= 4
+        pinned = sum(t.is_pinned(k) for k in t.keys())
+        assert len(t.keys()) <= max(limit, pinned)
         assert t.pool.used_bytes <= t.pool.capacity_bytes
         assert t.pool.free_pages == 4 - len(t.keys())
 
@@ -132,3 +142,83 @@ def test_concurrent_puts_and_reads_keep_data_intact():
     assert not any(th.is_alive() for th in threads)
     assert errors == []
     assert t.pool.free_pages == 8 - len(t.keys())
+
+
+def test_capacity_shrinks_by_lru_keeps_pins_and_grows_back_to_the_slab():
+    t = tier(4)
+    events = []
+    t.add_listener(events.append)
+    for i in range(4):
+        t.put(key(i), chunk(i))
+    t.pin(key(0))
+    t.get(key(1))  # LRU order now 0 (pinned), 2, 3, 1
+    assert t.set_capacity(2 * PAGE + 5) == 2 * PAGE  # whole pages
+    assert t.keys() == [key(0), key(1)]
+    assert [e for e in events if isinstance(e, ChunkEvicted)] == [
+        ChunkEvicted(key(2), "LocalCPUBackend"),
+        ChunkEvicted(key(3), "LocalCPUBackend"),
+    ]
+    assert t.put(key(5), chunk(5))  # evicts 1, the only unpinned entry
+    assert t.keys() == [key(0), key(5)]
+    assert t.pool.free_pages == 2  # the slab is larger, the tier uses only its capacity
+    t.set_capacity(PAGE)
+    assert t.keys() == [key(0)]  # pinned: stays although it fills the capacity
+    refused = t.refused_stores
+    assert t.put(key(6), chunk(6)) is False
+    assert t.refused_stores == refused + 1
+    assert t.set_capacity(100 * PAGE) == 4 * PAGE  # never beyond the slab
+    for i in range(6, 9):
+        assert t.put(key(i), chunk(i))
+    assert len(t.keys()) == 4 and t.pool.free_pages == 0
+
+
+def test_slab_is_pinned_exactly_when_cuda_is_present():
+    pool = HostMemoryPool(PAGE, 4)
+    assert pool.pinned == torch.cuda.is_available()
+    page = pool.allocate()
+    assert page is not None and page.data.is_pinned() == torch.cuda.is_available()
+    # Every page is a view of the one slab allocated up front.
+    assert page.data.untyped_storage().data_ptr() == pool._slab.untyped_storage().data_ptr()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.lists(
+        st.tuples(st.sampled_from(["put", "get", "pin", "unpin", "remove"]), st.integers(0, 7)),
+        max_size=60,
+    ),
+)
+def test_lru_order_matches_a_reference_model(pages, ops):
+    """Exact eviction order: the least recently put or read unpinned entry goes first."""
+    t = tier(pages)
+    model: dict[int, bool] = {}  # key -> pinned, in LRU order (dicts keep insertion order)
+    for op, i in ops:
+        if op == "put":
+            expect = True
+            if i in model:
+                model[i] = model.pop(i)
+            else:
+                if len(model) >= pages:
+                    victim = next((k for k, pinned in model.items() if not pinned), None)
+                    if victim is None:
+                        expect = False
+                    else:
+                        del model[victim]
+                if expect:
+                    model[i] = False
+            assert t.put(key(i), chunk(i)) is expect
+        elif op == "get":
+            got = t.get(key(i))
+            assert (got is not None) == (i in model)
+            if i in model:
+                model[i] = model.pop(i)
+                assert torch.equal(got.kv(), chunk(i).kv())
+        elif op in ("pin", "unpin"):
+            assert getattr(t, op)(key(i)) == (i in model)
+            if i in model:
+                model[i] = op == "pin"
+        else:
+            assert t.remove(key(i)) == (i in model)
+            model.pop(i, None)
+        assert t.keys() == [key(k) for k in model]

@@ -90,3 +90,28 @@ def test_rejects_bad_tokens():
         chunk_hashes([[1, 2]], 4)
     with pytest.raises(ValueError):
         chunk_hashes([1.5, 2.0], 4)
+
+
+@given(
+    st.lists(st.integers(min_value=-(2**31), max_value=2**31 - 1), max_size=20),
+    st.integers(min_value=0, max_value=19),
+    st.integers(min_value=2**31, max_value=2**63 - 1) | st.integers(-(2**63), -(2**31) - 1),
+)
+def test_tokens_beyond_int32_are_refused_not_wrapped(tokens, at, big):
+    bad = list(tokens)
+    bad.insert(min(at, len(bad)), big)
+    for form in (bad, np.array(bad, dtype=np.int64), torch.tensor(bad, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="int32"):
+            chunk_hashes(form, 4)
+    # In range, the hashes are those of the int32 values themselves.
+    assert chunk_hashes(np.array(tokens, dtype=np.int64), 4) == chunk_hashes(
+        np.array(tokens, dtype=np.int32), 4
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, -256])
+def test_non_positive_chunk_size_is_refused(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_hashes([1, 2, 3], chunk_size)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_spans(3, chunk_size)

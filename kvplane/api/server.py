@@ -164,12 +164,30 @@ def _bind(address: Address) -> socket.socket:
         sock.bind(sockaddr)
     except OSError as exc:
         sock.close()
-        raise Conflict(f"internal API server cannot bind {address}: {exc.strerror}") from None
+        raise Conflict(
+            f"internal API server cannot bind {address}: {exc.strerror or exc}"
+        ) from None
     return sock
 
 
+# sun_path holds 108 bytes on Linux, the terminating NUL included.
+_MAX_UNIX_PATH = 107
+
+
 def _bind_unix(path: Path) -> socket.socket:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    size = len(os.fsencode(path))
+    if size > _MAX_UNIX_PATH:
+        raise ConfigError(
+            f"internal_api_server_socket_path_prefix: socket path {str(path)!r} is {size} "
+            f"bytes; a Unix socket path may have at most {_MAX_UNIX_PATH}"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(
+            f"internal_api_server_socket_path_prefix: cannot create directory "
+            f"{str(path.parent)!r}: {exc.strerror or exc}"
+        ) from None
     if path.is_symlink() or path.exists():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise Conflict(f"internal API socket path {path} exists and is not a socket")
@@ -181,7 +199,7 @@ def _bind_unix(path: Path) -> socket.socket:
         sock.bind(str(path))
     except OSError as exc:
         sock.close()
-        raise Conflict(f"internal API server cannot bind {path}: {exc.strerror}") from None
+        raise Conflict(f"internal API server cannot bind {path}: {exc.strerror or exc}") from None
     # The API can change the engine: only the owner may connect.
     os.chmod(path, 0o600)
     return sock

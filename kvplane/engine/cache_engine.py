@@ -126,6 +126,7 @@ class CacheEngine:
         """Store every chunk of ``tokens`` not held yet. Skipped entirely while frozen."""
         token_arr = to_token_array(tokens)
         slots = self._slots(slot_mapping, len(token_arr))
+        self._check_caches(kv_caches)
         if self.storage.frozen or len(token_arr) == 0:
             return StoreResult(0, 0, 0)
         start_time = time.perf_counter()
@@ -135,7 +136,7 @@ class CacheEngine:
         staged: list[tuple[CacheKey, KVChunk, MemoryPage]] = []
         copies: list[tuple[SlotIndex, torch.Tensor]] = []
         indices = self._indices(kv_caches, slots, spans)
-        with self._device_guard(kv_caches):
+        with self._releasing_on_error(staged), self._device_guard(kv_caches):
             for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
                 n = end - start
                 if n < self.config.chunk_size and not self.config.save_unfull_chunk:
@@ -167,6 +168,30 @@ class CacheEngine:
         self.metrics.store_seconds.observe(time.perf_counter() - start_time)
         return StoreResult(held_tokens, new_chunks, nbytes)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _releasing_on_error(staged: list[tuple[CacheKey, KVChunk, MemoryPage]]) -> Any:
+        """Give the staged pages back to the pool if the copies fail (they are never put)."""
+        try:
+            yield
+        except BaseException:
+            for _, _, page in staged:
+                page.release()
+            raise
+
+    def _check_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        """BadRequest unless ``kv_caches`` are this engine's layout: other shapes would be
+        stored as garbage (or read back into the wrong places)."""
+        layout, shape = self.layout, self.layout.cache_shape()
+        if len(kv_caches) != layout.num_layers or any(
+            tuple(c.shape) != shape or c.dtype != layout.dtype for c in kv_caches
+        ):
+            got = [(tuple(c.shape), str(c.dtype)) for c in kv_caches[:1]]
+            raise BadRequest(
+                f"kv_caches must be {layout.num_layers} layers of {list(shape)} "
+                f"{layout.dtype}; got {len(kv_caches)} layers, first {got}"
+            )
+
     def _store_uncached(
         self, key: CacheKey, meta: ChunkMeta, kv_caches: Sequence[torch.Tensor], index: SlotIndex
     ) -> bool:
@@ -192,6 +217,7 @@ class CacheEngine:
         """
         token_arr = to_token_array(tokens)
         slots = self._slots(slot_mapping, len(token_arr))
+        self._check_caches(kv_caches)
         keys = self.keys_for(token_arr)
         self._observe(keys)
         spans = chunk_spans(len(token_arr), self.config.chunk_size)

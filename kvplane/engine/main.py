@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from kvplane.config import help_lines
+from kvplane.errors import ConfigError
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "check_device"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,5 +29,26 @@ def run(args: argparse.Namespace) -> int:
     from kvplane.engine.runtime import EngineRuntime
 
     config = load_config(args.config)
-    EngineRuntime(config, device=args.device).run_forever()
+    EngineRuntime(config, device=check_device(args.device)).run_forever()
     return 0
+
+
+def check_device(name: str) -> str:
+    """``name`` if the KV caches can live there; ConfigError saying why not otherwise."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return name
+    if device.type != "cuda":
+        raise ConfigError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: no CUDA device is available on this machine")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return name

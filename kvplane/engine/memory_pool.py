@@ -14,6 +14,8 @@ import threading
 
 import torch
 
+from kvplane.errors import Unavailable
+
 __all__ = ["HostMemoryPool", "MemoryPage"]
 
 
@@ -47,9 +49,15 @@ class HostMemoryPool:
         self.page_nbytes = page_nbytes
         self.num_pages = max(0, num_pages)
         self.pinned = bool(pin and self.num_pages)
-        self._slab = torch.empty(
-            self.page_nbytes * self.num_pages, dtype=torch.uint8, pin_memory=self.pinned
-        )
+        nbytes = self.page_nbytes * self.num_pages
+        try:
+            self._slab = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        except RuntimeError as exc:  # torch's allocators report a failed allocation so
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+            raise Unavailable(
+                f"cannot allocate a {'pinned ' if self.pinned else ''}host slab of "
+                f"{nbytes} bytes ({reason})"
+            ) from None
         self._pages = [
             MemoryPage(self, i, self._slab[i * page_nbytes : (i + 1) * page_nbytes])
             for i in range(self.num_pages)

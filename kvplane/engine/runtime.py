@@ -26,6 +26,7 @@ from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.engine.tier_metrics import TierStatsCollector
 from kvplane.engine.tiers import GB, P2PNode, build_backends
+from kvplane.errors import ConfigError, Unavailable
 from kvplane.worker.service import ControllerWorker
 
 __all__ = ["EngineRuntime", "Service", "build_backends"]
@@ -60,7 +61,12 @@ class EngineRuntime:
         pool = None
         if config.local_cpu:
             page = self.layout.chunk_nbytes(config.chunk_size)
-            pool = HostMemoryPool.for_capacity(int(config.max_local_cpu_size * GB), page)
+            try:
+                pool = HostMemoryPool.for_capacity(int(config.max_local_cpu_size * GB), page)
+            except Unavailable as exc:
+                raise ConfigError(
+                    f"max_local_cpu_size: {config.max_local_cpu_size}: {exc}"
+                ) from None
         self.pool = pool
         self.storage = StorageManager(
             build_backends(config, pool), self.metrics, queue_size=config.tier_queue_size
@@ -116,24 +122,44 @@ class EngineRuntime:
     def _apply_config_change(self, name: str, value: Any) -> None:
         if name == "log_level":
             logging.getLogger("kvplane").setLevel(value)
+        elif name == "max_local_cpu_size" and self.storage.cpu is not None:
+            held = self.storage.cpu.set_capacity(int(value * GB))
+            if held < int(value * GB):
+                log.warning(
+                    "max_local_cpu_size %s GB: the CPU tier holds at most %.3f GB, the slab "
+                    "allocated at start",
+                    value,
+                    held / GB,
+                )
 
     # ------------------------------------------------------------------ lifecycle
     def add_service(self, service: Service) -> None:
         self.services.append(service)
 
     def start(self) -> None:
+        """Start every service in order; if one fails, those already started are stopped
+        (ports released, the worker deregistered) and the tiers closed before it raises."""
         logging.getLogger("kvplane").setLevel(self.config.log_level)
-        for service in self.services:
-            log.info("starting %s", service.name)
-            service.start()
+        started: list[Service] = []
+        try:
+            for service in self.services:
+                log.info("starting %s", service.name)
+                service.start()
+                started.append(service)
+        except BaseException:
+            self._stop(started)
+            raise
         self._started = True
 
     def stop(self) -> None:
         """Stop services in reverse order, then drain and close the tiers. Idempotent."""
+        self._stop(self.services)
+
+    def _stop(self, services: Sequence[Service]) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        for service in reversed(self.services):
+        for service in reversed(services):
             try:
                 service.stop()
             except Exception:  # one failing service must not keep the others running

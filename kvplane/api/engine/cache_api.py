@@ -22,6 +22,7 @@ from kvplane.api.slot_syntax import format_ranges, parse_slot_mapping, to_ranges
 from kvplane.errors import BadRequest
 
 __all__ = [
+    "MAX_TOKEN_ID",
     "ClearResponse",
     "RetrieveResponse",
     "StoreResponse",
@@ -49,8 +50,14 @@ class RetrieveResponse(Success):
     num_retrieved: int  # leading tokens loaded into the KV caches
 
 
-def parse_tokens(tokens_mock: str | None, tokens_input: str | None) -> list[int]:
-    """The request's tokens. Raises BadRequest for none, both, or a malformed value."""
+MAX_TOKEN_ID = 2**31 - 1  # keys hash token ids as int32
+
+
+def parse_tokens(
+    tokens_mock: str | None, tokens_input: str | None, *, limit: int | None = None
+) -> list[int]:
+    """The request's tokens. Raises BadRequest for none, both, a malformed value, a token id
+    beyond int32, or more than ``limit`` tokens (checked before a mock range is built)."""
     if (tokens_mock is None) == (tokens_input is None):
         raise BadRequest(
             "Must specify either tokens_input or tokens_mock", title="Missing parameters"
@@ -63,8 +70,11 @@ def parse_tokens(tokens_mock: str | None, tokens_input: str | None) -> list[int]
             raise BadRequest(
                 f"tokens_mock must be two comma-separated integers 'start,end', got {tokens_mock!r}"
             ) from None
-        if not 0 <= start < end:
-            raise BadRequest(f"tokens_mock needs 0 <= start < end, got {tokens_mock!r}")
+        if not 0 <= start < end <= MAX_TOKEN_ID + 1:
+            raise BadRequest(
+                f"tokens_mock needs 0 <= start < end <= {MAX_TOKEN_ID + 1}, got {tokens_mock!r}"
+            )
+        _check_count(end - start, limit)
         return list(range(start, end))
     text = tokens_input or ""
     try:
@@ -73,9 +83,15 @@ def parse_tokens(tokens_mock: str | None, tokens_input: str | None) -> list[int]
         raise BadRequest(
             f"tokens_input must be comma-separated integers, got {tokens_input!r}"
         ) from None
-    if any(t < 0 for t in tokens):
-        raise BadRequest("tokens_input: token ids must be non-negative")
+    if any(not 0 <= t <= MAX_TOKEN_ID for t in tokens):
+        raise BadRequest(f"tokens_input: token ids must be in [0, {MAX_TOKEN_ID}]")
+    _check_count(len(tokens), limit)
     return tokens
+
+
+def _check_count(num_tokens: int, limit: int | None) -> None:
+    if limit is not None and num_tokens > limit:
+        raise BadRequest(f"{num_tokens} tokens do not fit the paged cache ({limit} slots)")
 
 
 def slots_for(ctx: ApiContext, slot_mapping: str | None, num_tokens: int) -> torch.Tensor:
@@ -118,7 +134,7 @@ def store(
     tokens_input: TokensInput = None,
     slot_mapping: SlotMapping = None,
 ) -> StoreResponse:
-    tokens = parse_tokens(tokens_mock, tokens_input)
+    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
     slots = slots_for(ctx, slot_mapping, len(tokens))
     _record(ctx, "store", slots)
     result = engine.store(tokens, runtime_of(ctx).kv_caches, slots)
@@ -137,7 +153,7 @@ def retrieve(
     tokens_input: TokensInput = None,
     slot_mapping: SlotMapping = None,
 ) -> RetrieveResponse:
-    tokens = parse_tokens(tokens_mock, tokens_input)
+    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
     slots = slots_for(ctx, slot_mapping, len(tokens))
     _record(ctx, "retrieve", slots)
     result = engine.retrieve(tokens, runtime_of(ctx).kv_caches, slots)

@@ -46,6 +46,7 @@ class LocalCPUBackend(StorageBackend):
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
         self._lock = threading.RLock()
         self._hot = True
+        self._max_pages = pool.num_pages
         self.refused_stores = 0
         self.evictions = 0
 
@@ -60,19 +61,39 @@ class LocalCPUBackend(StorageBackend):
             self._hot = enabled
             return 0 if enabled else self.clear()
 
+    # ------------------------------------------------------------------ capacity
+    @property
+    def capacity_bytes(self) -> int:
+        with self._lock:
+            return self._max_pages * self.pool.page_nbytes
+
+    def set_capacity(self, nbytes: int) -> int:
+        """Hold at most ``nbytes`` from now on (whole pages; never more than the slab
+        allocated at start), evicting LRU entries down to it. Pinned or in-use entries stay,
+        and stores are refused until they go. Returns the capacity in effect, in bytes."""
+        with self._lock:
+            self._max_pages = max(0, min(self.pool.num_pages, nbytes // self.pool.page_nbytes))
+        while self._pages_in_use() > self._max_pages and self._evict_one():
+            pass
+        return self.capacity_bytes
+
+    def _pages_in_use(self) -> int:
+        return self.pool.num_pages - self.pool.free_pages
+
     # ------------------------------------------------------------------ zero-copy store
     def allocate(self) -> MemoryPage | None:
         """A free page (evicting LRU entries if needed), or None: the store is refused."""
         if not self._hot:
             return None
-        page = self.pool.allocate()
-        while page is None:
+        while True:
+            with self._lock:
+                page = self.pool.allocate() if self._pages_in_use() < self._max_pages else None
+            if page is not None:
+                return page
             if not self._evict_one():
                 with self._lock:
                     self.refused_stores += 1
                 return None
-            page = self.pool.allocate()
-        return page
 
     def commit(self, key: CacheKey, meta: ChunkMeta, page: MemoryPage, nbytes: int) -> bool:
         """Take ownership of ``page`` (filled by the caller) as ``key``'s chunk."""
