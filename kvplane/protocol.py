@@ -52,6 +52,7 @@ __all__ = [
     "PinCommand",
     "RegisterReply",
     "RegisterRequest",
+    "ResyncCommand",
     "Segment",
     "UnknownMessage",
     "UnpinCommand",
@@ -109,6 +110,10 @@ class HeartbeatRequest(_Msg, tag="heartbeat", kw_only=True):
     instance_id: str
     worker_id: int
     epoch: int
+    # Where the worker's command port is: lets a controller without a reply socket (the
+    # seeds' pull-only mode) tell an unknown worker to resync with a ResyncCommand.
+    ip: str | None = None
+    port: int | None = None
 
 
 class HeartbeatReply(_Msg, tag="heartbeat_reply", kw_only=True):
@@ -208,6 +213,12 @@ class HealthCommand(_Msg, tag="health", kw_only=True):
     event_id: str
 
 
+class ResyncCommand(_Msg, tag="resync", kw_only=True):
+    """Register again and resend every key (pull-only mode's answer to "unknown worker")."""
+
+    event_id: str
+
+
 class CheckFinishCommand(_Msg, tag="check_finish", kw_only=True):
     event_id: str
 
@@ -235,6 +246,7 @@ Command = (
     | MoveCommand
     | HealthCommand
     | CheckFinishCommand
+    | ResyncCommand
 )
 
 Message = (
@@ -308,6 +320,7 @@ _KNOWN_TAGS = frozenset(
         MoveCommand,
         HealthCommand,
         CheckFinishCommand,
+        ResyncCommand,
         CommandReply,
     )
 )

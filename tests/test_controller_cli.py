@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import httpx
@@ -11,7 +12,7 @@ import pytest
 from kvplane.controller.main import add_parser, settings_from_args
 from kvplane.controller.settings import ControllerSettings
 from kvplane.errors import ConfigError
-from tests.support import free_ports, kvplane_process, wait_until
+from tests.support import free_ports, kvplane_process, stop_process, wait_until
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -57,37 +58,50 @@ def test_config_file_and_flags_override_it(tmp_path: Path) -> None:
 def test_deprecated_monitor_port_warns_and_pull_only_workers_still_register(
     tmp_path: Path,
 ) -> None:
-    """The seeds' quick start: ``--monitor-port N`` and a YAML with only controller_pull_url."""
+    """The seeds' quick start: ``--monitor-port N`` and a YAML with only controller_pull_url.
+    Without a reply socket, a restarted controller reaches unknown workers through their
+    command port (ResyncCommand), so they register and resync all the same."""
+    import torch
+
     from kvplane.config import EngineConfig
     from kvplane.engine.runtime import EngineRuntime
 
     http, pull = free_ports(2)
-    log = tmp_path / "controller.log"
     args = ["controller", "--host", "127.0.0.1", "--port", str(http), "--monitor-port", str(pull)]
-    with kvplane_process(args, log_path=log):
-        url = f"http://127.0.0.1:{http}"
-        wait_until(lambda: httpx.get(url + "/healthz").status_code == 200, timeout=30)
-        assert "--monitor-port is deprecated" in log.read_text()
-        cfg = EngineConfig(
-            chunk_size=16, kv_num_layers=2, kv_num_heads=2, kv_head_size=16, kv_num_blocks=64,
-            max_local_cpu_size=0.01, enable_controller=True, lmcache_instance_id="pull-only",
-            controller_pull_url=f"127.0.0.1:{pull}", lmcache_worker_heartbeat_time=0.2,
-        )  # fmt: skip
+    url = f"http://127.0.0.1:{http}"
+    tokens = list(range(40))
+
+    def lookup() -> dict:
+        return httpx.post(url + "/lookup", json={"tokens": tokens}).json()["layout_info"]
+
+    def up() -> bool:
+        return httpx.get(url + "/healthz").status_code == 200
+
+    cfg = EngineConfig(
+        chunk_size=16, kv_num_layers=2, kv_num_heads=2, kv_head_size=16, kv_num_blocks=64,
+        max_local_cpu_size=0.01, enable_controller=True, lmcache_instance_id="pull-only",
+        controller_pull_url=f"127.0.0.1:{pull}", lmcache_worker_heartbeat_time=0.2,
+    )  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(kvplane_process(args, log_path=tmp_path / "c1.log"))
+        wait_until(up, timeout=30)
+        assert "--monitor-port is deprecated" in (tmp_path / "c1.log").read_text()
         rt = EngineRuntime(cfg)
         rt.start()
-        try:
-            body = {"instance_id": "pull-only"}
-            wait_until(
-                lambda: httpx.post(url + "/query_worker_info", json=body).status_code == 200,
-                timeout=10, what="registration over the pull socket",
-            )  # fmt: skip
-            tokens = list(range(40))
-            import torch
+        stack.callback(rt.stop)
+        body = {"instance_id": "pull-only"}
+        wait_until(
+            lambda: httpx.post(url + "/query_worker_info", json=body).status_code == 200,
+            timeout=10, what="registration over the pull socket",
+        )  # fmt: skip
+        rt.cache_engine.store(tokens, rt.kv_caches, torch.arange(40))
+        wait_until(lookup, timeout=10)
+        assert lookup() == {"pull-only": ["LocalCPUBackend", 40]}
 
-            rt.cache_engine.store(tokens, rt.kv_caches, torch.arange(40))
-            lookup = lambda: httpx.post(url + "/lookup", json={"tokens": tokens}).json()  # noqa: E731
-            wait_until(lambda: lookup()["layout_info"], timeout=10)
-            assert lookup()["layout_info"] == {"pull-only": ["LocalCPUBackend", 40]}
-        finally:
+        stop_process(first)
+        with kvplane_process(args, log_path=tmp_path / "c2.log"):
+            wait_until(up, timeout=30)
+            wait_until(lambda: lookup() == {"pull-only": ["LocalCPUBackend", 40]},
+                       timeout=5, what="resync after a restart in pull-only mode")  # fmt: skip
             rt.stop()
-        assert httpx.post(url + "/lookup", json={"tokens": tokens}).json()["layout_info"] == {}
+            assert lookup() == {}  # deregistered over the pull socket

@@ -290,8 +290,9 @@ def test_lookups_are_not_starved_by_an_admit_burst(
     """/lookup p99 < 10 ms while 300K admits are ingested.
 
     The machine is shared, so a burst counts only when lookups on the idle controller just
-    before it had p99 < 5 ms (else the round is repeated), and the median of three counted
-    bursts must hold. Too busy a machine for three clean rounds skips, saying so."""
+    before and just after it had p99 < 5 ms (else the round is repeated), and the median of
+    three counted bursts must hold. Too busy a machine for three clean rounds skips, saying
+    so."""
     import http.client
 
     import numpy as np
@@ -321,7 +322,7 @@ def test_lookups_are_not_starved_by_an_admit_burst(
     burst_p99s: list[float] = []
     idle_p99s: list[float] = []
     total = 0
-    for _ in range(8):
+    for _ in range(10):
         idle = p99([lookup() for _ in range(50)])
         idle_p99s.append(idle)
         hashes = rng.integers(1, 2**63, 300_000, dtype=np.uint64)
@@ -344,6 +345,7 @@ def test_lookups_are_not_starved_by_an_admit_burst(
         while controller.metric("chunk_events_applied") < target:
             assert time.monotonic() < deadline, "the burst was not applied within 60 s"
             latencies.extend(lookup() for _ in range(10))
+        idle = max(idle, p99([lookup() for _ in range(50)]))
         if idle < 0.005:
             burst_p99s.append(p99(latencies))
         if len(burst_p99s) == 3:

@@ -118,6 +118,10 @@ class Executor:
         futures = {w.worker_id: self._pool.submit(self._call, w, make_command(w)) for w in workers}
         return FanOutResult({wid: f.result() for wid, f in futures.items()})
 
+    def submit(self, worker: WorkerRecord, command: Command) -> None:
+        """Send one command without waiting for its outcome (still under the deadline)."""
+        self._pool.submit(self._call, worker, command)
+
     def _call(self, worker: WorkerRecord, command: Command) -> CommandReply:
         try:
             return self._transport(worker, command, self.timeout_s)

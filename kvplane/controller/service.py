@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import msgspec
 import zmq
@@ -23,7 +24,17 @@ from kvplane.controller.index import DroppedChunks
 from kvplane.controller.registry import WorkerRecord
 from kvplane.controller.settings import ControllerSettings
 from kvplane.errors import BadRequest, Unavailable
-from kvplane.protocol import Command, CommandReply, ErrorCode, decode, encode
+from kvplane.protocol import (
+    Command,
+    CommandReply,
+    ErrorCode,
+    HeartbeatReply,
+    HeartbeatRequest,
+    HeartbeatStatus,
+    ResyncCommand,
+    decode,
+    encode,
+)
 
 __all__ = ["ControllerService"]
 
@@ -129,7 +140,7 @@ class ControllerService:
                 frame = rep.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            reply, dropped = self._apply(frame)
+            _, reply, dropped = self._apply(frame)
             if reply is None:  # REP must answer every request, even one it could not use
                 reply = CommandReply(error_code=ErrorCode.BAD_REQUEST, message="no reply")
             rep.send(encode(reply))
@@ -142,7 +153,10 @@ class ControllerService:
                 frame = pull.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            _free(self._apply(frame.buffer)[1])
+            msg, reply, dropped = self._apply(frame.buffer)
+            _free(dropped)
+            if type(reply) is HeartbeatReply and reply.status != HeartbeatStatus.OK:
+                self._tell_to_resync(msg)
             self.cluster.gate.wait_for_readers(_READER_WAIT_S)
             if time.perf_counter() - busy_since > _WORK_SLICE_S:
                 # A CPU-bound thread starves I/O-bound ones under the GIL (each of a lookup's
@@ -153,8 +167,9 @@ class ControllerService:
 
     def _apply(
         self, frame: bytes | memoryview
-    ) -> tuple[msgspec.Struct | None, list[DroppedChunks]]:
-        """Decode and apply one frame: its reply, and chunk sets the caller should free."""
+    ) -> tuple[Any, msgspec.Struct | None, list[DroppedChunks]]:
+        """Decode and apply one frame: the message, its reply, and the chunk maps the
+        caller should free."""
         cluster = self.cluster
         try:
             msg = decode(frame)
@@ -162,12 +177,33 @@ class ControllerService:
             with cluster.lock:
                 cluster.core.counters.malformed_frames += 1
             log.warning("skipped a malformed frame: %s", exc)
-            return None, []
+            return None, None, []
         staged = cluster.core.stage(msg)
         with cluster.lock:
             reply = cluster.core.handle(staged, cluster.clock())
             dropped = cluster.core.take_dropped()
-        return reply, dropped
+        return msg, reply, dropped
+
+    def _tell_to_resync(self, heartbeat: HeartbeatRequest) -> None:
+        """A heartbeat that came over PULL cannot be answered; if it says where the worker
+        listens, send it a ResyncCommand instead (off this thread, under the deadline)."""
+        if not heartbeat.ip or not heartbeat.port:
+            return
+        now = self.cluster.clock()
+        target = WorkerRecord(
+            instance_id=heartbeat.instance_id,
+            worker_id=heartbeat.worker_id,
+            ip=heartbeat.ip,
+            port=heartbeat.port,
+            peer_init_url=None,
+            chunk_size=0,
+            key_scheme="",
+            epoch=heartbeat.epoch,
+            registration_time=now,
+            last_heartbeat_time=now,
+        )
+        command = ResyncCommand(event_id=self.cluster.events.start("resync", finished=True))
+        self.cluster.executor.submit(target, command)
 
     def _reap(self) -> None:
         cluster = self.cluster

@@ -24,6 +24,7 @@ from kvplane.protocol import (
     HealthCommand,
     MoveCommand,
     PinCommand,
+    ResyncCommand,
     UnpinCommand,
 )
 
@@ -43,9 +44,17 @@ _ERROR_CODES: tuple[tuple[type[Exception], ErrorCode], ...] = (
 class CommandHandlers:
     """Runs commands on one engine; remembers recent event outcomes for check_finish."""
 
-    def __init__(self, engine: CacheEngine, chunk_size: int, remember: int = 10_000) -> None:
+    def __init__(
+        self,
+        engine: CacheEngine,
+        chunk_size: int,
+        on_resync: Callable[[], None] | None = None,
+        remember: int = 10_000,
+    ) -> None:
+        """``on_resync``: what a ResyncCommand triggers (the worker's re-registration)."""
         self._engine = engine
         self._chunk_size = chunk_size
+        self._on_resync = on_resync
         self._remember = remember
         self._events: OrderedDict[str, str] = OrderedDict()
         self._handlers: dict[type, Callable[[Any], CommandReply]] = {
@@ -57,6 +66,7 @@ class CommandHandlers:
             MoveCommand: self._move,
             HealthCommand: self._health,
             CheckFinishCommand: self._check_finish,
+            ResyncCommand: self._resync,
         }
 
     def handle(self, command: Command | Any) -> CommandReply:
@@ -115,6 +125,12 @@ class CommandHandlers:
         return CommandReply(num_tokens=moved)
 
     def _health(self, cmd: HealthCommand) -> CommandReply:
+        return CommandReply()
+
+    def _resync(self, cmd: ResyncCommand) -> CommandReply:
+        if self._on_resync is None:
+            raise Unsupported("this worker cannot resync on command")
+        self._on_resync()
         return CommandReply()
 
     def _check_finish(self, cmd: CheckFinishCommand) -> CommandReply:

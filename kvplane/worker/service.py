@@ -106,8 +106,9 @@ class ControllerWorker:
         self.heartbeat_s = config.lmcache_worker_heartbeat_time
         self.timeout_s = config.controller_timeout_s
         self.buffer = ReportBuffer()
-        self.handlers = CommandHandlers(engine, config.chunk_size)
         self.registered = threading.Event()
+        self._resync_requested = threading.Event()
+        self.handlers = CommandHandlers(engine, config.chunk_size, self._resync_requested.set)
         self.stats = {"registrations": 0, "resyncs": 0, "reports_sent": 0, "reports_dropped": 0}
         self._epoch = 0
         self._seq = 0
@@ -204,20 +205,24 @@ class ControllerWorker:
                         next_beat = now + self.heartbeat_s
                     else:
                         next_register = now + min(1.0, self.heartbeat_s)
+                status: HeartbeatStatus | None = None
                 if self.registered.is_set() and now >= next_beat:
                     next_beat = now + self.heartbeat_s
                     status = self._heartbeat(push)
-                    if status in (HeartbeatStatus.UNKNOWN_WORKER, HeartbeatStatus.RESYNC):
-                        log.info(
-                            "worker %s/%d: controller says %s; re-registering and resyncing",
-                            self.instance_id,
-                            self.worker_id,
-                            status.name,
-                        )
-                        self.registered.clear()
-                        self.buffer.close()
-                        self.stats["resyncs"] += 1
-                        next_register = now + random.uniform(0, min(1.0, self.heartbeat_s / 2))
+                if self._resync_requested.is_set():  # by command (pull-only mode)
+                    self._resync_requested.clear()
+                    status = HeartbeatStatus.RESYNC if self.registered.is_set() else status
+                if status in (HeartbeatStatus.UNKNOWN_WORKER, HeartbeatStatus.RESYNC):
+                    log.info(
+                        "worker %s/%d: controller says %s; re-registering and resyncing",
+                        self.instance_id,
+                        self.worker_id,
+                        status.name,
+                    )
+                    self.registered.clear()
+                    self.buffer.close()
+                    self.stats["resyncs"] += 1
+                    next_register = now + random.uniform(0, min(1.0, self.heartbeat_s / 2))
                 self._flush(push)
                 self._stop.wait(_FLUSH_S)
             self._flush(push)
@@ -265,7 +270,11 @@ class ControllerWorker:
 
     def _heartbeat(self, push: zmq.Socket[bytes]) -> HeartbeatStatus | None:
         req = HeartbeatRequest(
-            instance_id=self.instance_id, worker_id=self.worker_id, epoch=self._epoch
+            instance_id=self.instance_id,
+            worker_id=self.worker_id,
+            epoch=self._epoch,
+            ip=self.ip,
+            port=self.port,
         )
         # Never wait past the next beat: after a controller restart the lost request must
         # not delay the heartbeat that learns of it.
