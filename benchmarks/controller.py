@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -47,7 +48,7 @@ from kvplane.protocol import (  # noqa: E402
 
 CHUNK = 256
 PROMPT_TOKENS = 8192
-BATCH = 16_384  # hashes per report: the worker's batch size
+BATCH = 4096  # hashes per report: the worker's batch size (kvplane.worker.reports)
 LOC = "LocalCPUBackend"
 
 
@@ -287,7 +288,7 @@ def run_benchmark(
 
     def fill(total: int) -> float:
         """Admit ``total`` chunks spread over the instances; seconds until all applied."""
-        frames: list[bytes] = []
+        per_instance: list[list[bytes]] = []
         per = total // len(instances)
         for k, name in enumerate(instances):
             own = [
@@ -300,8 +301,10 @@ def run_benchmark(
             hashes = np.concatenate([np.array(own, dtype=np.uint64), bulk])
             batch = reports(name, epochs[name], seqs[name], hashes)
             seqs[name] += len(batch)
-            frames.extend(batch)
-        random.Random(1).shuffle(frames)  # interleave instances like real traffic
+            per_instance.append(batch)
+        # Interleave instances like real traffic; each worker's reports stay in order (one
+        # PUSH socket per worker keeps order; a reordered report would be a sequence gap).
+        frames = [f for group in itertools.zip_longest(*per_instance) for f in group if f]
         before = metric(http, "chunk_events_applied")
         sender, start = send_in_process(pull, frames)
         wait_applied(http, before + per * len(instances))

@@ -81,7 +81,7 @@ class HeartbeatStatus(IntEnum):
     RESYNC = 2  # the controller saw a sequence gap: re-register and resync
 
 
-class _Msg(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+class _Msg(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True, gc=False):
     pass
 
 
@@ -125,7 +125,7 @@ class DeregisterReply(_Msg, tag="deregister_reply", kw_only=True):
     ok: bool
 
 
-class Segment(msgspec.Struct, array_like=True):
+class Segment(msgspec.Struct, array_like=True, gc=False):
     """A run of admits (or evicts) in one location, in the order they happened."""
 
     admit: bool
@@ -144,9 +144,11 @@ class ChunkReport(_Msg, tag="chunks", kw_only=True):
 
 
 class PeerLookupRequest(_Msg, tag="peer_lookup", kw_only=True):
-    """Which other instance holds the longest prefix of these chunks (for p2p fetches)."""
+    """Which other instance holds the longest run of these chunks from the first one, and
+    the chunk-server URL of its rank ``worker_id`` (for p2p fetches)."""
 
     instance_id: str
+    worker_id: int
     hashes: bytes
     chunk_size: int
 

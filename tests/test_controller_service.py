@@ -39,7 +39,7 @@ class Controller(NamedTuple):
         return resp.json()["layout_info"]
 
     def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
+        text = httpx.get(self.url + "/metrics", timeout=10, verify=False).text
         for line in text.splitlines():
             if line.startswith(f"kvplane_controller_{name} ") or line.startswith(
                 f"kvplane_controller_{name}_total "
@@ -282,3 +282,79 @@ def test_ops_endpoints(controller: Controller) -> None:
     )
     assert httpx.get(controller.url + "/docs").status_code == 200
     assert "/lookup" in httpx.get(controller.url + "/openapi.json").json()["paths"]
+
+
+def test_lookups_are_not_starved_by_an_admit_burst(
+    controller: Controller, worker: ProtoWorker
+) -> None:
+    """/lookup p99 < 10 ms while 300K admits are ingested.
+
+    The machine is shared, so a burst counts only when lookups on the idle controller just
+    before it had p99 < 5 ms (else the round is repeated), and the median of three counted
+    bursts must hold. Too busy a machine for three clean rounds skips, saying so."""
+    import http.client
+
+    import numpy as np
+
+    from kvplane.protocol import ChunkReport, Segment, encode
+
+    assert worker.register().ok
+    worker.keep_alive()
+    worker.report(chunk_hashes(TOKENS, 4))
+    wait_until(lambda: controller.lookup(TOKENS), timeout=5)
+    port = int(controller.url.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    body = json.dumps({"tokens": list(range(8192))}).encode()
+
+    def lookup() -> float:
+        start = time.perf_counter()
+        conn.request("POST", "/lookup", body, {"content-type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200
+        return time.perf_counter() - start
+
+    def p99(values: list[float]) -> float:
+        return sorted(values)[min(len(values) - 1, int(0.99 * len(values)))]
+
+    rng = np.random.default_rng(3)
+    burst_p99s: list[float] = []
+    idle_p99s: list[float] = []
+    total = 0
+    for _ in range(8):
+        idle = p99([lookup() for _ in range(50)])
+        idle_p99s.append(idle)
+        hashes = rng.integers(1, 2**63, 300_000, dtype=np.uint64)
+        total += len(hashes)
+        frames = [
+            encode(
+                ChunkReport(
+                    instance_id="A", worker_id=0, epoch=worker.epoch, seq=worker.seq + 1 + i,
+                    segments=[Segment(True, "LocalCPUBackend", hashes[s : s + 4096].tobytes())],
+                )
+            )
+            for i, s in enumerate(range(0, len(hashes), 4096))
+        ]  # fmt: skip
+        worker.seq += len(frames)
+        target = controller.metric("chunk_events_applied") + len(hashes)
+        for frame in frames:
+            worker.send_raw(frame)
+        latencies: list[float] = []
+        deadline = time.monotonic() + 60
+        while controller.metric("chunk_events_applied") < target:
+            assert time.monotonic() < deadline, "the burst was not applied within 60 s"
+            latencies.extend(lookup() for _ in range(10))
+        if idle < 0.005:
+            burst_p99s.append(p99(latencies))
+        if len(burst_p99s) == 3:
+            break
+    conn.close()
+    assert controller.metric("index_chunks") == total + 3
+    if len(burst_p99s) < 3:
+        pytest.skip(
+            f"machine too busy to measure: idle p99s {[round(v * 1000, 1) for v in idle_p99s]} ms"
+        )
+    burst_p99s.sort()
+    assert burst_p99s[1] < 0.010, (
+        f"lookup p99 per burst (ms): {[round(v * 1000, 1) for v in burst_p99s]}"
+    )

@@ -164,27 +164,36 @@ def test_pinned_chunks_survive_memory_pressure(ctl: Ctl) -> None:
         rt.stop()
 
 
-def test_health_check_finish_and_unsupported_ops(ctl: Ctl, engines: list[EngineRuntime]) -> None:
+def test_health_check_finish_compress_and_move_without_p2p(
+    ctl: Ctl, engines: list[EngineRuntime]
+) -> None:
+    a, _ = engines
     wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10)
     resp = ctl.post("/health", {"instance_id": "inst-a"})
     assert resp.status_code == 200 and resp.json()["error_codes"] == {"0": 0}
     status = ctl.post("/check_finish", {"event_id": resp.json()["event_id"]}).json()["status"]
     assert status == "finished"
-    body = {"instance_id": "inst-a", "method": "zstd", "location": "LocalCPUBackend"}
+    store(a, PROMPT)
+    body = {
+        "instance_id": "inst-a",
+        "method": "zstd",
+        "location": "LocalCPUBackend",
+        "tokens": PROMPT,
+    }
     resp = ctl.post("/compress", body)
-    if resp.status_code == 501:  # until the engine has compression
-        assert "compress" in resp.json()["message"]
-    else:
-        assert resp.status_code == 200
+    assert resp.status_code == 200 and resp.json()["num_tokens"] == len(PROMPT), resp.text
+    resp = ctl.post("/decompress", body)
+    assert resp.status_code == 200 and resp.json()["num_tokens"] == len(PROMPT), resp.text
+    resp = ctl.post("/compress", {**body, "method": "no-such-codec"})
+    assert resp.status_code == 400 and "no-such-codec" in resp.json()["message"]
     move = {
         "old_position": ["inst-a", "LocalCPUBackend"],
         "new_position": ["inst-b", "LocalCPUBackend"],
         "tokens": PROMPT,
         "copy": True,
     }
-    resp = ctl.post("/move", move)
-    assert resp.status_code in (200, 400, 501), resp.text
-    assert resp.json().get("error") != "NotFound"
+    resp = ctl.post("/move", move)  # these engines run without enable_p2p
+    assert resp.status_code == 400 and "peer URL" in resp.json()["message"], resp.text
 
 
 def test_workers_info_heartbeats_advance_and_clean_stop_deregisters(ctl: Ctl) -> None:

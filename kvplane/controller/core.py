@@ -2,7 +2,7 @@
 
 Pure: no sockets, threads or locks. :meth:`ControllerCore.handle` takes one decoded message
 and the current time and returns the reply to send (or None); the service owns the sockets
-and serializes calls. Dropped workers' chunk sets are queued for :meth:`take_dropped`, so
+and serializes calls. Dropped workers' chunk maps are queued for :meth:`take_dropped`, so
 the caller frees them outside its lock.
 """
 
@@ -14,8 +14,9 @@ from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import msgspec
+import numpy as np
 
-from kvplane.controller.index import ChunkIndex, DroppedChunks, Match
+from kvplane.controller.index import ChunkIndex, DroppedChunks, Match, ShardedHashes, shard_hashes
 from kvplane.controller.registry import Registry, SeqCheck, WorkerKey, WorkerRecord
 from kvplane.protocol import (
     ChunkReport,
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 class StagedReport(NamedTuple):
     report: ChunkReport
-    hashes: list[list[int]]  # per segment, unpacked
+    hashes: list[ShardedHashes]  # per segment, unpacked and grouped by index shard
 
 
 @dataclass
@@ -89,7 +90,8 @@ class ControllerCore:
         """Lock-free preparation of a message for :meth:`handle` (unpacks report hashes), so
         the caller's lock covers only the index update."""
         if type(msg) is ChunkReport:
-            return StagedReport(msg, [unpack_hashes(seg.hashes) for seg in msg.segments])
+            staged = [shard_hashes(np.frombuffer(seg.hashes, "<u8")) for seg in msg.segments]
+            return StagedReport(msg, staged)
         return msg
 
     def handle(self, msg: Any, now: float) -> msgspec.Struct | None:
@@ -143,10 +145,10 @@ class ControllerCore:
         for seg, hashes in zip(msg.segments, staged.hashes, strict=True):
             if seg.admit:
                 index.admit(key, seg.location, hashes)
-                admits += len(hashes)
+                admits += hashes.size
             else:
                 index.evict(key, seg.location, hashes)
-            applied += len(hashes)
+            applied += hashes.size
         c = self.counters
         c.reports_applied += 1
         c.chunk_events_applied += applied
@@ -212,10 +214,10 @@ class ControllerCore:
         if not matches:
             return PeerLookupReply()
         best_id, best = max(matches.items(), key=lambda kv: (kv[1].num_chunks, kv[0]))
-        ranks = self.registry.workers(best_id)
+        rank = self.registry.get(WorkerKey(best_id, msg.worker_id))
         return PeerLookupReply(
             instance_id=best_id,
-            peer_init_url=ranks[0].peer_init_url if ranks else None,
+            peer_init_url=rank.peer_init_url if rank else None,
             location=best.location,
             num_chunks=best.num_chunks,
         )

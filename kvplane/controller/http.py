@@ -154,18 +154,17 @@ def build_cluster_router(cluster: Cluster, latency: Any) -> APIRouter:
         # pydantic would take several times longer), and the probe runs on the event loop,
         # holding the cluster lock only for the index walk.
         body = await request.body()
-        start = time.perf_counter()
-        try:
-            tokens = _lookup_decoder.decode(body).tokens
-        except msgspec.MsgspecError as exc:
-            raise BadRequest(f"body: {exc}") from None
-        event_id, found = cluster.lookup(tokens)
-        latency.observe(time.perf_counter() - start)
-        layout = {i: (m.location, m.num_tokens) for i, m in found.items()}
-        return Response(
-            _encoder.encode({"event_id": event_id, "layout_info": layout}),
-            media_type="application/json",
-        )
+        with cluster.gate.reading():
+            start = time.perf_counter()
+            try:
+                tokens = _lookup_decoder.decode(body).tokens
+            except msgspec.MsgspecError as exc:
+                raise BadRequest(f"body: {exc}") from None
+            event_id, found = cluster.lookup(tokens)
+            latency.observe(time.perf_counter() - start)
+            layout = {i: (m.location, m.num_tokens) for i, m in found.items()}
+            payload = _encoder.encode({"event_id": event_id, "layout_info": layout})
+        return Response(payload, media_type="application/json")
 
     @router.post("/clear", response_model=NumTokensResponse)
     def clear(body: ClearRequest) -> NumTokensResponse:

@@ -1,19 +1,27 @@
 """Which worker holds which chunk, in which tier. Pure: no I/O, no threads, no torch.
 
-Layout, and why: the index is keyed by worker first (``worker -> location -> set of chunk
-hashes``) and answers "who holds chunk h" by probing each instance's sets. That makes the
-hot paths whole-batch C operations instead of per-chunk Python work:
+Layout, and why: the index is keyed by worker first (``worker -> tier -> chunk hashes``)
+and answers "who holds chunk h" by probing each instance's maps. That keeps the hot paths
+whole-batch C operations instead of per-chunk Python work:
 
-* admit / evict a batch of N hashes: one ``set.update`` / ``set.difference_update``;
-* drop a worker (deregistered, reaped, re-registered): unlink its sets in O(1), whatever
-  it holds. The caller gets the unlinked sets back (:class:`DroppedChunks`) to free them
+* admit / evict a batch of N hashes: C-level dict merges / pop loops;
+* drop a worker (deregistered, reaped, re-registered): unlink its maps in O(1), whatever
+  it holds. The caller gets the unlinked maps back (:class:`DroppedChunks`) to free them
   off the hot path, so a worker with 1M chunks leaves lookups in microseconds;
 * lookup: per instance, walk the request's chunk hashes from token 0 and stop at the first
-  chunk a rank lacks: at most ``ranks x tiers`` set probes per matched chunk, one per
+  chunk a rank lacks: at most ``ranks x tiers`` probes per matched chunk, one per
   instance for instances that lack the first chunk.
 
 A global ``hash -> holders`` map would instead cost a Python-level update per chunk on
 every admit, evict and worker drop (about 100 ms to drop 1M chunks on a small VM).
+
+Two details bound the pauses a lookup can meet behind an ingest batch:
+
+* each tier's hashes are the keys of ``dict[int, None]`` maps, not sets: CPython does not
+  track a dict of atomic keys and values in the cyclic garbage collector, while every full
+  collection walks every element of every set (about 100 ms at 1M chunks on a small VM);
+* the maps are sharded by the hash's low bits (:data:`SHARDS`): growing one map rehashes
+  all of it (200 ms at 3M entries on a small VM), a shard only a 1/64th of that.
 
 An instance holds a chunk only when every one of its registered ranks holds it (tensor
 parallel ranks each store their own slice of the KV).
@@ -21,12 +29,21 @@ parallel ranks each store their own slice of the KV).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import repeat
 from typing import NamedTuple
+
+import numpy as np
 
 from kvplane.controller.registry import WorkerKey
 
-__all__ = ["ChunkIndex", "DroppedChunks", "Match"]
+__all__ = ["SHARDS", "ChunkIndex", "DroppedChunks", "Match", "ShardedHashes", "shard_hashes"]
+
+SHARDS = 64
+_MASK = SHARDS - 1
+
+_Shards = list[dict[int, None]]
 
 
 class Match(NamedTuple):
@@ -38,11 +55,35 @@ class Match(NamedTuple):
 
 
 class DroppedChunks(NamedTuple):
-    """What a dropped worker held; freeing ``sets`` is the caller's (possibly deferred) job."""
+    """What a dropped worker held; freeing ``maps`` is the caller's (possibly deferred) job."""
 
     key: WorkerKey
     num_chunks: int
-    sets: list[set[int]]
+    maps: list[dict[int, None]]
+
+
+class ShardedHashes(NamedTuple):
+    """A batch of hashes grouped by shard: ``(shard, hashes)`` pairs. Built without locks."""
+
+    parts: list[tuple[int, list[int]]]
+    size: int
+
+
+def shard_hashes(hashes: np.ndarray | Iterable[int]) -> ShardedHashes:
+    """Group hashes by shard (a stable sort: order within a shard is kept)."""
+    arr = hashes if isinstance(hashes, np.ndarray) else np.fromiter(hashes, dtype=np.uint64)
+    if arr.size == 0:
+        return ShardedHashes([], 0)
+    shard = (arr & np.uint64(_MASK)).astype(np.uint8)  # 8-bit keys: a linear radix sort
+    order = np.argsort(shard, kind="stable")
+    values = arr[order].tolist()
+    parts: list[tuple[int, list[int]]] = []
+    start = 0
+    for i, n in enumerate(np.bincount(shard, minlength=SHARDS).tolist()):
+        if n:
+            parts.append((i, values[start : start + n]))
+            start += n
+    return ShardedHashes(parts, len(values))
 
 
 class _Worker:
@@ -52,41 +93,45 @@ class _Worker:
         self.chunk_size = chunk_size
         # Insertion order = the order tiers were first reported (CPU first in practice),
         # which is also the preference order when reporting a match's location.
-        self.locations: dict[str, set[int]] = {}
+        self.locations: dict[str, _Shards] = {}
 
     def count(self) -> int:
-        return sum(len(s) for s in self.locations.values())
+        return sum(len(m) for shards in self.locations.values() for m in shards)
 
     def prefix(self, hashes: Sequence[int], limit: int) -> int:
         """How many leading ``hashes`` (up to ``limit``) this worker holds in any tier."""
-        sets = list(self.locations.values())
-        if not sets:
+        tiers = list(self.locations.values())
+        if not tiers:
             return 0
-        if len(sets) == 1:
-            only = sets[0]
+        if len(tiers) == 1:
+            only = tiers[0]
             for i in range(limit):
-                if hashes[i] not in only:
+                h = hashes[i]
+                if h not in only[h & _MASK]:
                     return i
             return limit
         for i in range(limit):
             h = hashes[i]
-            if not any(h in s for s in sets):
+            if not any(h in shards[h & _MASK] for shards in tiers):
                 return i
         return limit
 
     def location_of(self, hashes: Sequence[int], n: int) -> str:
         """The first tier holding all of ``hashes[:n]``, else the first holding chunk 0."""
-        for loc, s in self.locations.items():
-            if all(h in s for h in hashes[:n]):
+        for loc, shards in self.locations.items():
+            if all(h in shards[h & _MASK] for h in hashes[:n]):
                 return loc
-        return next(loc for loc, s in self.locations.items() if hashes[0] in s)
+        first = hashes[0]
+        return next(loc for loc, s in self.locations.items() if first in s[first & _MASK])
 
 
 class ChunkIndex:
-    """Chunks by instance, rank and tier. Not thread-safe: the owner serializes access."""
+    """Chunks by instance, rank and tier. Not thread-safe: the owner serializes access,
+    except for :meth:`chunk_sizes`."""
 
     def __init__(self) -> None:
         self._instances: dict[str, dict[int, _Worker]] = {}
+        self._chunk_sizes: frozenset[int] = frozenset()
 
     # --- membership --------------------------------------------------------------------------
 
@@ -94,6 +139,7 @@ class ChunkIndex:
         """Start an empty chunk set for ``key``; replaces (and returns) any previous one."""
         old = self.drop_worker(key)
         self._instances.setdefault(key.instance_id, {})[key.worker_id] = _Worker(chunk_size)
+        self._update_chunk_sizes()
         return old
 
     def drop_worker(self, key: WorkerKey) -> DroppedChunks | None:
@@ -104,30 +150,43 @@ class ChunkIndex:
         worker = ranks.pop(key.worker_id)
         if not ranks:
             del self._instances[key.instance_id]
-        return DroppedChunks(key, worker.count(), list(worker.locations.values()))
+        self._update_chunk_sizes()
+        maps = [m for shards in worker.locations.values() for m in shards]
+        return DroppedChunks(key, worker.count(), maps)
 
     def has_worker(self, key: WorkerKey) -> bool:
         return key.worker_id in self._instances.get(key.instance_id, {})
 
     # --- reports -----------------------------------------------------------------------------
 
-    def admit(self, key: WorkerKey, location: str, hashes: Iterable[int]) -> None:
+    def admit(self, key: WorkerKey, location: str, hashes: ShardedHashes | Iterable[int]) -> None:
+        sharded = hashes if isinstance(hashes, ShardedHashes) else shard_hashes(hashes)
         worker = self._instances[key.instance_id][key.worker_id]
-        chunks = worker.locations.get(location)
-        if chunks is None:
-            chunks = worker.locations[location] = set()
-        chunks.update(hashes)
+        shards = worker.locations.get(location)
+        if shards is None:
+            shards = worker.locations[location] = [{} for _ in range(SHARDS)]
+        for i, part in sharded.parts:
+            shards[i].update(dict.fromkeys(part))
 
-    def evict(self, key: WorkerKey, location: str, hashes: Iterable[int]) -> None:
+    def evict(self, key: WorkerKey, location: str, hashes: ShardedHashes | Iterable[int]) -> None:
+        sharded = hashes if isinstance(hashes, ShardedHashes) else shard_hashes(hashes)
         worker = self._instances[key.instance_id][key.worker_id]
-        chunks = worker.locations.get(location)
-        if chunks is not None:
-            chunks.difference_update(hashes)
+        shards = worker.locations.get(location)
+        if shards is not None:
+            for i, part in sharded.parts:
+                deque(map(shards[i].pop, part, repeat(None)), maxlen=0)  # a C-level loop
 
     # --- queries -----------------------------------------------------------------------------
 
-    def chunk_sizes(self) -> set[int]:
-        return {w.chunk_size for ranks in self._instances.values() for w in ranks.values()}
+    def chunk_sizes(self) -> frozenset[int]:
+        """Chunk sizes in use. Safe without the owner's lock: membership changes replace
+        the attribute whole."""
+        return self._chunk_sizes
+
+    def _update_chunk_sizes(self) -> None:
+        self._chunk_sizes = frozenset(
+            w.chunk_size for ranks in self._instances.values() for w in ranks.values()
+        )
 
     def num_chunks(self, key: WorkerKey | None = None) -> int:
         """Chunks held (one per worker and tier); of one worker, or of all."""
@@ -139,7 +198,9 @@ class ChunkIndex:
     def worker_chunks(self, key: WorkerKey) -> dict[str, set[int]]:
         """A copy of one worker's chunks by tier (for tests and debugging)."""
         worker = self._instances.get(key.instance_id, {}).get(key.worker_id)
-        return {loc: set(s) for loc, s in worker.locations.items()} if worker else {}
+        if worker is None:
+            return {}
+        return {loc: {h for m in shards for h in m} for loc, shards in worker.locations.items()}
 
     def match(
         self,

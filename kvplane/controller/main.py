@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import logging
 import sys
 from typing import Any
@@ -56,7 +58,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
     base = ControllerSettings.from_file(args.config) if args.config else ControllerSettings()
-    ports: dict[str, int | None] = {}
+    ports: dict[str, Any] = {}
     if args.monitor_ports:
         ports = parse_monitor_ports(args.monitor_ports)
     elif args.monitor_port is not None:
@@ -74,9 +76,8 @@ def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
         command_timeout=args.command_timeout,
         log_level=args.log_level,
     )
-    if ports:
-        settings = settings.__class__(**{**settings.to_dict(), **ports})
-    return settings
+    # Replaced, not merged: "--monitor-port N" means pull N and no reply port at all.
+    return dataclasses.replace(settings, **ports) if ports else settings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(settings.log_level.upper())
     # Short GIL hand-offs: HTTP lookups get the interpreter quickly during an ingest burst.
     sys.setswitchinterval(0.0005)
+    # Start-up objects (FastAPI, pydantic schemas) never die: keep them out of every
+    # collection, and collect young objects less often; the index itself is untracked.
     service = ControllerService(settings)
     try:
         service.start()
@@ -105,9 +108,14 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 1
     log.info("controller HTTP API at %s:%d", settings.host, settings.port)
+    app = create_app(service.cluster, settings)
+    # Start-up objects (FastAPI, pydantic schemas) never die: keep them out of every
+    # collection, and collect young objects less often; the index itself is untracked.
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 50)
     try:
         uvicorn.run(
-            create_app(service.cluster, settings),
+            app,
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level.lower(),

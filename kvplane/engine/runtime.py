@@ -92,8 +92,7 @@ class EngineRuntime:
         if self.p2p is not None:
             self.add_service(self.p2p)
         if config.enable_controller:
-            peer_url = self.p2p.url if self.p2p is not None else None
-            self.add_service(ControllerWorker(config, self.cache_engine, peer_init_url=peer_url))
+            self.add_service(ControllerWorker(config, self.cache_engine, p2p=self.p2p))
         self._stopped = threading.Event()
         self._started = False
         config.on_change(self._apply_config_change)

@@ -93,26 +93,23 @@ class CommandHandlers:
         return CommandReply(num_tokens=self._engine.unpin(cmd.tokens))
 
     def _compress(self, cmd: CompressCommand) -> CommandReply:
-        op = self._engine_op("compress")
-        return CommandReply(
-            num_tokens=op(method=cmd.method, location=cmd.location, tokens=cmd.tokens)
-        )
+        done = self._engine.compress(method=cmd.method, location=cmd.location, tokens=cmd.tokens)
+        return CommandReply(num_tokens=done)
 
     def _decompress(self, cmd: DecompressCommand) -> CommandReply:
-        op = self._engine_op("decompress")
-        return CommandReply(
-            num_tokens=op(method=cmd.method, location=cmd.location, tokens=cmd.tokens)
-        )
+        done = self._engine.decompress(location=cmd.location, tokens=cmd.tokens, method=cmd.method)
+        return CommandReply(num_tokens=done)
 
     def _move(self, cmd: MoveCommand) -> CommandReply:
-        op = self._engine_op("move")
         if not cmd.dst_peer_url:
-            raise BadRequest(f"destination instance {cmd.dst_instance_id!r} has no peer URL")
-        moved = op(
-            tokens=cmd.tokens,
+            raise BadRequest(
+                f"destination instance {cmd.dst_instance_id!r} has no peer URL (enable_p2p)"
+            )
+        moved = self._engine.move(
             src_location=cmd.src_location,
             dst_peer_url=cmd.dst_peer_url,
-            dst_location=cmd.dst_location,
+            dst_location=cmd.dst_location or None,
+            tokens=cmd.tokens,
             copy=cmd.copy,
         )
         return CommandReply(num_tokens=moved)
@@ -122,9 +119,3 @@ class CommandHandlers:
 
     def _check_finish(self, cmd: CheckFinishCommand) -> CommandReply:
         return CommandReply(status=self._events.get(cmd.event_id, "not_found"))
-
-    def _engine_op(self, name: str) -> Callable[..., int]:
-        op = getattr(self._engine, name, None)
-        if op is None:
-            raise Unsupported(f"{name} is not supported by this engine build yet")
-        return op  # type: ignore[no-any-return]

@@ -17,7 +17,7 @@ from kvplane.protocol import Segment, pack_hashes
 
 __all__ = ["ReportBuffer"]
 
-MAX_BATCH_HASHES = 16_384
+MAX_BATCH_HASHES = 4096  # small enough that one report never holds the index long
 
 
 class ReportBuffer:

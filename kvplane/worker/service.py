@@ -22,7 +22,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -38,10 +38,13 @@ from kvplane.protocol import (
     ErrorCode,
     HeartbeatRequest,
     HeartbeatStatus,
+    PeerLookupReply,
+    PeerLookupRequest,
     RegisterReply,
     RegisterRequest,
     decode,
     encode,
+    pack_hashes,
 )
 from kvplane.worker.commands import CommandHandlers
 from kvplane.worker.reports import ReportBuffer
@@ -50,6 +53,8 @@ if TYPE_CHECKING:
     from kvplane.config import EngineConfig
     from kvplane.engine.backends.base import StorageEvent
     from kvplane.engine.cache_engine import CacheEngine
+    from kvplane.engine.tiers import P2PNode
+    from kvplane.keys import CacheKey
 
 __all__ = ["ControllerWorker", "local_ip_towards", "zmq_url"]
 
@@ -81,8 +86,10 @@ class ControllerWorker:
     name = "controller worker"
 
     def __init__(
-        self, config: EngineConfig, engine: CacheEngine, *, peer_init_url: str | None = None
+        self, config: EngineConfig, engine: CacheEngine, *, p2p: P2PNode | None = None
     ) -> None:
+        """``p2p``: this process's peer node, if any: its URL is registered as the
+        ``peer_init_url`` and its tier asks this worker which peer holds a chunk."""
         if not config.controller_pull_url:
             raise ConfigError("enable_controller needs controller_pull_url (host:port)")
         self.config = config
@@ -94,7 +101,7 @@ class ControllerWorker:
             zmq_url(config.controller_reply_url) if config.controller_reply_url else None
         )
         self.ip = local_ip_towards(self.pull_url)
-        self.peer_init_url = peer_init_url or _peer_url(config)
+        self.p2p = p2p
         self.port: int | None = _configured(config.lmcache_worker_ports, config.worker_id)
         self.heartbeat_s = config.lmcache_worker_heartbeat_time
         self.timeout_s = config.controller_timeout_s
@@ -109,6 +116,16 @@ class ControllerWorker:
         self._threads: list[threading.Thread] = []
         self._cmd_sock: zmq.Socket[bytes] | None = None
         engine.add_listener(self._on_event)
+        if p2p is not None:
+            p2p.set_peer_locator(self.locate_peer)
+
+    @property
+    def peer_init_url(self) -> str | None:
+        """The chunk server's ``host:port`` (known once the p2p node started), else the
+        configured ``p2p_host:p2p_init_ports[worker_id]``, else None."""
+        if self.p2p is not None:
+            return self.p2p.url
+        return _peer_url(self.config)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -250,7 +267,9 @@ class ControllerWorker:
         req = HeartbeatRequest(
             instance_id=self.instance_id, worker_id=self.worker_id, epoch=self._epoch
         )
-        reply = self._request(req, push)
+        # Never wait past the next beat: after a controller restart the lost request must
+        # not delay the heartbeat that learns of it.
+        reply = self._request(req, push, timeout=min(self.timeout_s, self.heartbeat_s))
         status = getattr(reply, "status", None)
         return None if status is None else HeartbeatStatus(status)
 
@@ -281,7 +300,7 @@ class ControllerWorker:
                 self.stats["reports_dropped"] += 1
 
     def _request(
-        self, msg: msgspec.Struct, push: zmq.Socket[bytes], timeout: float | None = None
+        self, msg: msgspec.Struct, push: zmq.Socket[bytes] | None, timeout: float | None = None
     ) -> Any:
         """Send a request and wait for its reply under a deadline; None on timeout.
 
@@ -289,8 +308,9 @@ class ControllerWorker:
         reply is awaited. A fresh REQ socket per request keeps a lost reply from wedging it.
         """
         if self.reply_url is None:
-            with contextlib.suppress(zmq.Again):
-                push.send(encode(msg), zmq.NOBLOCK)
+            if push is not None:
+                with contextlib.suppress(zmq.Again):
+                    push.send(encode(msg), zmq.NOBLOCK)
             return None
         sock: zmq.Socket[bytes] = self._ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
@@ -313,6 +333,25 @@ class ControllerWorker:
             return None
         finally:
             sock.close(linger=0)
+
+    # --- peer lookups (called from engine threads) ---------------------------------------------
+
+    def locate_peer(self, keys: Sequence[CacheKey]) -> str | None:
+        """The chunk-server URL of another instance's same rank holding ``keys`` from the
+        first one on, per the controller; None when none does or it does not answer within
+        ``p2p_timeout_s``."""
+        if self.reply_url is None or not keys or not self.registered.is_set():
+            return None
+        req = PeerLookupRequest(
+            instance_id=self.instance_id,
+            worker_id=self.worker_id,
+            hashes=pack_hashes([k.chunk_hash for k in keys]),
+            chunk_size=self.config.chunk_size,
+        )
+        reply = self._request(req, None, timeout=self.config.p2p_timeout_s)
+        if not isinstance(reply, PeerLookupReply) or not reply.num_chunks:
+            return None
+        return reply.peer_init_url
 
     # --- the command thread ------------------------------------------------------------------
 

@@ -1,0 +1,233 @@
+"""Controller + two ``kvplane engine`` processes on loopback: the issue's cluster flows.
+
+Each engine runs its worker (enable_controller), its p2p chunk server and its internal API
+server (on a Unix socket), and prompts are stored through that API
+(``POST /cache/store?tokens_mock=start,end``), as an operator would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import httpx
+import pytest
+
+from tests.support import free_ports, kvplane_process, stop_process, wait_until
+
+pytestmark = pytest.mark.slow
+
+HEARTBEAT = 0.3
+WORKER_TIMEOUT = 2.0
+CHUNK = 16
+API_PORT = 7000  # internal_api_server_port_start 6999 + index 1 (worker 0)
+
+
+class Engine(NamedTuple):
+    instance_id: str
+    api: httpx.Client
+    proc: Any
+
+    def store(self, start: int, end: int, slots: str | None = None) -> dict[str, Any]:
+        params = {"tokens_mock": f"{start},{end}"}
+        if slots:
+            params["slot_mapping"] = slots
+        resp = self.api.post("/cache/store", params=params)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def checksums(self, slots: str) -> list[str]:
+        resp = self.api.get(
+            "/cache/kvcache/check", params={"slot_mapping": slots, "chunk_size": CHUNK}
+        )
+        assert resp.status_code == 200, resp.text
+        return resp.json()["chunk_checksums"]
+
+
+class Cluster(NamedTuple):
+    url: str
+    ports: dict[str, int]
+    tmp: Path
+
+    def post(self, path: str, body: Any) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=15)
+
+    def lookup(self, start: int, end: int) -> dict[str, list[Any]]:
+        resp = self.post("/lookup", {"tokens": list(range(start, end))})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["layout_info"]
+
+    def controller(self, log_name: str) -> contextlib.AbstractContextManager[Any]:
+        args = [
+            "controller", "--host", "127.0.0.1", "--port", str(self.ports["http"]),
+            "--monitor-ports", json.dumps({"pull": self.ports["pull"], "reply": self.ports["reply"]}),
+            "--worker-timeout", str(WORKER_TIMEOUT), "--health-check-interval", "0.1",
+            "--command-timeout", "3",
+        ]  # fmt: skip
+        return kvplane_process(args, log_path=self.tmp / log_name)
+
+    def wait_up(self) -> None:
+        wait_until(
+            lambda: httpx.get(self.url + "/healthz", timeout=1).status_code == 200,
+            timeout=30, what="controller up",
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def engine(self, instance_id: str) -> Iterator[Engine]:
+        worker_port, p2p_port = free_ports(2)
+        prefix = self.tmp / f"api-{instance_id}"
+        cfg = {
+            "chunk_size": CHUNK, "kv_num_layers": 2, "kv_num_heads": 2, "kv_head_size": 16,
+            "kv_block_size": 16, "kv_num_blocks": 128, "max_local_cpu_size": 0.01,
+            "enable_controller": True, "lmcache_instance_id": instance_id,
+            "controller_pull_url": f"127.0.0.1:{self.ports['pull']}",
+            "controller_reply_url": f"127.0.0.1:{self.ports['reply']}",
+            "lmcache_worker_ports": [worker_port], "lmcache_worker_heartbeat_time": HEARTBEAT,
+            "controller_timeout_s": 1.0, "enable_p2p": True, "p2p_host": "127.0.0.1",
+            "p2p_init_ports": [p2p_port], "internal_api_server_enabled": True,
+            "internal_api_server_socket_path_prefix": str(prefix),
+        }  # fmt: skip
+        path = self.tmp / f"{instance_id}.yaml"
+        path.write_text(json.dumps(cfg))  # JSON is YAML
+        log = self.tmp / f"{instance_id}.log"
+        with kvplane_process(["engine", "--config", str(path)], log_path=log) as proc:
+            sock = f"{prefix}_{API_PORT}"
+            wait_until(lambda: os.path.exists(sock), timeout=60, what=f"{instance_id} API")
+            api = httpx.Client(
+                transport=httpx.HTTPTransport(uds=sock), base_url="http://engine", timeout=15
+            )
+            try:
+                wait_until(
+                    lambda: self.post("/query_worker_info", {"instance_id": instance_id}).status_code == 200,
+                    timeout=30, what=f"{instance_id} registered",
+                )  # fmt: skip
+                yield Engine(instance_id, api, proc)
+            finally:
+                api.close()
+
+
+def new_cluster(tmp: Path) -> Cluster:
+    http, pull, reply = free_ports(3)
+    return Cluster(f"http://127.0.0.1:{http}", {"http": http, "pull": pull, "reply": reply}, tmp)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Engine, Engine]]:
+    c = new_cluster(tmp_path_factory.mktemp("cluster"))
+    with c.controller("controller.log"):
+        c.wait_up()
+        with c.engine("inst-a") as a, c.engine("inst-b") as b:
+            yield c, a, b
+
+
+def test_store_lookup_full_partial_and_clear(cluster: tuple[Cluster, Engine, Engine]) -> None:
+    c, a, _ = cluster
+    n = 5 * CHUNK + 3
+    assert a.store(0, n)["num_stored_tokens"] == n
+    wait_until(lambda: c.lookup(0, n), timeout=5, what="admits")
+    assert c.lookup(0, n) == {"inst-a": ["LocalCPUBackend", n]}
+    # a longer prompt sharing 5 full chunks: the partial last chunk differs
+    assert c.lookup(0, n + 40) == {"inst-a": ["LocalCPUBackend", 5 * CHUNK]}
+    assert c.lookup(1, n) == {}
+    resp = c.post("/clear", {"instance_id": "inst-a", "location": "LocalCPUBackend"})
+    assert resp.status_code == 200, resp.text
+    wait_until(lambda: c.lookup(0, n) == {}, timeout=5, what="evicts")
+
+
+def test_query_worker_info_both_workers_heartbeats_advance(
+    cluster: tuple[Cluster, Engine, Engine],
+) -> None:
+    c, _, _ = cluster
+    first = {i: c.post("/query_worker_info", {"instance_id": i, "worker_ids": [0]}).json()
+             for i in ("inst-a", "inst-b")}  # fmt: skip
+    time.sleep(3 * HEARTBEAT)
+    for instance_id, body in first.items():
+        info = body["worker_infos"][0]
+        assert info["instance_id"] == instance_id and info["worker_id"] == 0
+        assert info["ip"] == "127.0.0.1" and info["port"] > 0
+        assert info["peer_init_url"].startswith("127.0.0.1:")
+        later = c.post("/query_worker_info", {"instance_id": instance_id}).json()
+        assert later["worker_infos"][0]["last_heartbeat_time"] > info["last_heartbeat_time"]
+    assert c.post("/query_instance", {"ip": "127.0.0.1"}).json()["res"] in ("inst-a", "inst-b")
+    codes = c.post("/health", {"instance_id": "inst-b"}).json()["error_codes"]
+    assert codes == {"0": 0}
+
+
+def test_move_carries_exact_bytes_from_a_to_b(cluster: tuple[Cluster, Engine, Engine]) -> None:
+    c, a, b = cluster
+    start, end = 5000, 5000 + 3 * CHUNK
+    a.store(start, end, slots=f"[0,{3 * CHUNK - 1}]")
+    wait_until(lambda: "inst-a" in c.lookup(start, end), timeout=5)
+    resp = c.post("/move", {
+        "old_position": ["inst-a", "LocalCPUBackend"],
+        "new_position": ["inst-b", "LocalCPUBackend"],
+        "tokens": list(range(start, end)),
+    })  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["num_tokens"] == 3 * CHUNK
+    wait_until(lambda: c.lookup(start, end) == {"inst-b": ["LocalCPUBackend", 3 * CHUNK]},
+               timeout=5, what="moved chunks reported by B, gone from A")  # fmt: skip
+    # B loads the moved KV into other slots: byte-identical to what A stored
+    target = f"[1000,{1000 + 3 * CHUNK - 1}]"
+    assert b.checksums(target) != a.checksums(f"[0,{3 * CHUNK - 1}]")
+    resp = b.api.post(
+        "/cache/retrieve", params={"tokens_mock": f"{start},{end}", "slot_mapping": target}
+    )
+    assert resp.status_code == 200 and resp.json()["num_retrieved"] == 3 * CHUNK, resp.text
+    assert b.checksums(target) == a.checksums(f"[0,{3 * CHUNK - 1}]")
+
+
+def test_controller_restart_then_kill_9(tmp_path: Path) -> None:
+    c = new_cluster(tmp_path)
+    n = 4 * CHUNK
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(c.controller("c1.log"))
+        c.wait_up()
+        a = stack.enter_context(c.engine("inst-a"))
+        b = stack.enter_context(c.engine("inst-b"))
+        a.store(0, n)
+        b.store(100, 100 + n)
+        wait_until(lambda: c.lookup(0, n) and c.lookup(100, 100 + n), timeout=5)
+        before = (c.lookup(0, n), c.lookup(100, 100 + n))
+        assert before == ({"inst-a": ["LocalCPUBackend", n]}, {"inst-b": ["LocalCPUBackend", n]})
+
+        # the controller restarts with an empty index: workers re-register and resync
+        stop_process(first)
+        with c.controller("c2.log"):
+            c.wait_up()
+            up = time.monotonic()
+            wait_until(lambda: (c.lookup(0, n), c.lookup(100, 100 + n)) == before,
+                       timeout=10, interval=0.02, what="resync after restart")  # fmt: skip
+            assert time.monotonic() - up < 2 * HEARTBEAT + 0.5
+
+            # kill -9: no deregistration; the reaper drops it after the worker timeout
+            b.proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            wait_until(lambda: c.lookup(100, 100 + n) == {}, timeout=WORKER_TIMEOUT + 5,
+                       interval=0.05, what="dead worker reaped")  # fmt: skip
+            waited = time.monotonic() - killed
+            assert WORKER_TIMEOUT - 2 * HEARTBEAT < waited < WORKER_TIMEOUT + 2
+            assert c.lookup(0, n) == {"inst-a": ["LocalCPUBackend", n]}
+            assert "reaped worker inst-b/0" in (tmp_path / "c2.log").read_text()
+            assert c.post("/health", {"instance_id": "inst-b"}).status_code == 404
+
+
+def test_p2p_tier_finds_the_peer_through_the_controller(
+    cluster: tuple[Cluster, Engine, Engine],
+) -> None:
+    c, a, b = cluster
+    start, end = 9000, 9000 + 2 * CHUNK
+    a.store(start, end, slots=f"[200,{200 + 2 * CHUNK - 1}]")
+    wait_until(lambda: "inst-a" in c.lookup(start, end), timeout=5)
+    target = f"[1500,{1500 + 2 * CHUNK - 1}]"
+    resp = b.api.post(
+        "/cache/retrieve", params={"tokens_mock": f"{start},{end}", "slot_mapping": target}
+    )
+    assert resp.status_code == 200 and resp.json()["num_retrieved"] == 2 * CHUNK, resp.text
+    assert b.checksums(target) == a.checksums(f"[200,{200 + 2 * CHUNK - 1}]")

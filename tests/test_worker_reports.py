@@ -1,0 +1,52 @@
+"""The worker's report buffer: order kept, runs merged, batches bounded, closed = dropped."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvplane.protocol import unpack_hashes
+from kvplane.worker.reports import ReportBuffer
+
+event = st.tuples(
+    st.booleans(),
+    st.sampled_from(["LocalCPUBackend", "LocalDiskBackend"]),
+    st.integers(0, 2**64 - 1),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(event, max_size=60), st.integers(1, 7))
+def test_drain_replays_events_in_order_within_batch_limits(events: list, max_batch: int) -> None:
+    buf = ReportBuffer(max_batch=max_batch)
+    buf.restart(lambda: [])
+    for admit, loc, h in events:
+        buf.record(admit, loc, h)
+    assert len(buf) == len(events)
+    batches = buf.drain()
+    replay = [
+        (seg.admit, seg.location, h)
+        for batch in batches
+        for seg in batch
+        for h in unpack_hashes(seg.hashes)
+    ]
+    assert replay == events
+    assert all(sum(len(s.hashes) // 8 for s in batch) <= max_batch for batch in batches)
+    assert all(sum(len(s.hashes) // 8 for s in batch) == max_batch for batch in batches[:-1])
+    assert len(buf) == 0 and buf.drain() == []
+
+
+def test_closed_buffer_drops_and_restart_snapshots_first() -> None:
+    buf = ReportBuffer()
+    buf.record(True, "LocalCPUBackend", 1)  # not registered yet: dropped
+    assert len(buf) == 0
+    assert buf.restart(lambda: [("LocalCPUBackend", [5, 6]), ("LocalDiskBackend", [])]) == 2
+    buf.record(False, "LocalCPUBackend", 5)
+    (batch,) = buf.drain()
+    assert [(s.admit, s.location, unpack_hashes(s.hashes)) for s in batch] == [
+        (True, "LocalCPUBackend", [5, 6]),
+        (False, "LocalCPUBackend", [5]),
+    ]
+    buf.close()
+    buf.record(True, "LocalCPUBackend", 7)
+    assert buf.drain() == []
