@@ -371,19 +371,20 @@ class KeySpec:
 
     def validate(self, raw: Any) -> Any:
         """Parse and range-check ``raw``; ConfigError names the key, the value and the rule."""
+        shown = "***" if self.secret else repr(raw)  # errors reach logs and HTTP bodies
         try:
             value = self.kind.parse(raw)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{self.name}: invalid value {raw!r}: {exc}") from None
+            raise ConfigError(f"{self.name}: invalid value {shown}: {exc}") from None
         numbers = value if isinstance(value, list) else [value]
         for v in numbers:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 if self.minimum is not None and v < self.minimum:
-                    raise ConfigError(f"{self.name}: {raw!r} is below the minimum {self.minimum}")
+                    raise ConfigError(f"{self.name}: {shown} is below the minimum {self.minimum}")
                 if self.maximum is not None and v > self.maximum:
-                    raise ConfigError(f"{self.name}: {raw!r} is above the maximum {self.maximum}")
+                    raise ConfigError(f"{self.name}: {shown} is above the maximum {self.maximum}")
         if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"{self.name}: {raw!r} is not one of {list(self.choices)}")
+            raise ConfigError(f"{self.name}: {shown} is not one of {list(self.choices)}")
         return value
 
 
@@ -452,7 +453,7 @@ def load_config(
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(by_name), n=1)
         raise ConfigError(
-            f"unknown config key {unknown[0]!r} (value {raw[unknown[0]]!r})"
+            f"unknown config key {unknown[0]!r}"
             + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
             + (f"; did you mean {close[0]!r}?" if close else "")
             + "; see docs/configuration.md for the valid keys"

@@ -117,6 +117,9 @@ def test_loglevel_get_all_get_one_set(transport):
         r = client.get("/loglevel", params={"logger_name": "kvplane", "level": "LOUD"})
         assert r.status_code == 400
         assert client.get("/loglevel", params={"level": "DEBUG"}).status_code == 400
+        root_level = logging.getLogger().level
+        r = client.get("/loglevel", params={"logger_name": "", "level": "CRITICAL"})
+        assert r.status_code == 400 and logging.getLogger().level == root_level
 
 
 SCRIPT = b"""

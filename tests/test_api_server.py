@@ -252,3 +252,11 @@ def test_unusable_socket_prefix_is_a_config_error_naming_the_key(tmp_path):
         assert "internal_api_server_socket_path_prefix" in str(info.value)
         assert service.servers == {}
     assert not os.path.exists(os.path.dirname(too_long))  # refused before creating anything
+
+
+def test_a_role_port_beyond_65535_is_a_config_error():
+    cfg = api_config(internal_api_server_port_start=65535)
+    service = InternalApiService(cfg, indices=[1])
+    with pytest.raises(ConfigError, match="65536 of this role is beyond 65535"):
+        service.start()
+    assert service.servers == {}

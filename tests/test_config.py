@@ -212,12 +212,19 @@ def test_float_keys_hold_only_finite_values_within_their_range(raw):
         assert spec.maximum is None or value <= spec.maximum
 
 
-def test_unknown_key_error_names_value_and_nearest_key():
+def test_unknown_key_error_names_the_nearest_key_but_not_the_value():
+    # The value of a misspelt key may be a secret ("remote_ulr: redis://:pw@...").
     with pytest.raises(ConfigError) as info:
-        load_config(env={}, overrides={"max_local_cpu_sise": 3})
+        load_config(env={}, overrides={"remote_ulr": "redis://:hunter2@h:1"})
     message = str(info.value)
-    assert "'max_local_cpu_sise'" in message and "3" in message
-    assert "did you mean 'max_local_cpu_size'" in message
+    assert "'remote_ulr'" in message and "hunter2" not in message
+    assert "did you mean 'remote_url'" in message
+
+
+def test_errors_about_secret_keys_do_not_echo_the_value():
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"internal_api_server_token": 123456})
+    assert "internal_api_server_token" in str(info.value) and "123456" not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -149,6 +149,10 @@ class ApiServer:
 def _bind(address: Address) -> socket.socket:
     if address.uds:
         return _bind_unix(Path(address.uds))
+    if address.port > 65535:  # getaddrinfo would quietly take it modulo 65536
+        raise ConfigError(
+            f"internal_api_server_port_start: port {address.port} of this role is beyond 65535"
+        )
     try:
         infos = socket.getaddrinfo(
             address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

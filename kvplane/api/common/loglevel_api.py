@@ -42,7 +42,7 @@ def loglevel(
     if level is not None:
         # Setting a level mutates the process although the seed uses GET.
         require_token(request, config)
-        if logger_name is None:
+        if not logger_name:  # logging.getLogger("") would be the root logger in disguise
             raise BadRequest("Setting a level needs logger_name (use 'root' for the root logger)")
         wanted = level.strip().upper()
         if wanted not in LEVELS:
