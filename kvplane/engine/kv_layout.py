@@ -227,17 +227,15 @@ def scatter(
     device = first.device
     prepared = _prepare(kv_caches, slots)
     src = kv.to(device, non_blocking=kv.is_pinned())
-    # On CPU, index_copy_ runs serially at a fraction of memcpy speed; a copy per block
-    # (or index_put_ per token) is several times faster. On CUDA one kernel per layer wins.
+    # On CPU, torch's index_copy_ runs serially at a fraction of memcpy speed; numpy's
+    # fancy-index assignment copies whole rows with memcpy. On CUDA one kernel per layer.
+    host_ids = np.asarray(prepared.host_ids) if device.type == "cpu" else None
     for layer, cache in enumerate(kv_caches):
         rows, src_rows, dim = _rows(cache, src[layer], prepared.by_block)
-        if device.type != "cpu":
+        if host_ids is None:
             rows.index_copy_(dim, prepared.ids, src_rows)
-        elif prepared.by_block:
-            for i, block in enumerate(prepared.host_ids):
-                rows.select(dim, block).copy_(src_rows.select(dim, i))
         else:
-            rows[(slice(None),) * dim + (prepared.ids,)] = src_rows
+            rows.numpy()[(slice(None),) * dim + (host_ids,)] = src_rows.numpy()
 
 
 def gather_chunks(
