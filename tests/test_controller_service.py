@@ -101,6 +101,28 @@ def test_lookup_full_partial_and_miss(controller: Controller, worker: ProtoWorke
     wait_until(lambda: controller.lookup(TOKENS) == {"A": ["LocalCPUBackend", 4]}, timeout=5)
 
 
+def test_lookup_of_a_long_prompt_and_its_other_methods(
+    controller: Controller, worker: ProtoWorker
+) -> None:
+    """An 8K-token body arrives in several pieces; /lookup answers only POST, as documented."""
+    long_prompt = [(i * 7919) % 128_000 for i in range(8190)]
+    assert worker.register().ok
+    hashes = chunk_hashes(long_prompt, 4)
+    worker.report(hashes[:1000])
+    wait_until(lambda: controller.lookup(long_prompt), timeout=5, what="admits applied")
+    assert controller.lookup(long_prompt) == {"A": ["LocalCPUBackend", 4000]}
+    worker.report(hashes[1000:])
+    full = {"A": ["LocalCPUBackend", 8190]}
+    wait_until(lambda: controller.lookup(long_prompt) == full, timeout=5, what="all admits")
+    body = json.dumps({"tokens": long_prompt}).encode()
+    chunked = httpx.post(controller.url + "/lookup", content=iter([body[:999], body[999:]]))
+    assert chunked.status_code == 200
+    assert chunked.json()["layout_info"] == full
+    assert chunked.headers["content-type"] == "application/json"
+    assert httpx.get(controller.url + "/lookup").status_code == 405
+    assert "/lookup" in httpx.get(controller.url + "/openapi.json").json()["paths"]
+
+
 def test_errors_are_4xx_json_naming_the_problem(controller: Controller) -> None:
     resp = controller.post("/health", {"instance_id": "nope"})
     assert resp.status_code == 404

@@ -98,7 +98,7 @@ class Cluster:
 
     # --- reads -------------------------------------------------------------------------------
 
-    def lookup(self, tokens: Sequence[int]) -> tuple[str, dict[str, Match]]:
+    def lookup(self, tokens: Sequence[int] | np.ndarray) -> tuple[str, dict[str, Match]]:
         sizes = self.core.index.chunk_sizes()  # lock-free by contract
         arr = np.asarray(tokens, dtype="<i4")  # once, for every chunk size in use
         hashes = {cs: chunk_hashes(arr, cs) for cs in sizes}

@@ -6,7 +6,7 @@ maps kvplane errors to ``{"error", "message"}`` JSON bodies with their status co
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 from fastapi import APIRouter, FastAPI, Request
@@ -15,13 +15,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import AliasChoices, BaseModel, Field
 
 from kvplane.controller.cluster import Cluster
+from kvplane.controller.fast_lookup import MAX_TOKEN, LookupAnswer, LookupRoute, parse_tokens
 from kvplane.controller.ops_api import build_ops_router
 from kvplane.controller.settings import ControllerSettings
 from kvplane.errors import BadRequest, KvplaneError
 
 __all__ = ["create_app"]
-
-MAX_TOKEN = 2**31 - 1
 
 
 # --- models --------------------------------------------------------------------------------
@@ -31,11 +30,6 @@ class LookupRequest(BaseModel):
     tokens: list[int] = Field(description=f"token ids, each in [0, {MAX_TOKEN}]")
 
 
-class _LookupBody(msgspec.Struct):
-    tokens: list[Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN)]]
-
-
-_lookup_decoder = msgspec.json.Decoder(_LookupBody)
 _encoder = msgspec.json.Encoder()
 
 
@@ -136,7 +130,27 @@ def _check_tokens(tokens: list[int] | None) -> list[int] | None:
     return tokens
 
 
-def build_cluster_router(cluster: Cluster, latency: Any) -> APIRouter:
+def build_lookup(cluster: Cluster, latency: Any) -> LookupAnswer:
+    """The /lookup handler, shared by the lean ASGI route and the documented FastAPI one."""
+
+    def answer(body: bytes) -> tuple[int, bytes]:
+        # The probe runs on the event loop, holding the cluster lock only for the index
+        # walk; the gate asks the ingest thread to step aside meanwhile.
+        with cluster.gate.reading():
+            start = time.perf_counter()
+            try:
+                tokens = parse_tokens(body)
+            except KvplaneError as exc:
+                return exc.status_code, _encoder.encode(_error_body_of(exc))
+            event_id, found = cluster.lookup(tokens)
+            latency.observe(time.perf_counter() - start)
+            layout = {i: (m.location, m.num_tokens) for i, m in found.items()}
+            return 200, _encoder.encode({"event_id": event_id, "layout_info": layout})
+
+    return answer
+
+
+def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRouter:
     router = APIRouter(tags=["cluster"])
 
     @router.post(
@@ -150,21 +164,8 @@ def build_cluster_router(cluster: Cluster, latency: Any) -> APIRouter:
         },
     )
     async def lookup(request: Request) -> Response:
-        # The hot path: msgspec parses the 8K-token body in one pass (FastAPI's json.loads +
-        # pydantic would take several times longer), and the probe runs on the event loop,
-        # holding the cluster lock only for the index walk.
-        body = await request.body()
-        with cluster.gate.reading():
-            start = time.perf_counter()
-            try:
-                tokens = _lookup_decoder.decode(body).tokens
-            except msgspec.MsgspecError as exc:
-                raise BadRequest(f"body: {exc}") from None
-            event_id, found = cluster.lookup(tokens)
-            latency.observe(time.perf_counter() - start)
-            layout = {i: (m.location, m.num_tokens) for i, m in found.items()}
-            payload = _encoder.encode({"event_id": event_id, "layout_info": layout})
-        return Response(payload, media_type="application/json")
+        status, payload = lookup_answer(await request.body())
+        return Response(payload, status_code=status, media_type="application/json")
 
     @router.post("/clear", response_model=NumTokensResponse)
     def clear(body: ClearRequest) -> NumTokensResponse:
@@ -243,6 +244,10 @@ def _error_body(error: str, message: str, extra: dict[str, Any] | None = None) -
     return {"error": error, "message": message, **(extra or {})}
 
 
+def _error_body_of(exc: KvplaneError) -> dict[str, Any]:
+    return _error_body(type(exc).__name__, str(exc), getattr(exc, "extra", None))
+
+
 def create_app(cluster: Cluster, settings: ControllerSettings) -> FastAPI:
     """The controller's FastAPI app over a running cluster (OpenAPI at /docs)."""
     app = FastAPI(
@@ -250,13 +255,14 @@ def create_app(cluster: Cluster, settings: ControllerSettings) -> FastAPI:
         description="KV-aware routing lookups and cluster operations over kvplane workers.",
     )
     ops_router, latency = build_ops_router(cluster, settings)
-    app.include_router(build_cluster_router(cluster, latency))
+    lookup_answer = build_lookup(cluster, latency)
+    app.include_router(build_cluster_router(cluster, lookup_answer))
     app.include_router(ops_router)
+    app.add_middleware(LookupRoute, answer=lookup_answer)
 
     @app.exception_handler(KvplaneError)
     async def kvplane_error(request: Request, exc: KvplaneError) -> JSONResponse:
-        body = _error_body(type(exc).__name__, str(exc), getattr(exc, "extra", None))
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(_error_body_of(exc), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,0 +1,108 @@
+"""The /lookup body parser: the fast path answers exactly what msgspec's checked decode
+of ``{"tokens": list[int in [0, 2**31 - 1]]}`` answers, token ids and error messages alike."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvplane.controller.fast_lookup import MAX_TOKEN, parse_tokens
+from kvplane.errors import BadRequest
+
+
+class _Reference(msgspec.Struct):
+    tokens: list[Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN)]]
+
+
+def reference(body: bytes) -> np.ndarray | str:
+    """The checked decode: the token array, or the error message a client gets."""
+    try:
+        tokens = msgspec.json.decode(body, type=_Reference).tokens
+    except msgspec.MsgspecError as exc:
+        return f"body: {exc}"
+    return np.asarray(tokens, dtype="<i4")
+
+
+def parsed(body: bytes) -> np.ndarray | str:
+    try:
+        arr = parse_tokens(body)
+    except BadRequest as exc:
+        return str(exc)
+    assert arr.dtype == np.dtype("<i4") and arr.ndim == 1
+    return arr
+
+
+def assert_same(body: bytes) -> None:
+    want, got = reference(body), parsed(body)
+    if isinstance(want, str):
+        assert got == want
+    else:
+        assert isinstance(got, np.ndarray) and got.tolist() == want.tolist()
+
+
+EDGES = [0, 1, MAX_TOKEN, MAX_TOKEN + 1, 2**32 - 1, 2**32, -1, -(2**31), 2**63, 2**64, -(2**63)]
+ids = st.one_of(st.integers(0, MAX_TOKEN), st.sampled_from(EDGES), st.integers())
+
+
+@given(st.lists(ids, max_size=40), st.sampled_from([(", ", ": "), (",", ":")]))
+def test_any_int_list_parses_like_the_checked_decoder(tokens: list[int], seps: Any) -> None:
+    assert_same(json.dumps({"tokens": tokens}, separators=seps).encode())
+
+
+@given(st.lists(st.integers(0, MAX_TOKEN), min_size=1, max_size=40))
+def test_valid_ids_round_trip(tokens: list[int]) -> None:
+    assert parse_tokens(json.dumps({"tokens": tokens}).encode()).tolist() == tokens
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=12,
+)
+
+
+@given(json_values)
+def test_any_json_value_as_tokens(value: Any) -> None:
+    assert_same(json.dumps({"tokens": value}).encode())
+
+
+@given(json_values)
+def test_any_json_document(value: Any) -> None:
+    assert_same(json.dumps(value).encode())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"{",
+        b"[1, 2]",
+        b'{"tokens": [1, 2], "extra": 3}',
+        b'{"tokens": [1.0, 2]}',
+        b'{"tokens": [true]}',
+        b'{"tokens": [01]}',
+        b'{"tokens": [1,]}',
+        b'{"tokens": []}',
+        b'{"tokens": null}',
+        b'{"tokens": "abc"}',
+        b'{"tokens": [-1]}',
+        b'{"tokens": [2147483648]}',
+        b'{"tokens": [4294967296]}',
+        b'{"tokens": [18446744073709551616]}',
+        b'{"toks": [1]}',
+        b' \n{"tokens" : [ 1 , 2 ] }\n',
+    ],
+)
+def test_edge_bodies(body: bytes) -> None:
+    assert_same(body)
+
+
+def test_a_prompt_of_8k_tokens() -> None:
+    tokens = np.random.default_rng(3).integers(0, 128_000, 8192).tolist()
+    assert parse_tokens(json.dumps({"tokens": tokens}).encode()).tolist() == tokens
