@@ -4,6 +4,7 @@ of ``{"tokens": list[int in [0, 2**31 - 1]]}`` answers, token ids and error mess
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import msgspec
@@ -12,8 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvplane.controller.fast_lookup import MAX_TOKEN, parse_tokens
+from kvplane.controller.fast_lookup import MAX_TOKEN, TokenParser
 from kvplane.errors import BadRequest
+
+parse_tokens = TokenParser().parse
 
 
 class _Reference(msgspec.Struct):
@@ -97,10 +100,41 @@ def test_any_json_document(value: Any) -> None:
         b'{"tokens": [18446744073709551616]}',
         b'{"toks": [1]}',
         b' \n{"tokens" : [ 1 , 2 ] }\n',
+        b'{"tokens": [[1]]}',
+        b'{"tokens": [[1, 2]]}',
+        b'{"tokens": [1, [2]]}',
+        b'{"tokens": [1], "tokens": [2]}',
+        b'{"tokens": [1], "x": [2]}',
+        b'{"a[": 1, "tokens": [3]}',
+        b'{"tok\\u0065ns": [5]}',
+        b'{"tokens": [-0]}',
+        b'{"tokens": [1, "2"]}',
+        b'{"tokens": [9223372036854775808]}',
+        b'{"tokens": [-9223372036854775809]}',
+        b'{"tokens": [1]}x',
+        b'{"tokens": [1]}\x00',
     ],
 )
 def test_edge_bodies(body: bytes) -> None:
     assert_same(body)
+
+
+def test_threads_parse_at_once() -> None:
+    """Each thread has its own simdjson parser; one thread's document never leaks into
+    another's."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 128_000, int(n)).tolist() for n in rng.integers(1, 3000, 8)]
+    bodies = [json.dumps({"tokens": p}).encode() for p in prompts]
+    shared = TokenParser()
+
+    def work(k: int) -> bool:
+        return all(
+            shared.parse(bodies[(k + i) % len(bodies)]).tolist() == prompts[(k + i) % 8]
+            for i in range(200)
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(4)))
 
 
 def test_a_prompt_of_8k_tokens() -> None:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import AliasChoices, BaseModel, Field
 
 from kvplane.controller.cluster import Cluster
-from kvplane.controller.fast_lookup import MAX_TOKEN, LookupAnswer, LookupRoute, parse_tokens
+from kvplane.controller.fast_lookup import MAX_TOKEN, LookupAnswer, LookupRoute, TokenParser
 from kvplane.controller.ops_api import build_ops_router
 from kvplane.controller.settings import ControllerSettings
 from kvplane.errors import BadRequest, KvplaneError
@@ -132,6 +132,7 @@ def _check_tokens(tokens: list[int] | None) -> list[int] | None:
 
 def build_lookup(cluster: Cluster, latency: Any) -> LookupAnswer:
     """The /lookup handler, shared by the lean ASGI route and the documented FastAPI one."""
+    parse_tokens = TokenParser().parse
 
     def answer(body: bytes) -> tuple[int, bytes]:
         # The probe runs on the event loop, holding the cluster lock only for the index
