@@ -44,6 +44,9 @@ def to_token_array(tokens: Any) -> np.ndarray:
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
+    kind, size = arr.dtype.kind, arr.dtype.itemsize
+    if (kind == "i" and size <= 4) or (kind == "u" and size <= 2):
+        return arr.astype("<i4", copy=False)  # fits by its type: no pass over the values
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
     # A token beyond int32 would wrap silently and collide with another token's key.

@@ -8,10 +8,9 @@ without the lock, each under the executor's deadline.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -66,18 +65,21 @@ class ReaderGate:
         self._idle = threading.Event()
         self._idle.set()
 
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
+    def reading(self) -> ReaderGate:
+        """``with gate.reading():`` around a lookup (the gate is its own context manager:
+        a generator-based one would cost a lookup more than the gate itself)."""
+        return self
+
+    def __enter__(self) -> None:
         with self._lock:
             self._readers += 1
             self._idle.clear()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._readers -= 1
-                if not self._readers:
-                    self._idle.set()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._readers -= 1
+            if not self._readers:
+                self._idle.set()
 
     def wait_for_readers(self, timeout: float) -> None:
         self._idle.wait(timeout)

@@ -7,9 +7,9 @@ worker that does not answer in time yields its own error code, never a hang.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +60,7 @@ class EventTable:
         self._lock = threading.Lock()
 
     def start(self, kind: str, *, finished: bool = False) -> str:
-        event_id = f"{kind}-{uuid.uuid4().hex}"
+        event_id = f"{kind}-{os.urandom(16).hex()}"  # uuid4 without its object: per lookup
         status = EventStatus.FINISHED if finished else EventStatus.RUNNING
         with self._lock:
             self._events[event_id] = EventRecord(event_id, kind, status, time.time())

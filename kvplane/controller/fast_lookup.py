@@ -6,7 +6,7 @@ small VM two costs dominated it, each about as large as hashing and probing the 
 
 * turning the JSON into int32 token bytes: a checked decode made a Python int per token,
   then a numpy conversion walked that list again. :class:`TokenParser` has simdjson parse
-  the usual body straight into an int64 buffer; any other body goes through the checked
+  the usual body straight into a 64-bit int buffer; any other body goes through the checked
   decoder, which answers as before, its 400 messages included;
 * FastAPI and Starlette's per-request machinery (middleware layers, routing, dependency
   solving, response objects). :class:`LookupRoute` answers ``POST /lookup`` before it and
@@ -67,7 +67,7 @@ class TokenParser:
 
     def _parse_plain(self, body: bytes) -> np.ndarray | None:
         """The body every client sends, ``{"tokens": [ints in range]}`` and nothing else,
-        parsed by simdjson straight into int64s (no Python int per token); None for any
+        parsed by simdjson straight into 64-bit ints (no Python int per token); None for any
         other body, which the checked decoder then answers, errors included.
 
         The checks keep the two paths' answers identical: one key (the checked decoder
@@ -85,11 +85,12 @@ class TokenParser:
             array = doc["tokens"]
             if type(array) is not simdjson.Array or body.find(b"[", body.find(b"[") + 1) >= 0:
                 return None
-            ids = np.frombuffer(array.as_buffer(of_type="i"), dtype="<i8")
-        # Not JSON, no "tokens", not all ints; RuntimeError: an integer beyond 64 bits.
+            # Unsigned: a negative id fails here, so one max() checks the range.
+            ids = np.frombuffer(array.as_buffer(of_type="u"), dtype="<u8")
+        # Not JSON, no "tokens", not all non-negative ints; RuntimeError: beyond 64 bits.
         except (KeyError, TypeError, ValueError, RuntimeError):
             return None
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) > MAX_TOKEN):
+        if ids.size and int(ids.max()) > MAX_TOKEN:
             return None
         return ids.astype("<i4")
 

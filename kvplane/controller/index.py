@@ -87,20 +87,27 @@ def shard_hashes(hashes: np.ndarray | Iterable[int]) -> ShardedHashes:
 
 
 class _Worker:
-    __slots__ = ("chunk_size", "locations")
+    __slots__ = ("chunk_size", "locations", "tiers")
 
     def __init__(self, chunk_size: int) -> None:
         self.chunk_size = chunk_size
         # Insertion order = the order tiers were first reported (CPU first in practice),
         # which is also the preference order when reporting a match's location.
         self.locations: dict[str, _Shards] = {}
+        self.tiers: list[_Shards] = []  # locations' values, for the lookup's probe loop
+
+    def add_location(self, location: str) -> _Shards:
+        shards: _Shards = [{} for _ in range(SHARDS)]
+        self.locations[location] = shards
+        self.tiers.append(shards)
+        return shards
 
     def count(self) -> int:
         return sum(len(m) for shards in self.locations.values() for m in shards)
 
     def prefix(self, hashes: Sequence[int], limit: int) -> int:
         """How many leading ``hashes`` (up to ``limit``) this worker holds in any tier."""
-        tiers = list(self.locations.values())
+        tiers = self.tiers
         if not tiers:
             return 0
         if len(tiers) == 1:
@@ -117,7 +124,10 @@ class _Worker:
         return limit
 
     def location_of(self, hashes: Sequence[int], n: int) -> str:
-        """The first tier holding all of ``hashes[:n]``, else the first holding chunk 0."""
+        """The first tier holding all of ``hashes[:n]``, else the first holding chunk 0.
+        ``n`` is at most :meth:`prefix`, so a worker with one tier holds them there."""
+        if len(self.locations) == 1:
+            return next(iter(self.locations))
         for loc, shards in self.locations.items():
             if all(h in shards[h & _MASK] for h in hashes[:n]):
                 return loc
@@ -164,7 +174,7 @@ class ChunkIndex:
         worker = self._instances[key.instance_id][key.worker_id]
         shards = worker.locations.get(location)
         if shards is None:
-            shards = worker.locations[location] = [{} for _ in range(SHARDS)]
+            shards = worker.add_location(location)
         for i, part in sharded.parts:
             shards[i].update(dict.fromkeys(part))
 
@@ -222,6 +232,14 @@ class ChunkIndex:
             first = ranks[min(ranks)]
             hashes = hashes_by_chunk_size.get(first.chunk_size)
             if not hashes:
+                continue
+            # Most instances lack the request's first chunk: turn them away with a probe
+            # per tier of the lead rank, before a call per rank.
+            head = hashes[0]
+            for tier in first.tiers:
+                if head in tier[head & _MASK]:
+                    break
+            else:
                 continue
             n = len(hashes)
             for worker in ranks.values():
