@@ -231,3 +231,21 @@ def test_p2p_tier_finds_the_peer_through_the_controller(
     )
     assert resp.status_code == 200 and resp.json()["num_retrieved"] == 2 * CHUNK, resp.text
     assert b.checksums(target) == a.checksums(f"[200,{200 + 2 * CHUNK - 1}]")
+
+
+def test_clear_while_frozen_reaches_the_controller_when_lifted(
+    cluster: tuple[Cluster, Engine, Engine],
+) -> None:
+    c, a, _ = cluster
+    start, end = 12000, 12000 + 3 * CHUNK
+    a.store(start, end)
+    wait_until(lambda: "inst-a" in c.lookup(start, end), timeout=5, what="admits")
+    assert a.api.put("/freeze/enable").status_code == 200
+    try:
+        resp = a.api.delete("/cache/clear", params={"locations": ["LocalCPUBackend"]})
+        assert resp.status_code == 200 and resp.json()["num_removed"] >= 3, resp.text
+        time.sleep(3 * HEARTBEAT)  # freeze sends no admit/evict: the controller still routes
+        assert c.lookup(start, end) == {"inst-a": ["LocalCPUBackend", 3 * CHUNK]}
+    finally:
+        assert a.api.put("/freeze/disable").status_code == 200
+    wait_until(lambda: c.lookup(start, end) == {}, timeout=5, what="held evictions delivered")
