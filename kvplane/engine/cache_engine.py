@@ -157,21 +157,11 @@ class CacheEngine:
                     if n < self.config.chunk_size and not self.config.save_unfull_chunk:
                         break
                     if self.storage.locate(key) is None:
-                        index = indices[chunk_no]
-                        meta = ChunkMeta(self.layout.chunk_shape(n), self._dtype_name, n)
-                        cpu = self.storage.cpu_writable
-                        page = cpu.allocate() if cpu is not None else None
-                        if page is not None:
-                            size = self.layout.chunk_nbytes(n)
-                            staged.append((key, KVChunk(meta, page.data[:size]), page))
-                            copies.append((index, staged[-1][1].kv()))
-                            if len(copies) == _FLUSH_CHUNKS:  # start the copies while planning on
-                                flush()
-                        elif cpu is not None or not self._store_uncached(
-                            key, meta, kv_caches, index
-                        ):
+                        if not self._stage(key, indices[chunk_no], n, kv_caches, staged, copies):
                             self.metrics.refused_stores.inc()
                             break
+                        if len(copies) == _FLUSH_CHUNKS:  # start the copies while planning on
+                            flush()
                         new_chunks += 1
                         nbytes += self.layout.chunk_nbytes(n)
                     held_tokens = end
@@ -185,6 +175,29 @@ class CacheEngine:
         self.metrics.stored_bytes.inc(nbytes)
         self.metrics.store_seconds.observe(time.perf_counter() - start_time)
         return StoreResult(held_tokens, new_chunks, nbytes)
+
+    def _stage(
+        self,
+        key: CacheKey,
+        index: SlotIndex,
+        n: int,
+        kv_caches: Sequence[torch.Tensor],
+        staged: list[tuple[CacheKey, KVChunk, MemoryPage]],
+        copies: list[tuple[SlotIndex, torch.Tensor]],
+    ) -> bool:
+        """Queue one chunk's copy into a fresh CPU page (or, with no writable CPU tier, store
+        it to the lower tiers now). False when no tier would take it."""
+        meta = ChunkMeta(self.layout.chunk_shape(n), self._dtype_name, n)
+        cpu = self.storage.cpu_writable
+        if cpu is None:
+            return self._store_uncached(key, meta, kv_caches, index)
+        page = cpu.allocate()
+        if page is None:
+            return False
+        chunk = KVChunk(meta, page.data[: self.layout.chunk_nbytes(n)])
+        staged.append((key, chunk, page))
+        copies.append((index, chunk.kv()))
+        return True
 
     def _publish(
         self,
