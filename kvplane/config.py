@@ -199,6 +199,12 @@ class EngineConfig:
     remote_timeout_s: float = key(
         1.0, "Deadline of every remote-tier call, seconds.", kind=FLOAT, minimum=0.01
     )
+    remote_tls_ca_file: str | None = key(
+        None,
+        "PEM file of the CA certificate(s) that verify the server of a rediss:// remote_url "
+        "(e.g. a private CA); null: the system's trusted CAs.",
+        kind=OPT_STR,
+    )
     tier_queue_size: int = key(
         256,
         "Pending asynchronous writes per lower tier before writes are dropped.",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvplane.config import EngineConfig
-from kvplane.engine.backends.base import ChunkAdmitted
+from kvplane.engine.backends.base import ChunkAdmitted, ChunkEvicted
 from kvplane.engine.kv_layout import allocate_kv_caches, gather
 from kvplane.engine.runtime import EngineRuntime
 from kvplane.errors import BadRequest
@@ -96,6 +96,44 @@ def test_events_min_retrieve_tokens_and_freeze():
     assert engine.store(list(range(100, 132)), rt.kv_caches, slots).num_tokens == 0
     assert engine.retrieve(list(range(32)), rt.kv_caches, slots).num_tokens == 32
     assert len(events) == 2
+
+
+def test_freeze_holds_tier_events_and_delivers_them_when_lifted(tmp_path):
+    rt = make_runtime(local_disk=f"file://{tmp_path / 'disk'}", max_local_disk_size=0.01)
+    engine, storage = rt.cache_engine, rt.storage
+    cpu, disk = "LocalCPUBackend", "LocalDiskBackend"
+    events = []
+    engine.add_listener(events.append)
+    tokens = list(range(48))
+    engine.store(tokens, rt.kv_caches, random_slots(rt, 48, 7))
+    assert storage.flush(10)
+    keys = engine.keys_for(tokens)
+    assert sorted(events) == sorted(ChunkAdmitted(k, t) for k in keys for t in (cpu, disk))
+    events.clear()
+
+    engine.frozen = True
+    assert engine.clear([cpu]) == 3
+    assert storage.cpu.set_hot_cache(False) == 0
+    # a queued lower-tier write landing while frozen, then removed: only its last event counts
+    extra = engine.keys_for(list(range(500, 516)))[0]
+    tier = storage.backends[disk]
+    assert tier.put(extra, tier.get(keys[1]))
+    assert tier.remove(extra) and tier.remove(keys[0])
+    assert events == []  # nothing leaves while frozen
+    assert engine.lookup(tokens) == 0
+
+    engine.frozen = False
+    assert events == [ChunkEvicted(k, cpu) for k in keys] + [
+        ChunkEvicted(extra, disk),
+        ChunkEvicted(keys[0], disk),
+    ]
+    engine.frozen = True
+    engine.frozen = False
+    assert len(events) == 5  # delivered once
+    storage.cpu.set_hot_cache(True)
+    engine.store(list(range(900, 916)), rt.kv_caches, random_slots(rt, 16, 8))
+    assert events[5] == ChunkAdmitted(engine.keys_for(list(range(900, 916)))[0], cpu)
+    rt.stop()
 
 
 def test_full_tier_refuses_cleanly_and_pins_survive():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -12,7 +14,29 @@ import pytest
 from kvplane.controller.main import add_parser, settings_from_args
 from kvplane.controller.settings import ControllerSettings
 from kvplane.errors import ConfigError
-from tests.support import free_ports, kvplane_process, stop_process, wait_until
+from tests.support import (
+    REPO_ROOT,
+    free_ports,
+    kvplane_env,
+    kvplane_process,
+    stop_process,
+    wait_until,
+)
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``python -m kvplane ARGS``, stdout and stderr together; a controller that starts
+    anyway is stopped by the timeout (and the test fails on its exit code)."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvplane", *args],
+        cwd=REPO_ROOT,
+        env=kvplane_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=15,
+        check=False,
+    )
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -41,8 +65,49 @@ def test_monitor_ports_flags() -> None:
     assert (s.worker_timeout, s.health_check_interval) == (12, 2)
     assert settings_from_args(parse("--worker-timeout", "7")).worker_timeout == 7
     for bad in ('{"reply": 1}', "not json", '{"pull": 1, "push": 2}', '{"pull": "x"}'):
-        with pytest.raises(ConfigError):
-            settings_from_args(parse("--monitor-ports", bad))
+        with pytest.raises(SystemExit):
+            parse("--monitor-ports", bad)
+
+
+BAD_PORT_ARGS = [
+    (["--port", "99999"], "--port", "99999"),
+    (["--port", "0"], "--port", "'0'"),
+    (["--port", "http"], "--port", "http"),
+    (["--monitor-port", "65536"], "--monitor-port", "65536"),
+    (["--monitor-ports", '{"pull": 70000, "reply": 9002}'], "--monitor-ports", "70000"),
+    (["--monitor-ports", '{"pull": 9001, "reply": -1}'], "--monitor-ports", "-1"),
+    (["--monitor-ports", '{"pull": 9001, "heartbeat": "x"}'], "--monitor-ports", "'x'"),
+    (["--monitor-ports", '{"pull": true}'], "--monitor-ports", "True"),
+    (["--monitor-ports", '{"pull": 9001, "push": 9003}'], "--monitor-ports", "push"),
+    (["--monitor-ports", '{"reply": 9002}'], "--monitor-ports", "pull"),
+    (["--monitor-ports", "[9001]"], "--monitor-ports", "[9001]"),
+    (["--monitor-ports", "9001"], "--monitor-ports", "9001"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "value"), BAD_PORT_ARGS, ids=[" ".join(a[0]) for a in BAD_PORT_ARGS]
+)
+def test_bad_ports_are_a_usage_error_naming_the_flag(
+    args: list[str], flag: str, value: str
+) -> None:
+    """Without the check the controller started and logged a bogus address (--port 99999)
+    or failed binding with a message that named no flag."""
+    out = run_cli(["controller", "--host", "127.0.0.1", *args])
+    assert out.returncode == 2, out.stdout
+    assert f"argument {flag}:" in out.stdout and value in out.stdout, out.stdout
+    assert "Traceback" not in out.stdout and "controller HTTP API" not in out.stdout
+
+
+def test_bad_port_in_the_config_file_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "controller.yaml"
+    cfg.write_text("port: 99999\n")
+    out = run_cli(["controller", "--config", str(cfg)])
+    assert out.returncode == 2 and "port must be a port number in 1..65535, got 99999" in out.stdout
+    cfg.write_text("monitor_ports: {pull: 9001, reply: 0}\n")
+    out = run_cli(["controller", "--config", str(cfg)])
+    assert out.returncode == 2 and "monitor_ports in" in out.stdout and "got 0" in out.stdout
+    assert "Traceback" not in out.stdout
 
 
 def test_config_file_and_flags_override_it(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import free_ports, kvplane_process, stop_process, wait_until
 
@@ -231,3 +232,55 @@ def test_p2p_tier_finds_the_peer_through_the_controller(
     )
     assert resp.status_code == 200 and resp.json()["num_retrieved"] == 2 * CHUNK, resp.text
     assert b.checksums(target) == a.checksums(f"[200,{200 + 2 * CHUNK - 1}]")
+
+
+def test_clear_while_frozen_reaches_the_controller_when_lifted(
+    cluster: tuple[Cluster, Engine, Engine],
+) -> None:
+    c, a, _ = cluster
+    start, end = 12000, 12000 + 3 * CHUNK
+    a.store(start, end)
+    wait_until(lambda: "inst-a" in c.lookup(start, end), timeout=5, what="admits")
+    assert a.api.put("/freeze/enable").status_code == 200
+    try:
+        resp = a.api.delete("/cache/clear", params={"locations": ["LocalCPUBackend"]})
+        assert resp.status_code == 200 and resp.json()["num_removed"] >= 3, resp.text
+        time.sleep(3 * HEARTBEAT)  # freeze sends no admit/evict: the controller still routes
+        assert c.lookup(start, end) == {"inst-a": ["LocalCPUBackend", 3 * CHUNK]}
+    finally:
+        assert a.api.put("/freeze/disable").status_code == 200
+    wait_until(lambda: c.lookup(start, end) == {}, timeout=5, what="held evictions delivered")
+
+
+def worker_metrics(engine: Engine) -> dict[str, float]:
+    resp = engine.api.get("/metrics")
+    assert resp.status_code == 200, resp.text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(resp.text)
+        for sample in family.samples
+        if sample.name.startswith("kvplane_worker_")
+    }
+
+
+def test_worker_counters_on_the_engines_metrics(cluster: tuple[Cluster, Engine, Engine]) -> None:
+    c, _, b = cluster
+    before = worker_metrics(b)
+    assert before["kvplane_worker_registered"] == 1
+    assert before["kvplane_worker_registrations_total"] == 1  # no controller restart here
+    assert before["kvplane_worker_resyncs_total"] == 0
+    assert before["kvplane_worker_reports_dropped_total"] == 0
+    events, reports = "kvplane_worker_events_sent_total", "kvplane_worker_reports_sent_total"
+    start, end = 15000, 15000 + 3 * CHUNK
+    b.store(start, end)
+    wait_until(lambda: "inst-b" in c.lookup(start, end), timeout=5, what="admits")
+
+    def reported() -> dict[str, float] | None:
+        now = worker_metrics(b)
+        return now if now[events] >= before[events] + 3 else None
+
+    after = wait_until(reported, timeout=5, what="the report counted")
+    assert after[events] == before[events] + 3  # one admit per stored chunk
+    assert after[reports] >= before[reports] + 1
+    assert after["kvplane_worker_pending_events"] == 0
+    assert after["kvplane_worker_registrations_total"] == 1

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from kvplane.config import EngineConfig
 from kvplane.engine.backends.remote import KEY_PREFIX, RemoteBackend
 from kvplane.engine.circuit_breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from kvplane.engine.tiers import remote_backend
 from kvplane.errors import ConfigError
-from tests.redis_support import RedisServer, needs_redis
+from tests.redis_support import RedisServer, make_tls_files, needs_redis
 from tests.support import wait_until
 from tests.tier_cases import make_chunk, make_key, same_kv
 
@@ -133,3 +135,45 @@ def test_stored_value_is_exactly_one_frame(server: RedisServer) -> None:
     assert remote.keys() == [key]
     raw.close()
     remote.close()
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[RedisServer]:
+    s = RedisServer(tmp_path, tls=make_tls_files(tmp_path))
+    s.start()
+    yield s
+    s.stop()
+
+
+def test_rediss_round_trip_verified_against_the_configured_ca(tls_server: RedisServer) -> None:
+    assert tls_server.tls is not None and tls_server.url.startswith("rediss://127.0.0.1:")
+    cfg = EngineConfig(remote_url=tls_server.url, remote_tls_ca_file=str(tls_server.tls.ca_cert))
+    remote = remote_backend(cfg)  # the engine's own wiring of the two keys
+    assert isinstance(remote, RemoteBackend)
+    key, chunk = make_key(1), make_chunk(1)
+    assert not remote.contains(key)
+    assert remote.put(key, chunk)
+    assert remote.contains(key)
+    assert same_kv(remote.get(key), chunk)
+    assert remote.keys() == [key]
+    assert remote.remove(key) and not remote.contains(key)
+    assert remote.stats().errors == 0
+    remote.close()
+
+    # without the CA the self-signed chain is refused: TLS really verifies the server
+    unverified = RemoteBackend(tls_server.url, timeout_s=1.0)
+    assert not unverified.put(key, chunk)
+    assert unverified.get(key) is None
+    assert unverified.stats().errors >= 1
+    unverified.close()
+
+
+def test_tls_ca_file_mistakes_are_config_errors(tmp_path: Path) -> None:
+    ca = make_tls_files(tmp_path).ca_cert
+    with pytest.raises(ConfigError, match=r"remote_tls_ca_file: .* not a rediss://"):
+        RemoteBackend("redis://127.0.0.1:1", tls_ca_file=str(ca))
+    with pytest.raises(ConfigError, match=r"remote_tls_ca_file: .* is not a file"):
+        RemoteBackend("rediss://127.0.0.1:1", tls_ca_file=str(tmp_path / "missing.pem"))
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="no usable CA certificate"):
+        RemoteBackend("rediss://127.0.0.1:1", tls_ca_file=str(tmp_path / "junk.pem"))

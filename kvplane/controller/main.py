@@ -9,12 +9,28 @@ import logging
 import sys
 from typing import Any
 
-from kvplane.controller.settings import ControllerSettings, parse_monitor_ports
-from kvplane.errors import KvplaneError
+from kvplane.controller.settings import ControllerSettings, check_port, parse_monitor_ports
+from kvplane.errors import ConfigError, KvplaneError
 
 __all__ = ["add_parser", "run"]
 
 log = logging.getLogger("kvplane.controller")
+
+
+def _port(text: str) -> int:
+    """argparse type: a port number; a bad one is a usage error naming the flag (exit 2)."""
+    try:
+        return check_port(int(text), "a port")
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1..65535)") from None
+
+
+def _monitor_ports(text: str) -> dict[str, int | None]:
+    """argparse type: the ``--monitor-ports`` JSON, checked as settings fields."""
+    try:
+        return parse_monitor_ports(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (in {text!r})") from None
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -25,15 +41,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "on --monitor-ports.",
     )
     p.add_argument("--host", help="address to bind (HTTP and worker ports; default 0.0.0.0)")
-    p.add_argument("--port", type=int, help="HTTP port (default 9000)")
+    p.add_argument("--port", type=_port, help="HTTP port (default 9000)")
     p.add_argument(
         "--monitor-ports",
+        type=_monitor_ports,
         help='worker ports as JSON, e.g. \'{"pull": 9001, "reply": 9002}\' '
         '(an optional "heartbeat" port is a second reply socket); default pull 9001, reply 9002',
     )
     p.add_argument(
         "--monitor-port",
-        type=int,
+        type=_port,
         help="deprecated: the pull port alone, no reply port (use --monitor-ports)",
     )
     p.add_argument(
@@ -60,7 +77,7 @@ def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
     base = ControllerSettings.from_file(args.config) if args.config else ControllerSettings()
     ports: dict[str, Any] = {}
     if args.monitor_ports:
-        ports = parse_monitor_ports(args.monitor_ports)
+        ports = args.monitor_ports
     elif args.monitor_port is not None:
         log.warning(
             '--monitor-port is deprecated; use --monitor-ports \'{"pull": %d, "reply": ...}\''

@@ -88,6 +88,7 @@ class CacheEngine:
         self._dtype_name = dtype_name(layout.dtype)
         self._cuda_lock = threading.Lock()
         self._lookup_observers: list[Callable[[Sequence[int]], None]] = []
+        self._transfer_observers: list[Callable[[str, torch.Tensor], None]] = []
 
     # ------------------------------------------------------------------ keys and events
     def keys_for(self, tokens: Any) -> list[CacheKey]:
@@ -104,6 +105,15 @@ class CacheEngine:
     def add_lookup_observer(self, observer: Callable[[Sequence[int]], None]) -> None:
         """Receive the chunk hashes of every lookup/retrieve (e.g. chunk statistics)."""
         self._lookup_observers.append(observer)
+
+    def add_transfer_observer(self, observer: Callable[[str, torch.Tensor], None]) -> None:
+        """Receive ``("store" | "retrieve", slot_mapping)`` of every call that moved KV
+        (the internal API's ``record_slot`` logging). Called on the caller's thread."""
+        self._transfer_observers.append(observer)
+
+    def _observe_transfer(self, op: str, slots: torch.Tensor) -> None:
+        for observer in list(self._transfer_observers):
+            observer(op, slots)
 
     def _observe(self, keys: Sequence[CacheKey]) -> None:
         if self._lookup_observers:
@@ -133,51 +143,92 @@ class CacheEngine:
         spans = chunk_spans(len(token_arr), self.config.chunk_size)
         keys = self.keys_for(token_arr)
         held_tokens = new_chunks = nbytes = 0
-        staged: list[tuple[CacheKey, KVChunk, MemoryPage]] = []
+        staged: list[tuple[CacheKey, KVChunk, MemoryPage]] = []  # gathered, not yet published
+        in_flight: list[tuple[Any, list[tuple[CacheKey, KVChunk, MemoryPage]]]] = []
         copies: list[tuple[SlotIndex, torch.Tensor]] = []
         indices = self._indices(kv_caches, slots, spans)
-        with self._releasing_on_error(staged), self._device_guard(kv_caches) as copy_stream:
-            for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
-                n = end - start
-                if n < self.config.chunk_size and not self.config.save_unfull_chunk:
-                    break
-                if self.storage.locate(key) is None:
-                    index = indices[chunk_no]
-                    meta = ChunkMeta(self.layout.chunk_shape(n), self._dtype_name, n)
-                    cpu = self.storage.cpu_writable
-                    page = cpu.allocate() if cpu is not None else None
-                    if page is not None:
-                        size = self.layout.chunk_nbytes(n)
-                        staged.append((key, KVChunk(meta, page.data[:size]), page))
-                        copies.append((index, staged[-1][1].kv()))
-                        if len(copies) == _FLUSH_CHUNKS:  # start the copies while planning on
-                            gather_many(kv_caches, copies, copy_stream)
-                            copies = []
-                    elif cpu is not None or not self._store_uncached(key, meta, kv_caches, index):
-                        self.metrics.refused_stores.inc()
-                        break
-                    new_chunks += 1
-                    nbytes += self.layout.chunk_nbytes(n)
-                held_tokens = end
+
+        def flush() -> None:
+            """Start the queued copies; publish every batch whose copies have finished."""
+            nonlocal copies, staged
             gather_many(kv_caches, copies, copy_stream)
-        # The guard synchronized the stream: the pages hold the KV now, publish them.
-        for key, chunk, page in staged:
-            self.storage.put(key, chunk, page)
+            done = None
+            if copy_stream is not None:
+                done = torch.cuda.Event()
+                done.record(copy_stream)
+            in_flight.append((done, staged))
+            copies, staged = [], []
+            self._publish(in_flight, wait=False)
+
+        try:
+            with self._device_guard(kv_caches) as copy_stream:
+                for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
+                    n = end - start
+                    if n < self.config.chunk_size and not self.config.save_unfull_chunk:
+                        break
+                    if self.storage.locate(key) is None:
+                        if not self._stage(key, indices[chunk_no], n, kv_caches, staged, copies):
+                            self.metrics.refused_stores.inc()
+                            break
+                        if len(copies) == _FLUSH_CHUNKS:  # start the copies while planning on
+                            flush()
+                        new_chunks += 1
+                        nbytes += self.layout.chunk_nbytes(n)
+                    held_tokens = end
+                flush()
+                self._publish(in_flight, wait=True)
+        except BaseException:  # pages never published go back to the pool
+            for _, _, page in staged + [item for _, batch in in_flight for item in batch]:
+                page.release()
+            raise
+        if new_chunks:
+            self._observe_transfer("store", slots[:held_tokens])
         self.metrics.stored_tokens.inc(held_tokens)
         self.metrics.stored_bytes.inc(nbytes)
         self.metrics.store_seconds.observe(time.perf_counter() - start_time)
         return StoreResult(held_tokens, new_chunks, nbytes)
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _releasing_on_error(staged: list[tuple[CacheKey, KVChunk, MemoryPage]]) -> Any:
-        """Give the staged pages back to the pool if the copies fail (they are never put)."""
-        try:
-            yield
-        except BaseException:
-            for _, _, page in staged:
-                page.release()
-            raise
+    def _stage(
+        self,
+        key: CacheKey,
+        index: SlotIndex,
+        n: int,
+        kv_caches: Sequence[torch.Tensor],
+        staged: list[tuple[CacheKey, KVChunk, MemoryPage]],
+        copies: list[tuple[SlotIndex, torch.Tensor]],
+    ) -> bool:
+        """Queue one chunk's copy into a fresh CPU page (or, with no writable CPU tier, store
+        it to the lower tiers now). False when no tier would take it."""
+        meta = ChunkMeta(self.layout.chunk_shape(n), self._dtype_name, n)
+        cpu = self.storage.cpu_writable
+        if cpu is None:
+            return self._store_uncached(key, meta, kv_caches, index)
+        page = cpu.allocate()
+        if page is None:
+            return False
+        chunk = KVChunk(meta, page.data[: self.layout.chunk_nbytes(n)])
+        staged.append((key, chunk, page))
+        copies.append((index, chunk.kv()))
+        return True
+
+    def _publish(
+        self,
+        in_flight: list[tuple[Any, list[tuple[CacheKey, KVChunk, MemoryPage]]]],
+        *,
+        wait: bool,
+    ) -> None:
+        """Hand gathered pages to the storage manager, oldest batch first, once their
+        device->host copies are done (at once on CPU). Without ``wait``, stop at the first
+        batch still copying, so publishing overlaps the copies of later batches."""
+        while in_flight:
+            done, batch = in_flight[0]
+            if done is not None and not done.query():
+                if not wait:
+                    return
+                done.synchronize()
+            in_flight.pop(0)
+            for key, chunk, page in batch:
+                self.storage.put(key, chunk, page)
 
     def _check_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
         """BadRequest unless ``kv_caches`` are this engine's layout: other shapes would be
@@ -247,6 +298,8 @@ class CacheEngine:
                 loaded_tokens, chunks, nbytes = end, chunks + 1, nbytes + chunk.nbytes
             scatter_many(kv_caches, copies, copy_stream)
             self._sync(kv_caches)  # pages must not be reused before the copies finished
+        if loaded_tokens:
+            self._observe_transfer("retrieve", slots[:loaded_tokens])
         self.metrics.retrieved_tokens.inc(loaded_tokens)
         self.metrics.retrieved_bytes.inc(nbytes)
         self.metrics.retrieve_seconds.observe(time.perf_counter() - start_time)

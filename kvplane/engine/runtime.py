@@ -92,7 +92,9 @@ class EngineRuntime:
         if self.p2p is not None:
             self.add_service(self.p2p)
         if config.enable_controller:
-            self.add_service(ControllerWorker(config, self.cache_engine, p2p=self.p2p))
+            worker = ControllerWorker(config, self.cache_engine, p2p=self.p2p)
+            self.metrics.registry.register(worker.metrics_collector())
+            self.add_service(worker)
         self._stopped = threading.Event()
         self._started = False
         config.on_change(self._apply_config_change)

@@ -4,7 +4,10 @@ Writes go to the CPU tier synchronously and to every lower tier through a bounde
 drained by that tier's writer thread; a full queue drops the write and counts it, so the
 serving path never waits on a slow tier. Reads take the highest tier that has the chunk and
 promote a lower-tier hit into the CPU tier. Bypassed tiers are skipped by contains, put and
-get. Frozen: stores are skipped, only the CPU tier is read, and no admit/evict events leave.
+get. Frozen: stores are skipped, only the CPU tier is read, and no admit/evict events leave;
+the events tiers emit meanwhile (a clear, a hot-cache disable, a queued lower-tier write
+landing) are held, the last one per chunk and tier, and delivered when freeze is lifted, so
+listeners (the controller worker) end up agreeing with the tiers.
 """
 
 from __future__ import annotations
@@ -111,6 +114,10 @@ class StorageManager:
         }
         self._bypassed: set[str] = set()
         self._frozen = False
+        # Events suppressed while frozen, the latest per (key, tier) in order of arrival.
+        # Delivery and holding share one lock so a replay never overtakes a newer event.
+        self._held: dict[tuple[CacheKey, str], StorageEvent] = {}
+        self._events_lock = threading.Lock()
         self._listeners: list[Callable[[StorageEvent], None]] = []
         for backend in backends:
             backend.add_listener(self._forward)
@@ -122,7 +129,14 @@ class StorageManager:
 
     @frozen.setter
     def frozen(self, value: bool) -> None:
-        self._frozen = value
+        """Lifting freeze first delivers the events held while frozen."""
+        with self._events_lock:
+            self._frozen = value
+            if value:
+                return
+            held, self._held = list(self._held.values()), {}
+            for event in held:
+                self._deliver(event)
 
     @property
     def bypassed(self) -> list[str]:
@@ -167,8 +181,15 @@ class StorageManager:
     def _forward(self, event: StorageEvent) -> None:
         if isinstance(event, ChunkEvicted):
             self.metrics.evictions.labels(event.location).inc()
-        if self._frozen:
-            return
+        with self._events_lock:
+            if self._frozen:
+                slot = (event.key, event.location)
+                self._held.pop(slot, None)  # re-inserted last: replay keeps arrival order
+                self._held[slot] = event
+                return
+            self._deliver(event)
+
+    def _deliver(self, event: StorageEvent) -> None:
         for listener in list(self._listeners):
             listener(event)
 

@@ -32,7 +32,9 @@ RemoteFactory = Callable[[str, EngineConfig], StorageBackend]
 
 
 def _redis(url: str, config: EngineConfig) -> StorageBackend:
-    return RemoteBackend(url, timeout_s=config.remote_timeout_s)
+    return RemoteBackend(
+        url, timeout_s=config.remote_timeout_s, tls_ca_file=config.remote_tls_ca_file
+    )
 
 
 def _fs(url: str, config: EngineConfig) -> StorageBackend:

@@ -17,6 +17,7 @@ import torch
 
 from kvplane.config import EngineConfig
 from kvplane.engine.chunk import dtype_name
+from kvplane.errors import ConfigError
 from kvplane.serve.generator import Generator, PrefixCache
 from kvplane.serve.model import (
     DEFAULT_SEED,
@@ -28,6 +29,7 @@ from kvplane.serve.model import (
 from kvplane.serve.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, CheckpointTokenizer, Tokenizer
 
 __all__ = [
+    "DTYPES",
     "LoadedModel",
     "ServeOptions",
     "ServedModel",
@@ -77,25 +79,56 @@ class LoadedModel:
     device: torch.device
 
 
+#: ``--dtype`` values besides ``auto``.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEVICE_CHOICES = "cpu, cuda, cuda:N or auto"
+
+
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """``auto``: CUDA with bfloat16 when there is a GPU, else the CPU with float32."""
+    """``auto``: CUDA with bfloat16 when there is a GPU, else the CPU with float32.
+
+    Raises ConfigError naming the flag for an unknown dtype, a device torch cannot parse or
+    the model cannot run on, and a CUDA device this machine lacks (torch would fail later,
+    deep inside model construction)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"--dtype: unsupported {dtype!r}; choose from {sorted(DTYPES)} or auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device: {device!r} is not a device; use {_DEVICE_CHOICES}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: {device!r} is not supported; use {_DEVICE_CHOICES}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ConfigError(f"--device: {device!r}: torch sees {count} CUDA device(s) here")
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(dtypes)} or auto")
-    return dev, dtypes[dtype]
+    return dev, DTYPES[dtype]
+
+
+def _load_checkpoint(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """Model and tokenizer of a local checkpoint; a missing or unreadable one is a
+    ConfigError naming ``--model`` (transformers would first try it as a hub repo id)."""
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model: {str(model_dir)!r} is not a directory (a local checkpoint)")
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"--model: {str(model_dir)!r} has no config.json: not a checkpoint")
+    try:
+        model = build_model(model_dir=model_dir, device=device, dtype=dtype)
+        return model, CheckpointTokenizer(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--model: cannot load {str(model_dir)!r}: {exc}") from None
 
 
 def load_model(options: ServeOptions) -> LoadedModel:
+    """Raises ConfigError for a bad device, dtype, architecture or checkpoint."""
     device, dtype = resolve_device(options.device, options.dtype)
     tokenizer: Tokenizer
     if options.model_dir is not None:
-        model = build_model(model_dir=options.model_dir, device=device, dtype=dtype)
-        tokenizer = CheckpointTokenizer(options.model_dir)
+        model, tokenizer = _load_checkpoint(options.model_dir, device, dtype)
     else:
         config = architecture_config(options.architecture, BYTE_VOCAB_SIZE, options.max_model_len)
         model = build_model(config, device=device, dtype=dtype, seed=options.seed)

@@ -47,6 +47,7 @@ from kvplane.protocol import (
     pack_hashes,
 )
 from kvplane.worker.commands import CommandHandlers
+from kvplane.worker.metrics import COUNTER_HELP, WorkerStatsCollector
 from kvplane.worker.reports import ReportBuffer
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class ControllerWorker:
         self.registered = threading.Event()
         self._resync_requested = threading.Event()
         self.handlers = CommandHandlers(engine, config.chunk_size, self._resync_requested.set)
-        self.stats = {"registrations": 0, "resyncs": 0, "reports_sent": 0, "reports_dropped": 0}
+        self.stats = dict.fromkeys(COUNTER_HELP, 0)  # written by the control thread only
         self._epoch = 0
         self._seq = 0
         self._ctx = zmq.Context()
@@ -119,6 +120,10 @@ class ControllerWorker:
         engine.add_listener(self._on_event)
         if p2p is not None:
             p2p.set_peer_locator(self.locate_peer)
+
+    def metrics_collector(self) -> WorkerStatsCollector:
+        """This worker's counters for a Prometheus registry (the engine's ``/metrics``)."""
+        return WorkerStatsCollector(lambda: self.stats, self.registered.is_set, self.buffer.__len__)
 
     @property
     def peer_init_url(self) -> str | None:
@@ -305,6 +310,7 @@ class ControllerWorker:
             try:
                 push.send(encode(report), zmq.NOBLOCK)
                 self.stats["reports_sent"] += 1
+                self.stats["events_sent"] += sum(len(s.hashes) // 8 for s in segments)
             except zmq.Again:  # the numbered gap makes the controller ask for a resync
                 self.stats["reports_dropped"] += 1
 

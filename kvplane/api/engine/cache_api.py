@@ -18,7 +18,7 @@ from kvplane.api.context import ApiContext
 from kvplane.api.deps import Ctx, Engine, Storage, runtime_of
 from kvplane.api.engine.bypass_api import check_backend
 from kvplane.api.responses import Success
-from kvplane.api.slot_syntax import format_ranges, parse_slot_mapping, to_ranges
+from kvplane.api.slot_syntax import parse_slot_mapping
 from kvplane.errors import BadRequest
 
 __all__ = [
@@ -107,11 +107,6 @@ def slots_for(ctx: ApiContext, slot_mapping: str | None, num_tokens: int) -> tor
     return torch.tensor(slots, dtype=torch.long)
 
 
-def _record(ctx: ApiContext, op: str, slots: torch.Tensor) -> None:
-    if ctx.slot_recording.enabled:
-        log.info("%s slot_mapping=%s", op, format_ranges(to_ranges(slots.tolist())))
-
-
 TokensMock = Annotated[str | None, Query(description='"start,end": tokens start..end-1')]
 TokensInput = Annotated[str | None, Query(description="comma-separated token ids")]
 SlotMapping = Annotated[str | None, Query(description='e.g. "0,1,[8,15]" (default 0..n-1)')]
@@ -136,7 +131,6 @@ def store(
 ) -> StoreResponse:
     tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
     slots = slots_for(ctx, slot_mapping, len(tokens))
-    _record(ctx, "store", slots)
     result = engine.store(tokens, runtime_of(ctx).kv_caches, slots)
     return StoreResponse(
         num_tokens=len(tokens),
@@ -155,6 +149,5 @@ def retrieve(
 ) -> RetrieveResponse:
     tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
     slots = slots_for(ctx, slot_mapping, len(tokens))
-    _record(ctx, "retrieve", slots)
     result = engine.retrieve(tokens, runtime_of(ctx).kv_caches, slots)
     return RetrieveResponse(num_tokens=len(tokens), num_retrieved=result.num_tokens)

@@ -1,5 +1,6 @@
 """/freeze/*: while frozen, stores are skipped, only the CPU tier is read and no admit/evict
-events leave the engine (protects the CPU hot cache from changes)."""
+events leave the engine (protects the CPU hot cache from changes); evictions meanwhile (a
+clear) are held and reported when freeze is lifted."""
 
 from __future__ import annotations
 

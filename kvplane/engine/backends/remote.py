@@ -1,5 +1,6 @@
 """The remote tier on Redis or Valkey (``remote_url: redis://[:password@]host:port[/db]``,
-``rediss://`` for TLS).
+``rediss://`` for TLS: the server certificate is verified against the system's CAs, or
+against ``remote_tls_ca_file``).
 
 Each chunk is one string value, a :mod:`~kvplane.engine.serde` frame, under
 ``kvplane:<CacheKey.to_str()>``. A put writes the SET command's bulk string as its two parts
@@ -16,6 +17,8 @@ Eviction is the server's (``maxmemory-policy``); this tier never evicts.
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 import threading
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
@@ -63,17 +66,23 @@ class RemoteBackend(StorageBackend):
         timeout_s: float = 1.0,
         max_connections: int = 16,
         breaker: CircuitBreaker | None = None,
+        tls_ca_file: str | None = None,
     ) -> None:
-        """Set up the pool (no connection is made yet). Raises ConfigError for a bad URL."""
+        """Set up the pool (no connection is made yet). ``tls_ca_file``: PEM CA bundle that
+        verifies a ``rediss://`` server. Raises ConfigError for a bad URL or CA file."""
         super().__init__()
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
                 f"remote_url: {url.split('://')[0]!r} is not a Redis URL "
                 "(expected redis://host:port or rediss://host:port)"
             )
+        tls: dict[str, str] = {}
+        if tls_ca_file is not None:
+            tls["ssl_ca_certs"] = _check_ca_file(url, tls_ca_file)
         try:
             pool = redis.BlockingConnectionPool.from_url(
                 url,
+                **tls,
                 max_connections=max_connections,
                 timeout=timeout_s,
                 socket_timeout=timeout_s,
@@ -209,6 +218,22 @@ class RemoteBackend(StorageBackend):
             raise
         self.breaker.record_success()
         return result
+
+
+def _check_ca_file(url: str, path: str) -> str:
+    # Checked here, not at the first connection: there a bad file would look like a server
+    # that is down (errors counted, breaker open) instead of a configuration mistake.
+    if not url.startswith("rediss://"):
+        raise ConfigError("remote_tls_ca_file: set, but remote_url is not a rediss:// (TLS) URL")
+    if not os.path.isfile(path):
+        raise ConfigError(f"remote_tls_ca_file: {path!r} is not a file")
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"remote_tls_ca_file: {path!r} holds no usable CA certificate: {exc}"
+        ) from None
+    return path
 
 
 def _rkey(key: CacheKey) -> str:
