@@ -2,7 +2,7 @@
 
 A router asks the controller about every prompt it schedules, so ``POST /lookup`` is the
 request whose cost matters: ~50 KB of JSON (8K token ids) in, a few instances out. On a
-small VM two costs dominated it, each about as large as hashing and probing the index:
+small VM two costs dominated it, each several times that of hashing and probing the index:
 
 * turning the JSON into int32 token bytes: a checked decode made a Python int per token,
   then a numpy conversion walked that list again. :class:`TokenParser` has simdjson parse
@@ -66,7 +66,7 @@ class TokenParser:
         return np.asarray(tokens, dtype="<i4")
 
     def _parse_plain(self, body: bytes) -> np.ndarray | None:
-        """The body every client sends, ``{"tokens": [ints in range]}`` and nothing else,
+        """The body clients send, ``{"tokens": [ints in range]}`` and nothing else,
         parsed by simdjson straight into 64-bit ints (no Python int per token); None for any
         other body, which the checked decoder then answers, errors included.
 
