@@ -1,4 +1,5 @@
-"""Shared test helpers: free loopback ports, child processes stopped by PID, bounded waits."""
+"""Shared test helpers: free loopback ports, child processes stopped by PID, bounded waits,
+threads joined with a deadline."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -57,6 +59,17 @@ def wait_until(
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last error: {last_exc!r}")
+
+
+def run_threads(target: Callable[[int], object], n: int, *, timeout: float) -> None:
+    """Run ``target(0)`` .. ``target(n - 1)`` on ``n`` threads at once; fails the test if any
+    is still running ``timeout`` seconds after its join began (a deadlock)."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "deadlock"
 
 
 def kvplane_env(**extra: str) -> dict[str, str]:
