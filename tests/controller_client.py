@@ -1,4 +1,5 @@
-"""A protocol-level worker for controller tests: real ZMQ sockets, real frames.
+"""A protocol-level worker for controller tests: real ZMQ sockets, real frames; and the
+command line that starts the controller process those tests talk to.
 
 It speaks the wire protocol directly (no engine), so controller tests can send exact
 batches, gaps and unknown frames. The real worker is tested against engines elsewhere.
@@ -7,6 +8,7 @@ batches, gaps and unknown frames. The real worker is tested against engines else
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import threading
 from collections.abc import Callable, Sequence
@@ -29,6 +31,29 @@ from kvplane.protocol import (
     encode,
     pack_hashes,
 )
+
+
+def controller_args(
+    http: int,
+    pull: int,
+    reply: int,
+    *,
+    worker_timeout: float | None = None,
+    health_check_interval: float | None = None,
+    command_timeout: float | None = None,
+) -> list[str]:
+    """``kvplane controller`` argv on 127.0.0.1 with these HTTP/pull/reply ports; the timing
+    flags are passed only where given (else the controller's defaults)."""
+    args = ["controller", "--host", "127.0.0.1", "--port", str(http)]
+    args += ["--monitor-ports", json.dumps({"pull": pull, "reply": reply})]
+    for flag, value in (
+        ("--worker-timeout", worker_timeout),
+        ("--health-check-interval", health_check_interval),
+        ("--command-timeout", command_timeout),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
 
 
 class ProtoWorker:

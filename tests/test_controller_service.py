@@ -18,7 +18,7 @@ import pytest
 
 from kvplane.keys import chunk_hashes
 from kvplane.protocol import CommandReply, ErrorCode, HealthCommand, HeartbeatStatus
-from tests.controller_client import ProtoWorker
+from tests.controller_client import ProtoWorker, controller_args
 from tests.support import free_ports, kvplane_process, wait_until
 
 TIMEOUT = 1.5  # worker timeout of the controller under test, seconds
@@ -52,21 +52,9 @@ class Controller(NamedTuple):
 def controller(tmp_path: Path) -> Iterator[Controller]:
     http, pull, reply = free_ports(3)
     log = tmp_path / "controller.log"
-    args = [
-        "controller",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(http),
-        "--monitor-ports",
-        json.dumps({"pull": pull, "reply": reply}),
-        "--worker-timeout",
-        str(TIMEOUT),
-        "--health-check-interval",
-        "0.2",
-        "--command-timeout",
-        "1",
-    ]
+    args = controller_args(
+        http, pull, reply, worker_timeout=TIMEOUT, health_check_interval=0.2, command_timeout=1
+    )
     with kvplane_process(args, log_path=log):
         url = f"http://127.0.0.1:{http}"
         wait_until(

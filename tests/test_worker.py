@@ -6,7 +6,6 @@ prompts directly; the controller is a separate process reached over loopback.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from kvplane.config import EngineConfig
 from kvplane.engine.runtime import EngineRuntime
 from kvplane.protocol import ErrorCode
+from tests.controller_client import controller_args
 from tests.support import free_ports, kvplane_process, wait_until
 
 HEARTBEAT = 0.3
@@ -38,22 +38,10 @@ class Ctl:
         return resp.json()["layout_info"]
 
 
-def controller_args(http: int, pull: int, reply: int, timeout: float = 2.0) -> list[str]:
-    return [
-        "controller",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(http),
-        "--monitor-ports",
-        json.dumps({"pull": pull, "reply": reply}),
-        "--worker-timeout",
-        str(timeout),
-        "--health-check-interval",
-        "0.1",
-        "--command-timeout",
-        "2",
-    ]
+def fast_controller_args(http: int, pull: int, reply: int) -> list[str]:
+    return controller_args(
+        http, pull, reply, worker_timeout=2.0, health_check_interval=0.1, command_timeout=2
+    )
 
 
 @pytest.fixture
@@ -65,7 +53,7 @@ def ports() -> list[int]:
 def ctl(tmp_path: Path, ports: list[int]) -> Iterator[Ctl]:
     http, pull, reply = ports
     log = tmp_path / "controller.log"
-    with kvplane_process(controller_args(http, pull, reply), log_path=log):
+    with kvplane_process(fast_controller_args(http, pull, reply), log_path=log):
         url = f"http://127.0.0.1:{http}"
         wait_until(
             lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
@@ -223,7 +211,7 @@ def test_controller_restart_reregisters_and_resyncs(tmp_path: Path, ports: list[
     url = f"http://127.0.0.1:{http}"
     ctl = Ctl(url, pull, reply, tmp_path / "c1.log")
     up = lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200  # noqa: E731
-    with kvplane_process(controller_args(http, pull, reply), log_path=ctl.log):
+    with kvplane_process(fast_controller_args(http, pull, reply), log_path=ctl.log):
         wait_until(up, timeout=30)
         rt = make_engine(ctl, "inst-r")
         try:
@@ -234,7 +222,7 @@ def test_controller_restart_reregisters_and_resyncs(tmp_path: Path, ports: list[
             rt.stop()
             raise
     try:
-        with kvplane_process(controller_args(http, pull, reply), log_path=tmp_path / "c2.log"):
+        with kvplane_process(fast_controller_args(http, pull, reply), log_path=tmp_path / "c2.log"):
             wait_until(up, timeout=30)
             start = time.monotonic()
             wait_until(
