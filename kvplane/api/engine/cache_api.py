@@ -107,9 +107,20 @@ def slots_for(ctx: ApiContext, slot_mapping: str | None, num_tokens: int) -> tor
     return torch.tensor(slots, dtype=torch.long)
 
 
-def _record(ctx: ApiContext, op: str, slots: torch.Tensor) -> None:
+def _tokens_and_slots(
+    ctx: ApiContext,
+    op: str,
+    tokens_mock: str | None,
+    tokens_input: str | None,
+    slot_mapping: str | None,
+) -> tuple[list[int], torch.Tensor]:
+    """The request's tokens and their slots, both checked against the paged cache; the slots
+    are logged under ``op`` while slot recording is on."""
+    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
+    slots = slots_for(ctx, slot_mapping, len(tokens))
     if ctx.slot_recording.enabled:
         log.info("%s slot_mapping=%s", op, format_ranges(to_ranges(slots.tolist())))
+    return tokens, slots
 
 
 TokensMock = Annotated[str | None, Query(description='"start,end": tokens start..end-1')]
@@ -134,9 +145,7 @@ def store(
     tokens_input: TokensInput = None,
     slot_mapping: SlotMapping = None,
 ) -> StoreResponse:
-    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
-    slots = slots_for(ctx, slot_mapping, len(tokens))
-    _record(ctx, "store", slots)
+    tokens, slots = _tokens_and_slots(ctx, "store", tokens_mock, tokens_input, slot_mapping)
     result = engine.store(tokens, runtime_of(ctx).kv_caches, slots)
     return StoreResponse(
         num_tokens=len(tokens),
@@ -153,8 +162,6 @@ def retrieve(
     tokens_input: TokensInput = None,
     slot_mapping: SlotMapping = None,
 ) -> RetrieveResponse:
-    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
-    slots = slots_for(ctx, slot_mapping, len(tokens))
-    _record(ctx, "retrieve", slots)
+    tokens, slots = _tokens_and_slots(ctx, "retrieve", tokens_mock, tokens_input, slot_mapping)
     result = engine.retrieve(tokens, runtime_of(ctx).kv_caches, slots)
     return RetrieveResponse(num_tokens=len(tokens), num_retrieved=result.num_tokens)
