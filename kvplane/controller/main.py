@@ -116,8 +116,6 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(settings.log_level.upper())
     # Short GIL hand-offs: HTTP lookups get the interpreter quickly during an ingest burst.
     sys.setswitchinterval(0.0005)
-    # Start-up objects (FastAPI, pydantic schemas) never die: keep them out of every
-    # collection, and collect young objects less often; the index itself is untracked.
     service = ControllerService(settings)
     try:
         service.start()
