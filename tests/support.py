@@ -103,6 +103,21 @@ def kvplane_process(
             out.close()  # type: ignore[union-attr]
 
 
+def run_kvplane(args: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m kvplane ARGS`` to its end, stdout and stderr together as text; one that
+    does not end in ``timeout`` seconds (a server that starts anyway) is killed and raises."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvplane", *args],
+        cwd=REPO_ROOT,
+        env=kvplane_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
