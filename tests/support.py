@@ -15,6 +15,20 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from kvplane.demo.processes import free_ports
+
+__all__ = [
+    "REPO_ROOT",
+    "free_port",
+    "free_ports",
+    "kvplane_env",
+    "kvplane_process",
+    "run_kvplane",
+    "run_threads",
+    "stop_process",
+    "wait_until",
+]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
@@ -24,20 +38,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_until(
