@@ -142,16 +142,28 @@ def test_record_slot_toggles_and_logs(engine, caplog):
     assert client.post("/cache/kvcache/record_slot", params={"enabled": "true"}).json()[
         "kvcache_check_log_enabled"
     ]
-    with caplog.at_level(logging.INFO, logger="kvplane.api.engine.cache_api"):
+    with caplog.at_level(logging.INFO, logger="kvplane.api.kvcache"):
         client.post("/cache/store", params={"tokens_mock": "0,8", "slot_mapping": "[10,17]"})
     assert "store slot_mapping=[10,17]" in caplog.text
     r = client.post("/cache/kvcache/record_slot", params={"enabled": "false"})
     assert r.json()["kvcache_check_log_enabled"] is False
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="kvplane.api.engine.cache_api"):
+    with caplog.at_level(logging.INFO, logger="kvplane.api.kvcache"):
         client.post("/cache/store", params={"tokens_mock": "0,8"})
     assert "slot_mapping" not in caplog.text
     assert client.post("/cache/kvcache/record_slot", params={"enabled": "yes"}).status_code == 400
+
+
+def test_record_slot_logs_the_serving_path_too(engine, caplog):
+    runtime, client = engine
+    client.post("/cache/kvcache/record_slot", params={"enabled": "true"})
+    tokens = list(range(500, 520))
+    slots = torch.arange(100, 120)
+    with caplog.at_level(logging.INFO, logger="kvplane.api.kvcache"):
+        runtime.cache_engine.store(tokens, runtime.kv_caches, slots)  # not through the API
+        runtime.cache_engine.retrieve(tokens, runtime.kv_caches, slots)
+    assert "store slot_mapping=[100,119]" in caplog.text
+    assert "retrieve slot_mapping=[100,119]" in caplog.text
 
 
 def test_cache_clear_all_and_by_location(engine):

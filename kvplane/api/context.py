@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
+from kvplane.api.slot_syntax import format_ranges, to_ranges
 from kvplane.config import EngineConfig
 from kvplane.engine.chunk_statistics import ChunkStatistics
 
@@ -14,9 +18,12 @@ if TYPE_CHECKING:
 
 __all__ = ["ApiContext", "SlotRecording", "role_of"]
 
+log = logging.getLogger("kvplane.api.kvcache")
+
 
 class SlotRecording:
-    """The ``record_slot`` switch: log slot mappings of store/retrieve calls when on."""
+    """The ``record_slot`` switch: when on, log the slot mapping of every store/retrieve the
+    engine runs (serving path and API alike) as ranges, e.g. ``store slot_mapping=[0,255]``."""
 
     def __init__(self) -> None:
         self._enabled = False
@@ -30,6 +37,10 @@ class SlotRecording:
     def set(self, enabled: bool) -> None:
         with self._lock:
             self._enabled = enabled
+
+    def record(self, op: str, slots: torch.Tensor) -> None:
+        if self.enabled:
+            log.info("%s slot_mapping=%s", op, format_ranges(to_ranges(slots.tolist())))
 
 
 def role_of(index: int) -> str:

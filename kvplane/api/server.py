@@ -250,6 +250,7 @@ class InternalApiService:
         config.on_change(self._on_config_change)
         if runtime is not None:
             runtime.cache_engine.add_lookup_observer(self.statistics.record)
+            runtime.cache_engine.add_transfer_observer(self.slot_recording.record)
 
     def _on_config_change(self, name: str, value: object) -> None:
         if name.startswith("chunk_statistics_auto_exit_"):

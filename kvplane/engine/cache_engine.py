@@ -88,6 +88,7 @@ class CacheEngine:
         self._dtype_name = dtype_name(layout.dtype)
         self._cuda_lock = threading.Lock()
         self._lookup_observers: list[Callable[[Sequence[int]], None]] = []
+        self._transfer_observers: list[Callable[[str, torch.Tensor], None]] = []
 
     # ------------------------------------------------------------------ keys and events
     def keys_for(self, tokens: Any) -> list[CacheKey]:
@@ -104,6 +105,15 @@ class CacheEngine:
     def add_lookup_observer(self, observer: Callable[[Sequence[int]], None]) -> None:
         """Receive the chunk hashes of every lookup/retrieve (e.g. chunk statistics)."""
         self._lookup_observers.append(observer)
+
+    def add_transfer_observer(self, observer: Callable[[str, torch.Tensor], None]) -> None:
+        """Receive ``("store" | "retrieve", slot_mapping)`` of every call that moved KV
+        (the internal API's ``record_slot`` logging). Called on the caller's thread."""
+        self._transfer_observers.append(observer)
+
+    def _observe_transfer(self, op: str, slots: torch.Tensor) -> None:
+        for observer in list(self._transfer_observers):
+            observer(op, slots)
 
     def _observe(self, keys: Sequence[CacheKey]) -> None:
         if self._lookup_observers:
@@ -171,6 +181,8 @@ class CacheEngine:
             for _, _, page in staged + [item for _, batch in in_flight for item in batch]:
                 page.release()
             raise
+        if new_chunks:
+            self._observe_transfer("store", slots[:held_tokens])
         self.metrics.stored_tokens.inc(held_tokens)
         self.metrics.stored_bytes.inc(nbytes)
         self.metrics.store_seconds.observe(time.perf_counter() - start_time)
@@ -286,6 +298,8 @@ class CacheEngine:
                 loaded_tokens, chunks, nbytes = end, chunks + 1, nbytes + chunk.nbytes
             scatter_many(kv_caches, copies, copy_stream)
             self._sync(kv_caches)  # pages must not be reused before the copies finished
+        if loaded_tokens:
+            self._observe_transfer("retrieve", slots[:loaded_tokens])
         self.metrics.retrieved_tokens.inc(loaded_tokens)
         self.metrics.retrieved_bytes.inc(nbytes)
         self.metrics.retrieve_seconds.observe(time.perf_counter() - start_time)

@@ -18,7 +18,7 @@ from kvplane.api.context import ApiContext
 from kvplane.api.deps import Ctx, Engine, Storage, runtime_of
 from kvplane.api.engine.bypass_api import check_backend
 from kvplane.api.responses import Success
-from kvplane.api.slot_syntax import format_ranges, parse_slot_mapping, to_ranges
+from kvplane.api.slot_syntax import parse_slot_mapping
 from kvplane.errors import BadRequest
 
 __all__ = [
@@ -107,22 +107,6 @@ def slots_for(ctx: ApiContext, slot_mapping: str | None, num_tokens: int) -> tor
     return torch.tensor(slots, dtype=torch.long)
 
 
-def _tokens_and_slots(
-    ctx: ApiContext,
-    op: str,
-    tokens_mock: str | None,
-    tokens_input: str | None,
-    slot_mapping: str | None,
-) -> tuple[list[int], torch.Tensor]:
-    """The request's tokens and their slots, both checked against the paged cache; the slots
-    are logged under ``op`` while slot recording is on."""
-    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
-    slots = slots_for(ctx, slot_mapping, len(tokens))
-    if ctx.slot_recording.enabled:
-        log.info("%s slot_mapping=%s", op, format_ranges(to_ranges(slots.tolist())))
-    return tokens, slots
-
-
 TokensMock = Annotated[str | None, Query(description='"start,end": tokens start..end-1')]
 TokensInput = Annotated[str | None, Query(description="comma-separated token ids")]
 SlotMapping = Annotated[str | None, Query(description='e.g. "0,1,[8,15]" (default 0..n-1)')]
@@ -145,7 +129,8 @@ def store(
     tokens_input: TokensInput = None,
     slot_mapping: SlotMapping = None,
 ) -> StoreResponse:
-    tokens, slots = _tokens_and_slots(ctx, "store", tokens_mock, tokens_input, slot_mapping)
+    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
+    slots = slots_for(ctx, slot_mapping, len(tokens))
     result = engine.store(tokens, runtime_of(ctx).kv_caches, slots)
     return StoreResponse(
         num_tokens=len(tokens),
@@ -162,6 +147,7 @@ def retrieve(
     tokens_input: TokensInput = None,
     slot_mapping: SlotMapping = None,
 ) -> RetrieveResponse:
-    tokens, slots = _tokens_and_slots(ctx, "retrieve", tokens_mock, tokens_input, slot_mapping)
+    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
+    slots = slots_for(ctx, slot_mapping, len(tokens))
     result = engine.retrieve(tokens, runtime_of(ctx).kv_caches, slots)
     return RetrieveResponse(num_tokens=len(tokens), num_retrieved=result.num_tokens)
