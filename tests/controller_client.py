@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import httpx
 import msgspec
 import zmq
 
@@ -31,6 +32,7 @@ from kvplane.protocol import (
     encode,
     pack_hashes,
 )
+from tests.support import wait_until
 
 
 def controller_args(
@@ -54,6 +56,15 @@ def controller_args(
         if value is not None:
             args += [flag, str(value)]
     return args
+
+
+def wait_controller_up(url: str, timeout: float = 30.0) -> None:
+    """Until ``GET {url}/healthz`` answers 200; TimeoutError after ``timeout`` seconds."""
+    wait_until(
+        lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
+        timeout=timeout,
+        what=f"controller {url}/healthz",
+    )
 
 
 class ProtoWorker:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.controller_client import controller_args
+from tests.controller_client import controller_args, wait_controller_up
 from tests.support import free_ports, kvplane_process, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
@@ -73,10 +73,7 @@ class Cluster(NamedTuple):
         return kvplane_process(args, log_path=self.tmp / log_name)
 
     def wait_up(self) -> None:
-        wait_until(
-            lambda: httpx.get(self.url + "/healthz", timeout=1).status_code == 200,
-            timeout=30, what="controller up",
-        )  # fmt: skip
+        wait_controller_up(self.url)
 
     @contextlib.contextmanager
     def engine(self, instance_id: str) -> Iterator[Engine]:

@@ -18,7 +18,7 @@ import pytest
 
 from kvplane.keys import chunk_hashes
 from kvplane.protocol import CommandReply, ErrorCode, HealthCommand, HeartbeatStatus
-from tests.controller_client import ProtoWorker, controller_args
+from tests.controller_client import ProtoWorker, controller_args, wait_controller_up
 from tests.support import free_ports, kvplane_process, wait_until
 
 TIMEOUT = 1.5  # worker timeout of the controller under test, seconds
@@ -57,11 +57,7 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
     )
     with kvplane_process(args, log_path=log):
         url = f"http://127.0.0.1:{http}"
-        wait_until(
-            lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
-            timeout=30,
-            what="controller /healthz",
-        )
+        wait_controller_up(url)
         yield Controller(url, pull, reply, log)
 
 

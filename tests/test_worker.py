@@ -18,7 +18,7 @@ import torch
 from kvplane.config import EngineConfig
 from kvplane.engine.runtime import EngineRuntime
 from kvplane.protocol import ErrorCode
-from tests.controller_client import controller_args
+from tests.controller_client import controller_args, wait_controller_up
 from tests.support import free_ports, kvplane_process, wait_until
 
 HEARTBEAT = 0.3
@@ -55,11 +55,7 @@ def ctl(tmp_path: Path, ports: list[int]) -> Iterator[Ctl]:
     log = tmp_path / "controller.log"
     with kvplane_process(fast_controller_args(http, pull, reply), log_path=log):
         url = f"http://127.0.0.1:{http}"
-        wait_until(
-            lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
-            timeout=30,
-            what="controller up",
-        )
+        wait_controller_up(url)
         yield Ctl(url, pull, reply, log)
 
 
@@ -210,9 +206,8 @@ def test_controller_restart_reregisters_and_resyncs(tmp_path: Path, ports: list[
     http, pull, reply = ports
     url = f"http://127.0.0.1:{http}"
     ctl = Ctl(url, pull, reply, tmp_path / "c1.log")
-    up = lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200  # noqa: E731
     with kvplane_process(fast_controller_args(http, pull, reply), log_path=ctl.log):
-        wait_until(up, timeout=30)
+        wait_controller_up(url)
         rt = make_engine(ctl, "inst-r")
         try:
             wait_until(lambda: registered(ctl, "inst-r"), timeout=10)
@@ -223,7 +218,7 @@ def test_controller_restart_reregisters_and_resyncs(tmp_path: Path, ports: list[
             raise
     try:
         with kvplane_process(fast_controller_args(http, pull, reply), log_path=tmp_path / "c2.log"):
-            wait_until(up, timeout=30)
+            wait_controller_up(url)
             start = time.monotonic()
             wait_until(
                 lambda: ctl.lookup(PROMPT) == {"inst-r": ["LocalCPUBackend", len(PROMPT)]},
