@@ -1,5 +1,5 @@
 """A protocol-level worker for controller tests: real ZMQ sockets, real frames; and the
-command line that starts the controller process those tests talk to.
+controller process those tests talk to (its command line, readiness, HTTP handle).
 
 It speaks the wire protocol directly (no engine), so controller tests can send exact
 batches, gaps and unknown frames. The real worker is tested against engines elsewhere.
@@ -12,7 +12,8 @@ import json
 import random
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import httpx
 import msgspec
@@ -65,6 +66,33 @@ def wait_controller_up(url: str, timeout: float = 30.0) -> None:
         timeout=timeout,
         what=f"controller {url}/healthz",
     )
+
+
+class ControllerProc(NamedTuple):
+    """A controller process a test started: its HTTP URL, ZMQ ports and log file."""
+
+    url: str
+    pull: int
+    reply: int
+    log: Path
+
+    def post(self, path: str, body: Any) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=15)
+
+    def lookup(self, tokens: list[int]) -> dict[str, list[Any]]:
+        resp = self.post("/lookup", {"tokens": tokens})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["layout_info"]
+
+    def metric(self, name: str) -> float:
+        """``kvplane_controller_<name>`` (or ``..._total``) from /metrics."""
+        text = httpx.get(self.url + "/metrics", timeout=10, verify=False).text
+        for line in text.splitlines():
+            if line.startswith(f"kvplane_controller_{name} ") or line.startswith(
+                f"kvplane_controller_{name}_total "
+            ):
+                return float(line.split()[-1])
+        raise KeyError(name)
 
 
 class ProtoWorker:
