@@ -158,7 +158,10 @@ class ChunkServer:
         self, sock: socket.socket, req: wire.PushRequest, deadline: wire.Deadline
     ) -> None:
         total = sum(req.sizes)
-        if self.sink is None or total > self.max_transfer_bytes or min(req.sizes, default=0) < 0:
+        fits = total <= self.max_transfer_bytes and min(req.sizes, default=0) >= 0
+        if self.sink is None or not fits:
+            if fits:  # read what the client is sending, so it reads our answer, not a reset
+                wire.recv_exact(sock, total, deadline)
             reason = "pushes are not accepted" if self.sink is None else "push too large"
             wire.send_message(sock, wire.ErrorReply(reason), deadline)
             return
