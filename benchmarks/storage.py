@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from kvplane.engine.backends.disk import LocalDiskBackend
+from kvplane.engine.backends.redis_server import redis_server_args
 from kvplane.engine.backends.remote import RemoteBackend
 from kvplane.engine.chunk import KVChunk
 from kvplane.keys import CacheKey
@@ -128,21 +129,7 @@ def bench_redis(
 ) -> dict[str, float]:
     port = free_port()
     proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "/usr/bin/redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        redis_server_args(port, workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         remote = RemoteBackend(f"redis://127.0.0.1:{port}", timeout_s=30.0)

@@ -1,4 +1,5 @@
-"""A protocol-level worker for controller tests: real ZMQ sockets, real frames.
+"""A protocol-level worker for controller tests: real ZMQ sockets, real frames; and the
+controller process those tests talk to (its command line, readiness, HTTP handle).
 
 It speaks the wire protocol directly (no engine), so controller tests can send exact
 batches, gaps and unknown frames. The real worker is tested against engines elsewhere.
@@ -7,11 +8,14 @@ batches, gaps and unknown frames. The real worker is tested against engines else
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
+import httpx
 import msgspec
 import zmq
 
@@ -29,6 +33,66 @@ from kvplane.protocol import (
     encode,
     pack_hashes,
 )
+from tests.support import wait_until
+
+
+def controller_args(
+    http: int,
+    pull: int,
+    reply: int,
+    *,
+    worker_timeout: float | None = None,
+    health_check_interval: float | None = None,
+    command_timeout: float | None = None,
+) -> list[str]:
+    """``kvplane controller`` argv on 127.0.0.1 with these HTTP/pull/reply ports; the timing
+    flags are passed only where given (else the controller's defaults)."""
+    args = ["controller", "--host", "127.0.0.1", "--port", str(http)]
+    args += ["--monitor-ports", json.dumps({"pull": pull, "reply": reply})]
+    for flag, value in (
+        ("--worker-timeout", worker_timeout),
+        ("--health-check-interval", health_check_interval),
+        ("--command-timeout", command_timeout),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def wait_controller_up(url: str, timeout: float = 30.0) -> None:
+    """Until ``GET {url}/healthz`` answers 200; TimeoutError after ``timeout`` seconds."""
+    wait_until(
+        lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
+        timeout=timeout,
+        what=f"controller {url}/healthz",
+    )
+
+
+class ControllerProc(NamedTuple):
+    """A controller process a test started: its HTTP URL, ZMQ ports and log file."""
+
+    url: str
+    pull: int
+    reply: int
+    log: Path
+
+    def post(self, path: str, body: Any) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=15)
+
+    def lookup(self, tokens: list[int]) -> dict[str, list[Any]]:
+        resp = self.post("/lookup", {"tokens": tokens})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["layout_info"]
+
+    def metric(self, name: str) -> float:
+        """``kvplane_controller_<name>`` (or ``..._total``) from /metrics."""
+        text = httpx.get(self.url + "/metrics", timeout=10, verify=False).text
+        for line in text.splitlines():
+            if line.startswith(f"kvplane_controller_{name} ") or line.startswith(
+                f"kvplane_controller_{name}_total "
+            ):
+                return float(line.split()[-1])
+        raise KeyError(name)
 
 
 class ProtoWorker:

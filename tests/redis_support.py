@@ -14,9 +14,10 @@ from typing import NamedTuple
 
 import pytest
 
+from kvplane.engine.backends.redis_server import redis_server_args, redis_server_binary
 from tests.support import free_port, stop_process, wait_until
 
-REDIS_BIN = shutil.which("redis-server") or shutil.which("valkey-server") or "/usr/bin/redis-server"
+REDIS_BIN = redis_server_binary()
 
 
 def redis_available() -> bool:
@@ -71,19 +72,7 @@ class RedisServer:
         return f"{scheme}://{auth}127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        args = [
-            REDIS_BIN,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.workdir),
-        ]
+        args = redis_server_args(self.port, self.workdir)
         if self.password:
             args += ["--requirepass", self.password]
         if self.tls:

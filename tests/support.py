@@ -1,4 +1,5 @@
-"""Shared test helpers: free loopback ports, child processes stopped by PID, bounded waits."""
+"""Shared test helpers: free loopback ports, child processes stopped by PID, bounded waits,
+threads joined with a deadline."""
 
 from __future__ import annotations
 
@@ -8,10 +9,25 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from kvplane.demo.processes import free_ports
+
+__all__ = [
+    "REPO_ROOT",
+    "free_port",
+    "free_ports",
+    "kvplane_env",
+    "kvplane_process",
+    "run_kvplane",
+    "run_threads",
+    "stop_process",
+    "wait_until",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -22,20 +38,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_until(
@@ -57,6 +59,17 @@ def wait_until(
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last error: {last_exc!r}")
+
+
+def run_threads(target: Callable[[int], object], n: int, *, timeout: float) -> None:
+    """Run ``target(0)`` .. ``target(n - 1)`` on ``n`` threads at once; fails the test if any
+    is still running ``timeout`` seconds after its join began (a deadlock)."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "deadlock"
 
 
 def kvplane_env(**extra: str) -> dict[str, str]:
@@ -88,6 +101,21 @@ def kvplane_process(
         stop_process(proc)
         if log_path:
             out.close()  # type: ignore[union-attr]
+
+
+def run_kvplane(args: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m kvplane ARGS`` to its end, stdout and stderr together as text; one that
+    does not end in ``timeout`` seconds (a server that starts anyway) is killed and raises."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvplane", *args],
+        cwd=REPO_ROOT,
+        env=kvplane_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:

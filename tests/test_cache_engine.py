@@ -1,5 +1,3 @@
-import threading
-
 import pytest
 import torch
 
@@ -8,6 +6,7 @@ from kvplane.engine.backends.base import ChunkAdmitted, ChunkEvicted
 from kvplane.engine.kv_layout import allocate_kv_caches, gather
 from kvplane.engine.runtime import EngineRuntime
 from kvplane.errors import BadRequest
+from tests.support import run_threads
 
 SHAPES = [
     dict(kv_num_layers=2, kv_num_heads=2, kv_head_size=16, kv_dtype="bfloat16"),
@@ -197,12 +196,7 @@ def test_four_threads_store_and_retrieve_concurrently(device):
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "deadlock"
+    run_threads(worker, 4, timeout=120)
     assert errors == []
 
 
@@ -265,12 +259,7 @@ def test_four_threads_under_eviction_pressure_read_only_exact_prefixes(device):
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "deadlock"
+    run_threads(worker, 4, timeout=120)
     assert errors == []
     assert any(retrieved), "nothing was ever retrieved"
     cpu = rt.storage.cpu

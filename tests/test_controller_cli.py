@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,28 +14,17 @@ from kvplane.controller.main import add_parser, settings_from_args
 from kvplane.controller.settings import ControllerSettings
 from kvplane.errors import ConfigError
 from tests.support import (
-    REPO_ROOT,
     free_ports,
-    kvplane_env,
     kvplane_process,
+    run_kvplane,
     stop_process,
     wait_until,
 )
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    """``python -m kvplane ARGS``, stdout and stderr together; a controller that starts
-    anyway is stopped by the timeout (and the test fails on its exit code)."""
-    return subprocess.run(
-        [sys.executable, "-m", "kvplane", *args],
-        cwd=REPO_ROOT,
-        env=kvplane_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=15,
-        check=False,
-    )
+    """A controller that starts anyway is stopped by the timeout, failing the test."""
+    return run_kvplane(args, timeout=15)
 
 
 def parse(*argv: str) -> argparse.Namespace:

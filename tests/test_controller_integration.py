@@ -20,6 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.controller_client import controller_args, wait_controller_up
 from tests.support import free_ports, kvplane_process, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
@@ -65,19 +66,14 @@ class Cluster(NamedTuple):
         return resp.json()["layout_info"]
 
     def controller(self, log_name: str) -> contextlib.AbstractContextManager[Any]:
-        args = [
-            "controller", "--host", "127.0.0.1", "--port", str(self.ports["http"]),
-            "--monitor-ports", json.dumps({"pull": self.ports["pull"], "reply": self.ports["reply"]}),
-            "--worker-timeout", str(WORKER_TIMEOUT), "--health-check-interval", "0.1",
-            "--command-timeout", "3",
-        ]  # fmt: skip
+        args = controller_args(
+            self.ports["http"], self.ports["pull"], self.ports["reply"],
+            worker_timeout=WORKER_TIMEOUT, health_check_interval=0.1, command_timeout=3,
+        )  # fmt: skip
         return kvplane_process(args, log_path=self.tmp / log_name)
 
     def wait_up(self) -> None:
-        wait_until(
-            lambda: httpx.get(self.url + "/healthz", timeout=1).status_code == 200,
-            timeout=30, what="controller up",
-        )  # fmt: skip
+        wait_controller_up(self.url)
 
     @contextlib.contextmanager
     def engine(self, instance_id: str) -> Iterator[Engine]:

@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import httpx
 import msgspec
@@ -18,67 +18,32 @@ import pytest
 
 from kvplane.keys import chunk_hashes
 from kvplane.protocol import CommandReply, ErrorCode, HealthCommand, HeartbeatStatus
-from tests.controller_client import ProtoWorker
+from tests.controller_client import (
+    ControllerProc,
+    ProtoWorker,
+    controller_args,
+    wait_controller_up,
+)
 from tests.support import free_ports, kvplane_process, wait_until
 
 TIMEOUT = 1.5  # worker timeout of the controller under test, seconds
 
 
-class Controller(NamedTuple):
-    url: str
-    pull: int
-    reply: int
-    log: Path
-
-    def post(self, path: str, body: Any) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=10)
-
-    def lookup(self, tokens: list[int]) -> dict[str, list[Any]]:
-        resp = self.post("/lookup", {"tokens": tokens})
-        assert resp.status_code == 200, resp.text
-        return resp.json()["layout_info"]
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=10, verify=False).text
-        for line in text.splitlines():
-            if line.startswith(f"kvplane_controller_{name} ") or line.startswith(
-                f"kvplane_controller_{name}_total "
-            ):
-                return float(line.split()[-1])
-        raise KeyError(name)
-
-
 @pytest.fixture
-def controller(tmp_path: Path) -> Iterator[Controller]:
+def controller(tmp_path: Path) -> Iterator[ControllerProc]:
     http, pull, reply = free_ports(3)
     log = tmp_path / "controller.log"
-    args = [
-        "controller",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(http),
-        "--monitor-ports",
-        json.dumps({"pull": pull, "reply": reply}),
-        "--worker-timeout",
-        str(TIMEOUT),
-        "--health-check-interval",
-        "0.2",
-        "--command-timeout",
-        "1",
-    ]
+    args = controller_args(
+        http, pull, reply, worker_timeout=TIMEOUT, health_check_interval=0.2, command_timeout=1
+    )
     with kvplane_process(args, log_path=log):
         url = f"http://127.0.0.1:{http}"
-        wait_until(
-            lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
-            timeout=30,
-            what="controller /healthz",
-        )
-        yield Controller(url, pull, reply, log)
+        wait_controller_up(url)
+        yield ControllerProc(url, pull, reply, log)
 
 
 @pytest.fixture
-def worker(controller: Controller) -> Iterator[ProtoWorker]:
+def worker(controller: ControllerProc) -> Iterator[ProtoWorker]:
     w = ProtoWorker(controller.pull, controller.reply, "A", port=free_ports(1)[0])
     yield w
     w.close()
@@ -87,7 +52,7 @@ def worker(controller: Controller) -> Iterator[ProtoWorker]:
 TOKENS = list(range(10))  # chunk_size 4: chunks [0,4) [4,8) [8,10)
 
 
-def test_lookup_full_partial_and_miss(controller: Controller, worker: ProtoWorker) -> None:
+def test_lookup_full_partial_and_miss(controller: ControllerProc, worker: ProtoWorker) -> None:
     assert worker.register().ok
     worker.report(chunk_hashes(TOKENS, 4))
     wait_until(lambda: controller.lookup(TOKENS), timeout=5, what="admits applied")
@@ -102,7 +67,7 @@ def test_lookup_full_partial_and_miss(controller: Controller, worker: ProtoWorke
 
 
 def test_lookup_of_a_long_prompt_and_its_other_methods(
-    controller: Controller, worker: ProtoWorker
+    controller: ControllerProc, worker: ProtoWorker
 ) -> None:
     """An 8K-token body arrives in several pieces; /lookup answers only POST, as documented."""
     long_prompt = [(i * 7919) % 128_000 for i in range(8190)]
@@ -123,7 +88,7 @@ def test_lookup_of_a_long_prompt_and_its_other_methods(
     assert "/lookup" in httpx.get(controller.url + "/openapi.json").json()["paths"]
 
 
-def test_errors_are_4xx_json_naming_the_problem(controller: Controller) -> None:
+def test_errors_are_4xx_json_naming_the_problem(controller: ControllerProc) -> None:
     resp = controller.post("/health", {"instance_id": "nope"})
     assert resp.status_code == 404
     assert resp.json()["error"] == "NotFound" and "nope" in resp.json()["message"]
@@ -139,7 +104,7 @@ def test_errors_are_4xx_json_naming_the_problem(controller: Controller) -> None:
 
 
 def test_worker_info_instance_query_and_reregistration(
-    controller: Controller, worker: ProtoWorker
+    controller: ControllerProc, worker: ProtoWorker
 ) -> None:
     assert worker.register().ok
     body = {"instance_id": "A", "worker_ids": [0]}
@@ -164,7 +129,7 @@ def test_worker_info_instance_query_and_reregistration(
 
 
 def test_refused_registration_says_why_in_reply_and_log(
-    controller: Controller, worker: ProtoWorker
+    controller: ControllerProc, worker: ProtoWorker
 ) -> None:
     reply = worker.register(key_scheme="sha1/chunk_size=4")
     assert not reply.ok and "key scheme" in reply.reason
@@ -175,7 +140,7 @@ def test_refused_registration_says_why_in_reply_and_log(
 
 
 def test_unknown_and_malformed_frames_are_skipped_and_ingestion_goes_on(
-    controller: Controller, worker: ProtoWorker
+    controller: ControllerProc, worker: ProtoWorker
 ) -> None:
     assert worker.register().ok
     worker.send_raw(msgspec.msgpack.encode({"type": "admit_v9", "hashes": [1, 2]}))
@@ -188,7 +153,7 @@ def test_unknown_and_malformed_frames_are_skipped_and_ingestion_goes_on(
 
 
 def test_dead_worker_is_reaped_and_told_to_reregister(
-    controller: Controller, worker: ProtoWorker
+    controller: ControllerProc, worker: ProtoWorker
 ) -> None:
     assert worker.register().ok
     assert worker.heartbeat() is HeartbeatStatus.OK  # brand new, no keys: no resync
@@ -205,7 +170,7 @@ def test_dead_worker_is_reaped_and_told_to_reregister(
 
 
 def test_deregistration_drops_chunks_and_memory_at_once(
-    controller: Controller, worker: ProtoWorker
+    controller: ControllerProc, worker: ProtoWorker
 ) -> None:
     assert worker.register().ok
     worker.report(range(1, 50_001))
@@ -218,7 +183,7 @@ def test_deregistration_drops_chunks_and_memory_at_once(
     assert controller.metric("chunks_dropped") == 50_003
 
 
-def test_sequence_gap_asks_for_resync(controller: Controller, worker: ProtoWorker) -> None:
+def test_sequence_gap_asks_for_resync(controller: ControllerProc, worker: ProtoWorker) -> None:
     assert worker.register().ok
     worker.report([1])
     worker.report([2], seq=5)
@@ -229,7 +194,7 @@ def test_sequence_gap_asks_for_resync(controller: Controller, worker: ProtoWorke
 
 
 def test_commands_to_dead_or_hung_workers_answer_within_the_deadline(
-    controller: Controller, worker: ProtoWorker
+    controller: ControllerProc, worker: ProtoWorker
 ) -> None:
     assert worker.register().ok  # nothing listens on its command port yet: dead
     worker.keep_alive()
@@ -266,7 +231,7 @@ def test_commands_to_dead_or_hung_workers_answer_within_the_deadline(
 
 
 def test_hung_worker_times_out_and_unsupported_maps_to_501(
-    controller: Controller, worker: ProtoWorker
+    controller: ControllerProc, worker: ProtoWorker
 ) -> None:
     worker.serve_commands(lambda cmd: None)  # receives, never answers
     assert worker.register().ok
@@ -288,7 +253,7 @@ def test_hung_worker_times_out_and_unsupported_maps_to_501(
         other.close()
 
 
-def test_ops_endpoints(controller: Controller) -> None:
+def test_ops_endpoints(controller: ControllerProc) -> None:
     assert httpx.get(controller.url + "/conf").json()["worker_timeout"] == TIMEOUT
     names = [t["name"] for t in httpx.get(controller.url + "/threads").json()]
     assert "kvplane-ingest" in names
@@ -307,7 +272,7 @@ def test_ops_endpoints(controller: Controller) -> None:
 
 
 def test_lookups_are_not_starved_by_an_admit_burst(
-    controller: Controller, worker: ProtoWorker
+    controller: ControllerProc, worker: ProtoWorker
 ) -> None:
     """/lookup p99 < 10 ms while 300K admits are ingested.
 

@@ -1,5 +1,3 @@
-import threading
-
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,6 +7,7 @@ from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.chunk import KVChunk
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.keys import CacheKey
+from tests.support import run_threads
 
 PAGE = 64
 
@@ -134,12 +133,7 @@ def test_concurrent_puts_and_reads_keep_data_intact():
         except Exception as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
-    assert not any(th.is_alive() for th in threads)
+    run_threads(worker, 4, timeout=60)
     assert errors == []
     assert t.pool.free_pages == 8 - len(t.keys())
 

@@ -9,7 +9,7 @@ import pytest
 from kvplane.engine import serde
 from kvplane.engine.backends.p2p import P2PBackend
 from kvplane.engine.chunk import KVChunk
-from kvplane.engine.p2p import ChunkServer, P2PClient, parse_peer_url
+from kvplane.engine.p2p import ChunkServer, P2PClient, parse_peer_url, wire
 from kvplane.errors import BadRequest, Unavailable
 from kvplane.keys import CacheKey
 from tests.support import free_port
@@ -118,6 +118,18 @@ def test_server_without_sink_refuses_pushes() -> None:
     try:
         with pytest.raises(Unavailable, match="not accepted"):
             P2PClient(timeout_s=2).push(server.url, [(make_key(1), make_chunk(1))])
+    finally:
+        server.close()
+
+
+def test_server_answers_a_reply_sent_as_a_request_with_an_error() -> None:
+    server = ChunkServer("127.0.0.1", 0, lambda key: None)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
+            deadline = wire.Deadline(2)
+            wire.send_message(sock, wire.FetchReply([0]), deadline)
+            assert wire.recv_message(sock, deadline) == wire.ErrorReply("unexpected FetchReply")
     finally:
         server.close()
 

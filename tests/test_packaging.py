@@ -4,6 +4,7 @@ import os
 
 import httpx
 
+from tests.controller_client import controller_args
 from tests.support import free_ports, kvplane_env, kvplane_process, wait_until
 
 
@@ -15,15 +16,7 @@ def test_controller_starts_and_answers_without_torch(tmp_path):
     env = kvplane_env()
     env["PYTHONPATH"] = str(shim.parent) + os.pathsep + env["PYTHONPATH"]
     http, pull, reply = free_ports(3)
-    args = [
-        "controller",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(http),
-        "--monitor-ports",
-        f'{{"pull": {pull}, "reply": {reply}}}',
-    ]
+    args = controller_args(http, pull, reply)
     log = tmp_path / "controller.log"
     with kvplane_process(args, env=env, log_path=log) as proc, httpx.Client(timeout=5) as client:
         r = wait_until(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 from kvplane.errors import ConfigError
 from kvplane.serve.launch import ServeOptions, load_model, resolve_device
-from tests.support import REPO_ROOT, free_port, kvplane_env
+from tests.support import free_port, run_kvplane
 
 BAD_FLAGS = [
     (["--device", "foo"], "--device", "'foo'"),
@@ -28,16 +26,8 @@ def test_bad_serve_flag_exits_2_naming_flag_and_value(
     args: list[str], flag: str, value: str
 ) -> None:
     """These exited 1 with a torch / transformers traceback before."""
-    out = subprocess.run(
-        [sys.executable, "-m", "kvplane", "serve", "--port", str(free_port()), *args],
-        cwd=REPO_ROOT,
-        env=kvplane_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=60,  # a server that starts anyway is killed here, and the test fails
-        check=False,
-    )
+    # A server that starts anyway is killed at the timeout, and the test fails.
+    out = run_kvplane(["serve", "--port", str(free_port()), *args], timeout=60)
     assert out.returncode == 2, out.stdout
     error = out.stdout.strip().splitlines()[-1]
     assert error.startswith(f"kvplane serve: error: {flag}:") and value in error, out.stdout

@@ -3,7 +3,6 @@ restart where the tier persists, and failure injection (a broken tier misses, ne
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from kvplane.engine.backends.base import ChunkAdmitted, ChunkEvicted
 from tests.redis_support import redis_available
+from tests.support import run_threads
 from tests.tier_cases import TierCase, make_chunk, make_key, same_kv, tier_case
 
 TIERS = [
@@ -118,12 +118,7 @@ def test_four_threads_keep_chunks_apart(case: TierCase) -> None:
             if case.writable and j % 3 == 0:
                 case.backend.remove(key)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
-    assert not any(th.is_alive() for th in threads)
+    run_threads(worker, 4, timeout=60)
     assert errors == []
 
 

@@ -15,22 +15,14 @@ from kvplane.engine.kv_layout import gather
 from kvplane.engine.runtime import EngineRuntime
 from kvplane.engine.tiers import build_backends
 from kvplane.errors import BadRequest, ConfigError, Conflict
+from tests.api_client import ENGINE_DEFAULTS
 from tests.redis_support import RedisServer, needs_redis
 
-BASE = dict(
-    chunk_size=16,
-    kv_block_size=4,
-    kv_num_blocks=64,
-    kv_num_layers=2,
-    kv_num_heads=2,
-    kv_head_size=16,
-    max_local_cpu_size=0.01,
-)
 TOKENS = list(range(500, 545))  # two full chunks and a partial one
 
 
 def runtime(**overrides: object) -> EngineRuntime:
-    return EngineRuntime(EngineConfig(**{**BASE, **overrides}))  # type: ignore[arg-type]
+    return EngineRuntime(EngineConfig(**{**ENGINE_DEFAULTS, **overrides}))
 
 
 def slots(rt: EngineRuntime, seed: int, n: int = len(TOKENS)) -> torch.Tensor:
@@ -43,7 +35,7 @@ def kv_at(rt: EngineRuntime, s: torch.Tensor) -> torch.Tensor:
 
 def test_tiers_are_built_in_order_from_config(tmp_path: Path) -> None:
     cfg = EngineConfig(
-        **BASE,  # type: ignore[arg-type]
+        **ENGINE_DEFAULTS,
         local_disk=f"file://{tmp_path / 'disk'}",
         max_local_disk_size=0.001,
         remote_url=f"fs://{tmp_path / 'shared'}",

@@ -6,54 +6,28 @@ prompts directly; the controller is a separate process reached over loopback.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
 
 from kvplane.config import EngineConfig
 from kvplane.engine.runtime import EngineRuntime
 from kvplane.protocol import ErrorCode
+from tests.controller_client import ControllerProc, controller_args, wait_controller_up
 from tests.support import free_ports, kvplane_process, wait_until
 
 HEARTBEAT = 0.3
 CHUNK = 16
 
 
-class Ctl:
-    def __init__(self, url: str, pull: int, reply: int, log: Path) -> None:
-        self.url, self.pull, self.reply, self.log = url, pull, reply, log
-
-    def post(self, path: str, body: Any) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=15)
-
-    def lookup(self, tokens: list[int]) -> dict[str, list[Any]]:
-        resp = self.post("/lookup", {"tokens": tokens})
-        assert resp.status_code == 200, resp.text
-        return resp.json()["layout_info"]
-
-
-def controller_args(http: int, pull: int, reply: int, timeout: float = 2.0) -> list[str]:
-    return [
-        "controller",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(http),
-        "--monitor-ports",
-        json.dumps({"pull": pull, "reply": reply}),
-        "--worker-timeout",
-        str(timeout),
-        "--health-check-interval",
-        "0.1",
-        "--command-timeout",
-        "2",
-    ]
+def fast_controller_args(http: int, pull: int, reply: int) -> list[str]:
+    return controller_args(
+        http, pull, reply, worker_timeout=2.0, health_check_interval=0.1, command_timeout=2
+    )
 
 
 @pytest.fixture
@@ -62,20 +36,16 @@ def ports() -> list[int]:
 
 
 @pytest.fixture
-def ctl(tmp_path: Path, ports: list[int]) -> Iterator[Ctl]:
+def ctl(tmp_path: Path, ports: list[int]) -> Iterator[ControllerProc]:
     http, pull, reply = ports
     log = tmp_path / "controller.log"
-    with kvplane_process(controller_args(http, pull, reply), log_path=log):
+    with kvplane_process(fast_controller_args(http, pull, reply), log_path=log):
         url = f"http://127.0.0.1:{http}"
-        wait_until(
-            lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
-            timeout=30,
-            what="controller up",
-        )
-        yield Ctl(url, pull, reply, log)
+        wait_controller_up(url)
+        yield ControllerProc(url, pull, reply, log)
 
 
-def make_engine(ctl: Ctl, instance_id: str, **overrides: Any) -> EngineRuntime:
+def make_engine(ctl: ControllerProc, instance_id: str, **overrides: Any) -> EngineRuntime:
     cfg = dict(
         chunk_size=CHUNK,
         kv_num_layers=2,
@@ -103,14 +73,14 @@ def store(rt: EngineRuntime, tokens: list[int]) -> int:
 
 
 @pytest.fixture
-def engines(ctl: Ctl) -> Iterator[list[EngineRuntime]]:
+def engines(ctl: ControllerProc) -> Iterator[list[EngineRuntime]]:
     rts = [make_engine(ctl, "inst-a"), make_engine(ctl, "inst-b")]
     yield rts
     for rt in rts:
         rt.stop()
 
 
-def registered(ctl: Ctl, *instances: str) -> bool:
+def registered(ctl: ControllerProc, *instances: str) -> bool:
     return all(
         ctl.post("/query_worker_info", {"instance_id": i}).status_code == 200 for i in instances
     )
@@ -119,7 +89,7 @@ def registered(ctl: Ctl, *instances: str) -> bool:
 PROMPT = list(range(1000, 1000 + 5 * CHUNK + 7))  # 5 full chunks + a partial one
 
 
-def test_store_lookup_partial_clear(ctl: Ctl, engines: list[EngineRuntime]) -> None:
+def test_store_lookup_partial_clear(ctl: ControllerProc, engines: list[EngineRuntime]) -> None:
     a, b = engines
     wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10, what="registration")
     assert store(a, PROMPT) == len(PROMPT)
@@ -140,7 +110,7 @@ def test_store_lookup_partial_clear(ctl: Ctl, engines: list[EngineRuntime]) -> N
     assert resp.status_code == 400 and "NoSuchBackend" in resp.json()["message"]
 
 
-def test_pinned_chunks_survive_memory_pressure(ctl: Ctl) -> None:
+def test_pinned_chunks_survive_memory_pressure(ctl: ControllerProc) -> None:
     # room for about 8 chunks in the CPU tier
     rt = make_engine(ctl, "inst-p", max_local_cpu_size=8 * 2 * 2 * CHUNK * 2 * 16 * 2 / 2**30)
     try:
@@ -165,7 +135,7 @@ def test_pinned_chunks_survive_memory_pressure(ctl: Ctl) -> None:
 
 
 def test_health_check_finish_compress_and_move_without_p2p(
-    ctl: Ctl, engines: list[EngineRuntime]
+    ctl: ControllerProc, engines: list[EngineRuntime]
 ) -> None:
     a, _ = engines
     wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10)
@@ -196,7 +166,7 @@ def test_health_check_finish_compress_and_move_without_p2p(
     assert resp.status_code == 400 and "peer URL" in resp.json()["message"], resp.text
 
 
-def test_workers_info_heartbeats_advance_and_clean_stop_deregisters(ctl: Ctl) -> None:
+def test_workers_info_heartbeats_advance_and_clean_stop_deregisters(ctl: ControllerProc) -> None:
     a, b = make_engine(ctl, "inst-a"), make_engine(ctl, "inst-b")
     try:
         wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10)
@@ -221,10 +191,9 @@ def test_workers_info_heartbeats_advance_and_clean_stop_deregisters(ctl: Ctl) ->
 def test_controller_restart_reregisters_and_resyncs(tmp_path: Path, ports: list[int]) -> None:
     http, pull, reply = ports
     url = f"http://127.0.0.1:{http}"
-    ctl = Ctl(url, pull, reply, tmp_path / "c1.log")
-    up = lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200  # noqa: E731
-    with kvplane_process(controller_args(http, pull, reply), log_path=ctl.log):
-        wait_until(up, timeout=30)
+    ctl = ControllerProc(url, pull, reply, tmp_path / "c1.log")
+    with kvplane_process(fast_controller_args(http, pull, reply), log_path=ctl.log):
+        wait_controller_up(url)
         rt = make_engine(ctl, "inst-r")
         try:
             wait_until(lambda: registered(ctl, "inst-r"), timeout=10)
@@ -234,8 +203,8 @@ def test_controller_restart_reregisters_and_resyncs(tmp_path: Path, ports: list[
             rt.stop()
             raise
     try:
-        with kvplane_process(controller_args(http, pull, reply), log_path=tmp_path / "c2.log"):
-            wait_until(up, timeout=30)
+        with kvplane_process(fast_controller_args(http, pull, reply), log_path=tmp_path / "c2.log"):
+            wait_controller_up(url)
             start = time.monotonic()
             wait_until(
                 lambda: ctl.lookup(PROMPT) == {"inst-r": ["LocalCPUBackend", len(PROMPT)]},
@@ -250,7 +219,7 @@ def test_controller_restart_reregisters_and_resyncs(tmp_path: Path, ports: list[
 
 
 def test_worker_refused_on_key_scheme_mismatch_logs_on_both_sides(
-    ctl: Ctl, caplog: pytest.LogCaptureFixture
+    ctl: ControllerProc, caplog: pytest.LogCaptureFixture
 ) -> None:
     a = make_engine(ctl, "inst-k", chunk_size=CHUNK)
     try:

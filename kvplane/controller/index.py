@@ -205,13 +205,6 @@ class ChunkIndex:
             return worker.count() if worker else 0
         return sum(w.count() for ranks in self._instances.values() for w in ranks.values())
 
-    def worker_chunks(self, key: WorkerKey) -> dict[str, set[int]]:
-        """A copy of one worker's chunks by tier (for tests and debugging)."""
-        worker = self._instances.get(key.instance_id, {}).get(key.worker_id)
-        if worker is None:
-            return {}
-        return {loc: {h for m in shards for h in m} for loc, shards in worker.locations.items()}
-
     def match(
         self,
         hashes_by_chunk_size: Mapping[int, Sequence[int]],

@@ -24,10 +24,6 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
     def allocate(self, count: int) -> list[int]:
         """Take ``count`` blocks; raises Unavailable (nothing taken) when too few are free."""
         if count > len(self._free):

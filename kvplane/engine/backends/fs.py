@@ -53,10 +53,6 @@ class FSConnectorBackend(StorageBackend):
         self._lock = threading.Lock()
         self._corrupt = 0
 
-    @property
-    def corrupt_count(self) -> int:
-        return self._corrupt
-
     def counters(self) -> dict[str, float]:
         return {"corrupt": float(self._corrupt)}
 

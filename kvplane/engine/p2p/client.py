@@ -101,11 +101,21 @@ class P2PClient:
     ) -> None:
         deadline = wire.Deadline(self.timeout_s)
         with self._connect(peer_url, deadline) as sock:
-            wire.send_message(sock, wire.PushRequest([sizes[i] for i in batch], location), deadline)
-            for i in batch:
-                wire.send_all(sock, frames[i][0], deadline)
-                wire.send_all(sock, frames[i][1], deadline)
-            reply = wire.recv_message(sock, deadline)
+            try:
+                wire.send_message(
+                    sock, wire.PushRequest([sizes[i] for i in batch], location), deadline
+                )
+                for i in batch:
+                    wire.send_all(sock, frames[i][0], deadline)
+                    wire.send_all(sock, frames[i][1], deadline)
+            except Unavailable:
+                # A peer refusing a push it cannot read answers and closes early: its
+                # answer says more than our failed send, when it arrived.
+                reply = _answer_if_any(sock, deadline)
+                if reply is None:
+                    raise
+            else:
+                reply = wire.recv_message(sock, deadline)
         if isinstance(reply, wire.ErrorReply):
             raise Unavailable(f"peer {peer_url} refused the push: {reply.message}")
         if not isinstance(reply, wire.PushReply) or len(reply.accepted) != len(batch):
@@ -121,3 +131,10 @@ class P2PClient:
             raise Unavailable(f"peer {peer_url} is unreachable: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
+
+
+def _answer_if_any(sock: socket.socket, deadline: wire.Deadline) -> wire.Message | None:
+    try:
+        return wire.recv_message(sock, deadline)
+    except Unavailable:
+        return None

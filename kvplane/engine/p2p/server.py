@@ -14,6 +14,7 @@ import socket
 import socketserver
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from kvplane.engine import serde
 from kvplane.engine.chunk import KVChunk
@@ -48,15 +49,7 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         deadline = wire.Deadline(owner.timeout_s)
         try:
-            msg = wire.recv_message(sock, deadline)
-            if isinstance(msg, wire.FetchRequest):
-                owner.handle_fetch(sock, msg, deadline)
-            elif isinstance(msg, wire.PushRequest):
-                owner.handle_push(sock, msg, deadline)
-            else:
-                wire.send_message(
-                    sock, wire.ErrorReply(f"unexpected {type(msg).__name__}"), deadline
-                )
+            owner.dispatch(sock, wire.recv_message(sock, deadline), deadline)
         except (Unavailable, OSError) as exc:
             log.debug("p2p server: connection from %s ended: %s", self.client_address, exc)
 
@@ -82,6 +75,10 @@ class ChunkServer:
         self._port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._handlers: dict[type, Callable[[socket.socket, Any, wire.Deadline], None]] = {
+            wire.FetchRequest: self.handle_fetch,
+            wire.PushRequest: self.handle_push,
+        }
 
     @property
     def port(self) -> int:
@@ -124,6 +121,14 @@ class ChunkServer:
         self._server = None
 
     # ------------------------------------------------------------------ request handling
+    def dispatch(self, sock: socket.socket, msg: wire.Message, deadline: wire.Deadline) -> None:
+        """Answer one request by its type; any other message gets an ErrorReply."""
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            wire.send_message(sock, wire.ErrorReply(f"unexpected {type(msg).__name__}"), deadline)
+            return
+        handler(sock, msg, deadline)
+
     def handle_fetch(
         self, sock: socket.socket, req: wire.FetchRequest, deadline: wire.Deadline
     ) -> None:
@@ -153,7 +158,10 @@ class ChunkServer:
         self, sock: socket.socket, req: wire.PushRequest, deadline: wire.Deadline
     ) -> None:
         total = sum(req.sizes)
-        if self.sink is None or total > self.max_transfer_bytes or min(req.sizes, default=0) < 0:
+        fits = total <= self.max_transfer_bytes and min(req.sizes, default=0) >= 0
+        if self.sink is None or not fits:
+            if fits:  # read what the client is sending, so it reads our answer, not a reset
+                wire.recv_exact(sock, total, deadline)
             reason = "pushes are not accepted" if self.sink is None else "push too large"
             wire.send_message(sock, wire.ErrorReply(reason), deadline)
             return
