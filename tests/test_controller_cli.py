@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from kvplane.controller.main import add_parser, settings_from_args
 from kvplane.controller.settings import ControllerSettings
 from kvplane.errors import ConfigError
+from tests.controller_client import controller_args, wait_controller_up
 from tests.support import (
     free_ports,
     kvplane_process,
@@ -158,3 +160,13 @@ def test_deprecated_monitor_port_warns_and_pull_only_workers_still_register(
                        timeout=5, what="resync after a restart in pull-only mode")  # fmt: skip
             rt.stop()
             assert lookup() == {}  # deregistered over the pull socket
+
+
+def test_sigterm_stops_the_controller_cleanly_with_exit_0(tmp_path: Path) -> None:
+    http, pull, reply = free_ports(3)
+    log = tmp_path / "controller.log"
+    with kvplane_process(controller_args(http, pull, reply), log_path=log) as proc:
+        wait_controller_up(f"http://127.0.0.1:{http}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "Traceback" not in log.read_text()

@@ -98,10 +98,9 @@ def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from kvplane.controller.http import create_app
     from kvplane.controller.service import ControllerService
+    from kvplane.http_serve import run_http
 
     logging.basicConfig(
         level=(args.log_level or "INFO").upper(),
@@ -129,13 +128,7 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
     try:
-        uvicorn.run(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level.lower(),
-            access_log=False,
-        )
+        run_http(app, settings.host, settings.port, log_level=settings.log_level.lower())
     finally:
         service.stop()
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,17 +113,13 @@ def build_instance(
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
 
+    from kvplane.http_serve import run_http
     from kvplane.serve.app import create_app
 
     options = options_from_args(args)
     runtime, served = build_instance(options, args.config)
     runtime.start()
-    # uvicorn handles SIGTERM/SIGINT while it runs, then re-raises the signal to the handler
-    # installed before it; this one only notes it, so the runtime below still stops cleanly.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: log.info("signal %d: stopping", signum))
     try:
         log.info(
             "serving %s (KV %s) on http://%s:%d",
@@ -133,12 +128,7 @@ def run(args: argparse.Namespace) -> int:
             options.host,
             options.port,
         )
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(served), host=options.host, port=options.port, log_level="warning"
-            )
-        )
-        server.run()
+        run_http(create_app(served), options.host, options.port)
     finally:
         log.info("HTTP server closed; stopping the engine runtime")
         runtime.stop()
