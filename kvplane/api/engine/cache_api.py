@@ -8,7 +8,6 @@ by default slots 0..n-1.
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import torch
@@ -30,7 +29,6 @@ __all__ = [
     "router",
 ]
 
-log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -121,6 +119,14 @@ def clear(
     return ClearResponse(num_removed=storage.clear(locations or None))
 
 
+def _request_tokens(
+    ctx: ApiContext, tokens_mock: str | None, tokens_input: str | None, slot_mapping: str | None
+) -> tuple[list[int], torch.Tensor]:
+    """The tokens a store/retrieve request names and the slots they use (400 if unusable)."""
+    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
+    return tokens, slots_for(ctx, slot_mapping, len(tokens))
+
+
 @router.post("/cache/store")
 def store(
     ctx: Ctx,
@@ -129,8 +135,7 @@ def store(
     tokens_input: TokensInput = None,
     slot_mapping: SlotMapping = None,
 ) -> StoreResponse:
-    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
-    slots = slots_for(ctx, slot_mapping, len(tokens))
+    tokens, slots = _request_tokens(ctx, tokens_mock, tokens_input, slot_mapping)
     result = engine.store(tokens, runtime_of(ctx).kv_caches, slots)
     return StoreResponse(
         num_tokens=len(tokens),
@@ -147,7 +152,6 @@ def retrieve(
     tokens_input: TokensInput = None,
     slot_mapping: SlotMapping = None,
 ) -> RetrieveResponse:
-    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
-    slots = slots_for(ctx, slot_mapping, len(tokens))
+    tokens, slots = _request_tokens(ctx, tokens_mock, tokens_input, slot_mapping)
     result = engine.retrieve(tokens, runtime_of(ctx).kv_caches, slots)
     return RetrieveResponse(num_tokens=len(tokens), num_retrieved=result.num_tokens)
