@@ -256,16 +256,35 @@ class CacheEngine:
         slots: torch.Tensor,
         spans: Sequence[tuple[int, int]],
     ) -> list[SlotIndex]:
-        return slot_indices(slots, spans, self.layout.block_size, kv_caches[0].device)
+        return slot_indices(
+            slots,
+            spans,
+            self.layout.block_size,
+            kv_caches[0].device,
+            whole_blocks=self.layout.packed,
+        )
 
     def retrieve(
-        self, tokens: Any, kv_caches: Sequence[torch.Tensor], slot_mapping: Any
+        self,
+        tokens: Any,
+        kv_caches: Sequence[torch.Tensor],
+        slot_mapping: Any,
+        *,
+        skip_tokens: int = 0,
     ) -> RetrieveResult:
         """Load the cached prefix of ``tokens`` into the caches at ``slot_mapping``.
 
-        Returns how many leading tokens were loaded (0 when the cached prefix is shorter than
-        ``min_retrieve_tokens``). A chunk no tier holds ends the prefix.
+        Returns how many leading tokens are now valid in the caches (0 when the cached
+        prefix is shorter than ``min_retrieve_tokens``). A chunk no tier holds ends the
+        prefix. The first ``skip_tokens`` (a multiple of the block size) are the caller's
+        already: their slots are never written (a serving engine may share those blocks
+        with running requests) and their chunks need not be held.
         """
+        if skip_tokens % self.layout.block_size:
+            raise BadRequest(
+                f"skip_tokens {skip_tokens} is not a multiple of the block size "
+                f"{self.layout.block_size}"
+            )
         token_arr = to_token_array(tokens)
         slots = self._slots(slot_mapping, len(token_arr))
         self._check_caches(kv_caches)
@@ -283,6 +302,9 @@ class CacheEngine:
         indices = self._indices(kv_caches, slots, spans)
         with contextlib.ExitStack() as reads, self._device_guard(kv_caches) as copy_stream:
             for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
+                if end <= skip_tokens:
+                    loaded_tokens = end
+                    continue
                 chunk = reads.enter_context(self.storage.read(key))
                 if chunk is None:
                     self.metrics.lookup_misses.inc()
@@ -290,7 +312,10 @@ class CacheEngine:
                 kv = self.decode(chunk).kv()
                 if kv.shape != self.layout.chunk_shape(end - start):
                     break  # a chunk of another layout under this key: treat as a miss
-                copies.append((indices[chunk_no], kv))
+                index = indices[chunk_no]
+                if start < skip_tokens:
+                    index, kv = self._without_head(index, kv, skip_tokens - start)
+                copies.append((index, kv))
                 if len(copies) == _FLUSH_CHUNKS:
                     scatter_many(kv_caches, copies, copy_stream)
                     copies = []
@@ -304,6 +329,19 @@ class CacheEngine:
         self.metrics.retrieved_bytes.inc(nbytes)
         self.metrics.retrieve_seconds.observe(time.perf_counter() - start_time)
         return RetrieveResult(loaded_tokens, chunks, nbytes)
+
+    def _without_head(
+        self, index: SlotIndex, kv: torch.Tensor, head: int
+    ) -> tuple[SlotIndex, torch.Tensor]:
+        """A chunk's copy minus its first ``head`` tokens (a multiple of the block size)."""
+        bs = self.layout.block_size
+        rows = head // bs if index.by_block else head
+        index = SlotIndex(index.ids[rows:], index.by_block, index.host_ids[rows:])
+        if self.layout.packed:
+            return index, kv[:, head // bs :].contiguous()
+        if self.layout.use_mla:
+            return index, kv[:, head:].contiguous()
+        return index, kv[:, :, head:].contiguous()
 
     def lookup(self, tokens: Any) -> int:
         """Leading tokens whose chunks are all held by an active tier. With a peer tier, the

@@ -1,9 +1,17 @@
 """Paged KV caches: gather a token set's slots into one chunk buffer, scatter it back.
 
-Per-layer caches use vLLM's layout ``[2, num_blocks, block_size, num_kv_heads, head_size]``
-(K and V), or the MLA layout ``[num_blocks, block_size, head_size]``. ``slots`` are flat slot
-indices (``block * block_size + offset``), one per token. A gathered chunk is
-``[num_layers, 2, n, H, D]`` (MLA: ``[num_layers, n, D]``), contiguous.
+Per-layer caches use one of three layouts:
+
+* paged: ``[2, num_blocks, block_size, num_kv_heads, head_size]`` (K and V);
+* MLA: ``[num_blocks, block_size, head_size]``;
+* packed blocks: ``[num_blocks, block_elems]``, one row per block whose interior is opaque
+  (vLLM 0.32 hands each layer as a ``[B, H, N, C]`` view whose block interior depends on the
+  backend: on CPU, K is stored transposed and re-packed per ISA). Such caches move only as
+  whole blocks, which is exact on every backend.
+
+``slots`` are flat slot indices (``block * block_size + offset``), one per token. A gathered
+chunk is ``[num_layers, 2, n, H, D]`` (MLA: ``[num_layers, n, D]``; packed:
+``[num_layers, ceil(n / block_size), block_elems]``), contiguous.
 
 The same code runs on CPU and CUDA tensors. Data moves through an integer view of the same
 item size, so every dtype (fp8 included) round-trips byte-exactly and NaN payloads survive.
@@ -21,6 +29,7 @@ import torch
 
 from kvplane.config import EngineConfig
 from kvplane.engine.chunk import dtype_from_name
+from kvplane.errors import BadRequest
 
 __all__ = [
     "KVLayout",
@@ -30,6 +39,7 @@ __all__ = [
     "gather_chunks",
     "gather_many",
     "kv_checksums",
+    "packed_view",
     "scatter",
     "scatter_chunks",
     "scatter_many",
@@ -48,6 +58,8 @@ class KVLayout(NamedTuple):
     num_blocks: int
     dtype: torch.dtype
     use_mla: bool = False
+    #: per-layer caches are ``[num_blocks, block_elems]`` rows of opaque whole blocks
+    packed: bool = False
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> KVLayout:
@@ -65,12 +77,22 @@ class KVLayout(NamedTuple):
     def num_slots(self) -> int:
         return self.num_blocks * self.block_size
 
+    @property
+    def block_elems(self) -> int:
+        """Elements of one layer's block (K and V, or the MLA latent)."""
+        kv = 1 if self.use_mla else 2
+        return kv * self.num_kv_heads * self.block_size * self.head_size
+
     def cache_shape(self) -> tuple[int, ...]:
+        if self.packed:
+            return (self.num_blocks, self.block_elems)
         if self.use_mla:
             return (self.num_blocks, self.block_size, self.head_size)
         return (2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_size)
 
     def chunk_shape(self, num_tokens: int) -> tuple[int, ...]:
+        if self.packed:
+            return (self.num_layers, -(-num_tokens // self.block_size), self.block_elems)
         if self.use_mla:
             return (self.num_layers, num_tokens, self.head_size)
         return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_size)
@@ -95,6 +117,33 @@ def allocate_kv_caches(
         values = torch.randn(layout.cache_shape(), generator=gen, dtype=torch.float32)
         caches.append(values.to(layout.dtype).to(device))
     return caches
+
+
+def packed_view(cache: torch.Tensor) -> torch.Tensor:
+    """``[num_blocks, block_elems]`` over a per-layer cache whose first axis is blocks and
+    whose every block is one dense run of memory in any axis order (vLLM 0.32's views:
+    ``[B, H, N, C]`` laid out LBHNC on CPU, LBNHC on CUDA). No copy: writes through the
+    result land in the cache. ValueError when a block is not dense."""
+    if cache.dim() < 2:
+        raise ValueError(
+            f"a paged cache has a block axis and a block interior; got {list(cache.shape)}"
+        )
+    inner = sorted(
+        ((cache.stride(d), cache.shape[d]) for d in range(1, cache.dim()) if cache.shape[d] > 1),
+        reverse=True,
+    )
+    expected = 1
+    for stride, size in reversed(inner):
+        if stride != expected:
+            raise ValueError(
+                f"cache of shape {list(cache.shape)} strides {list(cache.stride())}: its blocks "
+                "are not dense runs of memory, so they cannot move as whole blocks"
+            )
+        expected *= size
+    elems = expected
+    if cache.shape[0] > 1 and cache.stride(0) < elems:
+        raise ValueError(f"cache blocks overlap: block stride {cache.stride(0)} < {elems} elements")
+    return cache.as_strided((cache.shape[0], elems), (cache.stride(0), 1), cache.storage_offset())
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -123,10 +172,16 @@ def slot_indices(
     spans: Sequence[tuple[int, int]],
     block_size: int,
     device: torch.device,
+    *,
+    whole_blocks: bool = False,
 ) -> list[SlotIndex]:
     """Prepare every chunk ``slots[start:end]`` of a request at once: the checks run
     vectorized on the host and the indices cross to the device in one copy each (per-chunk
-    preparation costs more host time than the copies it feeds on a fast GPU)."""
+    preparation costs more host time than the copies it feeds on a fast GPU).
+
+    ``whole_blocks`` (packed caches): every chunk becomes the blocks its slots lie in, a
+    partial last block included; BadRequest when a chunk's slots are not whole blocks in
+    order (a packed block cannot be cut into tokens)."""
     host = slots.detach().to("cpu", torch.long).reshape(-1).numpy()
     n = len(host)
     pos = np.arange(n)
@@ -148,6 +203,16 @@ def slot_indices(
         if by_block:
             lo, hi = start // block_size, end // block_size
             prepared.append(SlotIndex(device_blocks[lo:hi], True, block_ids[lo:hi].tolist()))
+        elif whole_blocks:
+            if not (
+                start % block_size == 0 and end > start and bad_before[end] == bad_before[start]
+            ):
+                raise BadRequest(
+                    f"slots {start}..{end} of a packed-block cache must be whole blocks of "
+                    f"{block_size} slots in order (block * {block_size} + offset)"
+                )
+            lo, hi = start // block_size, -(-end // block_size)
+            prepared.append(SlotIndex(device_blocks[lo:hi], True, block_ids[lo:hi].tolist()))
         else:
             prepared.append(SlotIndex(device_slots[start:end], False, host[start:end].tolist()))
     return prepared
@@ -157,6 +222,10 @@ def _prepare(kv_caches: Sequence[torch.Tensor], slots: torch.Tensor | SlotIndex)
     if isinstance(slots, SlotIndex):
         return slots
     first = kv_caches[0]
+    if first.dim() == 2:
+        raise ValueError(
+            "packed-block caches need a SlotIndex (their block size is not in the shape)"
+        )
     block_size = int(first.shape[1] if first.dim() == 3 else first.shape[2])
     return slot_index(slots, block_size, first.device)
 
@@ -166,8 +235,12 @@ def _rows(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(cache rows, chunk rows, dim): the cache and a layer of the chunk, with one row per
     slot, or per block when copying whole blocks, along ``dim``."""
-    mla = cache.dim() == 3
     bits, out_bits = _bits(cache), _bits(out)
+    if cache.dim() == 2:  # packed: a row per block, never per token
+        if not by_block:
+            raise BadRequest("a packed-block cache moves whole blocks only")
+        return bits, out_bits.view(-1, cache.shape[1]), 0
+    mla = cache.dim() == 3
     if mla:
         width = cache.shape[1] * cache.shape[2] if by_block else cache.shape[2]
         return bits.view(-1, width), out_bits.view(-1, width), 0
@@ -194,8 +267,11 @@ def gather(
     device = first.device
     prepared = _prepare(kv_caches, slots)
     n = int(prepared.ids.numel()) * (_block_len(first) if prepared.by_block else 1)
-    if first.dim() == 3:
-        shape: tuple[int, ...] = (len(kv_caches), n, first.shape[-1])
+    shape: tuple[int, ...]
+    if first.dim() == 2:
+        shape = (len(kv_caches), n, first.shape[1])
+    elif first.dim() == 3:
+        shape = (len(kv_caches), n, first.shape[-1])
     else:
         shape = (len(kv_caches), 2, n, first.shape[-2], first.shape[-1])
     direct = out is not None and out.device == device
@@ -212,6 +288,10 @@ def gather(
 
 
 def _block_len(cache: torch.Tensor) -> int:
+    """Rows a whole-block index stands for: tokens per block (1 for packed caches, whose
+    rows are blocks)."""
+    if cache.dim() == 2:
+        return 1
     return int(cache.shape[1] if cache.dim() == 3 else cache.shape[2])
 
 
@@ -251,7 +331,7 @@ def gather_chunks(
     they overlap the next batch's kernels: synchronize both before reading ``outs``.
     """
     first = kv_caches[0]
-    mla = first.dim() == 3
+    mla = first.dim() != 5  # MLA and packed chunks are one row-major run per layer
     count = len(indices)
     by_block = indices[0].by_block
     ids = torch.cat([i.ids for i in indices])
@@ -287,7 +367,7 @@ def scatter_chunks(
     two kernels per layer. The host->device copies run on ``copy_stream`` (else the current
     stream) ahead of the kernels. Keep ``kvs`` unchanged until both are synchronized."""
     first = kv_caches[0]
-    mla = first.dim() == 3
+    mla = first.dim() != 5  # MLA and packed chunks are one row-major run per layer
     count = len(indices)
     by_block = indices[0].by_block
     ids = torch.cat([i.ids for i in indices])
@@ -385,17 +465,32 @@ def kv_checksums(
     slots: torch.Tensor,
     chunk_size: int,
     layerwise: bool = False,
+    *,
+    layout: KVLayout | None = None,
 ) -> list[str] | dict[str, list[str]]:
     """MD5 of the KV at ``slots``, per chunk of ``chunk_size`` slots.
 
     All layers combined (a list, one digest per chunk) or per layer (``{"layer_i": [...]}``).
+    Packed-block caches (``layout.packed``) digest the whole blocks the slots lie in; their
+    slots must be whole blocks in order (BadRequest otherwise).
     """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     per_layer: dict[str, list[str]] = {f"layer_{i}": [] for i in range(len(kv_caches))}
     combined: list[str] = []
-    for start in range(0, int(slots.numel()), chunk_size):
-        kv = gather(kv_caches, slots[start : start + chunk_size]).cpu()
+    packed = layout is not None and layout.packed
+    spans = [
+        (start, min(start + chunk_size, int(slots.numel())))
+        for start in range(0, int(slots.numel()), chunk_size)
+    ]
+    indices: list[SlotIndex] | None = None
+    if packed and layout is not None:
+        indices = slot_indices(
+            slots, spans, layout.block_size, kv_caches[0].device, whole_blocks=True
+        )
+    for no, (start, end) in enumerate(spans):
+        where = indices[no] if indices is not None else slots[start:end]
+        kv = gather(kv_caches, where).cpu()
         data = _bits(kv).contiguous()
         if layerwise:
             for i in range(len(kv_caches)):

@@ -55,7 +55,11 @@ def check(
     runtime = runtime_of(ctx)
     slots = parse_slot_mapping(slot_mapping, limit=runtime.layout.num_slots)
     checksums = kv_checksums(
-        runtime.kv_caches, torch.tensor(slots, dtype=torch.long), chunk_size, layerwise
+        runtime.kv_caches,
+        torch.tensor(slots, dtype=torch.long),
+        chunk_size,
+        layerwise,
+        layout=runtime.layout,
     )
     return CheckResponse(
         slot_mapping_ranges=to_ranges(slots),
