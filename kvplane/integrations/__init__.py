@@ -1,0 +1,1 @@
+"""Hosts kvplane runs inside (serving frameworks)."""

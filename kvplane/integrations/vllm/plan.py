@@ -1,0 +1,253 @@
+"""The scheduler side's decisions, as pure logic: how much of a request kvplane can load,
+and which tokens each step must load and store. No vLLM, torch or sockets here; the
+connector turns vLLM's objects into these calls and the resulting :class:`StepPlan` into
+the metadata every worker rank receives.
+
+Rules:
+
+* A hit is the leading run of chunks every rank holds (see :mod:`.held`), beyond vLLM's
+  own block-aligned local hit. It ends on a chunk boundary (so on a block boundary, as the
+  chunk size is a multiple of the block size), except that a hit covering the whole request
+  gives back its last token, which vLLM must compute to get a logit; that last chunk is
+  still loaded whole and the token's slot is overwritten by vLLM.
+* A load writes only blocks past vLLM's local hit: those blocks may be shared with running
+  requests and are never rewritten.
+* Stores happen after the forward pass of a step, up to the last chunk boundary the
+  request's computed tokens reached; the prompt's final partial chunk only with
+  ``save_unfull_chunk``, tokens produced while decoding only with ``save_decode_cache``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from kvplane.integrations.vllm.held import HeldChunks
+from kvplane.keys import chunk_hashes, chunk_spans
+
+__all__ = [
+    "LoadSpec",
+    "Match",
+    "Planner",
+    "PlannerPolicy",
+    "SaveSpec",
+    "StepPlan",
+    "save_boundary",
+]
+
+
+class LoadSpec(msgspec.Struct, frozen=True):
+    req_id: str
+    token_ids: list[int]  # the chunk-aligned tokens whose chunks are loaded
+    block_ids: list[int]  # the request's blocks covering ``token_ids``
+    skip_tokens: int  # vLLM's local hit: blocks before it are not written
+
+
+class SaveSpec(msgspec.Struct, frozen=True):
+    req_id: str
+    token_ids: list[int]  # tokens whose chunks are stored (held chunks are skipped)
+    block_ids: list[int]
+
+
+class StepPlan(msgspec.Struct, frozen=True):
+    loads: list[LoadSpec] = []
+    saves: list[SaveSpec] = []
+    preempted: list[str] = []
+
+
+class Match(msgspec.Struct, frozen=True):
+    """What :meth:`Planner.match` answered for one request at one local hit."""
+
+    num_computed: int  # vLLM's local hit the answer was for
+    chunk_tokens: int  # tokens of the held chunk-aligned prefix (from token 0)
+    external: int  # tokens to load beyond ``num_computed`` (what vLLM is told)
+    locations: tuple[str, ...]  # tier of each chunk of the prefix
+
+
+@dataclass(frozen=True)
+class PlannerPolicy:
+    chunk_size: int
+    block_size: int
+    save_unfull_chunk: bool = True
+    save_decode_cache: bool = False
+    min_retrieve_tokens: int = 0
+    skip_save: bool = False  # kv_consumer: load only
+
+    def __post_init__(self) -> None:
+        if self.chunk_size % self.block_size:
+            raise ValueError(
+                f"chunk_size {self.chunk_size} is not a multiple of vLLM's block size "
+                f"{self.block_size}: kvplane moves whole blocks, so every chunk must be whole "
+                f"blocks (use a chunk_size such as {self.block_size * max(1, self.chunk_size // self.block_size)})"
+            )
+
+
+def save_boundary(computed: int, num_prompt: int, saved: int, policy: PlannerPolicy) -> int | None:
+    """Tokens to store once ``computed`` tokens of a request hold KV, or None when no new
+    chunk is due (``saved`` tokens are stored already)."""
+    size = policy.chunk_size
+    if computed > num_prompt and policy.save_decode_cache:
+        end = computed // size * size
+    else:  # prefill, or decode without decode saving: only what the prompt reached
+        upto = min(computed, num_prompt)
+        end = upto if upto == num_prompt and policy.save_unfull_chunk else upto // size * size
+    return end if end > saved else None
+
+
+@dataclass
+class _Request:
+    tokens: Callable[[], Sequence[int]]  # all token ids so far (prompt, then outputs)
+    num_prompt: int
+    block_ids: list[int] = field(default_factory=list)
+    saved: int = 0  # tokens whose chunks were handed to a store
+    load: LoadSpec | None = None  # due in the next plan
+
+
+class Planner:
+    """Per-request state of the scheduler side. Not thread-safe: vLLM's scheduler calls
+    it from one thread."""
+
+    def __init__(self, policy: PlannerPolicy, held: HeldChunks) -> None:
+        self.policy = policy
+        self.held = held
+        self._requests: dict[str, _Request] = {}
+        self._matches: dict[str, Match] = {}
+        self._loaded: dict[str, Match] = {}
+        self._hashes: dict[str, tuple[int, list[int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    # --------------------------------------------------------------- lookups
+    def hashes(self, req_id: str, tokens: Sequence[int]) -> list[int]:
+        """Chunk hashes of ``tokens``, cached per request while its length is unchanged."""
+        cached = self._hashes.get(req_id)
+        if cached is None or cached[0] != len(tokens):
+            cached = (len(tokens), chunk_hashes(tokens, self.policy.chunk_size))
+            self._hashes[req_id] = cached
+        return cached[1]
+
+    def hashes_of(self, tokens: Sequence[int]) -> list[int]:
+        return chunk_hashes(tokens, self.policy.chunk_size)
+
+    def match(
+        self, req_id: str, tokens: Sequence[int], num_computed: int, *, probed: int = 0
+    ) -> Match:
+        """How many tokens beyond vLLM's ``num_computed`` can be loaded now. ``probed``:
+        the chunk prefix every rank reported holding when asked (tiers the index does not
+        see). Idempotent: the same inputs and index give the same answer."""
+        num_tokens = len(tokens)
+        hashes = self.hashes(req_id, tokens)
+        spans = chunk_spans(num_tokens, self.policy.chunk_size)
+        prefix = self.held.prefix(hashes)
+        chunk_tokens = spans[prefix.num_chunks - 1][1] if prefix.num_chunks else 0
+        chunk_tokens = max(chunk_tokens, min(probed, num_tokens))
+        usable = min(chunk_tokens, num_tokens - 1)  # vLLM computes at least one token
+        if usable < self.policy.min_retrieve_tokens:
+            usable = 0
+        external = max(0, usable - num_computed)
+        locations: tuple[str, ...] = prefix.locations
+        if external == 0:
+            chunk_tokens, locations = 0, ()
+        found = Match(num_computed, chunk_tokens, external, locations)
+        self._matches[req_id] = found
+        return found
+
+    def last_match(self, req_id: str) -> Match | None:
+        return self._matches.get(req_id)
+
+    def last_loaded(self, req_id: str) -> Match | None:
+        """The match behind the request's planned load, if it has one."""
+        return self._loaded.get(req_id)
+
+    # --------------------------------------------------------------- allocation
+    def allocated(
+        self,
+        req_id: str,
+        tokens: Callable[[], Sequence[int]],
+        num_prompt: int,
+        block_ids: Sequence[int],
+        num_external: int,
+    ) -> None:
+        """vLLM allocated blocks for the request, ``num_external`` of its tokens to load."""
+        request = self._requests.get(req_id)
+        if request is None:
+            request = self._requests[req_id] = _Request(tokens, num_prompt)
+        request.block_ids = list(block_ids)
+        found = self._matches.pop(req_id, None)
+        if num_external == 0 or found is None:
+            request.load = None
+            self._loaded.pop(req_id, None)
+            return
+        if found.external != num_external:
+            # vLLM may cut the hit (a partial local block it drops): load what it asked for,
+            # rounded to whole chunks from token 0 as they are stored.
+            wanted = found.num_computed + num_external
+            chunks = -(-wanted // self.policy.chunk_size) * self.policy.chunk_size
+            found = msgspec.structs.replace(
+                found, chunk_tokens=min(chunks, found.chunk_tokens), external=num_external
+            )
+        self._loaded[req_id] = found
+        all_tokens = tokens()
+        request.load = LoadSpec(
+            req_id,
+            list(all_tokens[: found.chunk_tokens]),
+            self._blocks(request.block_ids, found.chunk_tokens),
+            found.num_computed,
+        )
+        request.saved = max(request.saved, found.chunk_tokens)
+
+    # --------------------------------------------------------------- steps
+    def plan(
+        self,
+        scheduled: Sequence[tuple[str, int]],
+        *,
+        new_blocks: dict[str, tuple[list[int], bool]] | None = None,
+        preempted: Sequence[str] = (),
+        finished: Sequence[str] = (),
+    ) -> StepPlan:
+        """The plan of one step. ``scheduled`` is ``(req_id, computed_after_step)`` for every
+        request this step computes; ``new_blocks[req_id] = (block_ids, replace)`` are the
+        blocks vLLM added to running requests (``replace`` for a resumed request)."""
+        for req_id in finished:
+            self.forget(req_id)
+        for req_id, (blocks, replace) in (new_blocks or {}).items():
+            request = self._requests.get(req_id)
+            if request is not None:
+                request.block_ids = list(blocks) if replace else request.block_ids + list(blocks)
+        loads: list[LoadSpec] = []
+        saves: list[SaveSpec] = []
+        for req_id, computed in scheduled:
+            request = self._requests.get(req_id)
+            if request is None:
+                continue
+            if request.load is not None:
+                loads.append(request.load)
+                request.load = None
+            if self.policy.skip_save:
+                continue
+            end = save_boundary(computed, request.num_prompt, request.saved, self.policy)
+            if end is None:
+                continue
+            tokens = request.tokens()
+            if len(tokens) < end or len(request.block_ids) * self.policy.block_size < end:
+                continue  # vLLM has not shown us these tokens' blocks yet
+            saves.append(SaveSpec(req_id, list(tokens[:end]), self._blocks(request.block_ids, end)))
+            request.saved = end
+        for req_id in preempted:
+            request = self._requests.get(req_id)
+            if request is not None:
+                request.block_ids = []
+                request.load = None
+        return StepPlan(loads, saves, list(preempted))
+
+    def forget(self, req_id: str) -> None:
+        self._requests.pop(req_id, None)
+        self._matches.pop(req_id, None)
+        self._loaded.pop(req_id, None)
+        self._hashes.pop(req_id, None)
+
+    def _blocks(self, block_ids: Sequence[int], num_tokens: int) -> list[int]:
+        return list(block_ids[: -(-num_tokens // self.policy.block_size)])

@@ -1,0 +1,271 @@
+"""The connector's scheduler side (vLLM's EngineCore process).
+
+It answers ``get_num_new_matched_tokens`` from :class:`~.held.HeldChunks`, an index of what
+the worker ranks hold that their own tier events keep current: no round trip per step. When
+the config has tiers that index cannot see (peers, a shared remote store), a request the
+index does not fully cover is first *probed*: the workers are asked to look up (and fetch
+from peers into their CPU tier) its chunks, and vLLM is told "ask again" (``None``) until
+every rank answered or ``p2p_timeout_s`` passed. A chunk evicted between the answer and the
+load makes the load fall short; the worker reports those blocks and vLLM recomputes them
+(the connector sets ``kv_load_failure_policy`` to ``recompute``).
+
+The process also runs internal API server index 0 (no engine: engine endpoints answer 503).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvplane.config import EngineConfig
+from kvplane.integrations.vllm.channel import SchedulerChannel
+from kvplane.integrations.vllm.held import HeldChunks, TierChange
+from kvplane.integrations.vllm.messages import endpoints
+from kvplane.integrations.vllm.plan import Match, Planner, PlannerPolicy, StepPlan
+from kvplane.keys import chunk_spans
+
+__all__ = ["TIER_ORDER", "BlockLink", "SchedulerSide", "StepInput"]
+
+log = logging.getLogger(__name__)
+
+TIER_ORDER = ("LocalCPUBackend", "LocalDiskBackend", "FSConnector", "RemoteBackend")
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """The parts of vLLM's ``SchedulerOutput`` the plan needs."""
+
+    scheduled: list[tuple[str, int]]  # (req_id, tokens computed after this step)
+    new_blocks: dict[str, tuple[list[int], bool]]  # req_id -> (block ids, replace)
+    preempted: list[str]
+    finished: list[str]
+
+
+@dataclass(frozen=True)
+class BlockLink:
+    """The vLLM blocks one stored chunk covers (for vLLM's KV events)."""
+
+    block_hashes: list[int]
+    parent: int | None
+    token_ids: list[int]
+
+
+@dataclass
+class _Probe:
+    deadline: float
+    index_tokens: int  # the chunk prefix the index held before the probe
+    answered: bool = False
+    probed_tokens: int = 0
+
+
+@dataclass
+class Counters:
+    lookups: int = 0
+    hit_requests: int = 0
+    hit_tokens: int = 0
+    probes: int = 0
+    stores_planned: int = 0
+    loads_planned: int = 0
+    by_source: dict[str, int] = field(default_factory=dict)
+
+    def take(self) -> dict[str, int]:
+        out = {k: v for k, v in vars(self).items() if isinstance(v, int)}
+        out.update({f"hit_tokens_{k}": v for k, v in self.by_source.items()})
+        for name in vars(self):
+            if isinstance(getattr(self, name), int):
+                setattr(self, name, 0)
+        self.by_source = {}
+        return out
+
+
+class SchedulerSide:
+    """Everything the scheduler-role connector keeps; vLLM objects are turned into plain
+    values by the connector class before they get here."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        engine_id: str,
+        dp_rank: int,
+        block_size: int,
+        kv_consumer_only: bool,
+        publish_events: bool,
+    ) -> None:
+        self.config = config
+        self.block_size = block_size
+        self.policy = PlannerPolicy(
+            chunk_size=config.chunk_size,
+            block_size=block_size,
+            save_unfull_chunk=config.save_unfull_chunk,
+            save_decode_cache=config.save_decode_cache,
+            min_retrieve_tokens=config.min_retrieve_tokens,
+            skip_save=kv_consumer_only,
+        )
+        held = HeldChunks(config.world_size, TIER_ORDER)
+        self.channel = SchedulerChannel(*endpoints(engine_id, dp_rank), held)
+        self.planner = Planner(self.policy, held)
+        self.probing = bool(config.enable_p2p or config.remote_url)
+        self.publish_events = publish_events
+        self.links: dict[int, BlockLink] = {}
+        self.counters = Counters()
+        self._probes: dict[str, _Probe] = {}
+        self._api: Any = None
+
+    # --------------------------------------------------------------- lifecycle
+    def start_api(self) -> None:
+        """Internal API server index 0, when enabled (and listed) in the config."""
+        if not self.config.internal_api_server_enabled:
+            return
+        from kvplane.api.server import InternalApiService
+
+        api = InternalApiService(self.config, None, indices=[0])
+        api.start()
+        self._api = api
+
+    def shutdown(self) -> None:
+        if self._api is not None:
+            self._api.stop()
+            self._api = None
+        self.channel.close()
+
+    # --------------------------------------------------------------- lookups
+    def matched_tokens(self, req_id: str, tokens: Sequence[int], num_computed: int) -> int | None:
+        """Tokens beyond ``num_computed`` to load now, or None while a probe is out."""
+        probe = self._probes.get(req_id)
+        with self.channel.lock:
+            found = self.planner.match(req_id, tokens, num_computed, probed=_probed(probe))
+        if self.probing and probe is None and found.chunk_tokens < _covered(tokens, self.policy):
+            self._probes[req_id] = _Probe(
+                time.monotonic() + self.config.p2p_timeout_s, found.chunk_tokens
+            )
+            self.channel.request_prefetch(req_id, list(tokens))
+            self.counters.probes += 1
+            return None
+        if probe is not None and not probe.answered:
+            answers = self.channel.prefetch_answers(req_id)
+            if answers < self.config.world_size and time.monotonic() < probe.deadline:
+                return None
+            probe.answered = True
+            probe.probed_tokens = self.channel.probed_tokens(req_id, self.config.world_size)
+            with self.channel.lock:
+                found = self.planner.match(req_id, tokens, num_computed, probed=_probed(probe))
+        self.counters.lookups += 1
+        return found.external
+
+    def hit_sources(self, req_id: str, num_external: int) -> dict[str, int]:
+        """Tokens of the load by where they come from: ``host``, ``disk``, ``p2p`` or
+        ``external_unspecified`` (vLLM's CacheHitSource values)."""
+        found = self.planner.last_loaded(req_id)
+        if found is None or num_external == 0:
+            return {}
+        probe = self._probes.get(req_id)
+        p2p_from = probe.index_tokens if probe is not None and self.config.enable_p2p else None
+        return _split_sources(found, num_external, self.config.chunk_size, p2p_from)
+
+    def allocated(
+        self, req_id: str, request: Any, block_ids: Sequence[int], num_external: int
+    ) -> None:
+        self.planner.allocated(
+            req_id,
+            lambda: request.all_token_ids,
+            int(request.num_prompt_tokens),
+            block_ids,
+            num_external,
+        )
+        if num_external:
+            self.counters.hit_requests += 1
+            self.counters.hit_tokens += num_external
+            for source, n in self.hit_sources(req_id, num_external).items():
+                self.counters.by_source[source] = self.counters.by_source.get(source, 0) + n
+
+    # --------------------------------------------------------------- steps
+    def plan(self, step: StepInput, block_hashes_of: Any = None) -> StepPlan:
+        plan = self.planner.plan(
+            step.scheduled,
+            new_blocks=step.new_blocks,
+            preempted=step.preempted,
+            finished=step.finished,
+        )
+        for req_id in step.finished:
+            self.forget(req_id)
+        self.counters.loads_planned += len(plan.loads)
+        self.counters.stores_planned += len(plan.saves)
+        if self.publish_events and block_hashes_of is not None:
+            for save in plan.saves:
+                self._link(save.token_ids, block_hashes_of(save.req_id))
+        return plan
+
+    def forget(self, req_id: str) -> None:
+        self.planner.forget(req_id)
+        self._probes.pop(req_id, None)
+        self.channel.forget_prefetch(req_id)
+
+    # --------------------------------------------------------------- events
+    def tier_changes(self) -> list[TierChange]:
+        return self.channel.take_changes()
+
+    def links_for(self, changes: Sequence[TierChange]) -> Iterator[tuple[TierChange, BlockLink]]:
+        """Each change of a chunk whose vLLM blocks are known, with those blocks."""
+        for change in changes:
+            link = self.links.get(change.chunk_hash)
+            if link is not None:
+                yield change, link
+                if not change.held and self.channel.held.holds(change.chunk_hash) is None:
+                    self.links.pop(change.chunk_hash, None)
+
+    def _link(self, token_ids: list[int], block_hashes: Sequence[int]) -> None:
+        per_chunk = self.config.chunk_size // self.block_size
+        hashes = self.planner.hashes_of(token_ids)
+        for i, chunk_hash in enumerate(hashes):
+            first = i * per_chunk
+            blocks = list(block_hashes[first : first + per_chunk])
+            if len(blocks) < per_chunk or chunk_hash in self.links:
+                continue  # a partial chunk has no whole vLLM blocks to announce
+            parent = block_hashes[first - 1] if first else None
+            tokens = token_ids[first * self.block_size : (first + per_chunk) * self.block_size]
+            self.links[chunk_hash] = BlockLink(blocks, parent, tokens)
+
+
+def _probed(probe: _Probe | None) -> int:
+    return probe.probed_tokens if probe is not None and probe.answered else 0
+
+
+def _covered(tokens: Sequence[int], policy: PlannerPolicy) -> int:
+    """The chunk prefix that would make the index's answer final: every chunk of the
+    request, the partial last one included."""
+    return len(tokens) if len(tokens) > 1 else 0
+
+
+def _split_sources(
+    found: Match, num_external: int, chunk_size: int, p2p_from: int | None
+) -> dict[str, int]:
+    start = found.num_computed
+    end = start + num_external
+    out: dict[str, int] = {}
+    spans = chunk_spans(found.chunk_tokens, chunk_size)
+    for (lo, hi), location in zip(spans, found.locations, strict=False):
+        n = max(0, min(hi, end) - max(lo, start))
+        if not n:
+            continue
+        if p2p_from is not None and lo >= p2p_from:
+            source = "p2p"
+        else:
+            source = _SOURCES.get(location, "external_unspecified")
+        out[source] = out.get(source, 0) + n
+    rest = num_external - sum(out.values())
+    if rest > 0:  # probed chunks beyond what the index knew of
+        source = "p2p" if p2p_from is not None else "external_unspecified"
+        out[source] = out.get(source, 0) + rest
+    return out
+
+
+_SOURCES = {
+    "LocalCPUBackend": "host",
+    "LocalDiskBackend": "disk",
+    "FSConnector": "disk",
+    "RemoteBackend": "external_unspecified",
+}

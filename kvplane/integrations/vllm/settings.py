@@ -1,0 +1,96 @@
+"""kvplane's config inside vLLM: the seeds' YAML (``$KVPLANE_CONFIG_FILE`` or
+``$LMCACHE_CONFIG_FILE``), then ``kv_connector_extra_config`` on top (keys as in the YAML,
+optionally prefixed ``kvplane.`` or ``lmcache.``), then the facts vLLM decides: model name,
+world size, rank and block size. No torch here: the scheduler process uses it too."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kvplane.config import EngineConfig, load_config
+from kvplane.errors import ConfigError
+
+__all__ = ["VllmFacts", "connector_config", "extra_overrides"]
+
+_PREFIXES = ("kvplane.", "lmcache.")
+
+
+@dataclass(frozen=True)
+class VllmFacts:
+    """What vLLM decides and kvplane must agree with."""
+
+    model_name: str
+    world_size: int
+    rank: int
+    block_size: int
+    engine_id: str
+    dp_rank: int
+    use_mla: bool
+    vllm_version: str
+
+    @classmethod
+    def of(cls, vllm_config: Any) -> VllmFacts:
+        import vllm
+
+        model = vllm_config.model_config
+        served = model.served_model_name
+        name = served[0] if isinstance(served, (list, tuple)) and served else served
+        parallel = vllm_config.parallel_config
+        return cls(
+            model_name=str(name or model.model),
+            world_size=int(parallel.world_size),
+            rank=int(parallel.rank),
+            block_size=int(vllm_config.cache_config.block_size),
+            engine_id=str(vllm_config.kv_transfer_config.engine_id),
+            dp_rank=int(parallel.data_parallel_rank),
+            use_mla=bool(getattr(model, "use_mla", False)),
+            vllm_version=str(getattr(vllm, "__version__", "unknown")),
+        )
+
+
+def extra_overrides(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``kv_connector_extra_config`` as config keys (prefixes dropped)."""
+    out: dict[str, Any] = {}
+    for key, value in (extra or {}).items():
+        name = next((key[len(p) :] for p in _PREFIXES if key.startswith(p)), key)
+        out[name] = value
+    return out
+
+
+def connector_config(
+    facts: VllmFacts,
+    extra: Mapping[str, Any] | None,
+    *,
+    role: str,
+    more: Mapping[str, Any] | None = None,
+) -> EngineConfig:
+    """The validated config of one connector object. ``role`` ``"scheduler"`` serves
+    internal API index 0, ``"worker"`` index ``rank + 1`` (each within the configured
+    ``internal_api_server_include_index_list``). Raises ConfigError naming the problem,
+    e.g. a chunk size that is not a multiple of vLLM's block size."""
+    overrides = extra_overrides(extra)
+    overrides.update(
+        model_name=facts.model_name,
+        world_size=facts.world_size,
+        worker_id=facts.rank,
+        kv_block_size=facts.block_size,
+    )
+    overrides.update(more or {})
+    config = load_config(overrides=overrides)
+    if config.chunk_size % facts.block_size:
+        raise ConfigError(
+            f"chunk_size {config.chunk_size} is not a multiple of vLLM's block size "
+            f"{facts.block_size}: kvplane moves whole vLLM blocks, so set chunk_size to a "
+            f"multiple of {facts.block_size} (e.g. {max(1, config.chunk_size // facts.block_size) * facts.block_size})"
+        )
+    index = 0 if role == "scheduler" else facts.rank + 1
+    listed = config.internal_api_server_include_index_list
+    if role == "worker" and (listed is None or index in listed):
+        config = load_config(
+            overrides={**overrides, "internal_api_server_include_index_list": [index]}
+        )
+    elif role == "worker":
+        config = load_config(overrides={**overrides, "internal_api_server_include_index_list": []})
+    return config

@@ -1,0 +1,216 @@
+"""The connector's worker side (one per vLLM worker rank).
+
+``register_kv_caches`` wraps vLLM's per-layer views as packed-block caches (no copy: each
+layer's ``[B, H, N, C]`` view becomes ``[B, block_elems]`` rows over the same memory) and
+builds this rank's engine process around them: tiers, controller worker, p2p node, internal
+API server index ``rank + 1``. Loads run in ``start_load_kv`` (before the forward pass for
+vLLM's synchronous loads), stores in ``wait_for_save`` (after it); both move whole blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from kvplane.config import EngineConfig
+from kvplane.engine.backends.base import ChunkAdmitted, StorageEvent
+from kvplane.engine.kv_layout import KVLayout, packed_view
+from kvplane.errors import ConfigError
+from kvplane.integrations.vllm.channel import WorkerChannel
+from kvplane.integrations.vllm.messages import endpoints
+from kvplane.integrations.vllm.plan import LoadSpec, SaveSpec, StepPlan
+
+__all__ = ["WorkerSide", "layout_of"]
+
+log = logging.getLogger(__name__)
+
+
+def layout_of(views: Sequence[torch.Tensor], *, block_size: int, use_mla: bool) -> KVLayout:
+    """The packed layout of vLLM's per-layer ``[num_blocks, H, N, C]`` views."""
+    first = views[0]
+    if first.dim() != 4:
+        raise ConfigError(
+            f"vLLM KV cache views must be [num_blocks, heads, block_size, content]; got "
+            f"{list(first.shape)}"
+        )
+    num_blocks, heads, tokens, content = (int(d) for d in first.shape)
+    if tokens != block_size:
+        raise ConfigError(
+            f"vLLM's KV views hold {tokens} tokens per block, its block_size is {block_size}"
+        )
+    for view in views:
+        if tuple(view.shape) != tuple(first.shape) or view.dtype != first.dtype:
+            raise ConfigError("kvplane needs every attention layer's KV cache in one shape")
+    head_size = content if use_mla else content // 2
+    return KVLayout(
+        len(views), heads, head_size, block_size, num_blocks, first.dtype, use_mla, packed=True
+    )
+
+
+class WorkerSide:
+    def __init__(
+        self,
+        config: EngineConfig,
+        config_with: Callable[[Mapping[str, Any]], EngineConfig],
+        *,
+        engine_id: str,
+        dp_rank: int,
+        block_size: int,
+        use_mla: bool,
+    ) -> None:
+        """``config_with(keys)`` rebuilds the config with the KV shape learnt from vLLM."""
+        self.config = config
+        self._config_with = config_with
+        self.rank = config.worker_id
+        self.block_size = block_size
+        self.use_mla = use_mla
+        self._urls = endpoints(engine_id, dp_rank)
+        self.process: Any = None
+        self.caches: list[torch.Tensor] = []
+        self.channel: WorkerChannel | None = None
+        self._load_errors: set[int] = set()
+        self._lock = threading.Lock()
+        self.stats: dict[str, int] = {}
+
+    # --------------------------------------------------------------- start-up
+    def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+        from kvplane.engine.runtime import EngineRuntime
+
+        views: list[torch.Tensor] = []
+        seen: set[int] = set()
+        for name, tensor in kv_caches.items():
+            key = tensor.data_ptr()
+            if key in seen:  # layers sharing one KV cache move once
+                log.debug("layer %s shares its KV cache", name)
+                continue
+            seen.add(key)
+            views.append(tensor)
+        try:
+            packed = [packed_view(v) for v in views]
+        except ValueError as exc:
+            raise ConfigError(f"vLLM's KV cache layout: {exc}") from None
+        layout = layout_of(views, block_size=self.block_size, use_mla=self.use_mla)
+        overrides = {
+            "kv_num_layers": layout.num_layers,
+            "kv_num_heads": layout.num_kv_heads,
+            "kv_head_size": layout.head_size,
+            "kv_block_size": layout.block_size,
+            "kv_num_blocks": layout.num_blocks,
+        }
+        self.config = self._config_with(overrides)
+        process = EngineRuntime(self.config, layout=layout, kv_caches=packed)
+        self.caches = packed
+        self.channel = WorkerChannel(self.rank, *self._urls, self._prefetch)
+        process.cache_engine.add_listener(self._on_event)
+        process.start()
+        self.process = process
+        self.channel.snapshot(self._snapshot())
+        log.info(
+            "kvplane rank %d: %d layers of %d blocks x %d tokens (%s), chunk %d tokens",
+            self.rank,
+            layout.num_layers,
+            layout.num_blocks,
+            layout.block_size,
+            layout.dtype,
+            self.config.chunk_size,
+        )
+
+    def _snapshot(self) -> dict[str, list[int]]:
+        c = self.config
+        out: dict[str, list[int]] = {}
+        for name, backend in self.process.storage.backends.items():
+            if backend.fetch_only:
+                continue
+            out[name] = [
+                k.chunk_hash
+                for k in backend.keys()
+                if k.worker_id == self.rank and k.model_name == c.model_name
+            ]
+        return out
+
+    def _on_event(self, event: StorageEvent) -> None:
+        if self.channel is not None and event.key.worker_id == self.rank:
+            admitted = isinstance(event, ChunkAdmitted)
+            self.channel.changed(event.location, admitted, event.key.chunk_hash)
+
+    def _prefetch(self, token_ids: list[int]) -> int:
+        return int(self.process.cache_engine.lookup(token_ids))
+
+    # --------------------------------------------------------------- steps
+    def load(self, plan: StepPlan) -> None:
+        for spec in plan.loads:
+            self._load(spec)
+
+    def _load(self, spec: LoadSpec) -> None:
+        engine = self.process.cache_engine
+        want = len(spec.token_ids)
+        try:
+            got = engine.retrieve(
+                spec.token_ids,
+                self.caches,
+                self._slots(spec.block_ids, want),
+                skip_tokens=spec.skip_tokens,
+            ).num_tokens
+        except Exception:  # a failed load is a miss: vLLM recomputes the blocks
+            log.exception("kvplane: load of %s failed", spec.req_id)
+            got = spec.skip_tokens
+        self._count("load_tokens", max(0, got - spec.skip_tokens))
+        if got < want:
+            first_bad = max(got, spec.skip_tokens) // self.block_size
+            bad = spec.block_ids[first_bad:]
+            log.warning(
+                "kvplane: %s loaded %d of %d tokens; %d blocks recomputed",
+                spec.req_id,
+                got,
+                want,
+                len(bad),
+            )
+            self._count("load_errors", 1)
+            with self._lock:
+                self._load_errors.update(bad)
+
+    def save(self, plan: StepPlan) -> None:
+        for spec in plan.saves:
+            self._save(spec)
+
+    def _save(self, spec: SaveSpec) -> None:
+        try:
+            result = self.process.cache_engine.store(
+                spec.token_ids, self.caches, self._slots(spec.block_ids, len(spec.token_ids))
+            )
+        except Exception:  # a failed store is a future miss, never an error in vLLM
+            log.exception("kvplane: store of %s failed", spec.req_id)
+            return
+        self._count("stored_chunks", result.num_chunks)
+
+    def _slots(self, block_ids: Sequence[int], num_tokens: int) -> torch.Tensor:
+        blocks = torch.as_tensor(list(block_ids), dtype=torch.long)
+        offsets = torch.arange(self.block_size, dtype=torch.long)
+        return (blocks[:, None] * self.block_size + offsets).reshape(-1)[:num_tokens]
+
+    def take_load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def take_stats(self) -> dict[str, int]:
+        with self._lock:
+            stats, self.stats = self.stats, {}
+        return stats
+
+    def _count(self, name: str, n: int) -> None:
+        with self._lock:
+            self.stats[name] = self.stats.get(name, 0) + n
+
+    def shutdown(self) -> None:
+        """Stop the engine process (the controller worker deregisters) and the channel."""
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
