@@ -325,7 +325,7 @@ class CacheEngine:
             self._sync(kv_caches)  # pages must not be reused before the copies finished
         if loaded_tokens:
             self._observe_transfer("retrieve", slots[:loaded_tokens])
-        self.metrics.retrieved_tokens.inc(loaded_tokens)
+        self.metrics.retrieved_tokens.inc(max(0, loaded_tokens - skip_tokens))
         self.metrics.retrieved_bytes.inc(nbytes)
         self.metrics.retrieve_seconds.observe(time.perf_counter() - start_time)
         return RetrieveResult(loaded_tokens, chunks, nbytes)
