@@ -5,7 +5,8 @@ A ``"worker"`` process is one engine rank: :func:`~kvplane.engine.engine.build_e
 order: the p2p node (``enable_p2p``), the controller worker (``enable_controller``), the
 internal API servers (``internal_api_server_enabled``) of index ``worker_id + 1``, and of
 index 0 too on rank 0, since ``kvplane engine`` and ``kvplane serve`` have no separate
-scheduler process. A ``"scheduler"`` process has no engine, no worker and no p2p node: only
+scheduler process (a host that has one, vLLM, passes ``scheduler_api=False`` to its worker
+ranks). A ``"scheduler"`` process has no engine, no worker and no p2p node: only
 the internal API server of index 0, whose engine endpoints answer 503.
 
 The services get the narrow :class:`~kvplane.engine.engine.Engine` handle and subscribe to
@@ -63,16 +64,25 @@ class EngineProcess:
         kv_caches: Sequence[torch.Tensor] | None = None,
         device: str = "cpu",
         role: Role = "worker",
+        scheduler_api: bool | None = None,
     ) -> None:
         """``layout`` defaults to the config's ``kv_*`` keys; ``kv_caches`` are the host
         framework's paged caches (else synthetic ones are allocated on ``device``).
-        Raises ConfigError for an unknown role or an unusable setting."""
+        ``scheduler_api``: whether a worker also serves the internal API index 0; None
+        means on rank 0 only. Raises ConfigError for an unknown role or an unusable
+        setting."""
         if role not in get_args(Role):
             raise ConfigError(f"role {role!r}: expected one of {list(get_args(Role))}")
-        if role == "scheduler" and (layout is not None or kv_caches is not None):
-            raise ConfigError("a scheduler process has no engine: layout and kv_caches are unused")
+        if role == "scheduler" and (
+            layout is not None or kv_caches is not None or scheduler_api is not None
+        ):
+            raise ConfigError(
+                "a scheduler process has no engine and always serves index 0: layout, "
+                "kv_caches and scheduler_api are for role 'worker'"
+            )
         self.config = config
         self.role: Role = role
+        self._scheduler_api = scheduler_api
         self.engine: Engine | None = None
         self.p2p: P2PNode | None = None
         self.services: list[Service] = []
@@ -103,13 +113,21 @@ class EngineProcess:
             engine.metrics.registry.register(worker.metrics_collector())
             self.services.append(worker)
         if config.internal_api_server_enabled:
-            indices = process_indices(config) if engine is not None else [0]
-            api = InternalApiService(config, engine, indices=indices)
+            api = InternalApiService(config, engine, indices=self._api_indices())
             if engine is not None:
                 engine.cache_engine.add_lookup_observer(api.statistics.record)
                 engine.cache_engine.add_transfer_observer(api.slot_recording.record)
             config.on_change(api.on_config_change)
             self.services.append(api)
+
+    def _api_indices(self) -> list[int]:
+        """The internal API indices of this process, before ``include_index_list``."""
+        if self.role == "scheduler":
+            return [0]
+        if self._scheduler_api is None:
+            return process_indices(self.config)
+        worker = self.config.worker_id + 1
+        return [0, worker] if self._scheduler_api else [worker]
 
     # ------------------------------------------------------------------ the engine's parts
     def _require_engine(self) -> Engine:

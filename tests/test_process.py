@@ -68,6 +68,18 @@ def test_an_unknown_role_or_an_engine_for_a_scheduler_is_a_config_error():
         EngineProcess(config(), role="leader")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="no engine"):
         EngineProcess(config(), role="scheduler", kv_caches=[])
+    with pytest.raises(ConfigError, match="no engine"):
+        EngineProcess(config(), role="scheduler", scheduler_api=False)
+
+
+@pytest.mark.parametrize(("worker_id", "indices"), [(0, [1]), (1, [2])])
+def test_a_worker_beside_a_separate_scheduler_serves_only_its_rank_index(worker_id, indices):
+    cfg = config(internal_api_server_enabled=True, worker_id=worker_id, world_size=2)
+    process = EngineProcess(cfg, scheduler_api=False)
+    try:
+        assert api_service(process).indices == indices
+    finally:
+        process.stop()
 
 
 def test_the_root_wires_the_api_to_the_engine_and_to_config_changes():
