@@ -14,14 +14,12 @@ from fastapi import Depends, Request
 from kvplane.api.context import ApiContext, SlotRecording
 from kvplane.config import EngineConfig
 from kvplane.engine.backends.cpu import LocalCPUBackend
-from kvplane.engine.cache_engine import CacheEngine
 from kvplane.engine.engine import Engine
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import BadRequest, Unauthorized, Unavailable
 
 __all__ = [
     "SAFE_METHODS",
-    "CacheEngineDep",
     "Config",
     "CpuTier",
     "Ctx",
@@ -59,10 +57,6 @@ def get_engine(ctx: Ctx) -> Engine:
     return engine_of(ctx)
 
 
-def get_cache_engine(ctx: Ctx) -> CacheEngine:
-    return engine_of(ctx).cache_engine
-
-
 def get_storage(ctx: Ctx) -> StorageManager:
     return engine_of(ctx).storage
 
@@ -82,7 +76,6 @@ def get_slot_recording(ctx: Ctx) -> SlotRecording:
 
 Config = Annotated[EngineConfig, Depends(get_config)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
-CacheEngineDep = Annotated[CacheEngine, Depends(get_cache_engine)]
 Storage = Annotated[StorageManager, Depends(get_storage)]
 CpuTier = Annotated[LocalCPUBackend, Depends(get_cpu_tier)]
 SlotRecordingDep = Annotated[SlotRecording, Depends(get_slot_recording)]
