@@ -14,7 +14,8 @@ from fastapi import Depends, Request
 from kvplane.api.context import ApiContext, SlotRecording
 from kvplane.config import EngineConfig
 from kvplane.engine.backends.cpu import LocalCPUBackend
-from kvplane.engine.engine import Engine
+from kvplane.engine.cache_engine import CacheEngine
+from kvplane.engine.engine import Engine as EngineHandle
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import BadRequest, Unauthorized, Unavailable
 
@@ -23,6 +24,7 @@ __all__ = [
     "Config",
     "CpuTier",
     "Ctx",
+    "Engine",
     "EngineDep",
     "SlotRecordingDep",
     "Storage",
@@ -46,15 +48,19 @@ def get_config(ctx: Ctx) -> EngineConfig:
     return ctx.config
 
 
-def engine_of(ctx: ApiContext) -> Engine:
-    """The process's engine; 503 in a process that has none."""
+def engine_of(ctx: ApiContext) -> EngineHandle:
+    """The process's engine handle; 503 in a process that has none."""
     if ctx.engine is None:
         raise Unavailable("This process has no cache engine", title="Not available")
     return ctx.engine
 
 
-def get_engine(ctx: Ctx) -> Engine:
+def get_engine_handle(ctx: Ctx) -> EngineHandle:
     return engine_of(ctx)
+
+
+def get_cache_engine(ctx: Ctx) -> CacheEngine:
+    return engine_of(ctx).cache_engine
 
 
 def get_storage(ctx: Ctx) -> StorageManager:
@@ -75,7 +81,10 @@ def get_slot_recording(ctx: Ctx) -> SlotRecording:
 
 
 Config = Annotated[EngineConfig, Depends(get_config)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+# ``Engine`` is the cache engine (the name routes used before the handle existed);
+# ``EngineDep`` the whole handle: kv caches, layout, storage, metrics and metadata too.
+Engine = Annotated[CacheEngine, Depends(get_cache_engine)]
+EngineDep = Annotated[EngineHandle, Depends(get_engine_handle)]
 Storage = Annotated[StorageManager, Depends(get_storage)]
 CpuTier = Annotated[LocalCPUBackend, Depends(get_cpu_tier)]
 SlotRecordingDep = Annotated[SlotRecording, Depends(get_slot_recording)]
