@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 
 from kvplane.config import EngineConfig
-from kvplane.engine.runtime import EngineRuntime
 from kvplane.keys import chunk_hashes
+from kvplane.process import EngineProcess
 
 
 def best_seconds(
@@ -64,7 +64,7 @@ def main() -> None:
         kv_dtype="bfloat16",
         max_local_cpu_size=args.tokens * 131072 / 2**30 * 1.05,
     )
-    rt = EngineRuntime(cfg, device=device, kv_caches=None)
+    rt = EngineProcess(cfg, device=device, kv_caches=None)
     engine = rt.cache_engine
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)

@@ -1,7 +1,7 @@
 """Time to first token with and without a cached prefix, through the real serving path.
 
 The instance is built exactly like ``kvplane serve`` (model -> config with the model's KV
-shape -> EngineRuntime around the model's paged caches -> generator). For each prompt
+shape -> EngineProcess around the model's paged caches -> generator). For each prompt
 length: clear kvplane, run the prompt (full prefill; its chunks are stored afterwards), then
 run it again (every chunk retrieved from kvplane's CPU tier, only the last token
 recomputed). TTFT is the generator's own clock: from the start of the request (lookup and

@@ -19,7 +19,7 @@ from kvplane.errors import KvplaneError
 __all__ = ["SUBCOMMANDS", "main"]
 
 SUBCOMMANDS = (
-    "kvplane.engine.main",
+    "kvplane.engine_cli",
     "kvplane.controller.main",
     "kvplane.serve.cli",
     "kvplane.demo.cli",

@@ -46,7 +46,7 @@ def client_for(service: InternalApiService, index: int) -> httpx.Client:
 def serving(
     transport: str,
     config: EngineConfig | None = None,
-    runtime: Any = None,
+    engine: Any = None,
     index: int = 0,
     **service_kwargs: Any,
 ) -> Iterator[tuple[InternalApiService, httpx.Client]]:
@@ -58,7 +58,7 @@ def serving(
                 config.internal_api_server_socket_path_prefix = f"{tmp}/api"
         else:
             config.internal_api_server_port_start = free_port() - index
-        service = InternalApiService(config, runtime, indices=[index], **service_kwargs)
+        service = InternalApiService(config, engine, indices=[index], **service_kwargs)
         service.start()
         try:
             with client_for(service, index) as client:
@@ -82,9 +82,9 @@ ENGINE_DEFAULTS: dict[str, Any] = dict(
 def engine_serving(
     transport: str, device: str = "cpu", **overrides: Any
 ) -> Iterator[tuple[Any, httpx.Client]]:
-    """A real EngineRuntime whose own internal API service (index 0) serves over
-    ``transport``; yields the runtime and a client."""
-    from kvplane.engine.runtime import EngineRuntime
+    """A real EngineProcess whose own internal API service (index 0) serves over
+    ``transport``; yields the process and a client."""
+    from kvplane.process import EngineProcess
 
     with short_tmpdir() as tmp:
         settings = {**ENGINE_DEFAULTS, "internal_api_server_include_index_list": [0], **overrides}
@@ -92,7 +92,7 @@ def engine_serving(
             settings["internal_api_server_socket_path_prefix"] = f"{tmp}/api"
         else:
             settings["internal_api_server_port_start"] = free_port()
-        runtime = EngineRuntime(api_config(**settings), device=device)
+        runtime = EngineProcess(api_config(**settings), device=device)
         runtime.start()
         try:
             service = next(s for s in runtime.services if isinstance(s, InternalApiService))

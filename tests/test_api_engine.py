@@ -1,4 +1,4 @@
-"""Engine endpoints over real HTTP against a real EngineRuntime: shapes, errors, effects."""
+"""Engine endpoints over real HTTP against a real EngineProcess: shapes, errors, effects."""
 
 import logging
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvplane.engine.backends.base import ChunkAdmitted
+from kvplane.engine.engine import Engine
 from kvplane.engine.kv_layout import gather
 from tests.api_client import TRANSPORTS, engine_serving
 
@@ -386,13 +387,13 @@ def test_engine_endpoints_without_an_engine(transport):
             assert (r.status_code, r.json()["error"]) == (503, "Not available"), path
 
 
-def test_inference_info_failure_is_a_500_with_the_seed_error(engine):
-    runtime, client = engine
+def test_inference_info_failure_is_a_500_with_the_seed_error(engine, monkeypatch):
+    _runtime, client = engine
 
-    def broken_metadata():
+    def broken_metadata(self):
         raise RuntimeError("metadata exploded")
 
-    runtime.metadata = broken_metadata  # fault injection on the real runtime object
+    monkeypatch.setattr(Engine, "metadata", broken_metadata)  # fault injection on the handle
     r = client.get("/inference_info")
     assert r.status_code == 500
     assert r.json() == {"error": "Failed to get inference info", "message": "metadata exploded"}

@@ -4,8 +4,8 @@ import torch
 from kvplane.config import EngineConfig
 from kvplane.engine.backends.base import ChunkAdmitted, ChunkEvicted
 from kvplane.engine.kv_layout import allocate_kv_caches, gather
-from kvplane.engine.runtime import EngineRuntime
 from kvplane.errors import BadRequest
+from kvplane.process import EngineProcess
 from tests.support import run_threads
 
 SHAPES = [
@@ -21,7 +21,7 @@ SHAPES = [
 def make_runtime(device="cpu", **overrides):
     base = dict(chunk_size=16, kv_block_size=4, kv_num_blocks=64, max_local_cpu_size=0.01)
     base.update(overrides)
-    return EngineRuntime(EngineConfig(**base), device=device)
+    return EngineProcess(EngineConfig(**base), device=device)
 
 
 def random_slots(rt, n, seed):
@@ -145,7 +145,7 @@ def test_full_tier_refuses_cleanly_and_pins_survive():
         max_local_cpu_size=0.0001,
     )
     engine = rt.cache_engine
-    pages = rt.pool.num_pages
+    pages = rt.storage.cpu.pool.num_pages
     slots = random_slots(rt, 16, 6)
     first = list(range(16))
     engine.store(first, rt.kv_caches, slots)
@@ -224,7 +224,7 @@ def test_metrics_count_what_happened():
     assert (sample("kvplane_chunk_hits_total"), sample("kvplane_chunk_misses_total")) == (1, 1)
     assert sample("kvplane_retrieve_seconds_count") == 1
     # Memory pressure: every page is taken, so LRU evictions are counted per tier.
-    pages = rt.pool.num_pages
+    pages = rt.storage.cpu.pool.num_pages
     for i in range(pages + 3):
         engine.store([10**5 + i * 100 + t for t in range(16)], rt.kv_caches, slots[:16])
     assert sample("kvplane_evictions_total", tier="LocalCPUBackend") >= 1 + 3
@@ -235,7 +235,7 @@ def test_metrics_count_what_happened():
 def test_four_threads_under_eviction_pressure_read_only_exact_prefixes(device):
     layout_page = make_runtime().layout.chunk_nbytes(16)
     rt = make_runtime(device, max_local_cpu_size=6 * layout_page / 2**30)  # 6 pages
-    assert rt.pool.num_pages == 6
+    assert rt.storage.cpu.pool.num_pages == 6
     engine = rt.cache_engine
     prompts = [list(range(s, s + 48)) for s in (0, 1000, 2000, 3000)]  # 12 chunks in all
     slots = random_slots(rt, 48, 11)
@@ -263,7 +263,9 @@ def test_four_threads_under_eviction_pressure_read_only_exact_prefixes(device):
     assert errors == []
     assert any(retrieved), "nothing was ever retrieved"
     cpu = rt.storage.cpu
-    assert rt.pool.free_pages == rt.pool.num_pages - len(cpu.keys())  # no page leaked
+    assert rt.storage.cpu.pool.free_pages == rt.storage.cpu.pool.num_pages - len(
+        cpu.keys()
+    )  # no page leaked
     assert rt.metrics.registry.get_sample_value(
         "kvplane_evictions_total", {"tier": "LocalCPUBackend"}
     )
@@ -286,7 +288,7 @@ def test_caches_of_another_layout_are_refused_and_no_page_leaks():
             engine.store(list(range(40)), caches, slots)
         with pytest.raises(BadRequest, match="kv_caches must be"):
             engine.retrieve(list(range(40)), caches, slots)
-        assert rt.pool.free_pages == rt.pool.num_pages, name
+        assert rt.storage.cpu.pool.free_pages == rt.storage.cpu.pool.num_pages, name
     assert rt.storage.cpu.keys() == []
     rt.stop()
 
@@ -302,6 +304,6 @@ def test_a_failing_copy_gives_its_pages_back(monkeypatch):
     monkeypatch.setattr("kvplane.engine.cache_engine.gather_many", broken_copy)
     with pytest.raises(RuntimeError, match="device lost"):
         engine.store(list(range(40)), rt.kv_caches, torch.arange(40))
-    assert rt.pool.free_pages == rt.pool.num_pages
+    assert rt.storage.cpu.pool.free_pages == rt.storage.cpu.pool.num_pages
     assert rt.storage.cpu.keys() == []
     rt.stop()

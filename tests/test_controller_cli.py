@@ -119,7 +119,7 @@ def test_deprecated_monitor_port_warns_and_pull_only_workers_still_register(
     import torch
 
     from kvplane.config import EngineConfig
-    from kvplane.engine.runtime import EngineRuntime
+    from kvplane.process import EngineProcess
 
     http, pull = free_ports(2)
     args = ["controller", "--host", "127.0.0.1", "--port", str(http), "--monitor-port", str(pull)]
@@ -141,7 +141,7 @@ def test_deprecated_monitor_port_warns_and_pull_only_workers_still_register(
         first = stack.enter_context(kvplane_process(args, log_path=tmp_path / "c1.log"))
         wait_until(up, timeout=30)
         assert "--monitor-port is deprecated" in (tmp_path / "c1.log").read_text()
-        rt = EngineRuntime(cfg)
+        rt = EngineProcess(cfg)
         rt.start()
         stack.callback(rt.stop)
         body = {"instance_id": "pull-only"}

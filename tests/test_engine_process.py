@@ -79,8 +79,8 @@ def test_engine_rejects_an_unusable_device_with_a_clear_message(tmp_path, device
 
 def test_failed_start_stops_the_services_already_started():
     from kvplane.config import load_config
-    from kvplane.engine.runtime import EngineRuntime
     from kvplane.errors import Conflict
+    from kvplane.process import EngineProcess
 
     api, p2p, command, pull, reply = free_ports(5)
     config = load_config(
@@ -101,7 +101,7 @@ def test_failed_start_stops_the_services_already_started():
             internal_api_server_include_index_list=[0],
         ),
     )
-    runtime = EngineRuntime(config)
+    runtime = EngineProcess(config)
     with socket.socket() as taken:  # the internal API cannot bind: the last service fails
         taken.bind(("127.0.0.1", api))
         taken.listen()

@@ -1,11 +1,16 @@
-"""The package's promises about itself: the controller side installs and runs without torch."""
+"""The package's promises about itself: the controller side installs and runs without torch,
+and the package metadata builds without deprecation warnings."""
 
 import os
+import warnings
+from pathlib import Path
 
 import httpx
 
 from tests.controller_client import controller_args
 from tests.support import free_ports, kvplane_env, kvplane_process, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_controller_starts_and_answers_without_torch(tmp_path):
@@ -28,3 +33,16 @@ def test_controller_starts_and_answers_without_torch(tmp_path):
         assert r.json()["layout_info"] == {}
         assert proc.poll() is None
     assert "torch is not installed here" not in log.read_text()
+
+
+def test_pyproject_metadata_applies_without_setuptools_warnings():
+    # A fresh `make demo` installs with `pip install -e .`; setuptools warns there about
+    # anything deprecated in our pyproject (e.g. a `license` table instead of an SPDX string).
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), str(ROOT / "pyproject.toml"))
+    assert [str(w.message) for w in caught] == []
+    assert dist.metadata.license_expression == "Apache-2.0"

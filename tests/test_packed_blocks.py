@@ -54,8 +54,9 @@ def slots_of(blocks: list[int], num_tokens: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("order", ["LBHNC", "LBNHC"])
-def test_blocks_round_trip_byte_exact(order: str) -> None:
-    views = vllm_views(order)
+def test_blocks_round_trip_byte_exact(order: str, device: str) -> None:
+    """On CUDA this is vLLM's own case: ``LBNHC`` views of one device buffer."""
+    views = vllm_views(order, device)
     engine, caches = engine_over(views)
     blocks = [7, 2, 9, 4, 0]  # 5 blocks: two whole chunks and a partial one of 1 block
     tokens = list(range(100, 100 + 5 * N - 1))  # the last block is one token short
@@ -71,8 +72,8 @@ def test_blocks_round_trip_byte_exact(order: str) -> None:
     assert all(set(packed_view(v)[untouched].view(-1).tolist()) == {0.0} for v in views)
 
 
-def test_skip_tokens_never_writes_the_callers_blocks() -> None:
-    views = vllm_views("LBHNC")
+def test_skip_tokens_never_writes_the_callers_blocks(device: str) -> None:
+    views = vllm_views("LBNHC" if device == "cuda" else "LBHNC", device)
     engine, caches = engine_over(views)
     blocks = [1, 3, 5, 6]
     tokens = list(range(4 * N))

@@ -1,7 +1,7 @@
 """A cache hit gives the same completion as a full prefill.
 
 The instance is built exactly as ``kvplane serve`` builds it (model -> config with the
-model's KV shape -> EngineRuntime around the model's paged caches). Each case stores a
+model's KV shape -> EngineProcess around the model's paged caches). Each case stores a
 prompt, wipes the paged caches (so the prefix can only come back through kvplane's
 retrieve), then runs a related prompt and compares it with a reference generator that has no
 cache at all.

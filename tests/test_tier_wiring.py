@@ -12,24 +12,24 @@ import torch
 
 from kvplane.config import EngineConfig
 from kvplane.engine.kv_layout import gather
-from kvplane.engine.runtime import EngineRuntime
 from kvplane.engine.tiers import build_backends
 from kvplane.errors import BadRequest, ConfigError, Conflict
+from kvplane.process import EngineProcess
 from tests.api_client import ENGINE_DEFAULTS
 from tests.redis_support import RedisServer, needs_redis
 
 TOKENS = list(range(500, 545))  # two full chunks and a partial one
 
 
-def runtime(**overrides: object) -> EngineRuntime:
-    return EngineRuntime(EngineConfig(**{**ENGINE_DEFAULTS, **overrides}))
+def runtime(**overrides: object) -> EngineProcess:
+    return EngineProcess(EngineConfig(**{**ENGINE_DEFAULTS, **overrides}))
 
 
-def slots(rt: EngineRuntime, seed: int, n: int = len(TOKENS)) -> torch.Tensor:
+def slots(rt: EngineProcess, seed: int, n: int = len(TOKENS)) -> torch.Tensor:
     return torch.randperm(rt.layout.num_slots, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-def kv_at(rt: EngineRuntime, s: torch.Tensor) -> torch.Tensor:
+def kv_at(rt: EngineProcess, s: torch.Tensor) -> torch.Tensor:
     return gather(rt.kv_caches, s).float()
 
 
@@ -156,7 +156,7 @@ def test_compress_in_place_and_retrieve_decodes(tmp_path: Path, location: str) -
 
 
 @pytest.fixture
-def two_peers() -> Iterator[tuple[EngineRuntime, EngineRuntime]]:
+def two_peers() -> Iterator[tuple[EngineProcess, EngineProcess]]:
     a = runtime(enable_p2p=True, p2p_host="127.0.0.1", lmcache_instance_id="a")
     b = runtime(enable_p2p=True, p2p_host="127.0.0.1", lmcache_instance_id="b")
     a.start()

@@ -1,6 +1,6 @@
 """The worker inside a real engine runtime, against a real controller process.
 
-Engines run in this process (EngineRuntime with enable_controller) so the test can store
+Engines run in this process (EngineProcess with enable_controller) so the test can store
 prompts directly; the controller is a separate process reached over loopback.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kvplane.config import EngineConfig
-from kvplane.engine.runtime import EngineRuntime
+from kvplane.process import EngineProcess
 from kvplane.protocol import ErrorCode
 from tests.controller_client import ControllerProc, controller_args, wait_controller_up
 from tests.support import free_ports, kvplane_process, wait_until
@@ -45,7 +45,7 @@ def ctl(tmp_path: Path, ports: list[int]) -> Iterator[ControllerProc]:
         yield ControllerProc(url, pull, reply, log)
 
 
-def make_engine(ctl: ControllerProc, instance_id: str, **overrides: Any) -> EngineRuntime:
+def make_engine(ctl: ControllerProc, instance_id: str, **overrides: Any) -> EngineProcess:
     cfg = dict(
         chunk_size=CHUNK,
         kv_num_layers=2,
@@ -62,18 +62,18 @@ def make_engine(ctl: ControllerProc, instance_id: str, **overrides: Any) -> Engi
         controller_timeout_s=1.0,
     )
     cfg.update(overrides)
-    rt = EngineRuntime(EngineConfig(**cfg))
+    rt = EngineProcess(EngineConfig(**cfg))
     rt.start()
     return rt
 
 
-def store(rt: EngineRuntime, tokens: list[int]) -> int:
+def store(rt: EngineProcess, tokens: list[int]) -> int:
     slots = torch.arange(len(tokens))
     return rt.cache_engine.store(tokens, rt.kv_caches, slots).num_tokens
 
 
 @pytest.fixture
-def engines(ctl: ControllerProc) -> Iterator[list[EngineRuntime]]:
+def engines(ctl: ControllerProc) -> Iterator[list[EngineProcess]]:
     rts = [make_engine(ctl, "inst-a"), make_engine(ctl, "inst-b")]
     yield rts
     for rt in rts:
@@ -89,7 +89,7 @@ def registered(ctl: ControllerProc, *instances: str) -> bool:
 PROMPT = list(range(1000, 1000 + 5 * CHUNK + 7))  # 5 full chunks + a partial one
 
 
-def test_store_lookup_partial_clear(ctl: ControllerProc, engines: list[EngineRuntime]) -> None:
+def test_store_lookup_partial_clear(ctl: ControllerProc, engines: list[EngineProcess]) -> None:
     a, b = engines
     wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10, what="registration")
     assert store(a, PROMPT) == len(PROMPT)
@@ -135,7 +135,7 @@ def test_pinned_chunks_survive_memory_pressure(ctl: ControllerProc) -> None:
 
 
 def test_health_check_finish_compress_and_move_without_p2p(
-    ctl: ControllerProc, engines: list[EngineRuntime]
+    ctl: ControllerProc, engines: list[EngineProcess]
 ) -> None:
     a, _ = engines
     wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10)

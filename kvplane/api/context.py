@@ -5,16 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from kvplane.api.slot_syntax import format_ranges, to_ranges
 from kvplane.config import EngineConfig
 from kvplane.engine.chunk_statistics import ChunkStatistics
-
-if TYPE_CHECKING:
-    from kvplane.engine.runtime import EngineRuntime
+from kvplane.engine.engine import Engine
 
 __all__ = ["ApiContext", "SlotRecording", "role_of"]
 
@@ -50,16 +47,22 @@ def role_of(index: int) -> str:
 
 @dataclass(frozen=True)
 class ApiContext:
-    """One app's view of its process. ``runtime`` is None in a process without an engine;
-    the engine endpoints then answer 503. ``statistics`` and ``slot_recording`` are shared by
+    """One app's view of its process. ``engine`` is None in a process without an engine
+    (a scheduler); the engine endpoints then answer 503. ``statistics`` and ``slot_recording`` are shared by
     the apps of one process."""
 
     index: int
     config: EngineConfig
-    runtime: EngineRuntime | None
+    engine: Engine | None
     statistics: ChunkStatistics
     slot_recording: SlotRecording
 
     @property
     def role(self) -> str:
         return role_of(self.index)
+
+    @property
+    def runtime(self) -> Engine | None:
+        """The name ``/run_script`` scripts used for :attr:`engine` before it was a handle
+        (docs/internal_api.md); the handle has the attributes they read."""
+        return self.engine

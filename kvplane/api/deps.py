@@ -7,7 +7,7 @@ one process can serve several apps (scheduler and worker roles) without globals.
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -15,11 +15,9 @@ from kvplane.api.context import ApiContext, SlotRecording
 from kvplane.config import EngineConfig
 from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.cache_engine import CacheEngine
+from kvplane.engine.engine import Engine as EngineHandle
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import BadRequest, Unauthorized, Unavailable
-
-if TYPE_CHECKING:
-    from kvplane.engine.runtime import EngineRuntime
 
 __all__ = [
     "SAFE_METHODS",
@@ -27,11 +25,12 @@ __all__ = [
     "CpuTier",
     "Ctx",
     "Engine",
+    "EngineDep",
     "SlotRecordingDep",
     "Storage",
     "check_token",
+    "engine_of",
     "require_token",
-    "runtime_of",
 ]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -49,23 +48,27 @@ def get_config(ctx: Ctx) -> EngineConfig:
     return ctx.config
 
 
-def runtime_of(ctx: ApiContext) -> EngineRuntime:
-    """The engine runtime; 503 in a process that has none."""
-    if ctx.runtime is None:
+def engine_of(ctx: ApiContext) -> EngineHandle:
+    """The process's engine handle; 503 in a process that has none."""
+    if ctx.engine is None:
         raise Unavailable("This process has no cache engine", title="Not available")
-    return ctx.runtime
+    return ctx.engine
 
 
-def get_engine(ctx: Ctx) -> CacheEngine:
-    return runtime_of(ctx).cache_engine
+def get_engine_handle(ctx: Ctx) -> EngineHandle:
+    return engine_of(ctx)
+
+
+def get_cache_engine(ctx: Ctx) -> CacheEngine:
+    return engine_of(ctx).cache_engine
 
 
 def get_storage(ctx: Ctx) -> StorageManager:
-    return runtime_of(ctx).storage
+    return engine_of(ctx).storage
 
 
 def get_cpu_tier(ctx: Ctx) -> LocalCPUBackend:
-    cpu = runtime_of(ctx).storage.cpu
+    cpu = engine_of(ctx).storage.cpu
     if cpu is None:
         raise BadRequest(
             "This engine has no LocalCPUBackend (local_cpu: false)", title="Not available"
@@ -78,7 +81,10 @@ def get_slot_recording(ctx: Ctx) -> SlotRecording:
 
 
 Config = Annotated[EngineConfig, Depends(get_config)]
-Engine = Annotated[CacheEngine, Depends(get_engine)]
+# ``Engine`` is the cache engine (the name routes used before the handle existed);
+# ``EngineDep`` the whole handle: kv caches, layout, storage, metrics and metadata too.
+Engine = Annotated[CacheEngine, Depends(get_cache_engine)]
+EngineDep = Annotated[EngineHandle, Depends(get_engine_handle)]
 Storage = Annotated[StorageManager, Depends(get_storage)]
 CpuTier = Annotated[LocalCPUBackend, Depends(get_cpu_tier)]
 SlotRecordingDep = Annotated[SlotRecording, Depends(get_slot_recording)]

@@ -3,8 +3,8 @@
 An engine process serves one app per role it plays: index 0 is the scheduler, index i + 1
 worker i. A server listens on ``internal_api_server_host:port_start + index`` or, when
 ``internal_api_server_socket_path_prefix`` is set, on the Unix socket ``{prefix}_{port}``
-(owner-only permissions). :class:`InternalApiService` is what :class:`EngineRuntime` starts
-and stops.
+(owner-only permissions). :class:`InternalApiService` is the service
+:class:`kvplane.process.EngineProcess` starts and stops.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import uvicorn
 from fastapi import FastAPI
@@ -29,10 +29,8 @@ from kvplane.api.context import ApiContext, SlotRecording
 from kvplane.api.discovery import CATEGORIES
 from kvplane.config import EngineConfig
 from kvplane.engine.chunk_statistics import AutoExit, ChunkStatistics
+from kvplane.engine.engine import Engine
 from kvplane.errors import ConfigError, Conflict, Unavailable
-
-if TYPE_CHECKING:
-    from kvplane.engine.runtime import EngineRuntime
 
 __all__ = [
     "Address",
@@ -220,11 +218,13 @@ def _socket_is_live(path: Path) -> bool:
 
 
 class InternalApiService:
-    """The internal API servers of one engine process (a service of the runtime).
+    """The internal API servers of one process (a service of :mod:`kvplane.process`).
 
     Builds one app per served index, sharing the process's chunk statistics and
     record-slot switch; ``start`` raises if any server cannot bind (those already started
-    are stopped again).
+    are stopped again). ``engine`` is None in a process without one (the scheduler).
+    The constructor registers nothing: whoever builds the service feeds ``statistics`` and
+    ``slot_recording`` from the engine and calls :meth:`on_config_change` on config updates.
     """
 
     name = "internal_api_server"
@@ -232,14 +232,14 @@ class InternalApiService:
     def __init__(
         self,
         config: EngineConfig,
-        runtime: EngineRuntime | None = None,
+        engine: Engine | None = None,
         *,
         indices: Sequence[int] | None = None,
         categories: tuple[str, ...] = CATEGORIES,
         statistics: ChunkStatistics | None = None,
     ) -> None:
         self.config = config
-        self.runtime = runtime
+        self.engine = engine
         self.indices = served_indices(
             config, process_indices(config) if indices is None else indices
         )
@@ -247,17 +247,14 @@ class InternalApiService:
         self.statistics = statistics or ChunkStatistics(_auto_exit(config))
         self.slot_recording = SlotRecording()
         self.servers: dict[int, ApiServer] = {}
-        config.on_change(self._on_config_change)
-        if runtime is not None:
-            runtime.cache_engine.add_lookup_observer(self.statistics.record)
-            runtime.cache_engine.add_transfer_observer(self.slot_recording.record)
 
-    def _on_config_change(self, name: str, value: object) -> None:
+    def on_config_change(self, name: str, value: object) -> None:
+        """Follow a runtime config update (the chunk statistics' auto-exit keys)."""
         if name.startswith("chunk_statistics_auto_exit_"):
             self.statistics.set_auto_exit(_auto_exit(self.config))
 
     def context(self, index: int) -> ApiContext:
-        return ApiContext(index, self.config, self.runtime, self.statistics, self.slot_recording)
+        return ApiContext(index, self.config, self.engine, self.statistics, self.slot_recording)
 
     def start(self) -> None:
         warning = exposure_warning(self.config)

@@ -98,6 +98,11 @@ class CacheEngine:
             for h in chunk_hashes(tokens, c.chunk_size)
         ]
 
+    def set_mover(self, mover: Mover | None) -> None:
+        """Use ``mover`` for :meth:`move` (this process's :meth:`P2PNode.move`, wired by the
+        composition root once the node exists); None: move is Unsupported."""
+        self._mover = mover
+
     def add_listener(self, listener: Callable[[StorageEvent], None]) -> None:
         """Receive ChunkAdmitted / ChunkEvicted events from every tier."""
         self.storage.add_listener(listener)

@@ -78,7 +78,8 @@ def build_backends(
     """The configured tiers, highest first. Raises ConfigError for an unusable setting.
 
     ``peer_locator`` answers the p2p tier's "which peer holds these keys"; without one the
-    tier finds no peer until :meth:`P2PBackend.set_peer_locator` (the controller worker)."""
+    tier finds no peer until :meth:`P2PBackend.set_peer_locator` (the composition root
+    installs the controller worker's)."""
     backends: list[StorageBackend] = []
     if pool is not None:
         backends.append(LocalCPUBackend(pool))
@@ -101,7 +102,7 @@ def build_backends(
 
 
 class P2PNode:
-    """This process's peer-to-peer side, run as a runtime service: the chunk server over the
+    """This process's peer-to-peer side, a service of the process: the chunk server over the
     local tiers (serves fetches, stores pushes), the client for ``move``, and the p2p tier's
     locator wiring. Binds on ``start()``: ``p2p_host`` and ``p2p_init_ports[worker_id]``
     (any free port when the list is null)."""

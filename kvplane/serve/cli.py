@@ -2,9 +2,9 @@
 
 Like the seeds' ``LMCACHE_CONFIG_FILE=example.yaml vllm serve MODEL --port 8000``: kvplane's
 YAML comes from ``--config``, ``$KVPLANE_CONFIG_FILE`` or ``$LMCACHE_CONFIG_FILE``. The
-process is one engine rank: the :class:`~kvplane.engine.runtime.EngineRuntime` is built
-around the model's own paged KV caches and runs its services (internal API server,
-controller worker) next to the HTTP front.
+process is one engine rank: the :class:`~kvplane.process.EngineProcess` is built around the
+model's own paged KV caches and runs its services (internal API server, controller worker,
+p2p node) next to the HTTP front.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kvplane.config import help_lines
 
 if TYPE_CHECKING:
-    from kvplane.engine.runtime import EngineRuntime
+    from kvplane.process import EngineProcess
     from kvplane.serve.launch import ServedModel, ServeOptions
 
 __all__ = ["add_parser", "build_instance", "options_from_args"]
@@ -77,13 +77,13 @@ def build_instance(
     options: ServeOptions,
     config_path: str | None,
     overrides: Mapping[str, Any] | None = None,
-) -> tuple[EngineRuntime, ServedModel]:
-    """Model -> config with the model's KV shape -> runtime around the model's caches ->
-    served model. ``overrides`` are config keys on top of the YAML and the environment.
-    Returns ``(runtime, served)``; nothing started yet."""
+) -> tuple[EngineProcess, ServedModel]:
+    """Model -> config with the model's KV shape -> engine process around the model's
+    caches -> served model. ``overrides`` are config keys on top of the YAML and the
+    environment. Returns ``(process, served)``; nothing started yet."""
     from kvplane.config import load_config
     from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
-    from kvplane.engine.runtime import EngineRuntime
+    from kvplane.process import EngineProcess
     from kvplane.serve.launch import engine_overrides, load_model, make_served
 
     base = load_config(config_path, overrides=overrides)
@@ -100,16 +100,16 @@ def build_instance(
         dtype=loaded.shape.dtype,
     )
     kv_caches = allocate_kv_caches(layout, loaded.device)
-    runtime = EngineRuntime(config, layout=layout, kv_caches=kv_caches)
+    process = EngineProcess(config, layout=layout, kv_caches=kv_caches)
     served = make_served(
         loaded,
-        runtime.kv_caches,
+        kv_caches,
         config,
         model_name=options.model_name,
         max_model_len=options.max_model_len,
-        cache=runtime.cache_engine,
+        cache=process.cache_engine,
     )
-    return runtime, served
+    return process, served
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,19 +118,19 @@ def run(args: argparse.Namespace) -> int:
     from kvplane.serve.app import create_app
 
     options = options_from_args(args)
-    runtime, served = build_instance(options, args.config)
-    runtime.start()
+    process, served = build_instance(options, args.config)
+    process.start()
     try:
         log.info(
             "serving %s (KV %s) on http://%s:%d",
             served.name,
-            runtime.layout,
+            process.layout,
             options.host,
             options.port,
         )
         run_http(create_app(served), options.host, options.port)
     finally:
-        log.info("HTTP server closed; stopping the engine runtime")
-        runtime.stop()
+        log.info("HTTP server closed; stopping the engine process")
+        process.stop()
         log.info("stopped")
     return 0

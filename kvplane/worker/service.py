@@ -53,7 +53,7 @@ from kvplane.worker.reports import ReportBuffer
 if TYPE_CHECKING:
     from kvplane.config import EngineConfig
     from kvplane.engine.backends.base import StorageEvent
-    from kvplane.engine.cache_engine import CacheEngine
+    from kvplane.engine.engine import Engine
     from kvplane.engine.tiers import P2PNode
     from kvplane.keys import CacheKey
 
@@ -86,11 +86,11 @@ class ControllerWorker:
 
     name = "controller worker"
 
-    def __init__(
-        self, config: EngineConfig, engine: CacheEngine, *, p2p: P2PNode | None = None
-    ) -> None:
+    def __init__(self, config: EngineConfig, engine: Engine, *, p2p: P2PNode | None = None) -> None:
         """``p2p``: this process's peer node, if any: its URL is registered as the
-        ``peer_init_url`` and its tier asks this worker which peer holds a chunk."""
+        ``peer_init_url``. The constructor subscribes to nothing: whoever builds the worker
+        feeds it the engine's storage events (:meth:`on_event`) and, with p2p, makes
+        :meth:`locate_peer` the p2p tier's locator."""
         if not config.controller_pull_url:
             raise ConfigError("enable_controller needs controller_pull_url (host:port)")
         self.config = config
@@ -109,7 +109,9 @@ class ControllerWorker:
         self.buffer = ReportBuffer()
         self.registered = threading.Event()
         self._resync_requested = threading.Event()
-        self.handlers = CommandHandlers(engine, config.chunk_size, self._resync_requested.set)
+        self.handlers = CommandHandlers(
+            engine.cache_engine, config.chunk_size, self._resync_requested.set
+        )
         self.stats = dict.fromkeys(COUNTER_HELP, 0)  # written by the control thread only
         self._epoch = 0
         self._seq = 0
@@ -117,9 +119,6 @@ class ControllerWorker:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._cmd_sock: zmq.Socket[bytes] | None = None
-        engine.add_listener(self._on_event)
-        if p2p is not None:
-            p2p.set_peer_locator(self.locate_peer)
 
     def metrics_collector(self) -> WorkerStatsCollector:
         """This worker's counters for a Prometheus registry (the engine's ``/metrics``)."""
@@ -178,7 +177,8 @@ class ControllerWorker:
 
     # --- events from the engine --------------------------------------------------------------
 
-    def _on_event(self, event: StorageEvent) -> None:
+    def on_event(self, event: StorageEvent) -> None:
+        """Queue one storage event of this rank for the next report (any thread)."""
         admit = isinstance(event, ChunkAdmitted)
         if event.key.worker_id == self.worker_id:
             self.buffer.record(admit, event.location, event.key.chunk_hash)

@@ -19,8 +19,8 @@ router = APIRouter()
 def engine_metadata(ctx: ApiContext) -> dict[str, Any]:
     """The engine's own metadata (config-derived without an engine) plus this server's role."""
     cfg = ctx.config
-    if ctx.runtime is not None:
-        meta = ctx.runtime.metadata()
+    if ctx.engine is not None:
+        meta = ctx.engine.metadata()
     else:
         meta = {
             "model_name": cfg.model_name,
@@ -33,7 +33,7 @@ def engine_metadata(ctx: ApiContext) -> dict[str, Any]:
             "use_mla": cfg.use_mla,
             "is_first_rank": cfg.worker_id == 0,
         }
-    return {**meta, "role": ctx.role, "index": ctx.index, "has_engine": ctx.runtime is not None}
+    return {**meta, "role": ctx.role, "index": ctx.index, "has_engine": ctx.engine is not None}
 
 
 @router.get("/meta")

@@ -14,5 +14,5 @@ router = APIRouter()
 
 @router.get("/metrics")
 def metrics(ctx: Ctx) -> Response:
-    registry = ctx.runtime.metrics.registry if ctx.runtime is not None else CollectorRegistry()
+    registry = ctx.engine.metrics.registry if ctx.engine is not None else CollectorRegistry()
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

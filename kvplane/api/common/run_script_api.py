@@ -2,7 +2,7 @@
 
 Refused (403) unless ``internal_api_server_allow_run_script`` is true, and it needs the
 bearer token when one is configured. The script sees ``app`` (the FastAPI app: the engine
-is ``app.state.ctx.runtime``); the value it leaves in ``result`` is the JSON answer.
+handle is ``app.state.ctx.engine``); the value it leaves in ``result`` is the JSON answer.
 """
 
 from __future__ import annotations

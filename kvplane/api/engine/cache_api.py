@@ -14,7 +14,7 @@ import torch
 from fastapi import APIRouter, Query
 
 from kvplane.api.context import ApiContext
-from kvplane.api.deps import Ctx, Engine, Storage, runtime_of
+from kvplane.api.deps import Ctx, EngineDep, Storage, engine_of
 from kvplane.api.engine.bypass_api import check_backend
 from kvplane.api.responses import Success
 from kvplane.api.slot_syntax import parse_slot_mapping
@@ -94,7 +94,7 @@ def _check_count(num_tokens: int, limit: int | None) -> None:
 
 def slots_for(ctx: ApiContext, slot_mapping: str | None, num_tokens: int) -> torch.Tensor:
     """The slots of ``num_tokens`` tokens: ``slot_mapping`` or 0..n-1."""
-    num_slots = runtime_of(ctx).layout.num_slots
+    num_slots = engine_of(ctx).layout.num_slots
     if slot_mapping is None:
         if num_tokens > num_slots:
             raise BadRequest(f"{num_tokens} tokens do not fit the paged cache ({num_slots} slots)")
@@ -123,20 +123,20 @@ def _request_tokens(
     ctx: ApiContext, tokens_mock: str | None, tokens_input: str | None, slot_mapping: str | None
 ) -> tuple[list[int], torch.Tensor]:
     """The tokens a store/retrieve request names and the slots they use (400 if unusable)."""
-    tokens = parse_tokens(tokens_mock, tokens_input, limit=runtime_of(ctx).layout.num_slots)
+    tokens = parse_tokens(tokens_mock, tokens_input, limit=engine_of(ctx).layout.num_slots)
     return tokens, slots_for(ctx, slot_mapping, len(tokens))
 
 
 @router.post("/cache/store")
 def store(
     ctx: Ctx,
-    engine: Engine,
+    engine: EngineDep,
     tokens_mock: TokensMock = None,
     tokens_input: TokensInput = None,
     slot_mapping: SlotMapping = None,
 ) -> StoreResponse:
     tokens, slots = _request_tokens(ctx, tokens_mock, tokens_input, slot_mapping)
-    result = engine.store(tokens, runtime_of(ctx).kv_caches, slots)
+    result = engine.cache_engine.store(tokens, engine.kv_caches, slots)
     return StoreResponse(
         num_tokens=len(tokens),
         num_stored_tokens=result.num_tokens,
@@ -147,11 +147,11 @@ def store(
 @router.post("/cache/retrieve")
 def retrieve(
     ctx: Ctx,
-    engine: Engine,
+    engine: EngineDep,
     tokens_mock: TokensMock = None,
     tokens_input: TokensInput = None,
     slot_mapping: SlotMapping = None,
 ) -> RetrieveResponse:
     tokens, slots = _request_tokens(ctx, tokens_mock, tokens_input, slot_mapping)
-    result = engine.retrieve(tokens, runtime_of(ctx).kv_caches, slots)
+    result = engine.cache_engine.retrieve(tokens, engine.kv_caches, slots)
     return RetrieveResponse(num_tokens=len(tokens), num_retrieved=result.num_tokens)

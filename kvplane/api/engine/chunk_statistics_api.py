@@ -33,7 +33,7 @@ class StatisticsStatusResponse(BaseModel):
 
 def _statistics(ctx: Ctx) -> ChunkStatistics:
     """The collector, fed by the engine's lookups; 400 where no engine feeds it."""
-    if ctx.runtime is None:
+    if ctx.engine is None:
         raise BadRequest("Client does not support statistics.", title="Not available")
     return ctx.statistics
 

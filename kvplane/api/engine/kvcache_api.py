@@ -9,7 +9,7 @@ import torch
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from kvplane.api.deps import Ctx, SlotRecordingDep, runtime_of
+from kvplane.api.deps import EngineDep, SlotRecordingDep
 from kvplane.api.responses import Success
 from kvplane.api.slot_syntax import parse_slot_mapping, to_ranges
 from kvplane.engine.kv_layout import kv_checksums
@@ -46,20 +46,19 @@ class InfoResponse(Success):
 
 @router.get("/cache/kvcache/check")
 def check(
-    ctx: Ctx,
+    engine: EngineDep,
     slot_mapping: Annotated[str, Query(description='e.g. "1,2,3,[9,12],17"')],
     chunk_size: Annotated[int, Query(ge=1)],
     layerwise: bool = False,
 ) -> CheckResponse:
     """MD5 of the KV at the slots, per chunk of ``chunk_size`` slots (per layer if asked)."""
-    runtime = runtime_of(ctx)
-    slots = parse_slot_mapping(slot_mapping, limit=runtime.layout.num_slots)
+    slots = parse_slot_mapping(slot_mapping, limit=engine.layout.num_slots)
     checksums = kv_checksums(
-        runtime.kv_caches,
+        engine.kv_caches,
         torch.tensor(slots, dtype=torch.long),
         chunk_size,
         layerwise,
-        layout=runtime.layout,
+        layout=engine.layout,
     )
     return CheckResponse(
         slot_mapping_ranges=to_ranges(slots),
@@ -82,10 +81,9 @@ def record_slot(recording: SlotRecordingDep, enabled: str | None = None) -> Reco
 
 
 @router.get("/cache/kvcache/info")
-def info(ctx: Ctx) -> InfoResponse:
-    runtime = runtime_of(ctx)
+def info(engine: EngineDep) -> InfoResponse:
     layers = {
         f"layer_{i}": LayerInfo(shape=list(t.shape), dtype=str(t.dtype), device=str(t.device))
-        for i, t in enumerate(runtime.kv_caches)
+        for i, t in enumerate(engine.kv_caches)
     }
-    return InfoResponse(num_layers=len(layers), num_slots=runtime.layout.num_slots, layers=layers)
+    return InfoResponse(num_layers=len(layers), num_slots=engine.layout.num_slots, layers=layers)

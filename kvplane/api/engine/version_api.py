@@ -99,7 +99,7 @@ def inference_info(ctx: Ctx, format: str | None = None) -> dict[str, Any]:
     """``format`` is reserved (accepted and ignored), as in the seed."""
     try:
         meta = engine_metadata(ctx)
-        backends = list(ctx.runtime.storage.backends) if ctx.runtime is not None else []
+        backends = list(ctx.engine.storage.backends) if ctx.engine is not None else []
     except Exception as exc:
         raise KvplaneError(str(exc), title="Failed to get inference info") from exc
     return {

@@ -76,9 +76,20 @@ class KvplaneStats(KVConnectorStats):
         return not any(self.data.values())
 
 
+def _log_to_stderr() -> None:
+    """vLLM configures only its own loggers: give kvplane's a handler in vLLM's processes."""
+    root = logging.getLogger("kvplane")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("kvplane %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.propagate = False
+
+
 class KvplaneConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config, role, kv_cache_config)
+        _log_to_stderr()
         transfer = vllm_config.kv_transfer_config
         facts = VllmFacts.of(vllm_config)
         extra = transfer.kv_connector_extra_config
@@ -93,7 +104,7 @@ class KvplaneConnector(KVConnectorBase_V1):
             transfer.kv_load_failure_policy = "recompute"
             events = vllm_config.kv_events_config
             self._scheduler = SchedulerSide(
-                connector_config(facts, extra, role="scheduler"),
+                connector_config(facts, extra),
                 engine_id=facts.engine_id,
                 dp_rank=facts.dp_rank,
                 block_size=facts.block_size,
@@ -105,8 +116,8 @@ class KvplaneConnector(KVConnectorBase_V1):
             from kvplane.integrations.vllm.worker import WorkerSide
 
             self._worker = WorkerSide(
-                connector_config(facts, extra, role="worker"),
-                lambda more: connector_config(facts, extra, role="worker", more=more),
+                connector_config(facts, extra),
+                lambda more: connector_config(facts, extra, more=more),
                 engine_id=facts.engine_id,
                 dp_rank=facts.dp_rank,
                 block_size=facts.block_size,

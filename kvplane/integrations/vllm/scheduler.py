@@ -113,23 +113,22 @@ class SchedulerSide:
         self.links: dict[int, BlockLink] = {}
         self.counters = Counters()
         self._probes: dict[str, _Probe] = {}
-        self._api: Any = None
+        self._process: Any = None
 
     # --------------------------------------------------------------- lifecycle
     def start_api(self) -> None:
-        """Internal API server index 0, when enabled (and listed) in the config."""
-        if not self.config.internal_api_server_enabled:
-            return
-        from kvplane.api.server import InternalApiService
+        """This process's part of the engine process shape: internal API index 0 (when
+        enabled and listed in the config), built by the composition root."""
+        from kvplane.process import EngineProcess
 
-        api = InternalApiService(self.config, None, indices=[0])
-        api.start()
-        self._api = api
+        process = EngineProcess(self.config, role="scheduler")
+        process.start()
+        self._process = process
 
     def shutdown(self) -> None:
-        if self._api is not None:
-            self._api.stop()
-            self._api = None
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
         self.channel.close()
 
     # --------------------------------------------------------------- lookups

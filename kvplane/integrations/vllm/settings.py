@@ -63,13 +63,10 @@ def connector_config(
     facts: VllmFacts,
     extra: Mapping[str, Any] | None,
     *,
-    role: str,
     more: Mapping[str, Any] | None = None,
 ) -> EngineConfig:
-    """The validated config of one connector object. ``role`` ``"scheduler"`` serves
-    internal API index 0, ``"worker"`` index ``rank + 1`` (each within the configured
-    ``internal_api_server_include_index_list``). Raises ConfigError naming the problem,
-    e.g. a chunk size that is not a multiple of vLLM's block size."""
+    """The validated config of one connector object. Raises ConfigError naming the
+    problem, e.g. a chunk size that is not a multiple of vLLM's block size."""
     overrides = extra_overrides(extra)
     overrides.update(
         model_name=facts.model_name,
@@ -85,12 +82,4 @@ def connector_config(
             f"{facts.block_size}: kvplane moves whole vLLM blocks, so set chunk_size to a "
             f"multiple of {facts.block_size} (e.g. {max(1, config.chunk_size // facts.block_size) * facts.block_size})"
         )
-    index = 0 if role == "scheduler" else facts.rank + 1
-    listed = config.internal_api_server_include_index_list
-    if role == "worker" and (listed is None or index in listed):
-        config = load_config(
-            overrides={**overrides, "internal_api_server_include_index_list": [index]}
-        )
-    elif role == "worker":
-        config = load_config(overrides={**overrides, "internal_api_server_include_index_list": []})
     return config

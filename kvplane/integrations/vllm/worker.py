@@ -78,7 +78,7 @@ class WorkerSide:
 
     # --------------------------------------------------------------- start-up
     def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
-        from kvplane.engine.runtime import EngineRuntime
+        from kvplane.process import EngineProcess
 
         views: list[torch.Tensor] = []
         seen: set[int] = set()
@@ -102,7 +102,8 @@ class WorkerSide:
             "kv_num_blocks": layout.num_blocks,
         }
         self.config = self._config_with(overrides)
-        process = EngineRuntime(self.config, layout=layout, kv_caches=packed)
+        # Internal API index 0 is the scheduler process's; this rank serves rank + 1.
+        process = EngineProcess(self.config, layout=layout, kv_caches=packed, scheduler_api=False)
         self.caches = packed
         self.channel = WorkerChannel(self.rank, *self._urls, self._prefetch)
         process.cache_engine.add_listener(self._on_event)

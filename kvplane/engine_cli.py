@@ -1,4 +1,7 @@
-"""``kvplane engine``: one standalone engine process (a stand-in for one vLLM rank)."""
+"""``kvplane engine``: one standalone engine process (a stand-in for one vLLM rank).
+
+It lives beside :mod:`kvplane.process`, not in ``engine/``: it builds the whole process,
+and ``engine/`` imports nothing above the engine."""
 
 from __future__ import annotations
 
@@ -26,10 +29,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvplane.config import load_config
-    from kvplane.engine.runtime import EngineRuntime
+    from kvplane.process import EngineProcess
 
     config = load_config(args.config)
-    EngineRuntime(config, device=check_device(args.device)).run_forever()
+    EngineProcess(config, device=check_device(args.device)).run_forever()
     return 0
 
 

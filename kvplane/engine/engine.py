@@ -1,0 +1,93 @@
+"""The engine of one process, and the narrow handle the services above it get.
+
+:func:`build_engine`: config -> KV layout -> host memory pool -> tiers -> storage manager ->
+cache engine, around paged KV caches (allocated here, or handed in by the host framework).
+It opens no port and starts no service: the p2p node, the controller worker and the
+internal API server are built on top by :mod:`kvplane.process`, and they see the engine
+only through :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvplane import __version__
+from kvplane.config import EngineConfig
+from kvplane.engine.cache_engine import CacheEngine
+from kvplane.engine.compression import decompress
+from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
+from kvplane.engine.memory_pool import HostMemoryPool
+from kvplane.engine.metrics import EngineMetrics
+from kvplane.engine.storage_manager import StorageManager
+from kvplane.engine.tier_metrics import TierStatsCollector
+from kvplane.engine.tiers import GB, build_backends
+from kvplane.errors import ConfigError, Unavailable
+
+__all__ = ["Engine", "build_engine"]
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What the internal API and the controller worker may use of one engine rank.
+
+    ``kv_caches`` are the per-layer paged caches the engine gathers from and scatters into
+    (the host framework's own tensors when it handed them in); ``metrics.registry`` is the
+    Prometheus registry ``/metrics`` serves. The handle owns nothing the objects it names
+    do not already own; closing the tiers is the process's job.
+    """
+
+    config: EngineConfig
+    layout: KVLayout
+    storage: StorageManager
+    cache_engine: CacheEngine
+    kv_caches: tuple[torch.Tensor, ...]
+    metrics: EngineMetrics
+
+    def metadata(self) -> dict[str, Any]:
+        """What ``/meta`` shows about this engine."""
+        c = self.config
+        return {
+            "model_name": c.model_name,
+            "world_size": c.world_size,
+            "worker_id": c.worker_id,
+            "instance_id": c.lmcache_instance_id,
+            "kv_dtype": str(self.layout.dtype).removeprefix("torch."),
+            # a packed layout's chunks hold the same KV as the paged shape says
+            "kv_shape": list(self.layout._replace(packed=False).chunk_shape(c.chunk_size)),
+            "chunk_size": c.chunk_size,
+            "use_mla": self.layout.use_mla,
+            "is_first_rank": c.worker_id == 0,
+            "kvplane_version": __version__,
+        }
+
+
+def build_engine(
+    config: EngineConfig,
+    layout: KVLayout | None = None,
+    kv_caches: Sequence[torch.Tensor] | None = None,
+    device: str = "cpu",
+) -> Engine:
+    """Build one rank's engine. ``layout`` defaults to the config's ``kv_*`` keys;
+    without ``kv_caches``, synthetic caches of that layout are allocated on ``device``
+    (seeded by ``worker_id``). Raises ConfigError for an unusable tier setting."""
+    layout = layout or KVLayout.from_config(config)
+    metrics = EngineMetrics()
+    pool = None
+    if config.local_cpu:
+        page = layout.chunk_nbytes(config.chunk_size)
+        try:
+            pool = HostMemoryPool.for_capacity(int(config.max_local_cpu_size * GB), page)
+        except Unavailable as exc:
+            raise ConfigError(f"max_local_cpu_size: {config.max_local_cpu_size}: {exc}") from None
+    storage = StorageManager(
+        build_backends(config, pool), metrics, queue_size=config.tier_queue_size
+    )
+    metrics.registry.register(TierStatsCollector(storage.backends))
+    cache_engine = CacheEngine(config, layout, storage, decode=decompress)
+    if kv_caches is None:
+        kv_caches = allocate_kv_caches(layout, device, seed=1234 + config.worker_id)
+    return Engine(config, layout, storage, cache_engine, tuple(kv_caches), metrics)
