@@ -15,9 +15,11 @@ CPU, DISK = "LocalCPUBackend", "LocalDiskBackend"
 CHUNK, BLOCK = 8, 4
 
 
-def planner(world_size: int = 1, **policy: object) -> Planner:
+def planner(world_size: int = 1, *, warm: bool = True, **policy: object) -> Planner:
     held = HeldChunks(world_size, (CPU, DISK))
-    return Planner(PlannerPolicy(chunk_size=CHUNK, block_size=BLOCK, **policy), held)  # type: ignore[arg-type]
+    p = Planner(PlannerPolicy(chunk_size=CHUNK, block_size=BLOCK, **policy), held)  # type: ignore[arg-type]
+    p.warm = warm
+    return p
 
 
 def hold(p: Planner, tokens: list[int], n_chunks: int, rank: int = 0, tier: str = CPU) -> None:
@@ -152,3 +154,14 @@ def test_preemption_drops_blocks_until_vllm_allocates_again() -> None:
 def test_chunk_size_must_be_whole_blocks() -> None:
     with pytest.raises(ValueError, match="multiple of vLLM's block size 128"):
         PlannerPolicy(chunk_size=200, block_size=128)
+
+
+def test_until_a_step_computed_two_tokens_a_full_hit_leaves_a_block() -> None:
+    p = planner(warm=False)
+    tokens = list(range(17))  # chunks [0,8) [8,16) [16,17)
+    hold(p, tokens, 3)
+    assert p.match("r", tokens, 0).external == 12  # not 16: two tokens or more computed
+    p.allocated("r", lambda: tokens, 17, [1, 2, 3, 4, 5], 12)
+    p.plan([("r", 17)])  # the step computes 5 tokens
+    assert p.warm
+    assert p.match("s", tokens, 0).external == 16

@@ -102,6 +102,7 @@ class _Request:
     num_prompt: int
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # tokens whose chunks were handed to a store
+    computed: int = 0  # tokens with KV after the last planned step
     load: LoadSpec | None = None  # due in the next plan
 
 
@@ -116,6 +117,11 @@ class Planner:
         self._matches: dict[str, Match] = {}
         self._loaded: dict[str, Match] = {}
         self._hashes: dict[str, tuple[int, list[int]]] = {}
+        #: Whether a step has computed two or more tokens of one request. vLLM 0.32's CPU
+        #: attention dies (SIGILL) when the first attention call of a worker process has a
+        #: single query token over a long context, which a full hit right after start-up
+        #: would be; until then a hit leaves at least two tokens to compute.
+        self.warm = False
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -145,6 +151,8 @@ class Planner:
         chunk_tokens = spans[prefix.num_chunks - 1][1] if prefix.num_chunks else 0
         chunk_tokens = max(chunk_tokens, min(probed, num_tokens))
         usable = min(chunk_tokens, num_tokens - 1)  # vLLM computes at least one token
+        if not self.warm and num_tokens - usable < 2:
+            usable = max(0, (num_tokens - 2) // self.policy.block_size * self.policy.block_size)
         if usable < self.policy.min_retrieve_tokens:
             usable = 0
         external = max(0, usable - num_computed)
@@ -177,6 +185,7 @@ class Planner:
             request = self._requests[req_id] = _Request(tokens, num_prompt)
         request.block_ids = list(block_ids)
         found = self._matches.pop(req_id, None)
+        request.computed = (found.num_computed if found is not None else 0) + num_external
         if num_external == 0 or found is None:
             request.load = None
             self._loaded.pop(req_id, None)
@@ -223,6 +232,9 @@ class Planner:
             request = self._requests.get(req_id)
             if request is None:
                 continue
+            if computed - request.computed >= 2:
+                self.warm = True
+            request.computed = computed
             if request.load is not None:
                 loads.append(request.load)
                 request.load = None
