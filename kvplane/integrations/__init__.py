@@ -1,0 +1,1 @@
+"""Integrations of kvplane with serving engines."""

@@ -1,0 +1,1 @@
+"""kvplane as a vLLM v1 KV connector."""
