@@ -117,18 +117,25 @@ def cluster(model: Path, folder: Path) -> Iterator[tuple[Any, Any, str]]:
         internal_api_server_port_start=api_a,
     )
     b = config(
-        folder / "b.yaml", **common, lmcache_instance_id="bench_b", internal_api_server_port_start=api_b
+        folder / "b.yaml",
+        **common,
+        lmcache_instance_id="bench_b",
+        internal_api_server_port_start=api_b,
     )
     args = ["--kv-transfer-config", CONNECTOR]
     env = {"VLLM_SERVER_DEV_MODE": "1"}
     with (
         controller_process(http, pull, reply, log_path=folder / "controller.log"),
         vllm_server(
-            model, env_extra={**env, "KVPLANE_CONFIG_FILE": str(a)}, extra_args=args,
+            model,
+            env_extra={**env, "KVPLANE_CONFIG_FILE": str(a)},
+            extra_args=args,
             log_path=folder / "a.log",
         ) as server_a,
         vllm_server(
-            model, env_extra={**env, "KVPLANE_CONFIG_FILE": str(b)}, extra_args=args,
+            model,
+            env_extra={**env, "KVPLANE_CONFIG_FILE": str(b)},
+            extra_args=args,
             log_path=folder / "b.log",
         ) as server_b,
     ):
@@ -139,7 +146,8 @@ def bench_model(layers: int, hidden: int, prompts: int, folder: Path) -> dict[st
     model = build_model(folder / f"model-{layers}x{hidden}", num_layers=layers, hidden_size=hidden)
     rng = random.Random(layers)
     samples: dict[str, list[float]] = {
-        k: [] for k in ("recompute", "vllm_prefix_hit", "kvplane_cpu", "kvplane_p2p", "kvplane_disk")
+        k: []
+        for k in ("recompute", "vllm_prefix_hit", "kvplane_cpu", "kvplane_p2p", "kvplane_disk")
     }
     copy_bytes = copy_seconds = 0.0
     with cluster(model, folder) as (a, b, worker_a):
@@ -197,7 +205,9 @@ def main() -> None:
             results[label] = r
             print(f"\n{label}: KV per request {r['kv_bytes_per_request'] / 1e6:.1f} MB")
             for k, v in r["ttft_s"].items():
-                print(f"  {k:16s} {v * 1e3:9.1f} ms   {r['vs_vllm_prefix_hit'][k]:6.2f}x prefix hit")
+                print(
+                    f"  {k:16s} {v * 1e3:9.1f} ms   {r['vs_vllm_prefix_hit'][k]:6.2f}x prefix hit"
+                )
             print(
                 f"  block copies {r['block_copy_gbps']:.2f} GB/s vs plain copy "
                 f"{r['plain_copy_gbps']:.2f} GB/s: {r['block_copy_vs_plain']:.2f}"

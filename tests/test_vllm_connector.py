@@ -24,11 +24,11 @@ import httpx
 import msgspec
 import pytest
 import zmq
-from tests.vllm_support import VllmServer, build_vllm_model, vllm_server
 
 from kvplane.api.slot_syntax import format_ranges, parse_slot_mapping, to_ranges
 from tests.controller_client import ControllerProc, controller_args, wait_controller_up
 from tests.support import free_ports, kvplane_process, wait_until
+from tests.vllm_support import VllmServer, build_vllm_model, vllm_server
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
