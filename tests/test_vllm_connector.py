@@ -40,7 +40,7 @@ CONNECTOR = {
 INSTANCE = "lmcache_default_instance"
 CHUNK = 256
 BLOCK = 128  # vLLM's default block size on CPU
-PROMPT = " ".join(f"alpha{i % 89} beta{i % 7} gamma{i % 13}" for i in range(200))
+PROMPT = " ".join(f"alpha{i % 89} beta{i % 7} gamma{i % 13}" for i in range(110))  # ~1,300 tokens
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +121,15 @@ def api_url(port_start: int, index: int) -> str:
 
 
 class EventSubscriber:
-    """vLLM's KV-event publisher, read as llm-d and Dynamo read it: 3 frames, tagged maps."""
+    """vLLM's KV-event publisher, read as llm-d and Dynamo read it: 3 frames, tagged maps.
+    It binds (a central indexer): vLLM connects to a ``tcp://host:port`` endpoint."""
 
     def __init__(self, endpoint: str) -> None:
         self.events: list[tuple[bytes, int, dict[str, Any]]] = []
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sock.connect(endpoint)
+        self._sock.bind(endpoint)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -159,7 +160,7 @@ class EventSubscriber:
 @pytest.fixture(scope="module")
 def instance_a(
     model: Path, controller: ControllerProc, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[VllmServer, int, str]]:
+) -> Iterator[tuple[VllmServer, int, EventSubscriber]]:
     folder = tmp_path_factory.mktemp("vllm-a")
     api_start, events_port = free_ports(2)
     config = write_config(
@@ -183,80 +184,77 @@ def instance_a(
             "topic": "kv@a@m",
         }
     )
-    with serve(model, config, "--kv-events-config", events, log=folder / "vllm.log") as server:
-        yield server, api_start, endpoint
+    subscriber = EventSubscriber(endpoint)
+    try:
+        with serve(model, config, "--kv-events-config", events, log=folder / "vllm.log") as server:
+            yield server, api_start, subscriber
+    finally:
+        subscriber.close()
 
 
 def test_seed_lookup_flow_and_kvplane_hit_equal_to_vllms_prefix_hit(
-    instance_a: tuple[VllmServer, int, str], controller: ControllerProc
+    instance_a: tuple[VllmServer, int, EventSubscriber], controller: ControllerProc
 ) -> None:
-    server, api_start, endpoint = instance_a
+    server, api_start, subscriber = instance_a
     worker_api = api_url(api_start, 1)
-    subscriber = EventSubscriber(endpoint)
-    try:
-        time.sleep(0.5)  # the SUB socket joins before the first batch
-        tokens = tokenize(server, PROMPT)
-        assert len(tokens) > 4 * CHUNK
-        httpx.post(
-            f"{worker_api}/cache/kvcache/record_slot", params={"enabled": "true"}, timeout=10
-        )
+    tokens = tokenize(server, PROMPT)
+    assert len(tokens) > 4 * CHUNK
+    httpx.post(f"{worker_api}/cache/kvcache/record_slot", params={"enabled": "true"}, timeout=10)
 
-        first = complete(server, PROMPT)
-        # (a) the seed flow: /tokenize, then the controller's /lookup names vLLM's worker
-        layout = wait_until(
-            lambda: (
-                (controller.lookup(tokens).get(INSTANCE) or [None, 0])[1] == len(tokens)
-                and controller.lookup(tokens)
-            ),
-            timeout=30,
-            what="the stored prompt in the controller's lookup",
-        )
-        assert layout == {INSTANCE: ["LocalCPUBackend", len(tokens)]}
-        infos = controller.post("/query_worker_info", {"instance_id": INSTANCE}).json()
-        assert [w["worker_id"] for w in infos["worker_infos"]] == [0]
+    first = complete(server, PROMPT)
+    # (a) the seed flow: /tokenize, then the controller's /lookup names vLLM's worker
+    layout = wait_until(
+        lambda: (
+            (controller.lookup(tokens).get(INSTANCE) or [None, 0])[1] == len(tokens)
+            and controller.lookup(tokens)
+        ),
+        timeout=30,
+        what="the stored prompt in the controller's lookup",
+    )
+    assert layout == {INSTANCE: ["LocalCPUBackend", len(tokens)]}
+    infos = controller.post("/query_worker_info", {"instance_id": INSTANCE}).json()
+    assert [w["worker_id"] for w in infos["worker_infos"]] == [0]
 
-        # (e, first half) checksums of the prompt's full chunks in vLLM's own blocks
-        full = (len(tokens) - 1) // CHUNK * CHUNK  # the chunks before the last token's
-        stored_at = logged_slots(server, "store")[0][:full]
-        before = checksums(worker_api, stored_at)
+    # (e, first half) checksums of the prompt's full chunks in vLLM's own blocks
+    full = (len(tokens) - 1) // CHUNK * CHUNK  # the chunks before the last token's
+    stored_at = logged_slots(server, "store")[0][:full]
+    before = checksums(worker_api, stored_at)
 
-        # (b) vLLM's own prefix-cache hit, then (cache reset) kvplane's: bit for bit equal
-        vllm_hit = complete(server, PROMPT)
-        external_before = metric(server.base_url, "vllm:external_prefix_cache_hits_total")
-        retrieved_before = metric(worker_api, "kvplane_retrieved_tokens_total")
-        assert httpx.post(f"{server.base_url}/reset_prefix_cache", timeout=30).status_code == 200
-        kvplane_hit = complete(server, PROMPT)
-        assert kvplane_hit == vllm_hit
-        assert first["text"] == vllm_hit["text"]
-        external = metric(server.base_url, "vllm:external_prefix_cache_hits_total")
-        assert external - external_before == len(tokens) - 1
-        loaded = metric(worker_api, "kvplane_retrieved_tokens_total") - retrieved_before
-        assert loaded == len(tokens)  # whole chunks; vLLM rewrites the last token's slot
+    # (b) vLLM's own prefix-cache hit, then (cache reset) kvplane's: bit for bit equal
+    vllm_hit = complete(server, PROMPT)
+    external_before = metric(server.base_url, "vllm:external_prefix_cache_hits_total")
+    retrieved_before = metric(worker_api, "kvplane_retrieved_tokens_total")
+    assert httpx.post(f"{server.base_url}/reset_prefix_cache", timeout=30).status_code == 200
+    kvplane_hit = complete(server, PROMPT)
+    assert kvplane_hit == vllm_hit
+    assert first["text"] == vllm_hit["text"]
+    external = metric(server.base_url, "vllm:external_prefix_cache_hits_total")
+    assert external - external_before == len(tokens) - 1
+    loaded = metric(worker_api, "kvplane_retrieved_tokens_total") - retrieved_before
+    assert loaded == len(tokens)  # whole chunks; vLLM rewrites the last token's slot
 
-        # (e, second half) the blocks kvplane loaded hold the same bytes
-        loaded_at = logged_slots(server, "retrieve")[-1][:full]
-        assert checksums(worker_api, loaded_at) == before
+    # (e, second half) the blocks kvplane loaded hold the same bytes
+    loaded_at = logged_slots(server, "retrieve")[-1][:full]
+    assert checksums(worker_api, loaded_at) == before
 
-        meta = httpx.get(f"{worker_api}/meta", timeout=10).json()
-        assert meta["model_name"] == server.model and meta["role"] == "worker_0"
-        version = httpx.get(f"{worker_api}/inference_version", timeout=10).json()
-        assert version["inference_engine"] == "vllm"
-        assert version["vllm_version"].startswith("0.32")
+    meta = httpx.get(f"{worker_api}/meta", timeout=10).json()
+    assert meta["model_name"] == server.model and meta["role"] == "worker_0"
+    version = httpx.get(f"{worker_api}/inference_version", timeout=10).json()
+    assert version["inference_engine"] == "vllm"
+    assert version["vllm_version"].startswith("0.32")
 
-        # KV events: kvplane's CPU tier announced through vLLM's own publisher
-        stored = wait_until(lambda: subscriber.of("BlockStored", "CPU"), timeout=20, what="events")
-        first_event = stored[0]
-        assert first_event["block_size"] == BLOCK
-        assert len(first_event["block_hashes"]) == CHUNK // BLOCK
-        assert len(first_event["token_ids"]) == CHUNK
-        assert first_event["token_ids"] == tokens[:CHUNK]
-        assert all(0 <= h < 2**64 for e in stored for h in e["block_hashes"])
-        assert {t for t, _, _ in subscriber.events} == {b"kv@a@m"}
-        gpu = [e for _, _, e in subscriber.events if e.get("medium") == "GPU"]
-        gpu_hashes = {h for e in gpu for h in e.get("block_hashes", [])}
-        assert set(first_event["block_hashes"]) <= gpu_hashes  # vLLM's own block ids
-    finally:
-        subscriber.close()
+    # KV events: kvplane's CPU tier announced through vLLM's own publisher
+    stored = wait_until(lambda: subscriber.of("BlockStored", "CPU"), timeout=20, what="events")
+    first_event = stored[0]
+    assert first_event["block_size"] == BLOCK
+    assert len(first_event["block_hashes"]) == CHUNK // BLOCK
+    assert len(first_event["token_ids"]) == CHUNK
+    assert first_event["token_ids"] == tokens[:CHUNK]
+    assert all(0 <= h < 2**64 for e in stored for h in e["block_hashes"])
+    assert {t for t, _, _ in subscriber.events} == {b"kv@a@m"}
+    gpu = [e for _, _, e in subscriber.events if e.get("medium") == "GPU"]
+    gpu_hashes = {h for e in gpu for h in e.get("block_hashes", [])}
+    assert set(first_event["block_hashes"]) <= gpu_hashes  # vLLM's own block ids
 
 
 def logged_slots(server: VllmServer, op: str) -> list[list[int]]:
@@ -277,13 +275,13 @@ def checksums(worker_api: str, slots: list[int]) -> list[str]:
 
 
 def test_a_peer_loads_over_p2p_then_its_chunks_leave_lookups_when_killed(
-    instance_a: tuple[VllmServer, int, str],
+    instance_a: tuple[VllmServer, int, EventSubscriber],
     controller: ControllerProc,
     model: Path,
     tmp_path: Path,
 ) -> None:
     server_a, _, _ = instance_a
-    prompt = PROMPT + " delta epsilon" * 40
+    prompt = PROMPT + " delta epsilon" * 20
     complete(server_a, prompt)  # A computes and stores it
     tokens = tokenize(server_a, prompt)
     wait_until(
