@@ -89,6 +89,28 @@ def test_disk_tier_serves_after_cpu_clear_and_after_restart(tmp_path: Path) -> N
     again.stop()
 
 
+def test_snapshot_lists_the_matching_hashes_of_every_tier(tmp_path: Path) -> None:
+    rt = runtime(local_disk=str(tmp_path / "disk"), max_local_disk_size=0.01)
+    rt.cache_engine.store(TOKENS, rt.kv_caches, slots(rt, 3))
+    assert rt.storage.flush(5)
+    hashes = [k.chunk_hash for k in rt.cache_engine.keys_for(TOKENS)]
+    everything = rt.storage.snapshot(lambda key: True)
+    assert list(everything) == ["LocalCPUBackend", "LocalDiskBackend"]
+    assert {tier: sorted(h) for tier, h in everything.items()} == {
+        "LocalCPUBackend": sorted(hashes),
+        "LocalDiskBackend": sorted(hashes),
+    }
+    assert rt.storage.snapshot(lambda key: key.chunk_hash == hashes[1]) == {
+        "LocalCPUBackend": [hashes[1]],
+        "LocalDiskBackend": [hashes[1]],
+    }
+    assert rt.storage.snapshot(lambda key: key.worker_id == 1) == {
+        "LocalCPUBackend": [],
+        "LocalDiskBackend": [],
+    }
+    rt.stop()
+
+
 @needs_redis
 def test_remote_tier_in_the_engine_and_a_dead_server(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)

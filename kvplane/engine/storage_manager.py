@@ -329,6 +329,14 @@ class StorageManager:
             )
         return result
 
+    def snapshot(self, match: Callable[[CacheKey], bool]) -> dict[str, list[int]]:
+        """The chunk hashes of the keys ``match`` accepts, per tier (every tier, in order,
+        bypassed or not): what a controller worker resends when it (re)registers."""
+        return {
+            name: [key.chunk_hash for key in backend.keys() if match(key)]
+            for name, backend in self.backends.items()
+        }
+
     def clear(self, locations: Sequence[str] | None = None) -> int:
         """Remove chunks from the named tiers (all when None); returns how many."""
         names = list(self.backends) if not locations else list(locations)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from kvplane.config import EngineConfig
+from kvplane.config import EngineConfig, rank_port
 from kvplane.engine.backends.base import StorageBackend
 from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.backends.disk import LocalDiskBackend
@@ -110,12 +110,7 @@ class P2PNode:
     name = "p2p"
 
     def __init__(self, config: EngineConfig, storage: StorageManager) -> None:
-        ports = config.p2p_init_ports
-        if ports is not None and len(ports) <= config.worker_id:
-            raise ConfigError(
-                f"p2p_init_ports: {ports} has no port for worker_id {config.worker_id}"
-            )
-        port = ports[config.worker_id] if ports is not None else 0
+        port = rank_port("p2p_init_ports", config.p2p_init_ports, config.worker_id) or 0
         self.client = P2PClient(
             timeout_s=config.p2p_timeout_s, max_transfer_bytes=config.p2p_max_transfer_bytes
         )
