@@ -14,10 +14,11 @@ from fastapi.responses import Response
 from pydantic import AliasChoices, BaseModel, Field
 
 from kvplane.controller.cluster import Cluster
-from kvplane.controller.fast_lookup import MAX_TOKEN, LookupAnswer, LookupRoute, TokenParser
+from kvplane.controller.fast_lookup import LookupAnswer, LookupRoute, TokenParser
 from kvplane.controller.ops_api import build_ops_router
 from kvplane.controller.settings import ControllerSettings
 from kvplane.errors import BadRequest, KvplaneError
+from kvplane.keys import TOKEN_ID_RANGE, to_token_array
 from kvplane.web.errors import error_body, install_error_handlers
 
 __all__ = ["create_app"]
@@ -27,7 +28,7 @@ __all__ = ["create_app"]
 
 
 class LookupRequest(BaseModel):
-    tokens: list[int] = Field(description=f"token ids, each in [0, {MAX_TOKEN}]")
+    tokens: list[int] = Field(description=f"token ids, each in {TOKEN_ID_RANGE}")
 
 
 _encoder = msgspec.json.Encoder()
@@ -125,8 +126,12 @@ class QueryInstanceResponse(BaseModel):
 
 
 def _check_tokens(tokens: list[int] | None) -> list[int] | None:
-    if tokens and (min(tokens) < 0 or max(tokens) > MAX_TOKEN):
-        raise BadRequest(f"tokens: token ids must be in [0, {MAX_TOKEN}]")
+    """``tokens`` if every id is in the one token-id range; BadRequest naming them else."""
+    if tokens:
+        try:
+            to_token_array(tokens)
+        except ValueError as exc:
+            raise BadRequest(f"tokens: {exc}") from None
     return tokens
 
 
