@@ -165,6 +165,21 @@ def test_compress_in_place_and_retrieve_decodes(tmp_path: Path, location: str) -
     step = expected.abs().amax(dim=-1, keepdim=True) / 127
     assert bool(((got - expected).abs() <= step / 2 + got.abs() * 2**-8 + 1e-6).all())
 
+    first = engine.keys_for(TOKENS)[:1]
+    assert engine.compress_chunks(TOKENS[:16], "zstd", location).num_chunks == 1
+    tier = rt.storage.backends[location]
+    assert [tier.get(k).meta.compression for k in engine.keys_for(TOKENS)] == [  # type: ignore[union-attr]
+        "zstd",
+        "int8",
+        "int8",
+    ]
+    assert engine.decompress(method="zstd", location=location) == 16  # the zstd chunk only
+    assert [tier.get(k).meta.compression for k in first] == ["none"]  # type: ignore[union-attr]
+    assert engine.decompress(method="zstd", location=location) == 0
+    with pytest.raises(BadRequest, match="valid methods"):
+        engine.decompress(method="lz4", location=location)
+    engine.compress_chunks(TOKENS[:16], "int8", location)
+
     back = engine.compress_chunks(TOKENS, "none", "LocalCPUBackend")
     assert back.num_chunks == 3 and back.bytes_saved < 0
     with pytest.raises(BadRequest, match="valid methods"):
@@ -254,10 +269,22 @@ def test_controller_commands_reach_the_tiers(two_peers) -> None:
         CompressCommand(event_id="e1", method="int8", location="LocalCPUBackend", tokens=TOKENS)
     )
     assert (reply.error_code, reply.num_tokens) == (ErrorCode.OK, len(TOKENS))
+    # decompress honours its method: zstd touches none of these int8 chunks
     reply = handlers.handle(
-        DecompressCommand(event_id="e2", method="int8", location="LocalCPUBackend")
+        DecompressCommand(event_id="e2", method="zstd", location="LocalCPUBackend")
+    )
+    assert (reply.error_code, reply.num_tokens) == (ErrorCode.OK, 0)
+    key = a.cache_engine.keys_for(TOKENS)[0]
+    assert a.storage.backends["LocalCPUBackend"].get(key).meta.compression == "int8"  # type: ignore[union-attr]
+    reply = handlers.handle(
+        DecompressCommand(event_id="e2b", method="lz4", location="LocalCPUBackend")
+    )
+    assert reply.error_code == ErrorCode.BAD_REQUEST and "valid methods" in reply.message
+    reply = handlers.handle(
+        DecompressCommand(event_id="e2c", method="int8", location="LocalCPUBackend")
     )
     assert (reply.error_code, reply.num_tokens) == (ErrorCode.OK, len(TOKENS))
+    assert a.storage.backends["LocalCPUBackend"].get(key).meta.compression == "none"  # type: ignore[union-attr]
     reply = handlers.handle(
         CompressCommand(event_id="e3", method="lz4", location="LocalCPUBackend")
     )

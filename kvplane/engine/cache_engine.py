@@ -391,13 +391,16 @@ class CacheEngine:
                 done += end - start
         return done
 
-    def compress_chunks(self, tokens: Any | None, method: str, location: str) -> CompressResult:
+    def compress_chunks(
+        self, tokens: Any | None, method: str, location: str, *, only_from: str | None = None
+    ) -> CompressResult:
         """Re-encode the chunks of ``tokens`` (None: every chunk) held in tier ``location``
-        with ``method`` (see :mod:`kvplane.engine.compression`; ``none`` decompresses);
-        retrieve decodes them. What changed, with the bytes saved, comes back.
+        with ``method`` (see :mod:`kvplane.engine.compression`; ``none`` decompresses),
+        with ``only_from`` only those now stored with that method; retrieve decodes them.
+        What changed, with the bytes saved, comes back.
         Raises BadRequest for an unknown tier or method, Conflict while frozen."""
         keys = None if tokens is None else self.keys_for(tokens)
-        result = self.storage.compress(method, location, keys)
+        result = self.storage.compress(method, location, keys, only_from=only_from)
         log.info(
             "%s: %d chunks (%d tokens) of %s now %s, %d bytes saved",
             "compress" if method != "none" else "decompress",
@@ -414,12 +417,12 @@ class CacheEngine:
         with ``method``. Raises as :meth:`compress_chunks`."""
         return self.compress_chunks(tokens, method, location).num_tokens
 
-    def decompress(
-        self, *, location: str, tokens: Any | None = None, method: str | None = None
-    ) -> int:
-        """The controller's decompress: tokens whose chunks in ``location`` are stored
-        uncompressed again (whatever ``method`` they were compressed with)."""
-        return self.compress_chunks(tokens, "none", location).num_tokens
+    def decompress(self, *, method: str, location: str, tokens: Any | None = None) -> int:
+        """The controller's decompress: the chunks in ``location`` compressed with
+        ``method`` are stored uncompressed again; returns their tokens (chunks stored
+        otherwise are left alone). Raises as :meth:`compress_chunks`, BadRequest naming
+        the valid methods for an unknown ``method``."""
+        return self.compress_chunks(tokens, "none", location, only_from=method).num_tokens
 
     def move(
         self,
