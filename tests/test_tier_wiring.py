@@ -12,6 +12,7 @@ import torch
 
 from kvplane.config import EngineConfig
 from kvplane.engine.kv_layout import gather
+from kvplane.engine.p2p.move import MoveRequest
 from kvplane.engine.tiers import build_backends
 from kvplane.errors import BadRequest, ConfigError, Conflict
 from kvplane.process import EngineProcess
@@ -234,18 +235,20 @@ def test_move_and_copy_to_a_peer_tier(two_peers) -> None:
     a.cache_engine.store(TOKENS, a.kv_caches, s)
     keys = a.cache_engine.keys_for(TOKENS)
     copied = a.p2p.move(
-        source_location="LocalCPUBackend",
-        peer_url=b.p2p.url,
-        target_location="LocalCPUBackend",
-        keys=keys[:1],
-        copy=True,
+        MoveRequest(
+            source_location="LocalCPUBackend",
+            peer_url=b.p2p.url,
+            target_location="LocalCPUBackend",
+            copy=True,
+        ),
+        keys[:1],
     )
     assert (copied.num_chunks, copied.num_tokens) == (1, 16)
     assert a.storage.locate(keys[0]) == "LocalCPUBackend"
     moved = a.p2p.move(
-        source_location="LocalCPUBackend",
-        peer_url=b.p2p.url,
-        target_location="LocalCPUBackend",
+        MoveRequest(
+            source_location="LocalCPUBackend", peer_url=b.p2p.url, target_location="LocalCPUBackend"
+        )
     )
     assert (moved.num_chunks, moved.num_tokens) == (3, len(TOKENS))
     assert a.cache_engine.lookup(TOKENS) == 0
@@ -312,9 +315,7 @@ def test_move_without_p2p_is_unsupported() -> None:
 
     rt = runtime()
     with pytest.raises(Unsupported, match="enable_p2p"):
-        rt.cache_engine.move(
-            src_location="LocalCPUBackend", dst_peer_url="127.0.0.1:1", dst_location=None
-        )
+        rt.cache_engine.move(MoveRequest(source_location="LocalCPUBackend", peer_url="127.0.0.1:1"))
     rt.stop()
 
 

@@ -19,7 +19,7 @@ from kvplane.engine.backends.remote import RemoteBackend
 from kvplane.engine.chunk_files import directory_from_url
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.p2p import ChunkServer, P2PClient
-from kvplane.engine.p2p.move import MoveResult, move_chunks
+from kvplane.engine.p2p.move import MoveRequest, MoveResult, move_chunks
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import ConfigError
 from kvplane.keys import CacheKey
@@ -135,25 +135,10 @@ class P2PNode:
         if self.backend is not None:
             self.backend.set_peer_locator(peer_locator)
 
-    def move(
-        self,
-        *,
-        source_location: str,
-        peer_url: str,
-        target_location: str | None,
-        keys: Sequence[CacheKey] | None = None,
-        copy: bool = False,
-    ) -> MoveResult:
-        """Push chunks of a local tier to a peer's tier (see :func:`move_chunks`)."""
-        return move_chunks(
-            self.storage,
-            self.client,
-            source_location=source_location,
-            peer_url=peer_url,
-            target_location=target_location,
-            keys=keys,
-            copy=copy,
-        )
+    def move(self, request: MoveRequest, keys: Sequence[CacheKey] | None = None) -> MoveResult:
+        """Push chunks of a local tier to a peer's tier: those of ``keys`` (None: all; see
+        :func:`move_chunks`)."""
+        return move_chunks(self.storage, self.client, request, keys)
 
     def bind(self) -> None:
         """Take the port now (``url`` is then final), before the worker registers it."""
