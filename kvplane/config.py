@@ -33,6 +33,7 @@ __all__ = [
     "help_lines",
     "key_specs",
     "load_config",
+    "rank_port",
 ]
 
 CONFIG_FILE_ENV = ("KVPLANE_CONFIG_FILE", "LMCACHE_CONFIG_FILE")
@@ -492,3 +493,14 @@ def help_lines(specs: Iterable[KeySpec] | None = None) -> list[str]:
         f"{s.name} ({s.kind.name}, default {s.default!r}{', mutable' if s.mutable else ''}): {s.help}"
         for s in (specs or key_specs())
     ]
+
+
+def rank_port(name: str, ports: list[int] | None, worker_id: int) -> int | None:
+    """Rank ``worker_id``'s entry of the per-rank port list key ``name``
+    (``lmcache_worker_ports``, ``p2p_init_ports``); None when the list is null or empty
+    (any free port). Raises ConfigError when the list has no entry for that rank."""
+    if not ports:
+        return None
+    if worker_id >= len(ports):
+        raise ConfigError(f"{name}: {ports} has no port for worker_id {worker_id}")
+    return ports[worker_id]

@@ -21,6 +21,8 @@ import xxhash
 
 __all__ = [
     "HASH_ALGORITHM",
+    "MAX_TOKEN_ID",
+    "TOKEN_ID_RANGE",
     "CacheKey",
     "chunk_hashes",
     "chunk_spans",
@@ -29,7 +31,12 @@ __all__ = [
 ]
 
 HASH_ALGORITHM = "xxh3_64-chained-int32le-v1"
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+MAX_TOKEN_ID = 2**31 - 1
+"""Token ids are in ``[0, MAX_TOKEN_ID]``: no vocabulary has negative ids, and keys hash each
+id as a little-endian int32. The one range every boundary that takes token ids checks
+(:func:`to_token_array`; the controller's lean ``/lookup`` parser checks it in its own way)."""
+TOKEN_ID_RANGE = f"[0, {MAX_TOKEN_ID}]"
 
 
 def key_scheme_fingerprint(chunk_size: int) -> str:
@@ -38,20 +45,25 @@ def key_scheme_fingerprint(chunk_size: int) -> str:
 
 
 def to_token_array(tokens: Any) -> np.ndarray:
-    """Tokens as a little-endian int32 array: accepts lists, numpy arrays and torch tensors."""
+    """Tokens as a little-endian int32 array: accepts lists, numpy arrays and torch tensors.
+    Raises ValueError unless they are one-dimensional integers in :data:`TOKEN_ID_RANGE`."""
     if hasattr(tokens, "detach"):  # a torch tensor, without importing torch here
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
+    if not arr.size:
+        return arr.astype("<i4")
     kind, size = arr.dtype.kind, arr.dtype.itemsize
-    if (kind == "i" and size <= 4) or (kind == "u" and size <= 2):
-        return arr.astype("<i4", copy=False)  # fits by its type: no pass over the values
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    if kind == "u" and size <= 2:
+        return arr.astype("<i4", copy=False)  # in range by its type: no pass over the values
+    if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
     # A token beyond int32 would wrap silently and collide with another token's key.
-    if arr.size and (int(arr.min()) < _INT32_MIN or int(arr.max()) > _INT32_MAX):
-        raise ValueError(f"token ids must fit in int32 [{_INT32_MIN}, {_INT32_MAX}]")
+    low = int(arr.min())
+    high = int(arr.max()) if kind == "u" or size > 4 else 0  # int32 and narrower fit above
+    if low < 0 or high > MAX_TOKEN_ID:
+        raise ValueError(f"token ids must be in {TOKEN_ID_RANGE} (int32, non-negative)")
     return arr.astype("<i4", copy=False)
 
 

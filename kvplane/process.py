@@ -109,7 +109,7 @@ class EngineProcess:
             worker = ControllerWorker(config, engine, p2p=self.p2p)
             engine.cache_engine.add_listener(worker.on_event)
             if self.p2p is not None:
-                self.p2p.set_peer_locator(worker.locate_peer)
+                self.p2p.set_peer_locator(worker.peers.locate)
             engine.metrics.registry.register(worker.metrics_collector())
             self.services.append(worker)
         if config.internal_api_server_enabled:

@@ -422,10 +422,13 @@ def test_huge_or_out_of_range_tokens_are_a_clean_400(engine, path):
         {"tokens_mock": "0,99999999999999999999999"},
         {"tokens_mock": "2147483647,2147483649"},  # token ids beyond int32
         {"tokens_input": "1,4294967297"},  # would wrap to token 1 as int32
+        {"tokens_input": "5,-1"},  # token ids are never negative (kvplane.keys.TOKEN_ID_RANGE)
     ):
         r = client.post(path, params=params)
         assert r.status_code == 400, (params, r.text)
         assert set(r.json()) == {"error", "message"}
+        if "tokens_input" in params:
+            assert "[0, 2147483647]" in r.json()["message"]
     assert runtime.storage.cpu.keys() == []
     assert client.post(path, params={"tokens_input": "1,2147483647"}).status_code == 200
 

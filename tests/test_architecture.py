@@ -140,3 +140,10 @@ def test_no_cycle_between_subpackages():
 
 def test_no_cycle_between_modules():
     assert cycles(graph()) == []
+
+
+def test_the_controller_and_the_shared_web_layer_stay_off_the_engine():
+    # the controller installs and starts without torch; web is shared by every HTTP app
+    above = ["engine", "api", "worker", "serve", "process", "integrations"]
+    assert violations(["controller", "web"], above) == []
+    assert violations(["web"], ["controller", "keys", "protocol"]) == []

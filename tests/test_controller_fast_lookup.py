@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvplane.controller.fast_lookup import MAX_TOKEN, TokenParser
+from kvplane.controller.fast_lookup import TokenParser
 from kvplane.errors import BadRequest
+from kvplane.keys import MAX_TOKEN_ID as MAX_TOKEN
 
 parse_tokens = TokenParser().parse
 

@@ -91,11 +91,16 @@ def test_lookup_of_a_long_prompt_and_its_other_methods(
 def test_errors_are_4xx_json_naming_the_problem(controller: ControllerProc) -> None:
     resp = controller.post("/health", {"instance_id": "nope"})
     assert resp.status_code == 404
-    assert resp.json()["error"] == "NotFound" and "nope" in resp.json()["message"]
+    assert resp.json()["error"] == "Not found" and "nope" in resp.json()["message"]
     resp = controller.post("/lookup", {"tokens": "abc"})
     assert resp.status_code == 400 and "tokens" in resp.json()["message"]
     resp = controller.post("/lookup", {"tokens": [-1]})
     assert resp.status_code == 400 and "tokens" in resp.json()["message"]
+    resp = controller.post("/pin", {"instance_id": "nope", "tokens": [3, -1]})
+    assert (
+        resp.status_code == 400
+        and "tokens: token ids must be in [0, 2147483647]" in (resp.json()["message"])
+    )
     resp = controller.post("/query_instance", {"ip": "10.1.1.1", "event_id": "x"})
     assert resp.status_code == 404 and "10.1.1.1" in resp.json()["message"]
     resp = controller.post("/clear", {"location": "LocalCPUBackend"})
@@ -255,18 +260,26 @@ def test_hung_worker_times_out_and_unsupported_maps_to_501(
 
 def test_ops_endpoints(controller: ControllerProc) -> None:
     assert httpx.get(controller.url + "/conf").json()["worker_timeout"] == TIMEOUT
-    names = [t["name"] for t in httpx.get(controller.url + "/threads").json()]
-    assert "kvplane-ingest" in names
+    # /threads and /loglevel answer as on the internal API (kvplane.web.diagnostics)
+    threads = httpx.get(controller.url + "/threads").json()
+    assert threads["count"] == len(threads["threads"])
+    assert "kvplane-ingest" in [t["name"] for t in threads["threads"]]
     resp = httpx.get(
         controller.url + "/loglevel", params={"logger_name": "kvplane", "level": "DEBUG"}
     )
-    assert resp.json() == {"logger_name": "kvplane", "level": "DEBUG"}
-    assert (
-        httpx.get(
-            controller.url + "/loglevel", params={"logger_name": "x", "level": "LOUD"}
-        ).status_code
-        == 400
-    )
+    assert resp.json() == {
+        "status": "success",
+        "logger_name": "kvplane",
+        "level": "DEBUG",
+        "effective_level": "DEBUG",
+    }
+    resp = httpx.get(controller.url + "/loglevel", params={"logger_name": "x", "level": "LOUD"})
+    assert (resp.status_code, resp.json()["error"]) == (400, "Bad level")
+    resp = httpx.get(controller.url + "/loglevel", params={"logger_name": "no.such.logger"})
+    assert (resp.status_code, resp.json()["error"]) == (404, "Unknown logger")
+    assert httpx.get(controller.url + "/loglevel").json()["loggers"]["kvplane"] == "DEBUG"
+    resp = httpx.get(controller.url + "/no/such/path")
+    assert resp.status_code == 404 and resp.json()["error"] == "Not Found"
     assert httpx.get(controller.url + "/docs").status_code == 200
     assert "/lookup" in httpx.get(controller.url + "/openapi.json").json()["paths"]
 

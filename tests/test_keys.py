@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -7,7 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvplane.keys import CacheKey, chunk_hashes, chunk_spans, key_scheme_fingerprint
+from kvplane.keys import (
+    MAX_TOKEN_ID,
+    TOKEN_ID_RANGE,
+    CacheKey,
+    chunk_hashes,
+    chunk_spans,
+    key_scheme_fingerprint,
+)
 
 tokens_st = st.lists(st.integers(min_value=0, max_value=2**31 - 1), min_size=1, max_size=300)
 chunk_st = st.integers(min_value=1, max_value=64)
@@ -93,20 +101,33 @@ def test_rejects_bad_tokens():
 
 
 @given(
-    st.lists(st.integers(min_value=-(2**31), max_value=2**31 - 1), max_size=20),
+    st.lists(st.integers(min_value=0, max_value=MAX_TOKEN_ID), max_size=20),
     st.integers(min_value=0, max_value=19),
-    st.integers(min_value=2**31, max_value=2**63 - 1) | st.integers(-(2**63), -(2**31) - 1),
+    st.integers(min_value=MAX_TOKEN_ID + 1, max_value=2**63 - 1) | st.integers(-(2**63), -1),
 )
-def test_tokens_beyond_int32_are_refused_not_wrapped(tokens, at, big):
+def test_token_ids_outside_the_one_range_are_refused_not_wrapped(tokens, at, bad_id):
     bad = list(tokens)
-    bad.insert(min(at, len(bad)), big)
-    for form in (bad, np.array(bad, dtype=np.int64), torch.tensor(bad, dtype=torch.int64)):
-        with pytest.raises(ValueError, match="int32"):
+    bad.insert(min(at, len(bad)), bad_id)
+    forms = [bad, np.array(bad, dtype=np.int64), torch.tensor(bad, dtype=torch.int64)]
+    if bad_id < 0 and bad_id >= -(2**31):  # negative but int32: refused by value, not type
+        forms += [np.array(bad, dtype=np.int32), torch.tensor(bad, dtype=torch.int32)]
+    if bad_id <= 2**32 - 1 and bad_id > 0:
+        forms.append(np.array(bad, dtype=np.uint32))
+    for form in forms:
+        with pytest.raises(ValueError, match=re.escape(TOKEN_ID_RANGE)):
             chunk_hashes(form, 4)
-    # In range, the hashes are those of the int32 values themselves.
-    assert chunk_hashes(np.array(tokens, dtype=np.int64), 4) == chunk_hashes(
-        np.array(tokens, dtype=np.int32), 4
-    )
+    # In range, the hashes are those of the int32 values themselves, whatever the dtype.
+    expected = chunk_hashes(np.array(tokens, dtype=np.int32), 4)
+    assert chunk_hashes(np.array(tokens, dtype=np.int64), 4) == expected
+    assert chunk_hashes(np.array(tokens, dtype=np.uint64), 4) == expected
+    assert chunk_hashes(tokens, 4) == expected
+
+
+def test_the_token_id_range_is_non_negative_int32():
+    assert TOKEN_ID_RANGE == "[0, 2147483647]" and MAX_TOKEN_ID == 2**31 - 1
+    assert chunk_hashes(np.array([0, 65535], dtype=np.uint16), 4) == chunk_hashes([0, 65535], 4)
+    with pytest.raises(ValueError, match="non-negative"):
+        chunk_hashes(np.array([-1], dtype=np.int8), 4)
 
 
 @pytest.mark.parametrize("chunk_size", [0, -1, -256])

@@ -12,6 +12,7 @@ import pytest
 
 from kvplane.api.server import InternalApiService
 from kvplane.config import EngineConfig, load_config
+from kvplane.engine.engine import engine_metadata
 from kvplane.errors import ConfigError, Unavailable
 from kvplane.process import EngineProcess
 from tests.api_client import ENGINE_DEFAULTS, client_for
@@ -45,6 +46,14 @@ def test_a_scheduler_runs_only_the_internal_api_index_0_without_an_engine():
         with client_for(api_service(process), 0) as client:
             meta = client.get("/meta").json()
             assert (meta["role"], meta["has_engine"]) == ("scheduler", False)
+            # the same engine facts as a worker process of this config shows, from one place
+            worker = EngineProcess(config())
+            try:
+                assert worker.engine is not None
+                facts = worker.engine.metadata()
+            finally:
+                worker.stop()
+            assert {k: meta[k] for k in facts} == facts == engine_metadata(cfg)
             r = client.post("/cache/store", params={"tokens_mock": "0,4"})
             assert (r.status_code, r.json()["error"]) == (503, "Not available")
     finally:

@@ -12,6 +12,7 @@ import torch
 
 from kvplane.config import EngineConfig
 from kvplane.engine.kv_layout import gather
+from kvplane.engine.p2p.move import MoveRequest
 from kvplane.engine.tiers import build_backends
 from kvplane.errors import BadRequest, ConfigError, Conflict
 from kvplane.process import EngineProcess
@@ -89,6 +90,28 @@ def test_disk_tier_serves_after_cpu_clear_and_after_restart(tmp_path: Path) -> N
     again.stop()
 
 
+def test_snapshot_lists_the_matching_hashes_of_every_tier(tmp_path: Path) -> None:
+    rt = runtime(local_disk=str(tmp_path / "disk"), max_local_disk_size=0.01)
+    rt.cache_engine.store(TOKENS, rt.kv_caches, slots(rt, 3))
+    assert rt.storage.flush(5)
+    hashes = [k.chunk_hash for k in rt.cache_engine.keys_for(TOKENS)]
+    everything = rt.storage.snapshot(lambda key: True)
+    assert list(everything) == ["LocalCPUBackend", "LocalDiskBackend"]
+    assert {tier: sorted(h) for tier, h in everything.items()} == {
+        "LocalCPUBackend": sorted(hashes),
+        "LocalDiskBackend": sorted(hashes),
+    }
+    assert rt.storage.snapshot(lambda key: key.chunk_hash == hashes[1]) == {
+        "LocalCPUBackend": [hashes[1]],
+        "LocalDiskBackend": [hashes[1]],
+    }
+    assert rt.storage.snapshot(lambda key: key.worker_id == 1) == {
+        "LocalCPUBackend": [],
+        "LocalDiskBackend": [],
+    }
+    rt.stop()
+
+
 @needs_redis
 def test_remote_tier_in_the_engine_and_a_dead_server(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
@@ -142,6 +165,21 @@ def test_compress_in_place_and_retrieve_decodes(tmp_path: Path, location: str) -
     got = kv_at(rt, s)
     step = expected.abs().amax(dim=-1, keepdim=True) / 127
     assert bool(((got - expected).abs() <= step / 2 + got.abs() * 2**-8 + 1e-6).all())
+
+    first = engine.keys_for(TOKENS)[:1]
+    assert engine.compress_chunks(TOKENS[:16], "zstd", location).num_chunks == 1
+    tier = rt.storage.backends[location]
+    assert [tier.get(k).meta.compression for k in engine.keys_for(TOKENS)] == [  # type: ignore[union-attr]
+        "zstd",
+        "int8",
+        "int8",
+    ]
+    assert engine.decompress(method="zstd", location=location) == 16  # the zstd chunk only
+    assert [tier.get(k).meta.compression for k in first] == ["none"]  # type: ignore[union-attr]
+    assert engine.decompress(method="zstd", location=location) == 0
+    with pytest.raises(BadRequest, match="valid methods"):
+        engine.decompress(method="lz4", location=location)
+    engine.compress_chunks(TOKENS[:16], "int8", location)
 
     back = engine.compress_chunks(TOKENS, "none", "LocalCPUBackend")
     assert back.num_chunks == 3 and back.bytes_saved < 0
@@ -197,18 +235,20 @@ def test_move_and_copy_to_a_peer_tier(two_peers) -> None:
     a.cache_engine.store(TOKENS, a.kv_caches, s)
     keys = a.cache_engine.keys_for(TOKENS)
     copied = a.p2p.move(
-        source_location="LocalCPUBackend",
-        peer_url=b.p2p.url,
-        target_location="LocalCPUBackend",
-        keys=keys[:1],
-        copy=True,
+        MoveRequest(
+            source_location="LocalCPUBackend",
+            peer_url=b.p2p.url,
+            target_location="LocalCPUBackend",
+            copy=True,
+        ),
+        keys[:1],
     )
     assert (copied.num_chunks, copied.num_tokens) == (1, 16)
     assert a.storage.locate(keys[0]) == "LocalCPUBackend"
     moved = a.p2p.move(
-        source_location="LocalCPUBackend",
-        peer_url=b.p2p.url,
-        target_location="LocalCPUBackend",
+        MoveRequest(
+            source_location="LocalCPUBackend", peer_url=b.p2p.url, target_location="LocalCPUBackend"
+        )
     )
     assert (moved.num_chunks, moved.num_tokens) == (3, len(TOKENS))
     assert a.cache_engine.lookup(TOKENS) == 0
@@ -232,10 +272,22 @@ def test_controller_commands_reach_the_tiers(two_peers) -> None:
         CompressCommand(event_id="e1", method="int8", location="LocalCPUBackend", tokens=TOKENS)
     )
     assert (reply.error_code, reply.num_tokens) == (ErrorCode.OK, len(TOKENS))
+    # decompress honours its method: zstd touches none of these int8 chunks
     reply = handlers.handle(
-        DecompressCommand(event_id="e2", method="int8", location="LocalCPUBackend")
+        DecompressCommand(event_id="e2", method="zstd", location="LocalCPUBackend")
+    )
+    assert (reply.error_code, reply.num_tokens) == (ErrorCode.OK, 0)
+    key = a.cache_engine.keys_for(TOKENS)[0]
+    assert a.storage.backends["LocalCPUBackend"].get(key).meta.compression == "int8"  # type: ignore[union-attr]
+    reply = handlers.handle(
+        DecompressCommand(event_id="e2b", method="lz4", location="LocalCPUBackend")
+    )
+    assert reply.error_code == ErrorCode.BAD_REQUEST and "valid methods" in reply.message
+    reply = handlers.handle(
+        DecompressCommand(event_id="e2c", method="int8", location="LocalCPUBackend")
     )
     assert (reply.error_code, reply.num_tokens) == (ErrorCode.OK, len(TOKENS))
+    assert a.storage.backends["LocalCPUBackend"].get(key).meta.compression == "none"  # type: ignore[union-attr]
     reply = handlers.handle(
         CompressCommand(event_id="e3", method="lz4", location="LocalCPUBackend")
     )
@@ -263,9 +315,7 @@ def test_move_without_p2p_is_unsupported() -> None:
 
     rt = runtime()
     with pytest.raises(Unsupported, match="enable_p2p"):
-        rt.cache_engine.move(
-            src_location="LocalCPUBackend", dst_peer_url="127.0.0.1:1", dst_location=None
-        )
+        rt.cache_engine.move(MoveRequest(source_location="LocalCPUBackend", peer_url="127.0.0.1:1"))
     rt.stop()
 
 

@@ -8,7 +8,7 @@ import kvplane
 from kvplane.api.context import ApiContext
 from kvplane.api.deps import check_token
 from kvplane.api.discovery import CATEGORIES, discover_routers
-from kvplane.api.error_handlers import install_error_handlers
+from kvplane.web.errors import install_error_handlers
 
 __all__ = ["build_app"]
 
@@ -21,7 +21,7 @@ def build_app(ctx: ApiContext, categories: tuple[str, ...] = CATEGORIES) -> Fast
         dependencies=[Depends(check_token)],
     )
     app.state.ctx = ctx
-    install_error_handlers(app)
+    install_error_handlers(app, "internal API")
     for found in discover_routers(categories):
         app.include_router(found.router, tags=[found.category])
     return app

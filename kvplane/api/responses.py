@@ -1,4 +1,4 @@
-"""The seeds' response shapes, built in one place."""
+"""The seeds' success shapes, built in one place (errors: :mod:`kvplane.web.errors`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from kvplane.errors import KvplaneError
-
-__all__ = ["Success", "error_body", "success"]
+__all__ = ["Success", "success"]
 
 
 class Success(BaseModel):
@@ -20,8 +18,3 @@ class Success(BaseModel):
 def success(**fields: Any) -> dict[str, Any]:
     """``{"status": "success", **fields}`` for shapes whose field names vary."""
     return {"status": "success", **fields}
-
-
-def error_body(exc: KvplaneError) -> dict[str, Any]:
-    """``{"error": title, "message": text, **details}``, the seeds' error shape."""
-    return {"error": exc.title, "message": str(exc), **exc.details}

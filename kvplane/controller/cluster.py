@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,14 +41,12 @@ class Done(NamedTuple):
 
 
 class CommandFailed(Unavailable):
-    """Some workers failed or did not answer; ``extra`` goes into the JSON error body."""
+    """Some workers failed or did not answer; the ``event_id`` and each worker's error code
+    are ``details`` of the JSON error body."""
 
     def __init__(self, message: str, event_id: str, result: FanOutResult) -> None:
-        super().__init__(message)
-        self.extra: dict[str, Any] = {
-            "event_id": event_id,
-            "error_codes": {str(w): int(r.error_code) for w, r in result.replies.items()},
-        }
+        codes = {str(w): int(r.error_code) for w, r in result.replies.items()}
+        super().__init__(message, details={"event_id": event_id, "error_codes": codes})
 
 
 class ReaderGate:

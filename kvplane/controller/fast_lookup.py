@@ -24,10 +24,9 @@ import numpy as np
 import simdjson
 
 from kvplane.errors import BadRequest
+from kvplane.keys import MAX_TOKEN_ID
 
-__all__ = ["MAX_TOKEN", "LookupAnswer", "LookupRoute", "TokenParser"]
-
-MAX_TOKEN = 2**31 - 1
+__all__ = ["LookupAnswer", "LookupRoute", "TokenParser"]
 
 _Scope = MutableMapping[str, Any]
 _Message = MutableMapping[str, Any]
@@ -40,7 +39,7 @@ LookupAnswer = Callable[[bytes], tuple[int, bytes]]
 
 
 class _Body(msgspec.Struct):
-    tokens: list[Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN)]]
+    tokens: list[Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]]
 
 
 _decode_checked = msgspec.json.Decoder(_Body).decode
@@ -55,7 +54,7 @@ class TokenParser:
 
     def parse(self, body: bytes) -> np.ndarray:
         """A ``{"tokens": [...]}`` body as a little-endian int32 array of token ids in
-        ``[0, MAX_TOKEN]``. Raises BadRequest naming the offending field."""
+        ``[0, MAX_TOKEN_ID]`` (:data:`kvplane.keys.TOKEN_ID_RANGE`). Raises BadRequest naming the offending field."""
         fast = self._parse_plain(body)
         if fast is not None:
             return fast
@@ -90,7 +89,7 @@ class TokenParser:
         # Not JSON, no "tokens", not all non-negative ints; RuntimeError: beyond 64 bits.
         except (KeyError, TypeError, ValueError, RuntimeError):
             return None
-        if ids.size and int(ids.max()) > MAX_TOKEN:
+        if ids.size and int(ids.max()) > MAX_TOKEN_ID:
             return None
         return ids.astype("<i4")
 

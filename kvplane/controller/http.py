@@ -1,6 +1,6 @@
 """The controller's HTTP API: the seeds' cluster endpoints plus /metrics, /healthz and the
-common internal endpoints. Request/response models sit next to their routes; one handler
-maps kvplane errors to ``{"error", "message"}`` JSON bodies with their status codes.
+common diagnostic endpoints. Request/response models sit next to their routes; errors get
+the body every kvplane API uses (:mod:`kvplane.web.errors`).
 """
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ from typing import Any
 
 import msgspec
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import AliasChoices, BaseModel, Field
 
 from kvplane.controller.cluster import Cluster
-from kvplane.controller.fast_lookup import MAX_TOKEN, LookupAnswer, LookupRoute, TokenParser
+from kvplane.controller.fast_lookup import LookupAnswer, LookupRoute, TokenParser
 from kvplane.controller.ops_api import build_ops_router
 from kvplane.controller.settings import ControllerSettings
 from kvplane.errors import BadRequest, KvplaneError
+from kvplane.keys import TOKEN_ID_RANGE, to_token_array
+from kvplane.web.errors import error_body, install_error_handlers
 
 __all__ = ["create_app"]
 
@@ -27,7 +28,7 @@ __all__ = ["create_app"]
 
 
 class LookupRequest(BaseModel):
-    tokens: list[int] = Field(description=f"token ids, each in [0, {MAX_TOKEN}]")
+    tokens: list[int] = Field(description=f"token ids, each in {TOKEN_ID_RANGE}")
 
 
 _encoder = msgspec.json.Encoder()
@@ -125,8 +126,12 @@ class QueryInstanceResponse(BaseModel):
 
 
 def _check_tokens(tokens: list[int] | None) -> list[int] | None:
-    if tokens and (min(tokens) < 0 or max(tokens) > MAX_TOKEN):
-        raise BadRequest(f"tokens: token ids must be in [0, {MAX_TOKEN}]")
+    """``tokens`` if every id is in the one token-id range; BadRequest naming them else."""
+    if tokens:
+        try:
+            to_token_array(tokens)
+        except ValueError as exc:
+            raise BadRequest(f"tokens: {exc}") from None
     return tokens
 
 
@@ -142,7 +147,7 @@ def build_lookup(cluster: Cluster, latency: Any) -> LookupAnswer:
             try:
                 tokens = parse_tokens(body)
             except KvplaneError as exc:
-                return exc.status_code, _encoder.encode(_error_body_of(exc))
+                return exc.status_code, _encoder.encode(error_body(exc))
             event_id, found = cluster.lookup(tokens)
             latency.observe(time.perf_counter() - start)
             layout = {i: (m.location, m.num_tokens) for i, m in found.items()}
@@ -241,14 +246,6 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
 # --- the app -------------------------------------------------------------------------------
 
 
-def _error_body(error: str, message: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"error": error, "message": message, **(extra or {})}
-
-
-def _error_body_of(exc: KvplaneError) -> dict[str, Any]:
-    return _error_body(type(exc).__name__, str(exc), getattr(exc, "extra", None))
-
-
 def create_app(cluster: Cluster, settings: ControllerSettings) -> FastAPI:
     """The controller's FastAPI app over a running cluster (OpenAPI at /docs)."""
     app = FastAPI(
@@ -260,17 +257,5 @@ def create_app(cluster: Cluster, settings: ControllerSettings) -> FastAPI:
     app.include_router(build_cluster_router(cluster, lookup_answer))
     app.include_router(ops_router)
     app.add_middleware(LookupRoute, answer=lookup_answer)
-
-    @app.exception_handler(KvplaneError)
-    async def kvplane_error(request: Request, exc: KvplaneError) -> JSONResponse:
-        return JSONResponse(_error_body_of(exc), status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
-            for err in exc.errors()
-        )
-        return JSONResponse(_error_body("BadRequest", problems or "invalid request"), 400)
-
+    install_error_handlers(app, "controller")
     return app

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-import threading
-import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,11 +11,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from kvplane.controller.cluster import Cluster
 from kvplane.controller.settings import ControllerSettings
-from kvplane.errors import BadRequest
+from kvplane.web.diagnostics import loglevel_router, threads_router
 
 __all__ = ["build_ops_router"]
-
-_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET")
 
 
 class _CoreCollector:
@@ -75,37 +69,7 @@ def build_ops_router(cluster: Cluster, settings: ControllerSettings) -> tuple[AP
     def conf() -> dict[str, Any]:
         return settings.to_dict()
 
-    @router.get("/threads")
-    def threads() -> list[dict[str, Any]]:
-        frames = sys._current_frames()
-        return [
-            {
-                "name": t.name,
-                "ident": t.ident,
-                "daemon": t.daemon,
-                "stack": traceback.format_stack(frames[t.ident]) if t.ident in frames else [],
-            }
-            for t in threading.enumerate()
-        ]
-
-    @router.get("/loglevel")
-    def loglevel(logger_name: str | None = None, level: str | None = None) -> dict[str, Any]:
-        """Without arguments: every logger's level; with ``logger_name``: that one's; with
-        ``level`` too: set it."""
-        if logger_name is None:
-            loggers = {"root": logging.getLevelName(logging.getLogger().level)}
-            for name, obj in sorted(logging.Logger.manager.loggerDict.items()):
-                if isinstance(obj, logging.Logger):
-                    loggers[name] = logging.getLevelName(obj.getEffectiveLevel())
-            return {"loggers": loggers}
-        logger = logging.getLogger(logger_name)
-        if level is not None:
-            if level.upper() not in _LEVELS:
-                raise BadRequest(f"level: {level!r} is not one of {list(_LEVELS)}")
-            logger.setLevel(level.upper())
-        return {
-            "logger_name": logger_name,
-            "level": logging.getLevelName(logger.getEffectiveLevel()),
-        }
+    router.include_router(threads_router())
+    router.include_router(loglevel_router())
 
     return router, latency

@@ -32,17 +32,17 @@ from kvplane.engine.kv_layout import (
 )
 from kvplane.engine.memory_pool import MemoryPage
 from kvplane.engine.metrics import EngineMetrics
-from kvplane.engine.p2p.move import MoveResult
+from kvplane.engine.p2p.move import MoveRequest, MoveResult
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import BadRequest, Unsupported
 from kvplane.keys import CacheKey, chunk_hashes, chunk_spans, to_token_array
 
-__all__ = ["CacheEngine", "RetrieveResult", "StoreResult"]
+__all__ = ["CacheEngine", "MoveRequest", "RetrieveResult", "StoreResult"]
 
 log = logging.getLogger(__name__)
 
 Decoder = Callable[[KVChunk], KVChunk]
-Mover = Callable[..., MoveResult]
+Mover = Callable[[MoveRequest, Sequence[CacheKey] | None], MoveResult]
 
 # Chunks planned before their copies are issued: large enough to batch kernels on CUDA,
 # small enough that the device works while the host plans the next ones.
@@ -391,13 +391,16 @@ class CacheEngine:
                 done += end - start
         return done
 
-    def compress_chunks(self, tokens: Any | None, method: str, location: str) -> CompressResult:
+    def compress_chunks(
+        self, tokens: Any | None, method: str, location: str, *, only_from: str | None = None
+    ) -> CompressResult:
         """Re-encode the chunks of ``tokens`` (None: every chunk) held in tier ``location``
-        with ``method`` (see :mod:`kvplane.engine.compression`; ``none`` decompresses);
-        retrieve decodes them. What changed, with the bytes saved, comes back.
+        with ``method`` (see :mod:`kvplane.engine.compression`; ``none`` decompresses),
+        with ``only_from`` only those now stored with that method; retrieve decodes them.
+        What changed, with the bytes saved, comes back.
         Raises BadRequest for an unknown tier or method, Conflict while frozen."""
         keys = None if tokens is None else self.keys_for(tokens)
-        result = self.storage.compress(method, location, keys)
+        result = self.storage.compress(method, location, keys, only_from=only_from)
         log.info(
             "%s: %d chunks (%d tokens) of %s now %s, %d bytes saved",
             "compress" if method != "none" else "decompress",
@@ -414,37 +417,23 @@ class CacheEngine:
         with ``method``. Raises as :meth:`compress_chunks`."""
         return self.compress_chunks(tokens, method, location).num_tokens
 
-    def decompress(
-        self, *, location: str, tokens: Any | None = None, method: str | None = None
-    ) -> int:
-        """The controller's decompress: tokens whose chunks in ``location`` are stored
-        uncompressed again (whatever ``method`` they were compressed with)."""
-        return self.compress_chunks(tokens, "none", location).num_tokens
+    def decompress(self, *, method: str, location: str, tokens: Any | None = None) -> int:
+        """The controller's decompress: the chunks in ``location`` compressed with
+        ``method`` are stored uncompressed again; returns their tokens (chunks stored
+        otherwise are left alone). Raises as :meth:`compress_chunks`, BadRequest naming
+        the valid methods for an unknown ``method``."""
+        return self.compress_chunks(tokens, "none", location, only_from=method).num_tokens
 
-    def move(
-        self,
-        *,
-        src_location: str,
-        dst_peer_url: str,
-        dst_location: str | None,
-        tokens: Any | None = None,
-        copy: bool = False,
-    ) -> int:
-        """The controller's move: push the chunks of ``tokens`` (None: all) held in local tier
-        ``src_location`` to the peer's tier ``dst_location``; without ``copy`` they leave
-        here once the peer accepted them. Returns the tokens moved. Raises Unsupported
-        without a peer-to-peer transport (``enable_p2p``), Unavailable for a dead peer."""
+    def move(self, request: MoveRequest) -> int:
+        """The controller's move: push the chunks of ``request.tokens`` (None: all) held in
+        local tier ``request.source_location`` to the peer's tier; without ``request.copy``
+        they leave here once the peer accepted them. Returns the tokens moved. Raises
+        Unsupported without a peer-to-peer transport (``enable_p2p``), BadRequest for an
+        unknown tier, Unavailable for a dead peer."""
         if self._mover is None:
             raise Unsupported("move needs the peer-to-peer transport (enable_p2p: true)")
-        keys = None if tokens is None else self.keys_for(tokens)
-        moved = self._mover(
-            source_location=src_location,
-            peer_url=dst_peer_url,
-            target_location=dst_location,
-            keys=keys,
-            copy=copy,
-        )
-        return moved.num_tokens
+        keys = None if request.tokens is None else self.keys_for(request.tokens)
+        return self._mover(request, keys).num_tokens
 
     # ------------------------------------------------------------------ helpers
     def _slots(self, slot_mapping: Any, num_tokens: int) -> torch.Tensor:

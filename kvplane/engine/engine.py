@@ -27,7 +27,7 @@ from kvplane.engine.tier_metrics import TierStatsCollector
 from kvplane.engine.tiers import GB, build_backends
 from kvplane.errors import ConfigError, Unavailable
 
-__all__ = ["Engine", "build_engine"]
+__all__ = ["Engine", "build_engine", "engine_metadata"]
 
 
 @dataclass(frozen=True)
@@ -48,21 +48,28 @@ class Engine:
     metrics: EngineMetrics
 
     def metadata(self) -> dict[str, Any]:
-        """What ``/meta`` shows about this engine."""
-        c = self.config
-        return {
-            "model_name": c.model_name,
-            "world_size": c.world_size,
-            "worker_id": c.worker_id,
-            "instance_id": c.lmcache_instance_id,
-            "kv_dtype": str(self.layout.dtype).removeprefix("torch."),
-            # a packed layout's chunks hold the same KV as the paged shape says
-            "kv_shape": list(self.layout._replace(packed=False).chunk_shape(c.chunk_size)),
-            "chunk_size": c.chunk_size,
-            "use_mla": self.layout.use_mla,
-            "is_first_rank": c.worker_id == 0,
-            "kvplane_version": __version__,
-        }
+        """What ``/meta`` shows about this engine (:func:`engine_metadata`)."""
+        return engine_metadata(self.config, self.layout)
+
+
+def engine_metadata(config: EngineConfig, layout: KVLayout | None = None) -> dict[str, Any]:
+    """What ``/meta`` shows about an engine of ``config`` and ``layout`` (default: the
+    config's ``kv_*`` keys, what a process without an engine, a scheduler, shows)."""
+    c = config
+    layout = layout or KVLayout.from_config(c)
+    return {
+        "model_name": c.model_name,
+        "world_size": c.world_size,
+        "worker_id": c.worker_id,
+        "instance_id": c.lmcache_instance_id,
+        "kv_dtype": str(layout.dtype).removeprefix("torch."),
+        # a packed layout's chunks hold the same KV as the paged shape says
+        "kv_shape": list(layout._replace(packed=False).chunk_shape(c.chunk_size)),
+        "chunk_size": c.chunk_size,
+        "use_mla": layout.use_mla,
+        "is_first_rank": c.worker_id == 0,
+        "kvplane_version": __version__,
+    }
 
 
 def build_engine(

@@ -303,12 +303,21 @@ class StorageManager:
         return held
 
     def compress(
-        self, method: str, location: str, keys: Sequence[CacheKey] | None = None
+        self,
+        method: str,
+        location: str,
+        keys: Sequence[CacheKey] | None = None,
+        *,
+        only_from: str | None = None,
     ) -> CompressResult:
         """Re-encode the chunks of tier ``location`` (all, or those of ``keys`` it holds)
-        with ``method`` (``none`` decompresses). A chunk a reader is using right now is
-        skipped. Raises BadRequest (unknown tier or method), Conflict while frozen."""
+        with ``method`` (``none`` decompresses); with ``only_from``, only those stored with
+        that method now (the others are neither changed nor counted). A chunk a reader is
+        using right now is skipped. Raises BadRequest (unknown tier or method), Conflict
+        while frozen."""
         get_codec(method)
+        if only_from is not None:
+            get_codec(only_from)
         self._check_name(location)
         if self._frozen:
             raise Conflict("the engine is frozen: stored chunks may not change")
@@ -316,7 +325,7 @@ class StorageManager:
         result = CompressResult(0, 0, 0, 0)
         for key in backend.keys() if keys is None else keys:
             chunk = backend.get(key)
-            if chunk is None:
+            if chunk is None or only_from not in (None, chunk.meta.compression):
                 continue
             packed = compress(chunk, method)
             if packed is not chunk and not backend.replace_chunk(key, packed):
@@ -328,6 +337,14 @@ class StorageManager:
                 result.bytes_after + packed.nbytes,
             )
         return result
+
+    def snapshot(self, match: Callable[[CacheKey], bool]) -> dict[str, list[int]]:
+        """The chunk hashes of the keys ``match`` accepts, per tier (every tier, in order,
+        bypassed or not): what a controller worker resends when it (re)registers."""
+        return {
+            name: [key.chunk_hash for key in backend.keys() if match(key)]
+            for name, backend in self.backends.items()
+        }
 
     def clear(self, locations: Sequence[str] | None = None) -> int:
         """Remove chunks from the named tiers (all when None); returns how many."""

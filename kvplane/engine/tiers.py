@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from kvplane.config import EngineConfig
+from kvplane.config import EngineConfig, rank_port
 from kvplane.engine.backends.base import StorageBackend
 from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.backends.disk import LocalDiskBackend
@@ -19,7 +19,7 @@ from kvplane.engine.backends.remote import RemoteBackend
 from kvplane.engine.chunk_files import directory_from_url
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.p2p import ChunkServer, P2PClient
-from kvplane.engine.p2p.move import MoveResult, move_chunks
+from kvplane.engine.p2p.move import MoveRequest, MoveResult, move_chunks
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import ConfigError
 from kvplane.keys import CacheKey
@@ -110,12 +110,7 @@ class P2PNode:
     name = "p2p"
 
     def __init__(self, config: EngineConfig, storage: StorageManager) -> None:
-        ports = config.p2p_init_ports
-        if ports is not None and len(ports) <= config.worker_id:
-            raise ConfigError(
-                f"p2p_init_ports: {ports} has no port for worker_id {config.worker_id}"
-            )
-        port = ports[config.worker_id] if ports is not None else 0
+        port = rank_port("p2p_init_ports", config.p2p_init_ports, config.worker_id) or 0
         self.client = P2PClient(
             timeout_s=config.p2p_timeout_s, max_transfer_bytes=config.p2p_max_transfer_bytes
         )
@@ -140,25 +135,10 @@ class P2PNode:
         if self.backend is not None:
             self.backend.set_peer_locator(peer_locator)
 
-    def move(
-        self,
-        *,
-        source_location: str,
-        peer_url: str,
-        target_location: str | None,
-        keys: Sequence[CacheKey] | None = None,
-        copy: bool = False,
-    ) -> MoveResult:
-        """Push chunks of a local tier to a peer's tier (see :func:`move_chunks`)."""
-        return move_chunks(
-            self.storage,
-            self.client,
-            source_location=source_location,
-            peer_url=peer_url,
-            target_location=target_location,
-            keys=keys,
-            copy=copy,
-        )
+    def move(self, request: MoveRequest, keys: Sequence[CacheKey] | None = None) -> MoveResult:
+        """Push chunks of a local tier to a peer's tier: those of ``keys`` (None: all; see
+        :func:`move_chunks`)."""
+        return move_chunks(self.storage, self.client, request, keys)
 
     def bind(self) -> None:
         """Take the port now (``url`` is then final), before the worker registers it."""

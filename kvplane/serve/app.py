@@ -28,6 +28,7 @@ from kvplane.serve.protocol import (
     Usage,
 )
 from kvplane.serve.tokenizer import Tokenizer
+from kvplane.web.errors import validation_message
 
 __all__ = ["TTFT_HEADER", "create_app"]
 
@@ -45,10 +46,7 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        return _error(400, "BadRequest", detail)
+        return _error(400, "BadRequest", validation_message(exc))
 
     @app.get("/health")
     def health() -> Response:

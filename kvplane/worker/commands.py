@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kvplane.engine.p2p.move import MoveRequest
 from kvplane.errors import BadRequest, Unsupported
 from kvplane.protocol import (
     CheckFinishCommand,
@@ -115,14 +116,14 @@ class CommandHandlers:
             raise BadRequest(
                 f"destination instance {cmd.dst_instance_id!r} has no peer URL (enable_p2p)"
             )
-        moved = self._engine.move(
-            src_location=cmd.src_location,
-            dst_peer_url=cmd.dst_peer_url,
-            dst_location=cmd.dst_location or None,
+        request = MoveRequest(
+            source_location=cmd.src_location,
+            peer_url=cmd.dst_peer_url,
+            target_location=cmd.dst_location or None,
             tokens=cmd.tokens,
             copy=cmd.copy,
         )
-        return CommandReply(num_tokens=moved)
+        return CommandReply(num_tokens=self._engine.move(request))
 
     def _health(self, cmd: HealthCommand) -> CommandReply:
         return CommandReply()

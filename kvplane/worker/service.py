@@ -1,84 +1,60 @@
-"""The controller worker: a service inside each engine process (one per rank).
+"""The controller worker: a service inside each engine process (one per rank), the thin
+shell around :class:`~kvplane.worker.session.WorkerSession`.
 
 Two threads, each owning its sockets:
 
-* ``kvplane-worker``: registers (instance, rank, ip, command port, peer URL, key scheme),
-  heartbeats every ``lmcache_worker_heartbeat_time`` from registration on, streams the
-  storage events as numbered :class:`ChunkReport` batches over PUSH, and deregisters on
-  stop. Told "unknown worker" (controller restarted or reaped us) or "resync" (a sequence
-  gap), it waits a random jitter, registers again and resends its full key set.
+* ``kvplane-worker``: drives the session (register, heartbeat every
+  ``lmcache_worker_heartbeat_time``, re-register and resend the full key set when the
+  controller lost this worker or saw a gap), streams the storage events as numbered
+  :class:`ChunkReport` batches over PUSH every 20 ms, and deregisters on stop.
 * ``kvplane-worker-cmd``: answers controller commands on the command port.
 
-Every request carries a deadline (``controller_timeout_s``), sockets have LINGER 0, and a
-report that cannot be queued is dropped but still numbered, so the controller sees the gap
-and asks for a resync instead of silently drifting.
+Every request carries a deadline (``controller_timeout_s``) and sockets have LINGER 0. The
+p2p tier's peer lookups go through :attr:`ControllerWorker.peers`
+(:class:`~kvplane.worker.peers.PeerDirectory`), on the threads that miss.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
-import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import zmq
 
+from kvplane.config import rank_port
 from kvplane.engine.backends.base import ChunkAdmitted
 from kvplane.errors import ConfigError
 from kvplane.keys import key_scheme_fingerprint
 from kvplane.protocol import (
-    ChunkReport,
     CommandReply,
-    DeregisterRequest,
     ErrorCode,
-    HeartbeatRequest,
-    HeartbeatStatus,
-    PeerLookupReply,
-    PeerLookupRequest,
+    HeartbeatReply,
     RegisterReply,
     RegisterRequest,
     decode,
     encode,
-    pack_hashes,
 )
 from kvplane.worker.commands import CommandHandlers
+from kvplane.worker.link import ControllerLink, local_ip_towards, zmq_url
 from kvplane.worker.metrics import COUNTER_HELP, WorkerStatsCollector
+from kvplane.worker.peers import PeerDirectory
 from kvplane.worker.reports import ReportBuffer
+from kvplane.worker.session import Change, Outgoing, WorkerSession
 
 if TYPE_CHECKING:
     from kvplane.config import EngineConfig
     from kvplane.engine.backends.base import StorageEvent
     from kvplane.engine.engine import Engine
     from kvplane.engine.tiers import P2PNode
-    from kvplane.keys import CacheKey
 
-__all__ = ["ControllerWorker", "local_ip_towards", "zmq_url"]
+__all__ = ["ControllerWorker"]
 
 log = logging.getLogger(__name__)
 
 _FLUSH_S = 0.02  # how long an event may wait before it is sent
-
-
-def zmq_url(address: str) -> str:
-    """``host:port`` (the seeds' form) or a full ``tcp://`` URL."""
-    return address if "://" in address else f"tcp://{address}"
-
-
-def local_ip_towards(url: str) -> str:
-    """The local address that routes to ``url``'s host (a UDP connect sends nothing)."""
-    host = url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    try:
-        family = socket.getaddrinfo(host, None)[0][0]
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((host, 9))
-            return str(s.getsockname()[0])
-    except OSError:
-        return "127.0.0.1"
 
 
 class ControllerWorker:
@@ -90,7 +66,7 @@ class ControllerWorker:
         """``p2p``: this process's peer node, if any: its URL is registered as the
         ``peer_init_url``. The constructor subscribes to nothing: whoever builds the worker
         feeds it the engine's storage events (:meth:`on_event`) and, with p2p, makes
-        :meth:`locate_peer` the p2p tier's locator."""
+        ``peers.locate`` the p2p tier's locator."""
         if not config.controller_pull_url:
             raise ConfigError("enable_controller needs controller_pull_url (host:port)")
         self.config = config
@@ -98,24 +74,29 @@ class ControllerWorker:
         self.instance_id = config.lmcache_instance_id
         self.worker_id = config.worker_id
         self.pull_url = zmq_url(config.controller_pull_url)
-        self.reply_url = (
-            zmq_url(config.controller_reply_url) if config.controller_reply_url else None
-        )
+        reply_url = zmq_url(config.controller_reply_url) if config.controller_reply_url else None
         self.ip = local_ip_towards(self.pull_url)
         self.p2p = p2p
-        self.port: int | None = _configured(config.lmcache_worker_ports, config.worker_id)
-        self.heartbeat_s = config.lmcache_worker_heartbeat_time
-        self.timeout_s = config.controller_timeout_s
+        self.port = rank_port("lmcache_worker_ports", config.lmcache_worker_ports, self.worker_id)
         self.buffer = ReportBuffer()
-        self.registered = threading.Event()
+        self.registered = threading.Event()  # mirrors the session, for other threads
         self._resync_requested = threading.Event()
         self.handlers = CommandHandlers(
             engine.cache_engine, config.chunk_size, self._resync_requested.set
         )
         self.stats = dict.fromkeys(COUNTER_HELP, 0)  # written by the control thread only
-        self._epoch = 0
-        self._seq = 0
         self._ctx = zmq.Context()
+        self._who = f"worker {self.instance_id}/{self.worker_id}"
+        self.link = ControllerLink(self._ctx, reply_url, who=self._who)
+        self.peers = PeerDirectory(
+            self.link,
+            instance_id=self.instance_id,
+            worker_id=self.worker_id,
+            chunk_size=config.chunk_size,
+            timeout_s=config.p2p_timeout_s,
+            registered=self.registered.is_set,
+        )
+        self.session: WorkerSession | None = None  # built by start(), once the port is bound
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._cmd_sock: zmq.Socket[bytes] | None = None
@@ -130,7 +111,9 @@ class ControllerWorker:
         configured ``p2p_host:p2p_init_ports[worker_id]``, else None."""
         if self.p2p is not None:
             return self.p2p.url
-        return _peer_url(self.config)
+        c = self.config
+        port = rank_port("p2p_init_ports", c.p2p_init_ports, c.worker_id)
+        return f"{c.p2p_host}:{port}" if port is not None else None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -150,6 +133,24 @@ class ControllerWorker:
             sock.close()
             raise ConfigError(f"worker command port {host}:{self.port}: {exc}") from None
         self._cmd_sock = sock
+        c = self.config
+        hello = RegisterRequest(
+            instance_id=self.instance_id,
+            worker_id=self.worker_id,
+            ip=self.ip,
+            port=self.port,
+            peer_init_url=self.peer_init_url,
+            key_scheme=key_scheme_fingerprint(c.chunk_size),
+            chunk_size=c.chunk_size,
+            epoch=0,
+        )
+        self.session = WorkerSession(
+            hello,
+            heartbeat_s=c.lmcache_worker_heartbeat_time,
+            timeout_s=c.controller_timeout_s,
+            replies=self.link.answers,
+            now=time.monotonic(),
+        )
         for target, name in (
             (self._control_loop, "kvplane-worker"),
             (self._command_loop, "kvplane-worker-cmd"),
@@ -158,20 +159,19 @@ class ControllerWorker:
             thread.start()
             self._threads.append(thread)
         log.info(
-            "worker %s/%d: command port %s:%d, controller %s (reply %s)",
-            self.instance_id,
-            self.worker_id,
+            "%s: command port %s:%d, controller %s (reply %s)",
+            self._who,
             self.ip,
             self.port,
             self.pull_url,
-            self.reply_url,
+            self.link.reply_url,
         )
 
     def stop(self) -> None:
         """Deregister (so this rank's chunks leave lookups at once) and stop the threads."""
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=self.timeout_s + 5)
+            thread.join(timeout=self.config.controller_timeout_s + 5)
         self._threads = []
         self._ctx.term()
 
@@ -183,190 +183,84 @@ class ControllerWorker:
         if event.key.worker_id == self.worker_id:
             self.buffer.record(admit, event.location, event.key.chunk_hash)
 
-    def _snapshot(self) -> Iterable[tuple[str, list[int]]]:
-        c = self.config
-        for name, backend in self.engine.storage.backends.items():
-            hashes = [
-                k.chunk_hash
-                for k in backend.keys()
-                if k.worker_id == self.worker_id and k.model_name == c.model_name
-            ]
-            yield name, hashes
+    def _snapshot(self) -> dict[str, list[int]]:
+        model = self.config.model_name
+        return self.engine.storage.snapshot(
+            lambda k: k.worker_id == self.worker_id and k.model_name == model
+        )
 
     # --- the control thread ------------------------------------------------------------------
 
     def _control_loop(self) -> None:
+        session = self.session
+        assert session is not None  # built by start()
         push: zmq.Socket[bytes] = self._ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.SNDHWM, 10_000)
         push.connect(self.pull_url)
-        next_register = time.monotonic()
-        next_beat = float("inf")
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                if not self.registered.is_set() and now >= next_register:
-                    if self._register(push):
-                        next_beat = now + self.heartbeat_s
-                    else:
-                        next_register = now + min(1.0, self.heartbeat_s)
-                status: HeartbeatStatus | None = None
-                if self.registered.is_set() and now >= next_beat:
-                    next_beat = now + self.heartbeat_s
-                    status = self._heartbeat(push)
+                out = session.poll(now)
+                if out is not None:
+                    reply = self._exchange(out, push)
+                    self._apply(session.on_reply(reply, now), reply)
                 if self._resync_requested.is_set():  # by command (pull-only mode)
                     self._resync_requested.clear()
-                    status = HeartbeatStatus.RESYNC if self.registered.is_set() else status
-                if status in (HeartbeatStatus.UNKNOWN_WORKER, HeartbeatStatus.RESYNC):
-                    log.info(
-                        "worker %s/%d: controller says %s; re-registering and resyncing",
-                        self.instance_id,
-                        self.worker_id,
-                        status.name,
-                    )
-                    self.registered.clear()
-                    self.buffer.close()
-                    self.stats["resyncs"] += 1
-                    next_register = now + random.uniform(0, min(1.0, self.heartbeat_s / 2))
-                self._flush(push)
+                    self._apply(session.resync_requested(now), None)
+                self._flush(session, push)
                 self._stop.wait(_FLUSH_S)
-            self._flush(push)
-            self._deregister(push)
+            self._flush(session, push)
+            bye = session.close()
+            if bye is not None:
+                self._exchange(bye, push)
+            self.registered.clear()
         except Exception:  # the engine must go on serving even if reporting breaks
             log.exception("worker control loop failed")
         finally:
             push.close(linger=0)
 
-    def _register(self, push: zmq.Socket[bytes]) -> bool:
-        epoch = random.getrandbits(62)
-        req = RegisterRequest(
-            instance_id=self.instance_id,
-            worker_id=self.worker_id,
-            ip=self.ip,
-            port=self.port or 0,
-            peer_init_url=self.peer_init_url,
-            key_scheme=key_scheme_fingerprint(self.config.chunk_size),
-            chunk_size=self.config.chunk_size,
-            epoch=epoch,
-        )
-        reply = self._request(req, push)
-        if self.reply_url is not None:
-            if not isinstance(reply, RegisterReply):
-                return False
-            if not reply.ok:
-                log.error(
-                    "worker %s/%d: controller refused registration: %s",
-                    self.instance_id,
-                    self.worker_id,
-                    reply.reason,
-                )
-                return False
-        self._epoch, self._seq = epoch, 0
-        resent = self.buffer.restart(self._snapshot)
-        self.registered.set()
-        self.stats["registrations"] += 1
-        log.info(
-            "worker %s/%d registered with the controller%s",
-            self.instance_id,
-            self.worker_id,
-            f"; resyncing {resent} chunks" if resent else "",
-        )
-        return True
-
-    def _heartbeat(self, push: zmq.Socket[bytes]) -> HeartbeatStatus | None:
-        req = HeartbeatRequest(
-            instance_id=self.instance_id,
-            worker_id=self.worker_id,
-            epoch=self._epoch,
-            ip=self.ip,
-            port=self.port,
-        )
-        # Never wait past the next beat: after a controller restart the lost request must
-        # not delay the heartbeat that learns of it.
-        reply = self._request(req, push, timeout=min(self.timeout_s, self.heartbeat_s))
-        status = getattr(reply, "status", None)
-        return None if status is None else HeartbeatStatus(status)
-
-    def _deregister(self, push: zmq.Socket[bytes]) -> None:
-        if self.registered.is_set():
-            req = DeregisterRequest(
-                instance_id=self.instance_id, worker_id=self.worker_id, epoch=self._epoch
+    def _apply(self, change: Change, reply: Any) -> None:
+        """Act on what the session says changed: the report stream follows registration."""
+        if change is Change.REGISTERED:
+            resent = self.buffer.restart(lambda: self._snapshot().items())
+            self.registered.set()
+            self.stats["registrations"] += 1
+            log.info(
+                "%s registered with the controller%s",
+                self._who,
+                f"; resyncing {resent} chunks" if resent else "",
             )
-            self._request(req, push, timeout=min(self.timeout_s, 2.0))
+        elif change is Change.REFUSED:
+            reason = reply.reason if isinstance(reply, RegisterReply) else ""
+            log.error("%s: controller refused registration: %s", self._who, reason)
+        elif change is Change.DROPPED:
+            why = reply.status.name if isinstance(reply, HeartbeatReply) else "RESYNC (command)"
+            log.info("%s: controller says %s; re-registering and resyncing", self._who, why)
             self.registered.clear()
+            self.buffer.close()
+            self.stats["resyncs"] += 1
 
-    def _flush(self, push: zmq.Socket[bytes]) -> None:
-        if not len(self.buffer) or not self.registered.is_set():
+    def _exchange(self, out: Outgoing, push: zmq.Socket[bytes]) -> Any:
+        """Send a session request: over the reply port (its reply, None on timeout), or in
+        pull-only mode over PUSH with no reply."""
+        if self.link.answers:
+            return self.link.request(out.message, out.timeout_s)
+        with contextlib.suppress(zmq.Again):
+            push.send(encode(out.message), zmq.NOBLOCK)
+        return None
+
+    def _flush(self, session: WorkerSession, push: zmq.Socket[bytes]) -> None:
+        if not len(self.buffer) or not session.registered:
             return
         for segments in self.buffer.drain():
-            self._seq += 1
-            report = ChunkReport(
-                instance_id=self.instance_id,
-                worker_id=self.worker_id,
-                epoch=self._epoch,
-                seq=self._seq,
-                segments=segments,
-            )
+            report = session.next_report(segments)  # numbered even if dropped: a gap
             try:
                 push.send(encode(report), zmq.NOBLOCK)
                 self.stats["reports_sent"] += 1
                 self.stats["events_sent"] += sum(len(s.hashes) // 8 for s in segments)
             except zmq.Again:  # the numbered gap makes the controller ask for a resync
                 self.stats["reports_dropped"] += 1
-
-    def _request(
-        self, msg: msgspec.Struct, push: zmq.Socket[bytes] | None, timeout: float | None = None
-    ) -> Any:
-        """Send a request and wait for its reply under a deadline; None on timeout.
-
-        Without a reply URL (the seeds' pull-only mode) the request goes over PUSH and no
-        reply is awaited. A fresh REQ socket per request keeps a lost reply from wedging it.
-        """
-        if self.reply_url is None:
-            if push is not None:
-                with contextlib.suppress(zmq.Again):
-                    push.send(encode(msg), zmq.NOBLOCK)
-            return None
-        sock: zmq.Socket[bytes] = self._ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            sock.connect(self.reply_url)
-            sock.send(encode(msg))
-            if not sock.poll(int((timeout or self.timeout_s) * 1000)):
-                log.warning(
-                    "worker %s/%d: controller %s did not answer %s within %.1fs",
-                    self.instance_id,
-                    self.worker_id,
-                    self.reply_url,
-                    type(msg).__name__,
-                    timeout or self.timeout_s,
-                )
-                return None
-            return decode(sock.recv())
-        except Exception as exc:
-            log.warning("worker request %s failed: %s", type(msg).__name__, exc)
-            return None
-        finally:
-            sock.close(linger=0)
-
-    # --- peer lookups (called from engine threads) ---------------------------------------------
-
-    def locate_peer(self, keys: Sequence[CacheKey]) -> str | None:
-        """The chunk-server URL of another instance's same rank holding ``keys`` from the
-        first one on, per the controller; None when none does or it does not answer within
-        ``p2p_timeout_s``."""
-        if self.reply_url is None or not keys or not self.registered.is_set():
-            return None
-        req = PeerLookupRequest(
-            instance_id=self.instance_id,
-            worker_id=self.worker_id,
-            hashes=pack_hashes([k.chunk_hash for k in keys]),
-            chunk_size=self.config.chunk_size,
-        )
-        reply = self._request(req, None, timeout=self.config.p2p_timeout_s)
-        if not isinstance(reply, PeerLookupReply) or not reply.num_chunks:
-            return None
-        return reply.peer_init_url
 
     # --- the command thread ------------------------------------------------------------------
 
@@ -385,18 +279,3 @@ class ControllerWorker:
                 sock.send(encode(reply))
         finally:
             sock.close(linger=0)
-
-
-def _configured(ports: list[int] | None, worker_id: int) -> int | None:
-    if not ports:
-        return None
-    if worker_id >= len(ports):
-        raise ConfigError(
-            f"lmcache_worker_ports has {len(ports)} port(s), none for worker_id {worker_id}"
-        )
-    return ports[worker_id]
-
-
-def _peer_url(config: EngineConfig) -> str | None:
-    port = _configured(config.p2p_init_ports, config.worker_id)
-    return f"{config.p2p_host}:{port}" if port is not None else None

@@ -19,9 +19,9 @@ from kvplane.api.engine.bypass_api import check_backend
 from kvplane.api.responses import Success
 from kvplane.api.slot_syntax import parse_slot_mapping
 from kvplane.errors import BadRequest
+from kvplane.keys import MAX_TOKEN_ID, to_token_array
 
 __all__ = [
-    "MAX_TOKEN_ID",
     "ClearResponse",
     "RetrieveResponse",
     "StoreResponse",
@@ -48,14 +48,11 @@ class RetrieveResponse(Success):
     num_retrieved: int  # leading tokens loaded into the KV caches
 
 
-MAX_TOKEN_ID = 2**31 - 1  # keys hash token ids as int32
-
-
 def parse_tokens(
     tokens_mock: str | None, tokens_input: str | None, *, limit: int | None = None
 ) -> list[int]:
     """The request's tokens. Raises BadRequest for none, both, a malformed value, a token id
-    beyond int32, or more than ``limit`` tokens (checked before a mock range is built)."""
+    outside :data:`~kvplane.keys.TOKEN_ID_RANGE`, or more than ``limit`` tokens (checked before a mock range is built)."""
     if (tokens_mock is None) == (tokens_input is None):
         raise BadRequest(
             "Must specify either tokens_input or tokens_mock", title="Missing parameters"
@@ -81,8 +78,10 @@ def parse_tokens(
         raise BadRequest(
             f"tokens_input must be comma-separated integers, got {tokens_input!r}"
         ) from None
-    if any(not 0 <= t <= MAX_TOKEN_ID for t in tokens):
-        raise BadRequest(f"tokens_input: token ids must be in [0, {MAX_TOKEN_ID}]")
+    try:
+        to_token_array(tokens)
+    except ValueError as exc:
+        raise BadRequest(f"tokens_input: {exc}") from None
     _check_count(len(tokens), limit)
     return tokens
 

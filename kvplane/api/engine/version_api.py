@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 import kvplane
-from kvplane.api.common.meta_api import engine_metadata
+from kvplane.api.common.meta_api import server_metadata
 from kvplane.api.deps import Ctx
 from kvplane.errors import KvplaneError
 
@@ -98,7 +98,7 @@ def inference_version() -> dict[str, Any]:
 def inference_info(ctx: Ctx, format: str | None = None) -> dict[str, Any]:
     """``format`` is reserved (accepted and ignored), as in the seed."""
     try:
-        meta = engine_metadata(ctx)
+        meta = server_metadata(ctx)
         backends = list(ctx.engine.storage.backends) if ctx.engine is not None else []
     except Exception as exc:
         raise KvplaneError(str(exc), title="Failed to get inference info") from exc

@@ -8,6 +8,7 @@ leaves the source only once the peer has accepted it; a refused chunk stays wher
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from kvplane.engine.backends.base import StorageBackend
@@ -17,7 +18,18 @@ from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import BadRequest
 from kvplane.keys import CacheKey
 
-__all__ = ["MoveResult", "move_chunks"]
+__all__ = ["MoveRequest", "MoveResult", "move_chunks"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoveRequest:
+    """The controller's ``move`` as the engine takes it: which chunks go to which peer tier."""
+
+    source_location: str  # the local tier the chunks are read from
+    peer_url: str  # the destination rank's chunk server, ``host:port``
+    target_location: str | None = None  # the peer's tier; None: its usual store path
+    tokens: Sequence[int] | None = None  # whose chunks; None: every chunk of the source tier
+    copy: bool = False  # keep the source copy (False: a chunk the peer accepted leaves here)
 
 
 class MoveResult(NamedTuple):
@@ -28,21 +40,18 @@ class MoveResult(NamedTuple):
 def move_chunks(
     storage: StorageManager,
     client: P2PClient,
-    *,
-    source_location: str,
-    peer_url: str,
-    target_location: str | None,
+    request: MoveRequest,
     keys: Sequence[CacheKey] | None = None,
-    copy: bool = False,
 ) -> MoveResult:
-    """Push the chunks of ``keys`` (None: all) held in local tier ``source_location`` to the
-    peer's tier ``target_location`` (None: its usual store path); remove each accepted one
-    from the source unless ``copy``. Raises BadRequest for an unknown source tier and
-    Unavailable when the peer cannot be reached (chunks already moved stay moved)."""
-    source = storage.backends.get(source_location)
+    """Push the chunks of ``keys`` (the keys of ``request.tokens``, which the caller
+    computed; None: all) held in local tier ``request.source_location`` to the peer's tier
+    ``request.target_location``; remove each accepted one from the source unless
+    ``request.copy``. Raises BadRequest for an unknown source tier and Unavailable when the
+    peer cannot be reached (chunks already moved stay moved)."""
+    source = storage.backends.get(request.source_location)
     if source is None:
         raise BadRequest(
-            f"Backend {source_location!r} not found. Available: {list(storage.backends)}"
+            f"Backend {request.source_location!r} not found. Available: {list(storage.backends)}"
         )
     moved = MoveResult(0, 0)
     batch: list[tuple[CacheKey, KVChunk]] = []
@@ -52,31 +61,29 @@ def move_chunks(
         if chunk is None:
             continue
         if batch and batch_bytes + chunk.nbytes > client.max_transfer_bytes:
-            moved = _send(source, client, peer_url, target_location, batch, copy, moved)
+            moved = _send(source, client, request, batch, moved)
             batch, batch_bytes = [], 0
         batch.append((key, chunk))
         batch_bytes += chunk.nbytes
     if batch:
-        moved = _send(source, client, peer_url, target_location, batch, copy, moved)
+        moved = _send(source, client, request, batch, moved)
     return moved
 
 
 def _send(
     source: StorageBackend,
     client: P2PClient,
-    peer_url: str,
-    target_location: str | None,
+    request: MoveRequest,
     batch: list[tuple[CacheKey, KVChunk]],
-    copy: bool,
     moved: MoveResult,
 ) -> MoveResult:
-    accepted = client.push(peer_url, batch, location=target_location)
+    accepted = client.push(request.peer_url, batch, location=request.target_location)
     chunks, tokens = moved
     for (key, chunk), ok in zip(batch, accepted, strict=True):
         if not ok:
             continue
         chunks += 1
         tokens += chunk.meta.num_tokens
-        if not copy:
+        if not request.copy:
             source.remove(key)
     return MoveResult(chunks, tokens)

@@ -1,0 +1,69 @@
+"""One error body for kvplane's HTTP APIs, and the handlers that produce it.
+
+A :class:`~kvplane.errors.KvplaneError` becomes ``{"error": title, "message": text,
+**details}`` with its status code (the seeds' shape: ``title`` such as "Unknown backend",
+``details`` such as a failed command's ``event_id`` and ``error_codes``); a body or query
+that does not validate becomes 400 "Invalid parameters" naming each field; an unmatched
+route or method keeps its status; anything else is a logged 500 "Internal error".
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from kvplane.errors import KvplaneError, Unauthorized
+
+__all__ = ["error_body", "install_error_handlers", "validation_message"]
+
+log = logging.getLogger(__name__)
+
+
+def error_body(exc: KvplaneError) -> dict[str, Any]:
+    """``{"error": title, "message": text, **details}``."""
+    return {"error": exc.title, "message": str(exc), **exc.details}
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """Each problem as ``field.path: what is wrong``, joined by ``; ``."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+        for err in exc.errors()
+    )
+    return problems or "invalid request"
+
+
+def install_error_handlers(app: FastAPI, what: str) -> None:
+    """Map exceptions to the error body on ``app``; ``what`` names the API in the log line
+    of an unexpected failure ("internal API", "controller")."""
+
+    @app.exception_handler(KvplaneError)
+    async def kvplane_error(request: Request, exc: KvplaneError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        body = {"error": "Invalid parameters", "message": validation_message(exc)}
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": exc.detail, "message": f"{request.method} {request.url.path}: {exc.detail}"},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s %s failed", what, request.method, request.url.path)
+        return JSONResponse(
+            {"error": "Internal error", "message": f"{type(exc).__name__}: {exc}"},
+            status_code=500,
+        )

@@ -1,0 +1,82 @@
+"""The worker's wire to the controller's reply port, and the address helpers.
+
+:class:`ControllerLink` sends one request and waits for its reply under a deadline, on a
+fresh REQ socket each time (a lost reply never wedges the next request), so any thread may
+use it: the control thread for registrations and heartbeats, engine threads for peer
+lookups. Without a reply URL (the seeds' pull-only mode) nothing can be asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import msgspec
+import zmq
+
+from kvplane.protocol import decode, encode
+
+__all__ = ["ControllerLink", "local_ip_towards", "zmq_url"]
+
+log = logging.getLogger(__name__)
+
+
+def zmq_url(address: str) -> str:
+    """``host:port`` (the seeds' form) or a full ``tcp://`` URL."""
+    return address if "://" in address else f"tcp://{address}"
+
+
+def local_ip_towards(url: str) -> str:
+    """The local address that routes to ``url``'s host (a UDP connect sends nothing)."""
+    host = url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        family = socket.getaddrinfo(host, None)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+class ControllerLink:
+    """Request/reply with the controller's REP socket at ``reply_url`` (None: none)."""
+
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], reply_url: str | None, *, who: str = "worker"
+    ) -> None:
+        """``who`` names the worker in log lines (``worker inst/0``)."""
+        self._ctx = ctx
+        self.reply_url = reply_url
+        self._who = who
+
+    @property
+    def answers(self) -> bool:
+        """Whether the controller has a reply port (else requests go over PUSH, unanswered)."""
+        return self.reply_url is not None
+
+    def request(self, msg: msgspec.Struct, timeout_s: float) -> Any:
+        """Send ``msg`` and return the decoded reply; None when there is no reply port,
+        the controller did not answer within ``timeout_s``, or the exchange failed."""
+        if self.reply_url is None:
+            return None
+        sock: zmq.Socket[bytes] = self._ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.reply_url)
+            sock.send(encode(msg))
+            if not sock.poll(int(timeout_s * 1000)):
+                log.warning(
+                    "%s: controller %s did not answer %s within %.1fs",
+                    self._who,
+                    self.reply_url,
+                    type(msg).__name__,
+                    timeout_s,
+                )
+                return None
+            return decode(sock.recv())
+        except Exception as exc:
+            log.warning("%s: request %s failed: %s", self._who, type(msg).__name__, exc)
+            return None
+        finally:
+            sock.close(linger=0)
