@@ -350,7 +350,7 @@ def test_disk_tier_serves_after_restart_while_controller_and_redis_are_down(
         first = complete(server, PROMPT)
         assert time.monotonic() - started < 120  # neither the controller nor Redis hangs it
         wait_until(
-            lambda: metric(worker_api, "kvplane_tier_bytes_written_total", "LocalDiskBackend") > 0,
+            lambda: metric(worker_api, "kvplane_tier_written_bytes_total", "LocalDiskBackend") > 0,
             timeout=30,
             what="the disk tier's writes",
         )
@@ -368,4 +368,6 @@ def test_a_chunk_size_that_is_not_whole_blocks_fails_at_start(model: Path, tmp_p
     config = write_config(tmp_path / "bad.yaml", chunk_size=200)
     with pytest.raises(RuntimeError) as failed, serve(model, config, log=tmp_path / "bad.log"):
         pass
-    assert "chunk_size 200 is not a multiple of vLLM's block size 128" in str(failed.value)
+    assert "exited" in str(failed.value)
+    log = (tmp_path / "bad.log").read_text()
+    assert "chunk_size 200 is not a multiple of vLLM's block size 128" in log

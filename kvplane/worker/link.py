@@ -49,6 +49,7 @@ class ControllerLink:
         self._ctx = ctx
         self.reply_url = reply_url
         self._who = who
+        self._unanswered: set[str] = set()  # request kinds the controller left unanswered
 
     @property
     def answers(self) -> bool:
@@ -65,15 +66,24 @@ class ControllerLink:
         try:
             sock.connect(self.reply_url)
             sock.send(encode(msg))
+            kind = type(msg).__name__
             if not sock.poll(int(timeout_s * 1000)):
-                log.warning(
-                    "%s: controller %s did not answer %s within %.1fs",
+                # Once per outage at WARNING (a worker retries every second while the
+                # controller is down), the repeats at DEBUG.
+                level = logging.DEBUG if kind in self._unanswered else logging.WARNING
+                self._unanswered.add(kind)
+                log.log(
+                    level,
+                    "%s: controller %s did not answer %s within %.1fs (retrying)",
                     self._who,
                     self.reply_url,
-                    type(msg).__name__,
+                    kind,
                     timeout_s,
                 )
                 return None
+            if kind in self._unanswered:
+                self._unanswered.discard(kind)
+                log.info("%s: controller %s answers %s again", self._who, self.reply_url, kind)
             return decode(sock.recv())
         except Exception as exc:
             log.warning("%s: request %s failed: %s", self._who, type(msg).__name__, exc)

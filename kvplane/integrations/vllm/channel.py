@@ -155,6 +155,8 @@ class WorkerChannel:
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(prefetch_url)
         self._stop = threading.Event()
+        self._idle = threading.Event()  # clear while a prefetch runs
+        self._idle.set()
         self._threads = [
             threading.Thread(target=self._send_loop, name="kvplane-vllm-send", daemon=True),
             threading.Thread(target=self._prefetch_loop, name="kvplane-vllm-prefetch", daemon=True),
@@ -167,6 +169,16 @@ class WorkerChannel:
 
     def changed(self, location: str, admitted: bool, chunk_hash: int) -> None:
         self._queue.put(TierDelta(self.rank, location, admitted, [chunk_hash]))
+
+    def yield_to_prefetch(self, timeout: float) -> None:
+        """Wait (GIL released) until no prefetch runs, at most ``timeout`` seconds.
+
+        While the scheduler waits for a probe, vLLM steps without work hundreds of times a
+        second; each step is Python in this process holding the GIL, which starves the
+        prefetch thread's socket reads (a 1-second fetch became a 5-second timeout).
+        """
+        if not self._idle.is_set():
+            self._idle.wait(timeout)
 
     def _send_loop(self) -> None:
         while True:
@@ -202,11 +214,14 @@ class WorkerChannel:
                 log.exception("kvplane: undecodable prefetch request")
                 continue
             started = time.perf_counter()
+            self._idle.clear()
             try:
                 held = self._prefetch(request.token_ids)
             except Exception:  # a failed fetch is a miss, never an error in vLLM
                 log.exception("kvplane: prefetch of %s failed", request.req_id)
                 held = 0
+            finally:
+                self._idle.set()
             log.debug(
                 "prefetch %s: %d tokens held after %.1f ms",
                 request.req_id,

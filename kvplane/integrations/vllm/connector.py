@@ -262,7 +262,7 @@ class KvplaneConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         metadata = self._get_connector_metadata()
-        if isinstance(metadata, KvplaneMetadata) and metadata.plan.saves:
+        if isinstance(metadata, KvplaneMetadata):
             self._require_worker().save(metadata.plan)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

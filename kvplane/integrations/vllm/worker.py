@@ -28,6 +28,9 @@ __all__ = ["WorkerSide", "layout_of"]
 
 log = logging.getLogger(__name__)
 
+#: How long a step with nothing for kvplane may wait for a running prefetch.
+_IDLE_STEP_WAIT_S = 0.005
+
 
 def layout_of(views: Sequence[torch.Tensor], *, block_size: int, use_mla: bool) -> KVLayout:
     """The packed layout of vLLM's per-layer ``[num_blocks, H, N, C]`` views."""
@@ -177,6 +180,8 @@ class WorkerSide:
     def save(self, plan: StepPlan) -> None:
         for spec in plan.saves:
             self._save(spec)
+        if not plan.loads and not plan.saves and self.channel is not None:
+            self.channel.yield_to_prefetch(_IDLE_STEP_WAIT_S)
 
     def _save(self, spec: SaveSpec) -> None:
         try:
