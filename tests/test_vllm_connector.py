@@ -3,7 +3,8 @@ on loopback with ``KvplaneConnector``, a real controller, real sockets.
 
 Servers are shared where the cases allow (each start costs about a minute on 2 cores):
 instance A serves the seed flow, the correctness check, the checksums and the KV events;
-instance B is A's P2P peer and is then killed with SIGKILL; instance D keeps a disk tier
+instance A also has a Redis tier, B a shared-FS tier; B is A's P2P peer and is then
+killed with SIGKILL; instance D keeps a disk tier
 across a restart while its controller and Redis are unreachable. The model is a random
 Llama with weights scaled up, so wrong KV visibly changes the logprobs.
 """
@@ -27,6 +28,7 @@ import zmq
 
 from kvplane.api.slot_syntax import format_ranges, parse_slot_mapping, to_ranges
 from tests.controller_client import ControllerProc, controller_args, wait_controller_up
+from tests.redis_support import RedisServer, redis_available
 from tests.support import free_ports, kvplane_process, wait_until
 from tests.vllm_support import VllmServer, build_vllm_model, vllm_server
 
@@ -57,6 +59,19 @@ def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerP
         url = f"http://127.0.0.1:{http}"
         wait_controller_up(url)
         yield ControllerProc(url, pull, reply, log)
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | None]:
+    if not redis_available():
+        yield None
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def write_config(path: Path, **keys: Any) -> Path:
@@ -159,7 +174,10 @@ class EventSubscriber:
 
 @pytest.fixture(scope="module")
 def instance_a(
-    model: Path, controller: ControllerProc, tmp_path_factory: pytest.TempPathFactory
+    model: Path,
+    controller: ControllerProc,
+    redis: RedisServer | None,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[VllmServer, int, EventSubscriber]]:
     folder = tmp_path_factory.mktemp("vllm-a")
     api_start, events_port = free_ports(2)
@@ -173,6 +191,7 @@ def instance_a(
         p2p_host="127.0.0.1",
         internal_api_server_enabled=True,
         internal_api_server_port_start=api_start,
+        **({"remote_url": redis.url} if redis is not None else {}),
         **controller_keys(controller),
     )
     endpoint = f"tcp://127.0.0.1:{events_port}"
@@ -274,6 +293,37 @@ def checksums(worker_api: str, slots: list[int]) -> list[str]:
     return list(resp.json()["chunk_checksums"])
 
 
+def reload_from(server: VllmServer, worker_api: str, prompt: str, tier: str) -> dict[str, Any]:
+    """Store ``prompt``, wait until ``tier`` has it, empty vLLM's cache and kvplane's CPU
+    tier, and ask again: the answer must come from ``tier``."""
+    written = metric(worker_api, "kvplane_tier_written_bytes_total", f'tier="{tier}"')
+    first = complete(server, prompt)
+    wait_until(
+        lambda: metric(worker_api, "kvplane_tier_written_bytes_total", f'tier="{tier}"') > written,
+        timeout=30,
+        what=f"the writes to {tier}",
+    )
+    hits = metric(worker_api, "kvplane_tier_hits_total", f'tier="{tier}"')
+    resp = httpx.delete(
+        f"{worker_api}/cache/clear", params={"locations": "LocalCPUBackend"}, timeout=30
+    )
+    assert resp.status_code == 200, resp.text
+    assert httpx.post(f"{server.base_url}/reset_prefix_cache", timeout=30).status_code == 200
+    again = complete(server, prompt)
+    assert metric(worker_api, "kvplane_tier_hits_total", f'tier="{tier}"') > hits
+    assert again["text"] == first["text"]
+    return again
+
+
+def test_the_redis_tier_serves_vllm(
+    instance_a: tuple[VllmServer, int, EventSubscriber], redis: RedisServer | None
+) -> None:
+    if redis is None:
+        pytest.skip("no redis-server or valkey-server on this machine")
+    server, api_start, _ = instance_a
+    reload_from(server, api_url(api_start, 1), PROMPT + " zeta" * 30, "RemoteBackend")
+
+
 def test_a_peer_loads_over_p2p_then_its_chunks_leave_lookups_when_killed(
     instance_a: tuple[VllmServer, int, EventSubscriber],
     controller: ControllerProc,
@@ -297,6 +347,7 @@ def test_a_peer_loads_over_p2p_then_its_chunks_leave_lookups_when_killed(
         lmcache_instance_id="instance_b",
         enable_p2p=True,
         p2p_host="127.0.0.1",
+        remote_url=f"fs://{tmp_path / 'shared'}",
         internal_api_server_enabled=True,
         internal_api_server_port_start=api_start,
         **controller_keys(controller),
@@ -313,6 +364,8 @@ def test_a_peer_loads_over_p2p_then_its_chunks_leave_lookups_when_killed(
             what="B's fetched chunks in the controller",
         )
         assert layout["instance_b"][0] == "LocalCPUBackend"
+        # the shared-FS tier under vLLM
+        reload_from(server_b, worker_b, PROMPT + " eta theta" * 15, "FSConnector")
         # (f) kill -9: the worker never deregisters; the controller reaps it
         os.killpg(server_b.pid, signal.SIGKILL)
         killed = time.monotonic()
