@@ -379,24 +379,25 @@ def test_a_peer_loads_over_p2p_then_its_chunks_leave_lookups_when_killed(
 
 
 def test_disk_tier_serves_after_restart_while_controller_and_redis_are_down(
-    model: Path, tmp_path: Path
+    model: Path, controller: ControllerProc, tmp_path: Path
 ) -> None:
     dead_pull, dead_reply, dead_redis, api_start = free_ports(4)
-    config = write_config(
-        tmp_path / "d.yaml",
-        chunk_size=CHUNK,
-        max_local_cpu_size=1,
-        local_disk=str(tmp_path / "disk"),
-        max_local_disk_size=1,
-        remote_url=f"redis://127.0.0.1:{dead_redis}",
-        remote_timeout_s=0.2,
-        enable_controller=True,
-        controller_pull_url=f"127.0.0.1:{dead_pull}",
-        controller_reply_url=f"127.0.0.1:{dead_reply}",
-        controller_timeout_s=0.5,
-        internal_api_server_enabled=True,
-        internal_api_server_port_start=api_start,
-    )
+    keys: dict[str, Any] = {
+        "chunk_size": CHUNK,
+        "max_local_cpu_size": 1,
+        "lmcache_instance_id": "instance_d",
+        "local_disk": str(tmp_path / "disk"),
+        "max_local_disk_size": 1,
+        "remote_url": f"redis://127.0.0.1:{dead_redis}",
+        "remote_timeout_s": 0.2,
+        "enable_controller": True,
+        "controller_pull_url": f"127.0.0.1:{dead_pull}",
+        "controller_reply_url": f"127.0.0.1:{dead_reply}",
+        "controller_timeout_s": 0.5,
+        "internal_api_server_enabled": True,
+        "internal_api_server_port_start": api_start,
+    }
+    config = write_config(tmp_path / "d.yaml", **keys)
     worker_api = api_url(api_start, 1)
     with serve(model, config, log=tmp_path / "vllm-d1.log") as server:
         started = time.monotonic()
@@ -410,11 +411,24 @@ def test_disk_tier_serves_after_restart_while_controller_and_redis_are_down(
         # Redis down: its circuit breaker opened; the controller down: the worker retries
         assert metric(worker_api, "kvplane_tier_stat", 'stat="breaker_times_opened"') >= 1
         assert metric(worker_api, "kvplane_worker_registered") == 0
+    # restarted, now with a live controller: the disk tier's chunks are reported and served
+    config = write_config(tmp_path / "d2.yaml", **{**keys, **controller_keys(controller)})
+    tokens: list[int] = []
     with serve(model, config, log=tmp_path / "vllm-d2.log") as server:
+        tokens = tokenize(server, PROMPT)
+        wait_until(
+            lambda: "instance_d" in controller.lookup(tokens),
+            timeout=30,
+            what="the restarted instance's disk chunks in the controller",
+        )
         again = complete(server, PROMPT)
         assert metric(worker_api, "kvplane_tier_hits_total", 'tier="LocalDiskBackend"') > 0
         assert metric(worker_api, "kvplane_retrieved_tokens_total") > 0
         assert again["text"] == first["text"]
+        deregistered = controller.metric("deregistrations")
+    # a clean stop of vLLM shuts the connector down: the worker deregisters (no reaping)
+    assert controller.metric("deregistrations") > deregistered
+    assert "instance_d" not in controller.lookup(tokens)
 
 
 def test_a_chunk_size_that_is_not_whole_blocks_fails_at_start(model: Path, tmp_path: Path) -> None:

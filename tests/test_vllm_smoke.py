@@ -49,3 +49,37 @@ def test_vllm_serves_completions_and_tokenize(vllm_model, tmp_path):
     # The whole process group (API server, engine core, worker) is gone.
     assert not process_group_alive(pgid)
     assert "Illegal instruction" not in log.read_text(errors="replace")
+
+
+def test_importing_the_connector_is_cheap():
+    """vLLM imports the class in its API-server process too: no kvplane engine (torch work),
+    no thread, no socket until vLLM constructs it."""
+    import subprocess
+
+    from tests.vllm_support import vllm_env, vllm_python
+
+    code = (
+        "import sys, threading, vllm\n"
+        "before = threading.active_count()\n"
+        "import kvplane.integrations.vllm as m\n"
+        "assert m.KvplaneConnector.__name__ == 'KvplaneConnector'\n"
+        "assert issubclass(m.LMCacheConnectorV1, m.KvplaneConnector)\n"
+        "from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1\n"
+        "assert issubclass(m.KvplaneConnector, KVConnectorBase_V1)\n"
+        "loaded = sorted(k for k in sys.modules if k.startswith(('kvplane.engine', 'kvplane.process', 'kvplane.api', 'kvplane.worker', 'kvplane.integrations.vllm.channel')))\n"
+        "assert not loaded, loaded\n"
+        "assert threading.active_count() == before\n"
+        "print('ok')\n"
+    )
+    import tempfile
+    from pathlib import Path
+
+    home = Path(tempfile.mkdtemp(prefix="kvplane-import-"))
+    done = subprocess.run(
+        [str(vllm_python()), "-c", code],
+        env=vllm_env(home, tmp=home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
