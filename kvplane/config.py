@@ -1,32 +1,53 @@
-"""The engine configuration table and its loader.
+"""The engine configuration: its key table, its loader, and the one way it changes at runtime.
 
-Every key is defined once, as a field of :class:`EngineConfig`, through :func:`key`:
-type (the field's annotation and a :class:`Kind` that parses it), default, whether it may
-change at runtime, and one line of help. YAML loading, env overrides, validation,
-``GET/POST /conf``, ``--help`` text and ``docs/configuration.md`` all read that table.
+Every key is defined once, as a field of :class:`EngineConfig`, through
+:func:`~kvplane.settings_table.key`: type, default, whether it may change at runtime, one
+line of help. YAML loading, env overrides, validation, ``GET/POST /conf``, ``--help`` text
+and ``docs/configuration.md`` all read that table.
+
+An :class:`EngineConfig` is immutable and valid from the moment it exists. A running
+process holds its config in a :class:`ConfigStore` (owned by the composition root,
+:mod:`kvplane.process`): ``POST /conf`` calls :meth:`ConfigStore.update`, which validates the
+change, swaps in a new config and tells the subscribers; whatever reads a mutable key at
+runtime reads ``store.current``.
 
 Key names are the seeds' names, so a YAML written for the original system loads unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import difflib
-import math
 import os
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
-
 from kvplane.errors import ConfigError
+from kvplane.settings_table import (
+    BOOL,
+    FLOAT,
+    INT,
+    INT_LIST,
+    LOG_LEVELS,
+    OPT_STR,
+    STR,
+    KeySpec,
+    by_name,
+    check_known,
+    key,
+    key_table,
+    read_yaml,
+    validate_fields,
+)
+from kvplane.settings_table import help_lines as _help_lines
 
 __all__ = [
     "CONFIG_FILE_ENV",
     "ENV_PREFIXES",
+    "ConfigListener",
+    "ConfigStore",
     "EngineConfig",
     "KeySpec",
     "UpdateResult",
@@ -40,124 +61,19 @@ CONFIG_FILE_ENV = ("KVPLANE_CONFIG_FILE", "LMCACHE_CONFIG_FILE")
 ENV_PREFIXES = ("KVPLANE_", "LMCACHE_")
 
 
-class Kind(NamedTuple):
-    """How one key's value is parsed: from YAML/JSON values and from env strings."""
-
-    name: str
-    parse: Callable[[Any], Any]
-
-
-def _bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(v, str) and v.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected a boolean (true/false)")
-
-
-def _int(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError("expected an integer")
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
-        return int(v.strip())
-    raise ValueError("expected an integer")
-
-
-def _float(v: Any) -> float:
-    if isinstance(v, bool):
-        raise ValueError("expected a number")
-    number: float | None = None
-    if isinstance(v, (int, float)):
-        number = float(v)
-    elif isinstance(v, str):
-        with contextlib.suppress(ValueError):
-            number = float(v.strip())
-    # NaN passes every range check and inf overflows every size computed from it.
-    if number is None or not math.isfinite(number):
-        raise ValueError("expected a finite number")
-    return number
-
-
-def _str(v: Any) -> str:
-    if isinstance(v, str):
-        return v
-    raise ValueError("expected a string")
-
-
-def _optional(inner: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def parse(v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")):
-            return None
-        return inner(v)
-
-    return parse
-
-
-def _int_list(v: Any) -> list[int]:
-    """An int, a list of ints, or a comma-separated string (env form)."""
-    if isinstance(v, str):
-        text = v.strip().strip("[]")
-        return [_int(p) for p in text.split(",") if p.strip()]
-    if isinstance(v, (list, tuple)):
-        return [_int(p) for p in v]
-    return [_int(v)]
-
-
-def _str_list(v: Any) -> list[str]:
-    if isinstance(v, str):
-        return [p.strip() for p in v.split(",") if p.strip()]
-    if isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v):
-        return list(v)
-    raise ValueError("expected a list of strings")
-
-
-BOOL = Kind("bool", _bool)
-INT = Kind("int", _int)
-FLOAT = Kind("float", _float)
-STR = Kind("str", _str)
-OPT_STR = Kind("str | null", _optional(_str))
-OPT_INT = Kind("int | null", _optional(_int))
-INT_LIST = Kind("int | list[int] | null", _optional(_int_list))
-STR_LIST = Kind("list[str]", _str_list)
-
-
-def key(
-    default: Any,
-    help: str,
-    *,
-    kind: Kind,
-    mutable: bool = False,
-    secret: bool = False,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    aliases: tuple[str, ...] = (),
-) -> Any:
-    """Declare one config key (a dataclass field carrying its spec)."""
-    spec = {
-        "help": help,
-        "kind": kind,
-        "mutable": mutable,
-        "secret": secret,
-        "minimum": minimum,
-        "maximum": maximum,
-        "choices": choices,
-        "aliases": aliases,
-    }
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=spec)
-    return field(default=default, metadata=spec)
-
-
-@dataclass
+@dataclass(frozen=True, repr=False)
 class EngineConfig:
-    """One engine process's configuration; fields are the key table."""
+    """One engine process's configuration; its fields are the key table.
+
+    Immutable and always valid: building one validates every key (as :func:`load_config`
+    does; ``EngineConfig(chunk_size=0)`` raises ConfigError), and a running process changes
+    its config only through :meth:`ConfigStore.update`, which swaps in a new one.
+
+    The model keys (``model_name``, ``world_size``, ``worker_id``, ``kv_*``, ``use_mla``)
+    are what the user says about the engine's model. The engine reads its facts from an
+    :class:`~kvplane.engine.facts.EngineFacts` record instead, built by the host that knows
+    them (from these keys for ``kvplane engine``; from the model for ``kvplane serve``;
+    from vLLM's config and tensors under vLLM), and never written back here."""
 
     # --- chunking and the CPU tier
     chunk_size: int = key(
@@ -225,7 +141,7 @@ class EngineConfig:
     controller_reply_url: str | None = key(
         None, "host:port of the controller's reply socket.", kind=OPT_STR
     )
-    lmcache_worker_ports: list[int] | None = key(
+    lmcache_worker_ports: tuple[int, ...] | None = key(
         None, "Command port per rank (null: auto-assign).", kind=INT_LIST
     )
     lmcache_worker_heartbeat_time: float = key(
@@ -237,7 +153,7 @@ class EngineConfig:
     # --- peer to peer
     enable_p2p: bool = key(False, "Fetch missing chunks from peer instances.", kind=BOOL)
     p2p_host: str = key("localhost", "Host peers reach this instance's chunk server at.", kind=STR)
-    p2p_init_ports: list[int] | None = key(
+    p2p_init_ports: tuple[int, ...] | None = key(
         None,
         "Chunk-server port per rank (null: auto-assign).",
         kind=INT_LIST,
@@ -261,7 +177,7 @@ class EngineConfig:
         minimum=1,
         maximum=65535,
     )
-    internal_api_server_include_index_list: list[int] | None = key(
+    internal_api_server_include_index_list: tuple[int, ...] | None = key(
         None,
         "Indices that start a server (0 = scheduler, i+1 = worker i); null = all.",
         kind=INT_LIST,
@@ -290,37 +206,66 @@ class EngineConfig:
         minimum=0,
         mutable=True,
     )
-    # --- the engine's model shape (standalone engine and the reference server)
-    model_name: str = key("kvplane/synthetic", "Model name; part of every storage key.", kind=STR)
-    world_size: int = key(1, "Tensor-parallel ranks of this instance.", kind=INT, minimum=1)
-    worker_id: int = key(0, "This process's rank.", kind=INT, minimum=0)
-    kv_num_layers: int = key(4, "Attention layers of the paged KV cache.", kind=INT, minimum=1)
-    kv_num_heads: int = key(4, "KV heads per layer.", kind=INT, minimum=1)
-    kv_head_size: int = key(64, "Head dimension.", kind=INT, minimum=1)
-    kv_block_size: int = key(16, "Tokens per paged-KV block.", kind=INT, minimum=1)
-    kv_num_blocks: int = key(256, "Blocks per layer of the paged KV cache.", kind=INT, minimum=1)
+    # --- the engine's model and KV shape, for hosts with no better source of these facts
+    # (EngineFacts.from_config): all of them for kvplane engine; world_size, worker_id,
+    # kv_block_size and kv_num_blocks for kvplane serve, whose model decides the rest
+    model_name: str = key(
+        "kvplane/synthetic",
+        "Model name of kvplane engine (kvplane serve and vLLM use their served model's); "
+        "part of every storage key.",
+        kind=STR,
+    )
+    world_size: int = key(
+        1, "Tensor-parallel ranks of this instance (vLLM: its own).", kind=INT, minimum=1
+    )
+    worker_id: int = key(0, "This process's rank (vLLM: its own).", kind=INT, minimum=0)
+    kv_num_layers: int = key(
+        4,
+        "Attention layers of the paged KV cache (kvplane serve, vLLM: the model's).",
+        kind=INT,
+        minimum=1,
+    )
+    kv_num_heads: int = key(
+        4, "KV heads per layer (kvplane serve, vLLM: the model's).", kind=INT, minimum=1
+    )
+    kv_head_size: int = key(
+        64, "Head dimension (kvplane serve, vLLM: the model's).", kind=INT, minimum=1
+    )
+    kv_block_size: int = key(16, "Tokens per paged-KV block (vLLM: its own).", kind=INT, minimum=1)
+    kv_num_blocks: int = key(
+        256,
+        "Blocks per layer of the paged KV cache (kvplane serve: at least max_model_len "
+        "tokens; vLLM: its own).",
+        kind=INT,
+        minimum=1,
+    )
     kv_dtype: str = key(
         "bfloat16",
-        "KV dtype.",
+        "KV dtype (kvplane serve, vLLM: the model's).",
         kind=STR,
         choices=("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"),
     )
     use_mla: bool = key(
-        False, "MLA layout [num_blocks, block_size, head_size] per layer.", kind=BOOL
+        False,
+        "MLA layout [num_blocks, block_size, head_size] per layer (vLLM: the model's).",
+        kind=BOOL,
     )
     # --- logging
     log_level: str = key(
         "INFO",
         "Level of the kvplane loggers.",
         kind=STR,
-        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        choices=LOG_LEVELS,
         mutable=True,
     )
 
     def __post_init__(self) -> None:
-        self._listeners: list[Callable[[str, Any], None]] = []
+        validate_fields(self)
 
-    # ------------------------------------------------------------------ runtime access
+    def __repr__(self) -> str:  # configs reach logs: secrets masked, as in GET /conf
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"EngineConfig({fields})"
+
     def to_dict(self, *, reveal_secrets: bool = False) -> dict[str, Any]:
         """All keys; secrets masked (a URL keeps its scheme and host) unless asked."""
         out: dict[str, Any] = {}
@@ -329,12 +274,61 @@ class EngineConfig:
             out[spec.name] = value if reveal_secrets or not spec.secret else _mask(value)
         return out
 
-    def on_change(self, listener: Callable[[str, Any], None]) -> None:
-        """Call ``listener(name, new_value)`` after every runtime update of a key."""
-        self._listeners.append(listener)
+
+def key_specs() -> list[KeySpec]:
+    """The engine's table, in declaration order."""
+    return list(key_table(EngineConfig))
+
+
+def help_lines(specs: Iterable[KeySpec] | None = None) -> list[str]:
+    """One ``name (kind, default): help`` line per key (default: the engine's), for --help."""
+    return _help_lines(key_specs() if specs is None else specs)
+
+
+class UpdateResult(NamedTuple):
+    """What :meth:`ConfigStore.update` did: each key applied or refused alone."""
+
+    updated: dict[str, Any]  # accepted keys and their new values
+    errors: dict[str, str]  # refused keys and why
+    config: EngineConfig  # the config the update left current
+
+
+#: Called after a runtime update with the new config and the names of the keys it changed.
+ConfigListener = Callable[[EngineConfig, frozenset[str]], None]
+
+
+class ConfigStore:
+    """A running process's config, and the one validated way to change it.
+
+    :attr:`current` is always a whole, validated, frozen :class:`EngineConfig`: a reader
+    that takes it once sees one consistent config for as long as it keeps it (the next read
+    may return a newer one). :meth:`update` (``POST /conf``) validates each change, swaps in
+    one new config holding every accepted change, then calls the subscribers.
+
+    Thread-safe: updates, and the subscriber calls that follow each, run one at a time in
+    update order; reading :attr:`current` takes no lock.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._current = config
+        self._listeners: list[ConfigListener] = []
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> EngineConfig:
+        return self._current
+
+    def subscribe(self, listener: ConfigListener) -> None:
+        """Call ``listener(config, changed_names)`` after every update that changed a key
+        (on the updating thread). A listener that raises stops the later ones and reaches
+        the caller of :meth:`update`; the new config is current all the same."""
+        with self._lock:
+            self._listeners.append(listener)
 
     def update(self, changes: Mapping[str, Any]) -> UpdateResult:
-        """Apply runtime changes key by key; each key succeeds or fails alone."""
+        """Apply runtime changes: each key is accepted or refused alone ("Unknown config",
+        "Config is not mutable at runtime", or the validation message); the accepted ones
+        become current together, in one new config."""
         specs = {s.name: s for s in key_specs()}
         updated: dict[str, Any] = {}
         errors: dict[str, str] = {}
@@ -342,68 +336,19 @@ class EngineConfig:
             spec = specs.get(name)
             if spec is None:
                 errors[name] = "Unknown config"
-                continue
-            if not spec.mutable:
+            elif not spec.mutable:
                 errors[name] = "Config is not mutable at runtime"
-                continue
-            try:
-                value = spec.validate(raw)
-            except ConfigError as exc:
-                errors[name] = str(exc)
-                continue
-            setattr(self, name, value)
-            updated[name] = value
-            for listener in self._listeners:
-                listener(name, value)
-        return UpdateResult(updated, errors)
-
-
-class UpdateResult(NamedTuple):
-    updated: dict[str, Any]
-    errors: dict[str, str]
-
-
-@dataclass(frozen=True)
-class KeySpec:
-    name: str
-    default: Any
-    help: str
-    kind: Kind
-    mutable: bool
-    secret: bool
-    minimum: float | None
-    maximum: float | None
-    choices: tuple[str, ...] | None
-    aliases: tuple[str, ...]
-
-    def validate(self, raw: Any) -> Any:
-        """Parse and range-check ``raw``; ConfigError names the key, the value and the rule."""
-        shown = "***" if self.secret else repr(raw)  # errors reach logs and HTTP bodies
-        try:
-            value = self.kind.parse(raw)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{self.name}: invalid value {shown}: {exc}") from None
-        numbers = value if isinstance(value, list) else [value]
-        for v in numbers:
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                if self.minimum is not None and v < self.minimum:
-                    raise ConfigError(f"{self.name}: {shown} is below the minimum {self.minimum}")
-                if self.maximum is not None and v > self.maximum:
-                    raise ConfigError(f"{self.name}: {shown} is above the maximum {self.maximum}")
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"{self.name}: {shown} is not one of {list(self.choices)}")
-        return value
-
-
-def key_specs() -> list[KeySpec]:
-    """The table, in declaration order."""
-    specs = []
-    for f in dataclasses.fields(EngineConfig):
-        if not f.metadata:
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        specs.append(KeySpec(name=f.name, default=default, **f.metadata))
-    return specs
+            else:
+                try:
+                    updated[name] = spec.validate(raw)
+                except ConfigError as exc:
+                    errors[name] = str(exc)
+        with self._lock:
+            if updated:
+                self._current = dataclasses.replace(self._current, **updated)
+                for listener in list(self._listeners):
+                    listener(self._current, frozenset(updated))
+            return UpdateResult(updated, errors, self._current)
 
 
 def _mask(value: Any) -> Any:
@@ -436,17 +381,11 @@ def load_config(
     """
     env = os.environ if env is None else env
     specs = key_specs()
-    by_name: dict[str, KeySpec] = {}
-    for spec in specs:
-        by_name[spec.name] = spec
-        for alias in spec.aliases:
-            by_name[alias] = spec
-
     raw: dict[str, Any] = {}
     if path is None:
         path = next((env[v] for v in CONFIG_FILE_ENV if env.get(v)), None)
     if path is not None:
-        raw.update(_read_yaml(Path(path)))
+        raw.update(read_yaml(path, "config file"))
     for spec in specs:
         for name in (spec.name, *spec.aliases):
             for prefix in ENV_PREFIXES:
@@ -454,53 +393,21 @@ def load_config(
                 if var in env:
                     raw[name] = env[var]
     raw.update(overrides or {})
-
+    check_known(raw, specs, what="config", hint="see docs/configuration.md for the valid keys")
+    names = by_name(specs)
     values: dict[str, Any] = {}
-    unknown = sorted(k for k in raw if k not in by_name)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], list(by_name), n=1)
-        raise ConfigError(
-            f"unknown config key {unknown[0]!r}"
-            + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
-            + (f"; did you mean {close[0]!r}?" if close else "")
-            + "; see docs/configuration.md for the valid keys"
-        )
     for name, value in raw.items():
-        spec = by_name[name]
+        spec = names[name]
         values[spec.name] = spec.validate(value)
     return EngineConfig(**values)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
-    return {str(k): v for k, v in data.items()}
-
-
-def help_lines(specs: Iterable[KeySpec] | None = None) -> list[str]:
-    """One ``name (kind, default): help`` line per key, for --help and docs."""
-    return [
-        f"{s.name} ({s.kind.name}, default {s.default!r}{', mutable' if s.mutable else ''}): {s.help}"
-        for s in (specs or key_specs())
-    ]
-
-
-def rank_port(name: str, ports: list[int] | None, worker_id: int) -> int | None:
+def rank_port(name: str, ports: Sequence[int] | None, worker_id: int) -> int | None:
     """Rank ``worker_id``'s entry of the per-rank port list key ``name``
     (``lmcache_worker_ports``, ``p2p_init_ports``); None when the list is null or empty
     (any free port). Raises ConfigError when the list has no entry for that rank."""
     if not ports:
         return None
     if worker_id >= len(ports):
-        raise ConfigError(f"{name}: {ports} has no port for worker_id {worker_id}")
+        raise ConfigError(f"{name}: {list(ports)} has no port for worker_id {worker_id}")
     return ports[worker_id]

@@ -11,6 +11,12 @@ the internal API server of index 0, whose engine endpoints answer 503.
 
 The services get the narrow :class:`~kvplane.engine.engine.Engine` handle and subscribe to
 nothing themselves; every listener, locator and config callback is attached here.
+
+The process owns the :class:`~kvplane.config.ConfigStore` its config lives in: ``POST /conf``
+changes it there (and only there), and the subscribers below apply what the engine cannot
+read per call (logger levels, the CPU tier's capacity, the chunk statistics' auto-exit).
+The host's :class:`~kvplane.engine.facts.EngineFacts` (model, ranks, KV shape) come in
+beside the config, never inside it.
 """
 
 from __future__ import annotations
@@ -19,14 +25,15 @@ import logging
 import signal
 import threading
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol, get_args
+from typing import Literal, Protocol, get_args
 
 import torch
 
 from kvplane.api.server import InternalApiService, process_indices
-from kvplane.config import EngineConfig
+from kvplane.config import ConfigStore, EngineConfig
 from kvplane.engine.cache_engine import CacheEngine
 from kvplane.engine.engine import Engine, build_engine
+from kvplane.engine.facts import EngineFacts
 from kvplane.engine.kv_layout import KVLayout
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.storage_manager import StorageManager
@@ -59,6 +66,7 @@ class EngineProcess:
     def __init__(
         self,
         config: EngineConfig,
+        facts: EngineFacts | None = None,
         *,
         layout: KVLayout | None = None,
         kv_caches: Sequence[torch.Tensor] | None = None,
@@ -66,11 +74,12 @@ class EngineProcess:
         role: Role = "worker",
         scheduler_api: bool | None = None,
     ) -> None:
-        """``layout`` defaults to the config's ``kv_*`` keys; ``kv_caches`` are the host
-        framework's paged caches (else synthetic ones are allocated on ``device``).
-        ``scheduler_api``: whether a worker also serves the internal API index 0; None
-        means on rank 0 only. Raises ConfigError for an unknown role or an unusable
-        setting."""
+        """``facts``: what the host decided (model, ranks, KV shape); None: the config's
+        model keys (:meth:`EngineFacts.from_config`, the synthetic engine's only source).
+        ``layout`` defaults to the facts' KV shape; ``kv_caches`` are the host framework's
+        paged caches (else synthetic ones are allocated on ``device``). ``scheduler_api``:
+        whether a worker also serves the internal API index 0; None means on rank 0 only.
+        Raises ConfigError for an unknown role or an unusable setting."""
         if role not in get_args(Role):
             raise ConfigError(f"role {role!r}: expected one of {list(get_args(Role))}")
         if role == "scheduler" and (
@@ -80,7 +89,8 @@ class EngineProcess:
                 "a scheduler process has no engine and always serves index 0: layout, "
                 "kv_caches and scheduler_api are for role 'worker'"
             )
-        self.config = config
+        self.config_store = ConfigStore(config)
+        self.facts = facts if facts is not None else EngineFacts.from_config(config)
         self.role: Role = role
         self._scheduler_api = scheduler_api
         self.engine: Engine | None = None
@@ -88,7 +98,7 @@ class EngineProcess:
         self.services: list[Service] = []
         self._stopped = threading.Event()
         if role == "worker":
-            self.engine = build_engine(config, layout, kv_caches, device)
+            self.engine = build_engine(self.config_store, self.facts, layout, kv_caches, device)
         try:
             self._build_services()
         except BaseException:  # release what was built: the p2p port, the tiers
@@ -96,12 +106,17 @@ class EngineProcess:
                 self.p2p.stop()
             self._close_engine()
             raise
-        config.on_change(self._apply_config_change)
+        self.config_store.subscribe(self._apply_config_change)
+
+    @property
+    def config(self) -> EngineConfig:
+        """The config now (``POST /conf`` swaps in a new one through :attr:`config_store`)."""
+        return self.config_store.current
 
     def _build_services(self) -> None:
         config, engine = self.config, self.engine
         if engine is not None and config.enable_p2p:
-            self.p2p = P2PNode(config, engine.storage)
+            self.p2p = P2PNode(config, engine.storage, worker_id=self.facts.worker_id)
             self.p2p.bind()
             engine.cache_engine.set_mover(self.p2p.move)
             self.services.append(self.p2p)
@@ -113,11 +128,13 @@ class EngineProcess:
             engine.metrics.registry.register(worker.metrics_collector())
             self.services.append(worker)
         if config.internal_api_server_enabled:
-            api = InternalApiService(config, engine, indices=self._api_indices())
+            api = InternalApiService(
+                self.config_store, self.facts, engine, indices=self._api_indices()
+            )
             if engine is not None:
                 engine.cache_engine.add_lookup_observer(api.statistics.record)
                 engine.cache_engine.add_transfer_observer(api.slot_recording.record)
-            config.on_change(api.on_config_change)
+            self.config_store.subscribe(api.on_config_change)
             self.services.append(api)
 
     def _api_indices(self) -> list[int]:
@@ -125,8 +142,8 @@ class EngineProcess:
         if self.role == "scheduler":
             return [0]
         if self._scheduler_api is None:
-            return process_indices(self.config)
-        worker = self.config.worker_id + 1
+            return process_indices(self.facts)
+        worker = self.facts.worker_id + 1
         return [0, worker] if self._scheduler_api else [worker]
 
     # ------------------------------------------------------------------ the engine's parts
@@ -155,13 +172,14 @@ class EngineProcess:
     def metrics(self) -> EngineMetrics:
         return self._require_engine().metrics
 
-    def _apply_config_change(self, name: str, value: Any) -> None:
-        if name == "log_level":
-            logging.getLogger("kvplane").setLevel(value)
-        elif name == "max_local_cpu_size" and self.engine is not None:
+    def _apply_config_change(self, config: EngineConfig, changed: frozenset[str]) -> None:
+        if "log_level" in changed:
+            logging.getLogger("kvplane").setLevel(config.log_level)
+        if "max_local_cpu_size" in changed and self.engine is not None:
             cpu = self.engine.storage.cpu
             if cpu is None:
                 return
+            value = config.max_local_cpu_size
             held = cpu.set_capacity(int(value * GB))
             if held < int(value * GB):
                 log.warning(
@@ -214,7 +232,7 @@ class EngineProcess:
         self.start()
         if self.engine is not None:
             log.info(
-                "engine %s worker %s ready", self.config.lmcache_instance_id, self.config.worker_id
+                "engine %s worker %s ready", self.config.lmcache_instance_id, self.facts.worker_id
             )
         else:
             log.info("scheduler of %s ready", self.config.lmcache_instance_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,7 +12,8 @@ from typing import Any
 import httpx
 
 from kvplane.api.server import InternalApiService
-from kvplane.config import EngineConfig, load_config
+from kvplane.config import ConfigStore, EngineConfig, load_config
+from kvplane.engine.facts import EngineFacts
 from tests.support import free_port
 
 TRANSPORTS = ("tcp", "uds")
@@ -19,6 +21,11 @@ TRANSPORTS = ("tcp", "uds")
 
 def api_config(**overrides: Any) -> EngineConfig:
     return load_config(env={}, overrides={"internal_api_server_enabled": True, **overrides})
+
+
+def api_service(config: EngineConfig, **kwargs: Any) -> InternalApiService:
+    """The internal API service of an engine-less process with ``config``."""
+    return InternalApiService(ConfigStore(config), EngineFacts.from_config(config), **kwargs)
 
 
 @contextlib.contextmanager
@@ -50,15 +57,22 @@ def serving(
     index: int = 0,
     **service_kwargs: Any,
 ) -> Iterator[tuple[InternalApiService, httpx.Client]]:
-    """Start the API for ``index`` over ``transport`` and yield it with a client."""
+    """Start the API for ``index`` over ``transport`` and yield it with a client. The
+    service's config is ``config`` on a free address; ``service.config`` is the current one
+    (``POST /conf`` changes it)."""
     config = config or api_config()
     with short_tmpdir() as tmp:
         if transport == "uds":
             if config.internal_api_server_socket_path_prefix is None:
-                config.internal_api_server_socket_path_prefix = f"{tmp}/api"
+                config = dataclasses.replace(
+                    config, internal_api_server_socket_path_prefix=f"{tmp}/api"
+                )
         else:
-            config.internal_api_server_port_start = free_port() - index
-        service = InternalApiService(config, engine, indices=[index], **service_kwargs)
+            config = dataclasses.replace(config, internal_api_server_port_start=free_port() - index)
+        facts = engine.facts if engine is not None else EngineFacts.from_config(config)
+        service = InternalApiService(
+            ConfigStore(config), facts, engine, indices=[index], **service_kwargs
+        )
         service.start()
         try:
             with client_for(service, index) as client:

@@ -40,13 +40,15 @@ def test_conf_never_shows_secrets(transport):
 
 def test_conf_post_success_partial_failure_and_bad_bodies(transport):
     cfg = api_config()
-    with serving(transport, cfg) as (_, client):
+    with serving(transport, cfg) as (service, client):
         r = client.post("/conf", json={"min_retrieve_tokens": 512, "save_decode_cache": True})
         assert (r.status_code, r.json()) == (
             200,
             {"updated": {"min_retrieve_tokens": 512, "save_decode_cache": True}},
         )
-        assert cfg.min_retrieve_tokens == 512 and cfg.save_decode_cache is True
+        now = service.config
+        assert now.min_retrieve_tokens == 512 and now.save_decode_cache is True
+        assert cfg.min_retrieve_tokens == 0  # a config never changes: a new one replaced it
         r = client.post(
             "/conf", json={"min_retrieve_tokens": 7, "unknown_key": 1, "chunk_size": 16}
         )
@@ -61,20 +63,25 @@ def test_conf_post_success_partial_failure_and_bad_bodies(transport):
         r = client.post("/conf", json={"min_retrieve_tokens": "lots"})
         assert r.status_code == 400
         assert "min_retrieve_tokens" in r.json()["errors"]
-        assert cfg.min_retrieve_tokens == 7
+        assert service.config.min_retrieve_tokens == 7
+        assert client.get("/conf", params={"names": "min_retrieve_tokens"}).json() == {
+            "min_retrieve_tokens": 7
+        }
         r = client.post("/conf", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400
         assert r.json()["error"] == "Invalid JSON"
         assert client.post("/conf", json=[1, 2]).status_code == 400
 
 
-def test_conf_post_calls_the_config_listeners(transport):
-    cfg = api_config()
+def test_conf_post_calls_the_config_subscribers(transport):
     seen = []
-    cfg.on_change(lambda name, value: seen.append((name, value)))
-    with serving(transport, cfg) as (_, client):
+    with serving(transport) as (service, client):
+        service.config_store.subscribe(
+            lambda config, changed: seen.append((sorted(changed), config.save_unfull_chunk))
+        )
         client.post("/conf", json={"save_unfull_chunk": False})
-    assert seen == [("save_unfull_chunk", False)]
+        client.post("/conf", json={"chunk_size": 1})  # refused: no new config, no call
+    assert seen == [(["save_unfull_chunk"], False)]
 
 
 def test_meta_all_and_filtered(transport):
@@ -124,27 +131,27 @@ def test_loglevel_get_all_get_one_set(transport):
 
 SCRIPT = b"""
 ctx = app.state.ctx
-ctx.config.min_retrieve_tokens = 33
+ctx.config_store.update({"min_retrieve_tokens": 33})
 result = {"role": ctx.role, "chunk_size": ctx.config.chunk_size, "squares": [i * i for i in range(4)]}
 """
 
 
 def test_run_script_refused_by_default(transport):
     cfg = api_config()
-    with serving(transport, cfg) as (_, client):
+    with serving(transport, cfg) as (service, client):
         r = client.post("/run_script", files={"script": ("s.py", SCRIPT)})
         assert r.status_code == 403
         assert set(r.json()) == {"error", "message"}
-        assert cfg.min_retrieve_tokens == 0
+        assert service.config.min_retrieve_tokens == 0
 
 
 def test_run_script_when_allowed(transport):
     cfg = api_config(internal_api_server_allow_run_script=True)
-    with serving(transport, cfg) as (_, client):
+    with serving(transport, cfg) as (service, client):
         r = client.post("/run_script", files={"script": ("s.py", SCRIPT)})
         assert r.status_code == 200
         assert r.json() == {"role": "scheduler", "chunk_size": 256, "squares": [0, 1, 4, 9]}
-        assert cfg.min_retrieve_tokens == 33
+        assert service.config.min_retrieve_tokens == 33
         r = client.post("/run_script", files={"script": ("bad.py", b"result = 1 / 0")})
         assert (r.status_code, r.json()["error"]) == (400, "Script failed")
         assert "ZeroDivisionError" in r.json()["message"]

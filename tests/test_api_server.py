@@ -1,5 +1,6 @@
 """The internal API server itself: addresses, roles, sockets, discovery, errors, the token."""
 
+import dataclasses
 import os
 import socket
 import stat
@@ -12,14 +13,21 @@ import pytest
 
 from kvplane.api.discovery import discover_routers
 from kvplane.api.server import (
-    InternalApiService,
     exposure_warning,
     process_indices,
     served_indices,
     server_address,
 )
+from kvplane.engine.facts import EngineFacts
 from kvplane.errors import ConfigError, Conflict, KvplaneError
-from tests.api_client import TRANSPORTS, api_config, client_for, serving, short_tmpdir
+from tests.api_client import (
+    TRANSPORTS,
+    api_config,
+    api_service,
+    client_for,
+    serving,
+    short_tmpdir,
+)
 from tests.support import free_port
 
 
@@ -32,8 +40,9 @@ def test_addresses_follow_port_start_and_socket_prefix():
 
 
 def test_roles_of_a_process_and_the_include_list():
-    assert process_indices(api_config(worker_id=0, world_size=2)) == [0, 1]
-    assert process_indices(api_config(worker_id=1, world_size=2)) == [2]
+    rank0 = EngineFacts.from_config(api_config(worker_id=0, world_size=2))
+    assert process_indices(rank0) == [0, 1]
+    assert process_indices(dataclasses.replace(rank0, worker_id=1)) == [2]
     cfg = api_config(internal_api_server_include_index_list=[1])
     assert served_indices(cfg, [0, 1]) == [1]
     assert served_indices(api_config(), [0, 1]) == [0, 1]
@@ -61,7 +70,7 @@ def test_port_in_use_is_reported_at_start():
         taken.bind(("127.0.0.1", port))
         taken.listen()
         cfg = api_config(internal_api_server_port_start=port)
-        service = InternalApiService(cfg, indices=[0])
+        service = api_service(cfg, indices=[0])
         with pytest.raises(Conflict, match="cannot bind"):
             service.start()
         assert service.servers == {}
@@ -74,7 +83,7 @@ def test_unix_sockets_for_both_roles_owner_only_and_removed_on_stop():
             internal_api_server_socket_path_prefix=prefix,
             internal_api_server_port_start=6999,
         )
-        service = InternalApiService(cfg, indices=[0, 1])
+        service = api_service(cfg, indices=[0, 1])
         service.start()
         try:
             for index, role in ((0, "scheduler"), (1, "worker_0")):
@@ -95,7 +104,7 @@ def test_include_index_list_limits_what_starts():
             internal_api_server_socket_path_prefix=f"{tmp}/s",
             internal_api_server_include_index_list=[1],
         )
-        service = InternalApiService(cfg, indices=[0, 1])
+        service = api_service(cfg, indices=[0, 1])
         service.start()
         try:
             assert list(service.servers) == [1]
@@ -113,14 +122,14 @@ def test_stale_socket_is_replaced_but_live_socket_or_file_is_refused():
         cfg = api_config(internal_api_server_socket_path_prefix=prefix)
         with serving("uds", cfg) as (_, client):
             assert client.get("/meta").status_code == 200
-            other = InternalApiService(cfg, indices=[0])
+            other = api_service(cfg, indices=[0])
             with pytest.raises(Conflict, match="in use"):
                 other.start()
             assert client.get("/meta").status_code == 200
         with open(path, "w") as f:
             f.write("not a socket")
         with pytest.raises(Conflict, match="not a socket"):
-            InternalApiService(cfg, indices=[0]).start()
+            api_service(cfg, indices=[0]).start()
 
 
 @pytest.fixture
@@ -166,7 +175,7 @@ def test_module_without_router_stops_start_up(plugin_package):
     (pkg / "broken_api.py").write_text("ROUTER = None\n")
     with pytest.raises(KvplaneError, match="broken_api must define"):
         discover_routers((name,))
-    service = InternalApiService(api_config(), indices=[0], categories=(name,))
+    service = api_service(api_config(), indices=[0], categories=(name,))
     with pytest.raises(KvplaneError):
         service.start()
     assert service.servers == {}
@@ -193,7 +202,7 @@ def test_token_guards_every_mutating_call(transport):
         assert r.status_code == 401
         assert r.json()["error"] == "Unauthorized"
         assert r.headers["www-authenticate"] == "Bearer"
-        assert cfg.min_retrieve_tokens == 0
+        assert service.config.min_retrieve_tokens == 0
         for wrong in ("Bearer nope", "Basic s3cret", "s3cret", "Bearer s3cr\u00e9t"):
             headers = {"Authorization": wrong.encode("utf-8")}
             assert client.post("/conf", json={}, headers=headers).status_code == 401, wrong
@@ -202,7 +211,7 @@ def test_token_guards_every_mutating_call(transport):
         good = {"Authorization": "Bearer s3cret"}
         r = client.post("/conf", json={"min_retrieve_tokens": 5}, headers=good)
         assert r.status_code == 200
-        assert cfg.min_retrieve_tokens == 5
+        assert service.config.min_retrieve_tokens == 5
         r = client.get(
             "/loglevel", params={"logger_name": "kvplane.t", "level": "DEBUG"}, headers=good
         )
@@ -221,14 +230,13 @@ def test_public_bind_without_token_warns():
     assert exposure_warning(api_config(internal_api_server_host="localhost")) is None
     public = api_config(internal_api_server_host="0.0.0.0")
     assert "without internal_api_server_token" in (exposure_warning(public) or "")
-    public.internal_api_server_token = "t"
-    assert exposure_warning(public) is None
+    assert exposure_warning(dataclasses.replace(public, internal_api_server_token="t")) is None
 
 
 def test_ipv6_loopback_host():
     port = free_port("::1")
     cfg = api_config(internal_api_server_host="::1", internal_api_server_port_start=port)
-    service = InternalApiService(cfg, indices=[0])
+    service = api_service(cfg, indices=[0])
     service.start()
     try:
         with httpx.Client(timeout=5) as client:
@@ -246,7 +254,7 @@ def test_unusable_socket_prefix_is_a_config_error_naming_the_key(tmp_path):
         (too_long, "at most 107"),
     ):
         cfg = api_config(internal_api_server_socket_path_prefix=prefix)
-        service = InternalApiService(cfg, indices=[0])
+        service = api_service(cfg, indices=[0])
         with pytest.raises(ConfigError, match=words) as info:
             service.start()
         assert "internal_api_server_socket_path_prefix" in str(info.value)
@@ -256,7 +264,7 @@ def test_unusable_socket_prefix_is_a_config_error_naming_the_key(tmp_path):
 
 def test_a_role_port_beyond_65535_is_a_config_error():
     cfg = api_config(internal_api_server_port_start=65535)
-    service = InternalApiService(cfg, indices=[1])
+    service = api_service(cfg, indices=[1])
     with pytest.raises(ConfigError, match="65536 of this role is beyond 65535"):
         service.start()
     assert service.servers == {}

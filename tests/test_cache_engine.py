@@ -88,9 +88,9 @@ def test_events_min_retrieve_tokens_and_freeze():
     slots = random_slots(rt, 32, 5)
     engine.store(list(range(32)), rt.kv_caches, slots)
     assert [type(e) for e in events] == [ChunkAdmitted, ChunkAdmitted]
-    rt.config.update({"min_retrieve_tokens": 64})
+    rt.config_store.update({"min_retrieve_tokens": 64})
     assert engine.retrieve(list(range(32)), rt.kv_caches, slots).num_tokens == 0
-    rt.config.update({"min_retrieve_tokens": 0})
+    rt.config_store.update({"min_retrieve_tokens": 0})
     engine.frozen = True
     assert engine.store(list(range(100, 132)), rt.kv_caches, slots).num_tokens == 0
     assert engine.retrieve(list(range(32)), rt.kv_caches, slots).num_tokens == 32

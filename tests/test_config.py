@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import subprocess
 import sys
@@ -6,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvplane.config import EngineConfig, key_specs, load_config
+from kvplane.config import ConfigStore, EngineConfig, key_specs, load_config
 from kvplane.docs import DOC_PATH, render_configuration_md
 from kvplane.errors import ConfigError
-from tests.support import REPO_ROOT, kvplane_env
+from tests.support import REPO_ROOT, kvplane_env, run_threads
 
 SEED_YAML = """
 chunk_size: 256
@@ -41,9 +42,9 @@ def test_seed_yaml_loads_unchanged(tmp_path):
     assert cfg.chunk_size == 256
     assert cfg.max_local_cpu_size == 5.0
     assert cfg.enable_controller is True
-    assert cfg.lmcache_worker_ports == [8001]
-    assert cfg.p2p_init_ports == [8200]
-    assert cfg.internal_api_server_include_index_list == [0, 1]
+    assert cfg.lmcache_worker_ports == (8001,)
+    assert cfg.p2p_init_ports == (8200,)
+    assert cfg.internal_api_server_include_index_list == (0, 1)
     assert cfg.controller_reply_url == "localhost:9002"
 
 
@@ -51,7 +52,7 @@ def test_overview_yaml_alias_p2p_init_port(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("p2p_init_port: [11, 12, 13]\nlmcache_worker_ports: [1, 2, 3]\n")
     cfg = load_config(path, env={})
-    assert cfg.p2p_init_ports == [11, 12, 13]
+    assert cfg.p2p_init_ports == (11, 12, 13)
 
 
 def test_precedence_file_env_overrides(tmp_path):
@@ -93,19 +94,58 @@ def test_bad_file_errors(tmp_path):
         load_config(bad, env={})
 
 
-def test_runtime_update_partial_failure_and_listeners():
+def test_runtime_update_partial_failure_and_subscribers():
     cfg = EngineConfig()
+    store = ConfigStore(cfg)
     seen = []
-    cfg.on_change(lambda name, value: seen.append((name, value)))
-    result = cfg.update(
+    store.subscribe(lambda config, changed: seen.append((config, changed)))
+    result = store.update(
         {"min_retrieve_tokens": 512, "chunk_size": 4, "nope": 1, "save_decode_cache": "x"}
     )
     assert result.updated == {"min_retrieve_tokens": 512}
     assert result.errors["chunk_size"] == "Config is not mutable at runtime"
     assert result.errors["nope"] == "Unknown config"
     assert "save_decode_cache" in result.errors["save_decode_cache"]
-    assert cfg.min_retrieve_tokens == 512
-    assert seen == [("min_retrieve_tokens", 512)]
+    assert store.current.min_retrieve_tokens == 512 and store.current is result.config
+    assert cfg.min_retrieve_tokens == 0  # the config loaded is never changed, only replaced
+    assert seen == [(store.current, frozenset({"min_retrieve_tokens"}))]
+    assert store.update({"nope": 1}).config is store.current and len(seen) == 1
+
+
+def test_a_config_is_immutable_and_validated_however_it_is_built():
+    cfg = EngineConfig(chunk_size="64", p2p_init_ports=[1, 2], max_local_cpu_size=1)
+    assert (cfg.chunk_size, cfg.p2p_init_ports, cfg.max_local_cpu_size) == (64, (1, 2), 1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.min_retrieve_tokens = 5  # type: ignore[misc]
+    for bad, words in [
+        ({"chunk_size": 0}, "chunk_size: 0 is below the minimum"),
+        ({"kv_dtype": "int4"}, "kv_dtype"),
+        ({"local_cpu": "maybe"}, "local_cpu"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            EngineConfig(**bad)
+        with pytest.raises(ConfigError, match=words):
+            dataclasses.replace(cfg, **bad)
+    shown = repr(EngineConfig(remote_url="redis://:hunter2@h:1", internal_api_server_token="t"))
+    assert "hunter2" not in shown and "'t'" not in shown and "redis://***@h:1" in shown
+
+
+def test_concurrent_updates_of_different_keys_are_never_lost():
+    store = ConfigStore(EngineConfig())
+    last = {
+        "min_retrieve_tokens": 99,
+        "chunk_statistics_auto_exit_target_unique_chunks": 99,
+        "max_local_cpu_size": 99.0,
+        "chunk_statistics_auto_exit_timeout_hours": 99.0,
+    }
+
+    def bump(name: str) -> None:
+        for value in range(100):
+            store.update({name: value})
+
+    run_threads(lambda i: bump(list(last)[i]), len(last), timeout=60)
+    # each update is applied to the config current at that moment, never to a stale copy
+    assert {name: getattr(store.current, name) for name in last} == last
 
 
 def test_secrets_masked():
@@ -170,14 +210,14 @@ def test_every_seed_yaml_block_loads_unchanged(tmp_path):
     cfg = load_config(env={"LMCACHE_CONFIG_FILE": str(path)})
     assert cfg.lmcache_instance_id == "lmcache_instance_id"
     assert (cfg.controller_pull_url, cfg.controller_reply_url) == ("ip:pull_port", "ip:reply_port")
-    assert cfg.lmcache_worker_ports == [1, 2, 3]
-    assert cfg.p2p_init_ports == [11, 12, 13]
+    assert cfg.lmcache_worker_ports == (1, 2, 3)
+    assert cfg.p2p_init_ports == (11, 12, 13)
     path = tmp_path / "api.yaml"
     path.write_text(SEED_INTERNAL_API_YAML)
     cfg = load_config(env={"KVPLANE_CONFIG_FILE": str(path)})
     assert cfg.internal_api_server_enabled is True
     assert cfg.internal_api_server_port_start == 6999
-    assert cfg.internal_api_server_include_index_list == [0, 1]
+    assert cfg.internal_api_server_include_index_list == (0, 1)
     assert cfg.internal_api_server_socket_path_prefix == "/tmp/lmcache_internal_api_server/socket"
     # The keys the seeds' POST /conf examples change exist and are mutable.
     specs = {s.name: s for s in key_specs()}
@@ -190,10 +230,10 @@ def test_non_finite_numbers_are_refused(tmp_path, text):
     path.write_text(f"max_local_cpu_size: {text}\n")
     with pytest.raises(ConfigError, match=r"max_local_cpu_size.*finite number"):
         load_config(path, env={})
-    cfg = EngineConfig()
-    result = cfg.update({"max_local_cpu_size": float("nan")})
+    store = ConfigStore(EngineConfig())
+    result = store.update({"max_local_cpu_size": float("nan")})
     assert result.updated == {} and "finite" in result.errors["max_local_cpu_size"]
-    assert cfg.max_local_cpu_size == 5.0
+    assert store.current.max_local_cpu_size == 5.0
 
 
 @settings(max_examples=200, deadline=None)

@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvplane.config import EngineConfig
+from kvplane.config import ConfigStore, EngineConfig
 from kvplane.engine.cache_engine import CacheEngine
+from kvplane.engine.facts import EngineFacts
 from kvplane.engine.kv_layout import KVLayout, kv_checksums, packed_view
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.storage_manager import StorageManager
@@ -46,7 +47,8 @@ def engine_over(views: list[torch.Tensor], **overrides: object) -> tuple[CacheEn
     layout = KVLayout(L, H, D, N, B, torch.bfloat16, packed=True)
     pool = HostMemoryPool.for_capacity(int(0.01 * (1 << 30)), layout.chunk_nbytes(2 * N))
     storage = StorageManager(build_backends(config, pool))
-    return CacheEngine(config, layout, storage), [packed_view(v) for v in views]
+    facts = EngineFacts("m", 1, 0, layout.kv_shape())
+    return CacheEngine(ConfigStore(config), facts, layout, storage), [packed_view(v) for v in views]
 
 
 def slots_of(blocks: list[int], num_tokens: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import pytest
 from kvplane.api.server import InternalApiService
 from kvplane.config import EngineConfig, load_config
 from kvplane.engine.engine import engine_metadata
+from kvplane.engine.facts import EngineFacts
 from kvplane.errors import ConfigError, Unavailable
 from kvplane.process import EngineProcess
 from tests.api_client import ENGINE_DEFAULTS, client_for
@@ -53,7 +54,8 @@ def test_a_scheduler_runs_only_the_internal_api_index_0_without_an_engine():
                 facts = worker.engine.metadata()
             finally:
                 worker.stop()
-            assert {k: meta[k] for k in facts} == facts == engine_metadata(cfg)
+            shown = engine_metadata(EngineFacts.from_config(cfg), cfg)
+            assert {k: meta[k] for k in facts} == facts == shown
             r = client.post("/cache/store", params={"tokens_mock": "0,4"})
             assert (r.status_code, r.json()["error"]) == (503, "Not available")
     finally:
@@ -98,7 +100,7 @@ def test_the_root_wires_the_api_to_the_engine_and_to_config_changes():
         api.statistics.start()
         process.cache_engine.lookup(list(range(32)))
         assert api.statistics.status().total_chunks == 2  # lookups reach the statistics
-        process.config.update({"chunk_statistics_auto_exit_target_unique_chunks": 1})
+        process.config_store.update({"chunk_statistics_auto_exit_target_unique_chunks": 1})
         assert api.statistics.status().auto_exit_target_unique_chunks == 1
     finally:
         process.stop()

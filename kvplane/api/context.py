@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from kvplane.api.slot_syntax import format_ranges, to_ranges
-from kvplane.config import EngineConfig
+from kvplane.config import ConfigStore, EngineConfig
 from kvplane.engine.chunk_statistics import ChunkStatistics
 from kvplane.engine.engine import Engine
+from kvplane.engine.facts import EngineFacts
 
 __all__ = ["ApiContext", "SlotRecording", "role_of"]
 
@@ -47,15 +48,23 @@ def role_of(index: int) -> str:
 
 @dataclass(frozen=True)
 class ApiContext:
-    """One app's view of its process. ``engine`` is None in a process without an engine
-    (a scheduler); the engine endpoints then answer 503. ``statistics`` and ``slot_recording`` are shared by
-    the apps of one process."""
+    """One app's view of its process. ``config_store`` is the process's config (``POST /conf``
+    updates it; :attr:`config` is the current one), ``facts`` what the host decided about the
+    engine (``/meta`` of a process without one). ``engine`` is None in a process without an
+    engine (a scheduler); the engine endpoints then answer 503. ``statistics`` and
+    ``slot_recording`` are shared by the apps of one process."""
 
     index: int
-    config: EngineConfig
+    config_store: ConfigStore
+    facts: EngineFacts
     engine: Engine | None
     statistics: ChunkStatistics
     slot_recording: SlotRecording
+
+    @property
+    def config(self) -> EngineConfig:
+        """The config now; a route reads it once per request for a consistent view."""
+        return self.config_store.current
 
     @property
     def role(self) -> str:

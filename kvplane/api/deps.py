@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from kvplane.api.context import ApiContext, SlotRecording
-from kvplane.config import EngineConfig
+from kvplane.config import ConfigStore, EngineConfig
 from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.cache_engine import CacheEngine
 from kvplane.engine.engine import Engine as EngineHandle
@@ -22,6 +22,7 @@ from kvplane.errors import BadRequest, Unauthorized, Unavailable
 __all__ = [
     "SAFE_METHODS",
     "Config",
+    "ConfigStoreDep",
     "CpuTier",
     "Ctx",
     "Engine",
@@ -46,6 +47,10 @@ Ctx = Annotated[ApiContext, Depends(get_context)]
 
 def get_config(ctx: Ctx) -> EngineConfig:
     return ctx.config
+
+
+def get_config_store(ctx: Ctx) -> ConfigStore:
+    return ctx.config_store
 
 
 def engine_of(ctx: ApiContext) -> EngineHandle:
@@ -80,7 +85,10 @@ def get_slot_recording(ctx: Ctx) -> SlotRecording:
     return ctx.slot_recording
 
 
+# ``Config``: the config when the request came in (one consistent view for the whole route);
+# ``ConfigStoreDep``: where it changes (``POST /conf``).
 Config = Annotated[EngineConfig, Depends(get_config)]
+ConfigStoreDep = Annotated[ConfigStore, Depends(get_config_store)]
 # ``Engine`` is the cache engine (the name routes used before the handle existed);
 # ``EngineDep`` the whole handle: kv caches, layout, storage, metrics and metadata too.
 Engine = Annotated[CacheEngine, Depends(get_cache_engine)]

@@ -27,9 +27,10 @@ from fastapi import FastAPI
 from kvplane.api.app import build_app
 from kvplane.api.context import ApiContext, SlotRecording
 from kvplane.api.discovery import CATEGORIES
-from kvplane.config import EngineConfig
+from kvplane.config import ConfigStore, EngineConfig
 from kvplane.engine.chunk_statistics import AutoExit, ChunkStatistics
 from kvplane.engine.engine import Engine
+from kvplane.engine.facts import EngineFacts
 from kvplane.errors import ConfigError, Conflict, Unavailable
 
 __all__ = [
@@ -62,11 +63,11 @@ def server_address(config: EngineConfig, index: int) -> Address:
     return Address(config.internal_api_server_host, port, f"{prefix}_{port}" if prefix else None)
 
 
-def process_indices(config: EngineConfig) -> list[int]:
+def process_indices(facts: EngineFacts) -> list[int]:
     """Roles of an engine process: worker ``worker_id`` (index worker_id + 1); rank 0 also
     plays the scheduler (index 0), as there is no separate scheduler process."""
-    worker_index = config.worker_id + 1
-    return [0, worker_index] if config.worker_id == 0 else [worker_index]
+    worker_index = facts.worker_id + 1
+    return [0, worker_index] if facts.worker_id == 0 else [worker_index]
 
 
 def served_indices(config: EngineConfig, indices: Sequence[int]) -> list[int]:
@@ -222,39 +223,51 @@ class InternalApiService:
 
     Builds one app per served index, sharing the process's chunk statistics and
     record-slot switch; ``start`` raises if any server cannot bind (those already started
-    are stopped again). ``engine`` is None in a process without one (the scheduler).
-    The constructor registers nothing: whoever builds the service feeds ``statistics`` and
-    ``slot_recording`` from the engine and calls :meth:`on_config_change` on config updates.
+    are stopped again). ``config_store`` is the process's config, which ``POST /conf``
+    changes; ``facts`` the host's facts (the engine's, when there is one). ``engine`` is None
+    in a process without one (the scheduler). The constructor registers nothing: whoever
+    builds the service feeds ``statistics`` and ``slot_recording`` from the engine and
+    subscribes :meth:`on_config_change` to the config store.
     """
 
     name = "internal_api_server"
 
     def __init__(
         self,
-        config: EngineConfig,
+        config_store: ConfigStore,
+        facts: EngineFacts,
         engine: Engine | None = None,
         *,
         indices: Sequence[int] | None = None,
         categories: tuple[str, ...] = CATEGORIES,
         statistics: ChunkStatistics | None = None,
     ) -> None:
-        self.config = config
+        self.config_store = config_store
+        self.facts = facts
         self.engine = engine
+        config = config_store.current
         self.indices = served_indices(
-            config, process_indices(config) if indices is None else indices
+            config, process_indices(facts) if indices is None else indices
         )
         self.categories = categories
         self.statistics = statistics or ChunkStatistics(_auto_exit(config))
         self.slot_recording = SlotRecording()
         self.servers: dict[int, ApiServer] = {}
 
-    def on_config_change(self, name: str, value: object) -> None:
+    @property
+    def config(self) -> EngineConfig:
+        """The config now."""
+        return self.config_store.current
+
+    def on_config_change(self, config: EngineConfig, changed: frozenset[str]) -> None:
         """Follow a runtime config update (the chunk statistics' auto-exit keys)."""
-        if name.startswith("chunk_statistics_auto_exit_"):
-            self.statistics.set_auto_exit(_auto_exit(self.config))
+        if any(name.startswith("chunk_statistics_auto_exit_") for name in changed):
+            self.statistics.set_auto_exit(_auto_exit(config))
 
     def context(self, index: int) -> ApiContext:
-        return ApiContext(index, self.config, self.engine, self.statistics, self.slot_recording)
+        return ApiContext(
+            index, self.config_store, self.facts, self.engine, self.statistics, self.slot_recording
+        )
 
     def start(self) -> None:
         warning = exposure_warning(self.config)

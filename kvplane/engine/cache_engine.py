@@ -18,10 +18,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from kvplane.config import EngineConfig
+from kvplane.config import ConfigStore, EngineConfig
 from kvplane.engine.backends.base import StorageEvent
 from kvplane.engine.chunk import ChunkMeta, KVChunk, dtype_name
 from kvplane.engine.compression import CompressResult
+from kvplane.engine.facts import EngineFacts
 from kvplane.engine.kv_layout import (
     KVLayout,
     SlotIndex,
@@ -70,22 +71,27 @@ def _identity_decoder(chunk: KVChunk) -> KVChunk:
 class CacheEngine:
     def __init__(
         self,
-        config: EngineConfig,
+        config_store: ConfigStore,
+        facts: EngineFacts,
         layout: KVLayout,
         storage: StorageManager,
         *,
         decode: Decoder | None = None,
         mover: Mover | None = None,
     ) -> None:
-        """``decode`` turns a stored (possibly compressed) chunk into raw KV; ``mover``
-        pushes a tier's chunks to a peer (:meth:`P2PNode.move`), None without p2p."""
-        self.config = config
+        """``facts`` name the storage keys (model, world size, rank); ``decode`` turns a
+        stored (possibly compressed) chunk into raw KV; ``mover`` pushes a tier's chunks to
+        a peer (:meth:`P2PNode.move`), None without p2p."""
+        self.config_store = config_store
+        self.facts = facts
         self.layout = layout
         self.storage = storage
         self.metrics: EngineMetrics = storage.metrics
         self.decode = decode or _identity_decoder
         self._mover = mover
         self._dtype_name = dtype_name(layout.dtype)
+        # every key of this rank: model, world size, rank (the facts), dtype (the layout)
+        self._key_prefix = (facts.model_name, facts.world_size, facts.worker_id, self._dtype_name)
         self._cuda_lock = threading.Lock()
         self._lookup_observers: list[Callable[[Sequence[int]], None]] = []
         self._transfer_observers: list[Callable[[str, torch.Tensor], None]] = []
@@ -93,10 +99,7 @@ class CacheEngine:
     # ------------------------------------------------------------------ keys and events
     def keys_for(self, tokens: Any) -> list[CacheKey]:
         c = self.config
-        return [
-            CacheKey(c.model_name, c.world_size, c.worker_id, self._dtype_name, h)
-            for h in chunk_hashes(tokens, c.chunk_size)
-        ]
+        return [CacheKey(*self._key_prefix, h) for h in chunk_hashes(tokens, c.chunk_size)]
 
     def set_mover(self, mover: Mover | None) -> None:
         """Use ``mover`` for :meth:`move` (this process's :meth:`P2PNode.move`, wired by the
@@ -125,6 +128,12 @@ class CacheEngine:
             hashes = [k.chunk_hash for k in keys]
             for observer in list(self._lookup_observers):
                 observer(hashes)
+
+    @property
+    def config(self) -> EngineConfig:
+        """The config now: runtime-mutable keys (``min_retrieve_tokens``,
+        ``save_unfull_chunk``) are read from it at each call."""
+        return self.config_store.current
 
     @property
     def frozen(self) -> bool:

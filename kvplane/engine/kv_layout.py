@@ -27,8 +27,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from kvplane.config import EngineConfig
-from kvplane.engine.chunk import dtype_from_name
+from kvplane.engine.chunk import dtype_from_name, dtype_name
+from kvplane.engine.facts import KVShape
 from kvplane.errors import BadRequest
 
 __all__ = [
@@ -62,15 +62,29 @@ class KVLayout(NamedTuple):
     packed: bool = False
 
     @classmethod
-    def from_config(cls, cfg: EngineConfig) -> KVLayout:
+    def from_shape(cls, shape: KVShape, *, packed: bool = False) -> KVLayout:
+        """The layout of caches of ``shape`` (paged or MLA; ``packed``: opaque blocks)."""
         return cls(
-            cfg.kv_num_layers,
-            cfg.kv_num_heads,
-            cfg.kv_head_size,
-            cfg.kv_block_size,
-            cfg.kv_num_blocks,
-            dtype_from_name(cfg.kv_dtype),
-            cfg.use_mla,
+            shape.num_layers,
+            shape.num_kv_heads,
+            shape.head_size,
+            shape.block_size,
+            shape.num_blocks,
+            dtype_from_name(shape.dtype),
+            shape.use_mla,
+            packed,
+        )
+
+    def kv_shape(self) -> KVShape:
+        """The shape these caches have, whatever their memory layout."""
+        return KVShape(
+            self.num_layers,
+            self.num_kv_heads,
+            self.head_size,
+            self.block_size,
+            self.num_blocks,
+            dtype_name(self.dtype),
+            self.use_mla,
         )
 
     @property

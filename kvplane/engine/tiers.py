@@ -105,12 +105,12 @@ class P2PNode:
     """This process's peer-to-peer side, a service of the process: the chunk server over the
     local tiers (serves fetches, stores pushes), the client for ``move``, and the p2p tier's
     locator wiring. Binds on ``start()``: ``p2p_host`` and ``p2p_init_ports[worker_id]``
-    (any free port when the list is null)."""
+    (any free port when the list is null), ``worker_id`` being this process's rank."""
 
     name = "p2p"
 
-    def __init__(self, config: EngineConfig, storage: StorageManager) -> None:
-        port = rank_port("p2p_init_ports", config.p2p_init_ports, config.worker_id) or 0
+    def __init__(self, config: EngineConfig, storage: StorageManager, *, worker_id: int) -> None:
+        port = rank_port("p2p_init_ports", config.p2p_init_ports, worker_id) or 0
         self.client = P2PClient(
             timeout_s=config.p2p_timeout_s, max_transfer_bytes=config.p2p_max_transfer_bytes
         )

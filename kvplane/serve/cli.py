@@ -78,36 +78,28 @@ def build_instance(
     config_path: str | None,
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[EngineProcess, ServedModel]:
-    """Model -> config with the model's KV shape -> engine process around the model's
+    """Config, model -> the model's engine facts -> engine process around the model's
     caches -> served model. ``overrides`` are config keys on top of the YAML and the
     environment. Returns ``(process, served)``; nothing started yet."""
     from kvplane.config import load_config
     from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
     from kvplane.process import EngineProcess
-    from kvplane.serve.launch import engine_overrides, load_model, make_served
+    from kvplane.serve.launch import load_model, make_served, served_facts
 
-    base = load_config(config_path, overrides=overrides)
+    config = load_config(config_path, overrides=overrides)
     log.info("loading model %s", options.model_name)
     loaded = load_model(options)
-    kv_keys = engine_overrides(loaded.shape, base, options.model_name, options.max_model_len)
-    config = load_config(config_path, overrides={**(overrides or {}), **kv_keys})
-    layout = KVLayout(
-        num_layers=loaded.shape.num_layers,
-        num_kv_heads=loaded.shape.num_kv_heads,
-        head_size=loaded.shape.head_size,
-        block_size=config.kv_block_size,
-        num_blocks=config.kv_num_blocks,
-        dtype=loaded.shape.dtype,
-    )
-    kv_caches = allocate_kv_caches(layout, loaded.device)
-    process = EngineProcess(config, layout=layout, kv_caches=kv_caches)
+    facts = served_facts(loaded.shape, config, options.model_name, options.max_model_len)
+    kv_caches = allocate_kv_caches(KVLayout.from_shape(facts.kv), loaded.device)
+    process = EngineProcess(config, facts, kv_caches=kv_caches)
     served = make_served(
         loaded,
         kv_caches,
-        config,
+        facts,
         model_name=options.model_name,
         max_model_len=options.max_model_len,
         cache=process.cache_engine,
+        store_decode=lambda: process.config.save_decode_cache,
     )
     return process, served
 

@@ -1,14 +1,16 @@
 """Builds one reference-server instance: model, tokenizer, paged KV caches, generator.
 
 The paged caches' shape comes from the model (layers, KV heads, head size, dtype) and from
-kvplane's config (block size, number of blocks); :func:`engine_overrides` writes the
-model's side back into the config so that the engine's layout, storage keys and ``/conf``
-all describe the KV this process really has.
+kvplane's config (block size, number of blocks, at least ``max_model_len`` tokens):
+:func:`served_facts` puts both in the engine's facts record, from which the layout, the
+storage keys and ``/meta`` describe the KV this process really has. The config itself stays
+what the user wrote.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,6 +19,7 @@ import torch
 
 from kvplane.config import EngineConfig
 from kvplane.engine.chunk import dtype_name
+from kvplane.engine.facts import EngineFacts, KVShape
 from kvplane.errors import ConfigError
 from kvplane.serve.generator import Generator, PrefixCache
 from kvplane.serve.model import (
@@ -33,10 +36,10 @@ __all__ = [
     "LoadedModel",
     "ServeOptions",
     "ServedModel",
-    "engine_overrides",
     "load_model",
     "make_served",
     "resolve_device",
+    "served_facts",
 ]
 
 
@@ -137,40 +140,42 @@ def load_model(options: ServeOptions) -> LoadedModel:
     return LoadedModel(model, tokenizer, shape, device)
 
 
-def engine_overrides(
+def served_facts(
     shape: ModelShape, config: EngineConfig, model_name: str, max_model_len: int
-) -> dict[str, Any]:
-    """Config keys that must describe the served model's KV (see the module docstring)."""
+) -> EngineFacts:
+    """The engine facts of the served model (see the module docstring); ranks from the
+    config (one process: world size 1, rank 0 unless configured otherwise)."""
     needed_blocks = -(-max_model_len // config.kv_block_size)
-    return {
-        "model_name": model_name,
-        "kv_num_layers": shape.num_layers,
-        "kv_num_heads": shape.num_kv_heads,
-        "kv_head_size": shape.head_size,
-        "kv_dtype": dtype_name(shape.dtype),
-        "kv_num_blocks": max(config.kv_num_blocks, needed_blocks),
-        "use_mla": False,
-    }
+    kv = KVShape(
+        num_layers=shape.num_layers,
+        num_kv_heads=shape.num_kv_heads,
+        head_size=shape.head_size,
+        block_size=config.kv_block_size,
+        num_blocks=max(config.kv_num_blocks, needed_blocks),
+        dtype=dtype_name(shape.dtype),
+    )
+    return EngineFacts(model_name, config.world_size, config.worker_id, kv)
 
 
 def make_served(
     loaded: LoadedModel,
     kv_caches: list[torch.Tensor],
-    config: EngineConfig,
+    facts: EngineFacts,
     *,
     model_name: str,
     max_model_len: int,
     cache: PrefixCache | None,
+    store_decode: Callable[[], bool],
 ) -> ServedModel:
+    """``store_decode`` is asked per request (``save_decode_cache`` changes at runtime)."""
     max_len = min(max_model_len, loaded.shape.max_model_len)
     generator = Generator(
         PagedLlama(loaded.model, kv_caches),
-        block_size=config.kv_block_size,
-        num_blocks=config.kv_num_blocks,
+        block_size=facts.kv.block_size,
+        num_blocks=facts.kv.num_blocks,
         max_model_len=max_len,
         eos_token_id=loaded.tokenizer.eos_token_id,
         cache=cache,
-        # read per request: save_decode_cache may change at runtime (POST /conf)
-        store_decode=lambda: config.save_decode_cache,
+        store_decode=store_decode,
     )
     return ServedModel(model_name, loaded.tokenizer, generator, max_len, int(time.time()))

@@ -72,7 +72,7 @@ class ControllerWorker:
         self.config = config
         self.engine = engine
         self.instance_id = config.lmcache_instance_id
-        self.worker_id = config.worker_id
+        self.worker_id = engine.facts.worker_id
         self.pull_url = zmq_url(config.controller_pull_url)
         reply_url = zmq_url(config.controller_reply_url) if config.controller_reply_url else None
         self.ip = local_ip_towards(self.pull_url)
@@ -112,7 +112,7 @@ class ControllerWorker:
         if self.p2p is not None:
             return self.p2p.url
         c = self.config
-        port = rank_port("p2p_init_ports", c.p2p_init_ports, c.worker_id)
+        port = rank_port("p2p_init_ports", c.p2p_init_ports, self.worker_id)
         return f"{c.p2p_host}:{port}" if port is not None else None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -184,7 +184,7 @@ class ControllerWorker:
             self.buffer.record(admit, event.location, event.key.chunk_hash)
 
     def _snapshot(self) -> dict[str, list[int]]:
-        model = self.config.model_name
+        model = self.engine.facts.model_name
         return self.engine.storage.snapshot(
             lambda k: k.worker_id == self.worker_id and k.model_name == model
         )

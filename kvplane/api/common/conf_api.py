@@ -1,4 +1,8 @@
-"""GET/POST /conf: read and change the engine configuration (secrets always masked)."""
+"""GET/POST /conf: read and change the engine configuration (secrets always masked).
+
+``POST /conf`` is the process's one runtime path to a new config:
+:meth:`~kvplane.config.ConfigStore.update` validates it, swaps it in and tells the
+subscribers (tier capacity, loggers, chunk statistics)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from kvplane.api.deps import Config
+from kvplane.api.deps import Config, ConfigStoreDep
 from kvplane.errors import BadRequest
 
 __all__ = ["router", "split_names"]
@@ -40,7 +44,7 @@ def get_conf(config: Config, names: str | None = None) -> dict[str, Any]:
 
 
 @router.post("/conf")
-async def post_conf(request: Request, config: Config) -> JSONResponse:
+async def post_conf(request: Request, store: ConfigStoreDep) -> JSONResponse:
     """Each key is applied or refused alone; any refusal makes the answer a 400."""
     try:
         changes = await request.json()
@@ -48,9 +52,9 @@ async def post_conf(request: Request, config: Config) -> JSONResponse:
         raise BadRequest("The request body is not valid JSON", title="Invalid JSON") from None
     if not isinstance(changes, dict):
         raise BadRequest("The body must be a JSON object of config names to values")
-    # Listeners may resize tiers or reconfigure loggers: keep them off the event loop.
-    result = await run_in_threadpool(config.update, changes)
-    masked = config.to_dict()
+    # Subscribers may resize tiers or reconfigure loggers: keep them off the event loop.
+    result = await run_in_threadpool(store.update, changes)
+    masked = result.config.to_dict()
     body: dict[str, Any] = {"updated": {name: masked[name] for name in result.updated}}
     if result.errors:
         body["errors"] = result.errors

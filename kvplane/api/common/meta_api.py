@@ -17,8 +17,12 @@ router = APIRouter()
 
 
 def server_metadata(ctx: ApiContext) -> dict[str, Any]:
-    """The engine's metadata (from the config without an engine) plus this server's role."""
-    meta = ctx.engine.metadata() if ctx.engine is not None else engine_metadata(ctx.config)
+    """The engine's metadata (from the process's facts without an engine) plus this
+    server's role."""
+    if ctx.engine is not None:
+        meta = ctx.engine.metadata()
+    else:
+        meta = engine_metadata(ctx.facts, ctx.config)
     return {**meta, "role": ctx.role, "index": ctx.index, "has_engine": ctx.engine is not None}
 
 

@@ -103,8 +103,10 @@ class KvplaneConnector(KVConnectorBase_V1):
             # never a failed request (vLLM reads the policy right after building us).
             transfer.kv_load_failure_policy = "recompute"
             events = vllm_config.kv_events_config
+            config = connector_config(facts, extra)
             self._scheduler = SchedulerSide(
-                connector_config(facts, extra),
+                config,
+                facts.engine_facts(config),
                 engine_id=facts.engine_id,
                 dp_rank=facts.dp_rank,
                 block_size=facts.block_size,
@@ -115,14 +117,7 @@ class KvplaneConnector(KVConnectorBase_V1):
         else:
             from kvplane.integrations.vllm.worker import WorkerSide
 
-            self._worker = WorkerSide(
-                connector_config(facts, extra),
-                lambda more: connector_config(facts, extra, more=more),
-                engine_id=facts.engine_id,
-                dp_rank=facts.dp_rank,
-                block_size=facts.block_size,
-                use_mla=facts.use_mla,
-            )
+            self._worker = WorkerSide(connector_config(facts, extra), facts)
         self._block_size = facts.block_size
 
     @property

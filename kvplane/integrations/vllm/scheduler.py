@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvplane.config import EngineConfig
+from kvplane.engine.facts import EngineFacts
 from kvplane.integrations.vllm.channel import SchedulerChannel
 from kvplane.integrations.vllm.held import HeldChunks, TierChange
 from kvplane.integrations.vllm.messages import endpoints
@@ -88,6 +89,7 @@ class SchedulerSide:
     def __init__(
         self,
         config: EngineConfig,
+        facts: EngineFacts,
         *,
         engine_id: str,
         dp_rank: int,
@@ -96,6 +98,7 @@ class SchedulerSide:
         publish_events: bool,
     ) -> None:
         self.config = config
+        self.facts = facts
         self.block_size = block_size
         self.policy = PlannerPolicy(
             chunk_size=config.chunk_size,
@@ -105,7 +108,7 @@ class SchedulerSide:
             min_retrieve_tokens=config.min_retrieve_tokens,
             skip_save=kv_consumer_only,
         )
-        held = HeldChunks(config.world_size, TIER_ORDER)
+        held = HeldChunks(facts.world_size, TIER_ORDER)
         self.channel = SchedulerChannel(*endpoints(engine_id, dp_rank), held)
         self.planner = Planner(self.policy, held)
         self.probing = bool(config.enable_p2p or config.remote_url)
@@ -121,7 +124,7 @@ class SchedulerSide:
         enabled and listed in the config), built by the composition root."""
         from kvplane.process import EngineProcess
 
-        process = EngineProcess(self.config, role="scheduler")
+        process = EngineProcess(self.config, self.facts, role="scheduler")
         process.start()
         self._process = process
 
@@ -146,10 +149,10 @@ class SchedulerSide:
             return None
         if probe is not None and not probe.answered:
             answers = self.channel.prefetch_answers(req_id)
-            if answers < self.config.world_size and time.monotonic() < probe.deadline:
+            if answers < self.facts.world_size and time.monotonic() < probe.deadline:
                 return None
             probe.answered = True
-            probe.probed_tokens = self.channel.probed_tokens(req_id, self.config.world_size)
+            probe.probed_tokens = self.channel.probed_tokens(req_id, self.facts.world_size)
             with self.channel.lock:
                 found = self.planner.match(req_id, tokens, num_computed, probed=_probed(probe))
         self.counters.lookups += 1

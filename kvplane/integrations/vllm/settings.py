@@ -1,15 +1,19 @@
 """kvplane's config inside vLLM: the seeds' YAML (``$KVPLANE_CONFIG_FILE`` or
 ``$LMCACHE_CONFIG_FILE``), then ``kv_connector_extra_config`` on top (keys as in the YAML,
-optionally prefixed ``kvplane.`` or ``lmcache.``), then the facts vLLM decides: model name,
-world size, rank and block size. No torch here: the scheduler process uses it too."""
+optionally prefixed ``kvplane.`` or ``lmcache.``). The facts vLLM decides (model name, world
+size, rank, block size, and on a worker rank the KV shape of its tensors) are not config:
+:meth:`VllmFacts.engine_facts` makes them the engine's facts record. No torch here: the
+scheduler process uses it too."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kvplane.config import EngineConfig, load_config
+from kvplane.engine.facts import EngineFacts, KVShape
 from kvplane.errors import ConfigError
 
 __all__ = ["VllmFacts", "connector_config", "extra_overrides"]
@@ -49,6 +53,15 @@ class VllmFacts:
             vllm_version=str(getattr(vllm, "__version__", "unknown")),
         )
 
+    def engine_facts(self, config: EngineConfig, kv: KVShape | None = None) -> EngineFacts:
+        """The engine facts of this vLLM process: vLLM's model name, world size and rank,
+        and ``kv``, the shape of the KV tensors vLLM handed a worker rank. The scheduler
+        holds no KV (``kv`` None): its shape is the config's ``kv_*`` keys with vLLM's block
+        size, what its ``/meta`` shows."""
+        if kv is None:
+            kv = dataclasses.replace(KVShape.from_config(config), block_size=self.block_size)
+        return EngineFacts(self.model_name, self.world_size, self.rank, kv)
+
 
 def extra_overrides(extra: Mapping[str, Any] | None) -> dict[str, Any]:
     """``kv_connector_extra_config`` as config keys (prefixes dropped)."""
@@ -59,23 +72,10 @@ def extra_overrides(extra: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def connector_config(
-    facts: VllmFacts,
-    extra: Mapping[str, Any] | None,
-    *,
-    more: Mapping[str, Any] | None = None,
-) -> EngineConfig:
+def connector_config(facts: VllmFacts, extra: Mapping[str, Any] | None) -> EngineConfig:
     """The validated config of one connector object. Raises ConfigError naming the
     problem, e.g. a chunk size that is not a multiple of vLLM's block size."""
-    overrides = extra_overrides(extra)
-    overrides.update(
-        model_name=facts.model_name,
-        world_size=facts.world_size,
-        worker_id=facts.rank,
-        kv_block_size=facts.block_size,
-    )
-    overrides.update(more or {})
-    config = load_config(overrides=overrides)
+    config = load_config(overrides=extra_overrides(extra))
     if config.chunk_size % facts.block_size:
         raise ConfigError(
             f"chunk_size {config.chunk_size} is not a multiple of vLLM's block size "

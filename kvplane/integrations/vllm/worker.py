@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from kvplane.errors import ConfigError
 from kvplane.integrations.vllm.channel import WorkerChannel
 from kvplane.integrations.vllm.messages import endpoints
 from kvplane.integrations.vllm.plan import LoadSpec, SaveSpec, StepPlan
+from kvplane.integrations.vllm.settings import VllmFacts
 
 __all__ = ["WorkerSide", "layout_of"]
 
@@ -55,23 +56,15 @@ def layout_of(views: Sequence[torch.Tensor], *, block_size: int, use_mla: bool) 
 
 
 class WorkerSide:
-    def __init__(
-        self,
-        config: EngineConfig,
-        config_with: Callable[[Mapping[str, Any]], EngineConfig],
-        *,
-        engine_id: str,
-        dp_rank: int,
-        block_size: int,
-        use_mla: bool,
-    ) -> None:
-        """``config_with(keys)`` rebuilds the config with the KV shape learnt from vLLM."""
+    def __init__(self, config: EngineConfig, facts: VllmFacts) -> None:
+        """``facts``: what vLLM decided; with the KV shape of the tensors it hands
+        :meth:`register`, they become the engine's facts."""
         self.config = config
-        self._config_with = config_with
-        self.rank = config.worker_id
-        self.block_size = block_size
-        self.use_mla = use_mla
-        self._urls = endpoints(engine_id, dp_rank)
+        self.facts = facts
+        self.rank = facts.rank
+        self.block_size = facts.block_size
+        self.use_mla = facts.use_mla
+        self._urls = endpoints(facts.engine_id, facts.dp_rank)
         self.process: Any = None
         self.caches: list[torch.Tensor] = []
         self.channel: WorkerChannel | None = None
@@ -97,16 +90,11 @@ class WorkerSide:
         except ValueError as exc:
             raise ConfigError(f"vLLM's KV cache layout: {exc}") from None
         layout = layout_of(views, block_size=self.block_size, use_mla=self.use_mla)
-        overrides = {
-            "kv_num_layers": layout.num_layers,
-            "kv_num_heads": layout.num_kv_heads,
-            "kv_head_size": layout.head_size,
-            "kv_block_size": layout.block_size,
-            "kv_num_blocks": layout.num_blocks,
-        }
-        self.config = self._config_with(overrides)
+        facts = self.facts.engine_facts(self.config, layout.kv_shape())
         # Internal API index 0 is the scheduler process's; this rank serves rank + 1.
-        process = EngineProcess(self.config, layout=layout, kv_caches=packed, scheduler_api=False)
+        process = EngineProcess(
+            self.config, facts, layout=layout, kv_caches=packed, scheduler_api=False
+        )
         self.caches = packed
         self.channel = WorkerChannel(self.rank, *self._urls, self._prefetch)
         process.cache_engine.add_listener(self._on_event)
@@ -124,7 +112,7 @@ class WorkerSide:
         )
 
     def _snapshot(self) -> dict[str, list[int]]:
-        c = self.config
+        model = self.facts.model_name
         out: dict[str, list[int]] = {}
         for name, backend in self.process.storage.backends.items():
             if backend.fetch_only:
@@ -132,7 +120,7 @@ class WorkerSide:
             out[name] = [
                 k.chunk_hash
                 for k in backend.keys()
-                if k.worker_id == self.rank and k.model_name == c.model_name
+                if k.worker_id == self.rank and k.model_name == model
             ]
         return out
 
