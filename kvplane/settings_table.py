@@ -324,7 +324,10 @@ def add_flags(parser: argparse.ArgumentParser, table: Iterable[KeySpec]) -> None
     for spec in table:
         if not spec.flags:
             continue
-        help_text = f"{spec.help} (default {_shown(spec.default)})".replace("%", "%%")
+        notes = [f"default {_shown(spec.default)}"]
+        if spec.choices:
+            notes.append("one of " + ", ".join(spec.choices))
+        help_text = f"{spec.help.rstrip('.')} ({'; '.join(notes)})".replace("%", "%%")
         parser.add_argument(
             *spec.flags, dest=spec.name, type=_flag_type(spec), default=None, help=help_text
         )

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from kvplane.controller.main import add_parser, settings_from_args
-from kvplane.controller.settings import ControllerSettings
+from kvplane.controller.settings import ControllerConfig, controller_keys
 from kvplane.errors import ConfigError
 from tests.controller_client import controller_args, wait_controller_up
 from tests.support import (
@@ -42,6 +42,45 @@ def test_defaults_reap_within_a_minute_and_agree_with_worker_heartbeats() -> Non
     assert (s.host, s.port, s.pull_port, s.reply_port) == ("0.0.0.0", 9000, 9001, 9002)
     heartbeat = EngineConfig().lmcache_worker_heartbeat_time
     assert s.worker_timeout <= 60 and s.worker_timeout >= 3 * heartbeat
+
+
+def test_flags_help_and_checks_come_from_the_table() -> None:
+    parser = argparse.ArgumentParser()
+    text = " ".join(add_parser(parser.add_subparsers()).format_help().split())
+    flagged = [spec for spec in controller_keys() if spec.flags]
+    assert [s.name for s in flagged] == [
+        "host",
+        "port",
+        "health_check_interval",
+        "worker_timeout",
+        "command_timeout",
+        "log_level",
+    ]
+    for spec in flagged:
+        assert " ".join(spec.help.rstrip(".").split()) in text
+        assert all(f in text for f in spec.flags)
+    assert "(default 30)" in text and "--monitor-ports" in text and "--config" in text
+    assert (
+        list(ControllerConfig().to_dict())
+        == [s.name for s in controller_keys()]
+        == [
+            "host",
+            "port",
+            "pull_port",
+            "reply_port",
+            "heartbeat_port",
+            "health_check_interval",
+            "worker_timeout",
+            "command_timeout",
+            "log_level",
+        ]
+    )  # the shape of GET /conf
+    assert settings_from_args(parse("--log-level", "debug")).log_level == "DEBUG"
+    for bad in (["--health-check-interval", "0"], ["--log-level", "LOUD"], ["--port", "x"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+    with pytest.raises(ConfigError, match="port: 0 is below the minimum 1"):
+        ControllerConfig(port=0)  # built directly, validated all the same
 
 
 def test_monitor_ports_flags() -> None:
@@ -93,10 +132,14 @@ def test_bad_port_in_the_config_file_is_a_config_error(tmp_path: Path) -> None:
     cfg = tmp_path / "controller.yaml"
     cfg.write_text("port: 99999\n")
     out = run_cli(["controller", "--config", str(cfg)])
-    assert out.returncode == 2 and "port must be a port number in 1..65535, got 99999" in out.stdout
+    assert out.returncode == 2 and "port: 99999 is above the maximum 65535" in out.stdout
     cfg.write_text("monitor_ports: {pull: 9001, reply: 0}\n")
     out = run_cli(["controller", "--config", str(cfg)])
-    assert out.returncode == 2 and "monitor_ports in" in out.stdout and "got 0" in out.stdout
+    assert out.returncode == 2 and "monitor_ports in" in out.stdout
+    assert "reply_port: 0 is below the minimum 1" in out.stdout
+    cfg.write_text("health_check_interval: often\n")  # every key is checked, not only ports
+    out = run_cli(["controller", "--config", str(cfg)])
+    assert out.returncode == 2 and "health_check_interval: invalid value 'often'" in out.stdout
     assert "Traceback" not in out.stdout
 
 
@@ -107,7 +150,7 @@ def test_config_file_and_flags_override_it(tmp_path: Path) -> None:
     assert (s.port, s.worker_timeout, s.pull_port, s.reply_port) == (9200, 20, 9101, 9102)
     cfg.write_text("prot: 1\n")
     with pytest.raises(ConfigError, match="prot"):
-        ControllerSettings.from_file(cfg)
+        ControllerConfig.from_file(cfg)
 
 
 def test_deprecated_monitor_port_warns_and_pull_only_workers_still_register(

@@ -17,7 +17,7 @@ from kvplane.controller.executor import EventStatus, EventTable, Executor
 from kvplane.controller.http import create_app
 from kvplane.controller.index import Match
 from kvplane.controller.registry import WorkerRecord
-from kvplane.controller.settings import ControllerSettings
+from kvplane.controller.settings import ControllerConfig
 from kvplane.errors import BadRequest, NotFound, Unavailable, Unsupported
 from kvplane.keys import chunk_hashes, key_scheme_fingerprint
 from kvplane.protocol import (
@@ -244,7 +244,7 @@ def test_worker_error_codes_map_to_one_error_and_its_http_status(
     with pytest.raises(error) as caught:
         cluster.clear("A", CPU)
     assert getattr(caught.value, "status_code", None) == status
-    with TestClient(create_app(cluster, ControllerSettings())) as client:
+    with TestClient(create_app(cluster, ControllerConfig())) as client:
         resp = client.post("/clear", json={"instance_id": "A", "location": CPU})
     body = resp.json()
     assert resp.status_code == status and set(body) >= {"error", "message"}
@@ -262,7 +262,7 @@ def test_an_unknown_instance_is_404_before_any_command() -> None:
     cluster, transport = cluster_with({0: reply(ErrorCode.OK)})
     with pytest.raises(NotFound, match="'nope'"):
         cluster.clear("nope", CPU)
-    with TestClient(create_app(cluster, ControllerSettings())) as client:
+    with TestClient(create_app(cluster, ControllerConfig())) as client:
         resp = client.post("/clear", json={"instance_id": "nope"})
         assert (resp.status_code, resp.json()["error"]) == (404, "Not found")
         resp = client.post("/clear", json={"location": CPU})

@@ -16,7 +16,7 @@ from pydantic import AliasChoices, BaseModel, Field
 from kvplane.controller.cluster import Cluster
 from kvplane.controller.fast_lookup import LookupAnswer, LookupRoute, TokenParser
 from kvplane.controller.ops_api import build_ops_router
-from kvplane.controller.settings import ControllerSettings
+from kvplane.controller.settings import ControllerConfig
 from kvplane.errors import BadRequest, KvplaneError
 from kvplane.keys import TOKEN_ID_RANGE, to_token_array
 from kvplane.web.errors import error_body, install_error_handlers
@@ -246,7 +246,7 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
 # --- the app -------------------------------------------------------------------------------
 
 
-def create_app(cluster: Cluster, settings: ControllerSettings) -> FastAPI:
+def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
     """The controller's FastAPI app over a running cluster (OpenAPI at /docs)."""
     app = FastAPI(
         title="kvplane controller",

@@ -9,24 +9,26 @@ import logging
 import sys
 from typing import Any
 
-from kvplane.controller.settings import ControllerSettings, check_port, parse_monitor_ports
+from kvplane.controller.settings import ControllerConfig, controller_keys, parse_monitor_ports
 from kvplane.errors import ConfigError, KvplaneError
+from kvplane.settings_table import add_flags, flag_values
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "settings_from_args"]
 
 log = logging.getLogger("kvplane.controller")
 
 
-def _port(text: str) -> int:
-    """argparse type: a port number; a bad one is a usage error naming the flag (exit 2)."""
+def _pull_port(text: str) -> int:
+    """argparse type of the deprecated ``--monitor-port``: the pull port, by its row."""
+    pull = next(s for s in controller_keys() if s.name == "pull_port")
     try:
-        return check_port(int(text), "a port")
-    except (ValueError, ConfigError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1..65535)") from None
+        return int(pull.validate(text))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _monitor_ports(text: str) -> dict[str, int | None]:
-    """argparse type: the ``--monitor-ports`` JSON, checked as settings fields."""
+    """argparse type: the ``--monitor-ports`` JSON, checked by the ports' rows."""
     try:
         return parse_monitor_ports(text)
     except ConfigError as exc:
@@ -34,47 +36,37 @@ def _monitor_ports(text: str) -> dict[str, int | None]:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``kvplane controller``: one option per table key with flags (help and default from
+    :class:`ControllerConfig`), plus the worker ports and ``--config``."""
+    defaults = ControllerConfig()
     p: argparse.ArgumentParser = subparsers.add_parser(
         "controller",
         help="run the controller (KV-aware lookups and cluster operations)",
         description="Run the kvplane controller: HTTP API on --host:--port, worker sockets "
         "on --monitor-ports.",
     )
-    p.add_argument("--host", help="address to bind (HTTP and worker ports; default 0.0.0.0)")
-    p.add_argument("--port", type=_port, help="HTTP port (default 9000)")
+    add_flags(p, controller_keys())
     p.add_argument(
         "--monitor-ports",
         type=_monitor_ports,
         help='worker ports as JSON, e.g. \'{"pull": 9001, "reply": 9002}\' '
-        '(an optional "heartbeat" port is a second reply socket); default pull 9001, reply 9002',
+        '(an optional "heartbeat" port is a second reply socket); default pull '
+        f"{defaults.pull_port}, reply {defaults.reply_port}",
     )
     p.add_argument(
         "--monitor-port",
-        type=_port,
+        type=_pull_port,
         help="deprecated: the pull port alone, no reply port (use --monitor-ports)",
     )
-    p.add_argument(
-        "--health-check-interval", type=float, help="seconds between reaper sweeps (default 1)"
-    )
-    p.add_argument(
-        "--lmcache-worker-timeout",
-        "--worker-timeout",
-        dest="worker_timeout",
-        type=float,
-        help="seconds without a heartbeat before a worker is reaped (default 30; workers "
-        "heartbeat every 5 s by default)",
-    )
-    p.add_argument(
-        "--command-timeout", type=float, help="deadline of each command to a worker (default 5)"
-    )
-    p.add_argument("--log-level", help="log level (default INFO)")
     p.add_argument("--config", help="YAML file with these settings (flags override it)")
     p.set_defaults(func=run)
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
-    base = ControllerSettings.from_file(args.config) if args.config else ControllerSettings()
+def settings_from_args(args: argparse.Namespace) -> ControllerConfig:
+    """The file's settings (``--config``), then the flags given on top. Raises
+    ConfigError."""
+    base = ControllerConfig.from_file(args.config) if args.config else ControllerConfig()
     ports: dict[str, Any] = {}
     if args.monitor_ports:
         ports = args.monitor_ports
@@ -85,16 +77,8 @@ def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
             args.monitor_port,
         )
         ports = {"pull_port": args.monitor_port, "reply_port": None, "heartbeat_port": None}
-    settings = base.with_overrides(
-        host=args.host,
-        port=args.port,
-        health_check_interval=args.health_check_interval,
-        worker_timeout=args.worker_timeout,
-        command_timeout=args.command_timeout,
-        log_level=args.log_level,
-    )
     # Replaced, not merged: "--monitor-port N" means pull N and no reply port at all.
-    return dataclasses.replace(settings, **ports) if ports else settings
+    return dataclasses.replace(base, **flag_values(args, controller_keys()), **ports)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,16 +87,16 @@ def run(args: argparse.Namespace) -> int:
     from kvplane.http_serve import run_http
 
     logging.basicConfig(
-        level=(args.log_level or "INFO").upper(),
+        level=args.log_level or "INFO",
         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger().setLevel((args.log_level or "INFO").upper())
+    logging.getLogger().setLevel(args.log_level or "INFO")
     try:
         settings = settings_from_args(args)
     except KvplaneError as exc:
         log.error("%s", exc)
         return 2
-    logging.getLogger().setLevel(settings.log_level.upper())
+    logging.getLogger().setLevel(settings.log_level)
     # Short GIL hand-offs: HTTP lookups get the interpreter quickly during an ingest burst.
     sys.setswitchinterval(0.0005)
     service = ControllerService(settings)

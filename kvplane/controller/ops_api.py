@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvplane.controller.cluster import Cluster
-from kvplane.controller.settings import ControllerSettings
+from kvplane.controller.settings import ControllerConfig
 from kvplane.web.diagnostics import loglevel_router, threads_router
 
 __all__ = ["build_ops_router"]
@@ -43,7 +43,7 @@ class _CoreCollector:
             yield gauge
 
 
-def build_ops_router(cluster: Cluster, settings: ControllerSettings) -> tuple[APIRouter, Histogram]:
+def build_ops_router(cluster: Cluster, settings: ControllerConfig) -> tuple[APIRouter, Histogram]:
     """The router, and the lookup-latency histogram the cluster routes observe."""
     registry = CollectorRegistry()
     registry.register(_CoreCollector(cluster))  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from kvplane.controller.core import ControllerCore
 from kvplane.controller.executor import Executor
 from kvplane.controller.index import DroppedChunks
 from kvplane.controller.registry import WorkerRecord
-from kvplane.controller.settings import ControllerSettings
+from kvplane.controller.settings import ControllerConfig
 from kvplane.errors import BadRequest, Unavailable
 from kvplane.protocol import (
     Command,
@@ -50,7 +50,7 @@ _READER_WAIT_S = 0.005
 class ControllerService:
     """Binds the worker-facing sockets and runs the ingest thread (:meth:`start`/:meth:`stop`)."""
 
-    def __init__(self, settings: ControllerSettings) -> None:
+    def __init__(self, settings: ControllerConfig) -> None:
         self.settings = settings
         self._ctx = zmq.Context()
         core = ControllerCore(settings.worker_timeout)

@@ -1,4 +1,10 @@
-"""The controller's settings: CLI flags, optionally from a YAML ``--config`` file.
+"""The controller's settings: a key table like the engine's (:mod:`kvplane.settings_table`),
+set from a YAML ``--config`` file, then from the command line.
+
+Each key is defined once below: type, default, range, help, and the flags that set it;
+``kvplane controller --help``, the file loader and ``docs/configuration.md`` read the table.
+The worker ports have no flag of their own: ``--monitor-ports`` (and the ``monitor_ports``
+file key) sets all three at once, :func:`parse_monitor_ports`.
 
 Defaults reap a dead worker within a minute and agree with the worker's heartbeat default
 (``lmcache_worker_heartbeat_time`` = 5 s): six missed heartbeats = 30 s.
@@ -6,88 +12,130 @@ Defaults reap a dead worker within a minute and agree with the worker's heartbea
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kvplane.errors import ConfigError
+from kvplane.settings_table import (
+    FLOAT,
+    INT,
+    LOG_LEVEL,
+    LOG_LEVELS,
+    OPT_INT,
+    STR,
+    KeySpec,
+    check_known,
+    key,
+    key_table,
+    read_yaml,
+    validate_fields,
+)
 
-__all__ = ["ControllerSettings", "check_port", "parse_monitor_ports"]
+__all__ = ["MONITOR_PORT_NAMES", "ControllerConfig", "controller_keys", "parse_monitor_ports"]
 
+#: The ``--monitor-ports`` JSON's names; each sets the key ``<name>_port``.
 MONITOR_PORT_NAMES = ("pull", "reply", "heartbeat")
-_PORT_FIELDS = ("port", "pull_port", "reply_port", "heartbeat_port")
 
 
-def check_port(value: object, what: str) -> int:
-    """``value`` as a TCP port (an int in 1..65535; a bool is not one). Raises ConfigError
-    naming ``what``: a port out of range would otherwise be bound modulo 65536 or fail late
-    with an address that names no flag."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise ConfigError(f"{what} must be a port number in 1..65535, got {value!r}")
-    return value
+@dataclass(frozen=True, repr=False)
+class ControllerConfig:
+    """The controller process's settings; its fields are the key table. Frozen and valid
+    however it is built (``__post_init__`` validates every key)."""
 
-
-@dataclass(frozen=True)
-class ControllerSettings:
-    host: str = "0.0.0.0"
-    port: int = 9000
-    pull_port: int = 9001
-    reply_port: int | None = 9002
-    heartbeat_port: int | None = None  # optional second reply socket for heartbeats only
-    health_check_interval: float = 1.0  # seconds between reaper sweeps
-    worker_timeout: float = 30.0  # seconds without a heartbeat before a worker is reaped
-    command_timeout: float = 5.0  # deadline of each controller->worker command
-    log_level: str = "INFO"
+    host: str = key(
+        "0.0.0.0", "Address to bind (HTTP and worker ports).", kind=STR, flags=("--host",)
+    )
+    port: int = key(9000, "HTTP port.", kind=INT, minimum=1, maximum=65535, flags=("--port",))
+    pull_port: int = key(
+        9001,
+        'Worker PULL port: chunk reports (--monitor-ports "pull").',
+        kind=INT,
+        minimum=1,
+        maximum=65535,
+    )
+    reply_port: int | None = key(
+        9002,
+        'Worker REPLY port: register, heartbeat, peer lookups (--monitor-ports "reply"); '
+        "null: the seeds' pull-only mode.",
+        kind=OPT_INT,
+        minimum=1,
+        maximum=65535,
+    )
+    heartbeat_port: int | None = key(
+        None,
+        'Optional second reply socket for heartbeats only (--monitor-ports "heartbeat").',
+        kind=OPT_INT,
+        minimum=1,
+        maximum=65535,
+    )
+    health_check_interval: float = key(
+        1.0,
+        "Seconds between reaper sweeps.",
+        kind=FLOAT,
+        minimum=0.01,
+        flags=("--health-check-interval",),
+    )
+    worker_timeout: float = key(
+        30.0,
+        "Seconds without a heartbeat before a worker is reaped (workers heartbeat every 5 s "
+        "by default).",
+        kind=FLOAT,
+        minimum=0.01,
+        flags=("--lmcache-worker-timeout", "--worker-timeout"),
+    )
+    command_timeout: float = key(
+        5.0,
+        "Deadline of each command to a worker, seconds.",
+        kind=FLOAT,
+        minimum=0.01,
+        flags=("--command-timeout",),
+    )
+    log_level: str = key(
+        "INFO", "Log level.", kind=LOG_LEVEL, choices=LOG_LEVELS, flags=("--log-level",)
+    )
 
     def __post_init__(self) -> None:
-        for name in _PORT_FIELDS:
-            value = getattr(self, name)
-            if value is not None or name in ("port", "pull_port"):
-                check_port(value, name)
+        validate_fields(self)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"ControllerConfig({fields})"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def with_overrides(self, **changes: Any) -> ControllerSettings:
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """Every key and its value (what ``GET /conf`` answers)."""
+        return {s.name: getattr(self, s.name) for s in controller_keys()}
 
     @classmethod
-    def from_file(cls, path: str | Path) -> ControllerSettings:
-        """Settings from YAML; keys are the field names (``monitor_ports`` also accepted)."""
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read controller config {path}: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"controller config {path} must be a mapping")
-        names = {f.name: f for f in dataclasses.fields(cls)}
+    def from_file(cls, path: str | Path) -> ControllerConfig:
+        """Settings from YAML; keys are the table's names (``monitor_ports`` too: a mapping
+        as in ``--monitor-ports``). Raises ConfigError naming the file and the key."""
+        raw = read_yaml(path, "controller config")
         values: dict[str, Any] = {}
         if "monitor_ports" in raw:
             try:
                 values.update(parse_monitor_ports(raw.pop("monitor_ports")))
             except ConfigError as exc:
                 raise ConfigError(f"monitor_ports in {path}: {exc}") from None
-        for key, value in raw.items():
-            if key not in names:
-                raise ConfigError(
-                    f"unknown controller config key {key!r}; known: "
-                    + ", ".join(sorted([*names, "monitor_ports"]))
-                )
-            values[key] = value
+        known = ", ".join(sorted([*(s.name for s in controller_keys()), "monitor_ports"]))
+        check_known(raw, controller_keys(), what="controller config", hint=f"known: {known}")
         try:
-            return cls(**values)
+            return cls(**{**values, **raw})
         except ConfigError as exc:
             raise ConfigError(f"controller config {path}: {exc}") from None
 
 
+def controller_keys() -> tuple[KeySpec, ...]:
+    """The controller's table, in declaration order."""
+    return key_table(ControllerConfig)
+
+
 def parse_monitor_ports(value: str | dict[str, Any]) -> dict[str, int | None]:
-    """``{"pull": 9001, "reply": 9002, "heartbeat": 9003}`` (JSON text or a mapping) as
-    settings fields. Raises ConfigError; its message leaves naming the flag or key to the
-    caller."""
+    """``{"pull": 9001, "reply": 9002, "heartbeat": 9003}`` (JSON text or a mapping) as the
+    keys ``pull_port``, ``reply_port``, ``heartbeat_port`` (a name left out: None; ``pull``
+    is required), each checked by its row of the table. Raises ConfigError; naming the flag
+    or file key is left to the caller."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -98,8 +146,8 @@ def parse_monitor_ports(value: str | dict[str, Any]) -> dict[str, int | None]:
     unknown = set(value) - set(MONITOR_PORT_NAMES)
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}; known: {list(MONITOR_PORT_NAMES)}")
-    out: dict[str, int | None] = {}
-    for name in MONITOR_PORT_NAMES:
-        port = value.get(name)
-        out[f"{name}_port"] = None if port is None and name != "pull" else check_port(port, name)
-    return out
+    rows = {s.name: s for s in controller_keys()}
+    return {
+        f"{name}_port": rows[f"{name}_port"].validate(value.get(name))
+        for name in MONITOR_PORT_NAMES
+    }
