@@ -320,8 +320,9 @@ class ConfigStore:
 
     def subscribe(self, listener: ConfigListener) -> None:
         """Call ``listener(config, changed_names)`` after every update that changed a key
-        (on the updating thread). A listener that raises stops the later ones and reaches
-        the caller of :meth:`update`; the new config is current all the same."""
+        (on the updating thread, under the update lock: a listener must not call
+        :meth:`update`). A listener that raises stops the later ones and reaches the caller
+        of :meth:`update`; the new config is current all the same."""
         with self._lock:
             self._listeners.append(listener)
 

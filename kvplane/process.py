@@ -9,14 +9,14 @@ scheduler process (a host that has one, vLLM, passes ``scheduler_api=False`` to 
 ranks). A ``"scheduler"`` process has no engine, no worker and no p2p node: only
 the internal API server of index 0, whose engine endpoints answer 503.
 
-The services get the narrow :class:`~kvplane.engine.engine.Engine` handle and subscribe to
-nothing themselves; every listener, locator and config callback is attached here.
-
 The process owns the :class:`~kvplane.config.ConfigStore` its config lives in: ``POST /conf``
 changes it there (and only there), and the subscribers below apply what the engine cannot
 read per call (logger levels, the CPU tier's capacity, the chunk statistics' auto-exit).
 The host's :class:`~kvplane.engine.facts.EngineFacts` (model, ranks, KV shape) come in
 beside the config, never inside it.
+
+The services get the narrow :class:`~kvplane.engine.engine.Engine` handle and subscribe to
+nothing themselves; every listener, locator and config callback is attached here.
 """
 
 from __future__ import annotations
