@@ -35,6 +35,15 @@ class EngineMetrics:
         self.retrieve_seconds = Histogram(
             "kvplane_retrieve_seconds", "Retrieve latency", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.copy_seconds = Counter(
+            "kvplane_copy_seconds",
+            "Seconds spent copying KV between the paged caches and chunk pages (CPU caches)",
+            ["op"],
+            registry=r,
+        )
+        self.copied_bytes = Counter(
+            "kvplane_copied_bytes", "KV bytes copied by those copies", ["op"], registry=r
+        )
         self.tier_hits = Counter("kvplane_tier_hits", "Reads served", ["tier"], registry=r)
         self.tier_misses = Counter("kvplane_tier_misses", "Reads missed", ["tier"], registry=r)
         self.tier_bytes_read = Counter(
