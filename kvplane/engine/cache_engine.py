@@ -4,7 +4,9 @@
 tier (pinned memory; one device->host copy per chunk) and hands it to the storage manager.
 ``retrieve`` walks the prompt's chunks in order and scatters each into the paged caches; the
 first chunk that no tier holds ends it, so what comes back is always a prefix from token 0.
-Thread-safe: the engine itself holds no mutable state besides its listeners.
+Thread-safe: the engine itself holds no mutable state besides its observers. Admit/evict
+events are not its business: consumers subscribe to them at the storage manager
+(:meth:`StorageManager.subscribe`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import Any, NamedTuple
 import torch
 
 from kvplane.config import EngineConfig
-from kvplane.engine.backends.base import StorageEvent
 from kvplane.engine.chunk import ChunkMeta, KVChunk, dtype_name
 from kvplane.engine.compression import CompressResult
 from kvplane.engine.kv_layout import (
@@ -90,7 +91,7 @@ class CacheEngine:
         self._lookup_observers: list[Callable[[Sequence[int]], None]] = []
         self._transfer_observers: list[Callable[[str, torch.Tensor], None]] = []
 
-    # ------------------------------------------------------------------ keys and events
+    # ------------------------------------------------------------------ keys and observers
     def keys_for(self, tokens: Any) -> list[CacheKey]:
         c = self.config
         return [
@@ -102,10 +103,6 @@ class CacheEngine:
         """Use ``mover`` for :meth:`move` (this process's :meth:`P2PNode.move`, wired by the
         composition root once the node exists); None: move is Unsupported."""
         self._mover = mover
-
-    def add_listener(self, listener: Callable[[StorageEvent], None]) -> None:
-        """Receive ChunkAdmitted / ChunkEvicted events from every tier."""
-        self.storage.add_listener(listener)
 
     def add_lookup_observer(self, observer: Callable[[Sequence[int]], None]) -> None:
         """Receive the chunk hashes of every lookup/retrieve (e.g. chunk statistics)."""

@@ -23,6 +23,8 @@ COUNTER_HELP = {
     "reports_sent": "Chunk report batches handed to the controller's socket",
     "reports_dropped": "Chunk report batches dropped (socket full); the gap triggers a resync",
     "events_sent": "Admit/evict events in the reports sent (resynced keys included)",
+    "event_overflows": "Times storage events were lost (the worker's event queue overflowed), "
+    "each followed by a resync",
 }
 
 
