@@ -247,6 +247,9 @@ class GatedEvents:
     def close(self) -> None:
         self.sub.close()
 
+    def __len__(self) -> int:
+        return len(self.sub)
+
 
 def test_lost_events_make_the_worker_resync_so_the_controller_still_agrees(
     ctl: ControllerProc,

@@ -48,6 +48,6 @@ class WorkerStatsCollector(Collector):
         )
         yield GaugeMetricFamily(
             "kvplane_worker_pending_events",
-            "Admit/evict events waiting for the next report",
+            "Admit/evict events waiting for the next report (taken or not yet taken)",
             value=self._pending(),
         )

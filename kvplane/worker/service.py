@@ -113,7 +113,9 @@ class ControllerWorker:
 
     def metrics_collector(self) -> WorkerStatsCollector:
         """This worker's counters for a Prometheus registry (the engine's ``/metrics``)."""
-        return WorkerStatsCollector(lambda: self.stats, self.registered.is_set, self.buffer.__len__)
+        return WorkerStatsCollector(
+            lambda: self.stats, self.registered.is_set, lambda: len(self.buffer) + len(self.events)
+        )
 
     @property
     def peer_init_url(self) -> str | None:
