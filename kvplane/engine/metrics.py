@@ -29,6 +29,12 @@ class EngineMetrics:
         self.evictions = Counter(
             "kvplane_evictions", "Chunks evicted or removed", ["tier"], registry=r
         )
+        self.events_dropped = Counter(
+            "kvplane_events_dropped",
+            "Storage events a subscriber lost because its queue overflowed (it then resyncs)",
+            ["subscriber"],
+            registry=r,
+        )
         self.store_seconds = Histogram(
             "kvplane_store_seconds", "Store latency", buckets=_LATENCY_BUCKETS, registry=r
         )

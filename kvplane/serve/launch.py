@@ -17,8 +17,9 @@ import torch
 
 from kvplane.config import EngineConfig
 from kvplane.engine.chunk import dtype_name
+from kvplane.engine.kv_api import KVApi
 from kvplane.errors import ConfigError
-from kvplane.serve.generator import Generator, PrefixCache
+from kvplane.serve.generator import Generator
 from kvplane.serve.model import (
     DEFAULT_SEED,
     ModelShape,
@@ -160,7 +161,7 @@ def make_served(
     *,
     model_name: str,
     max_model_len: int,
-    cache: PrefixCache | None,
+    cache: KVApi | None,
 ) -> ServedModel:
     max_len = min(max_model_len, loaded.shape.max_model_len)
     generator = Generator(
@@ -170,7 +171,5 @@ def make_served(
         max_model_len=max_len,
         eos_token_id=loaded.tokenizer.eos_token_id,
         cache=cache,
-        # read per request: save_decode_cache may change at runtime (POST /conf)
-        store_decode=lambda: config.save_decode_cache,
     )
     return ServedModel(model_name, loaded.tokenizer, generator, max_len, int(time.time()))
