@@ -16,7 +16,9 @@ The host's :class:`~kvplane.engine.facts.EngineFacts` (model, ranks, KV shape) c
 beside the config, never inside it.
 
 The services get the narrow :class:`~kvplane.engine.engine.Engine` handle and subscribe to
-nothing themselves; every listener, locator and config callback is attached here.
+nothing themselves; every event subscription, observer, locator and config callback is
+attached here. Storage events reach the controller worker as data: a subscription to the
+storage manager's event stream that the worker drains on its own thread.
 """
 
 from __future__ import annotations
@@ -121,8 +123,8 @@ class EngineProcess:
             engine.cache_engine.set_mover(self.p2p.move)
             self.services.append(self.p2p)
         if engine is not None and config.enable_controller:
-            worker = ControllerWorker(config, engine, p2p=self.p2p)
-            engine.cache_engine.add_listener(worker.on_event)
+            events = engine.storage.subscribe("controller worker")
+            worker = ControllerWorker(config, engine, events=events, p2p=self.p2p)
             if self.p2p is not None:
                 self.p2p.set_peer_locator(worker.peers.locate)
             engine.metrics.registry.register(worker.metrics_collector())

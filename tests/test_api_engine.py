@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
-from kvplane.engine.backends.base import ChunkAdmitted
 from kvplane.engine.engine import Engine
+from kvplane.engine.events import ChunkAdmitted
 from kvplane.engine.kv_layout import gather
 from tests.api_client import TRANSPORTS, engine_serving
 
@@ -183,8 +183,7 @@ def test_cache_clear_all_and_by_location(engine):
 
 def test_freeze_really_skips_stores_and_events(engine):
     runtime, client = engine
-    events = []
-    runtime.cache_engine.add_listener(events.append)
+    events = runtime.storage.subscribe("test")
     assert client.get("/freeze/status").json() == {
         "status": "success",
         "freeze": False,
@@ -200,7 +199,7 @@ def test_freeze_really_skips_stores_and_events(engine):
     assert r.json()["num_stored_tokens"] == 0
     assert lookup(runtime, 0, 32) == 0
     assert runtime.storage.cpu.keys() == []
-    assert events == []
+    assert events.take_events() == []
     assert client.put("/freeze/disable").json() == {
         "status": "success",
         "freeze": False,
@@ -208,7 +207,7 @@ def test_freeze_really_skips_stores_and_events(engine):
     }
     client.post("/cache/store", params={"tokens_mock": "0,32"})
     assert lookup(runtime, 0, 32) == 32
-    assert [type(e) for e in events] == [ChunkAdmitted, ChunkAdmitted]
+    assert [type(e) for e in events.take_events()] == [ChunkAdmitted, ChunkAdmitted]
 
 
 def test_hot_cache_disable_really_empties_the_cpu_tier(engine):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kvplane.config import EngineConfig
-from kvplane.engine.backends.base import ChunkAdmitted, ChunkEvicted
+from kvplane.engine.events import ChunkAdmitted, ChunkEvicted
 from kvplane.engine.kv_layout import allocate_kv_caches, gather
 from kvplane.errors import BadRequest
 from kvplane.process import EngineProcess
@@ -83,32 +83,30 @@ def test_shared_prefix_hits_partially_and_store_skips_held_chunks():
 def test_events_min_retrieve_tokens_and_freeze():
     rt = make_runtime()
     engine = rt.cache_engine
-    events = []
-    engine.add_listener(events.append)
+    events = rt.storage.subscribe("test")
     slots = random_slots(rt, 32, 5)
     engine.store(list(range(32)), rt.kv_caches, slots)
-    assert [type(e) for e in events] == [ChunkAdmitted, ChunkAdmitted]
+    assert [type(e) for e in events.take_events()] == [ChunkAdmitted, ChunkAdmitted]
     rt.config_store.update({"min_retrieve_tokens": 64})
     assert engine.retrieve(list(range(32)), rt.kv_caches, slots).num_tokens == 0
     rt.config_store.update({"min_retrieve_tokens": 0})
     engine.frozen = True
     assert engine.store(list(range(100, 132)), rt.kv_caches, slots).num_tokens == 0
     assert engine.retrieve(list(range(32)), rt.kv_caches, slots).num_tokens == 32
-    assert len(events) == 2
+    assert events.take_events() == []
 
 
 def test_freeze_holds_tier_events_and_delivers_them_when_lifted(tmp_path):
     rt = make_runtime(local_disk=f"file://{tmp_path / 'disk'}", max_local_disk_size=0.01)
     engine, storage = rt.cache_engine, rt.storage
     cpu, disk = "LocalCPUBackend", "LocalDiskBackend"
-    events = []
-    engine.add_listener(events.append)
+    sub = storage.subscribe("test")
     tokens = list(range(48))
     engine.store(tokens, rt.kv_caches, random_slots(rt, 48, 7))
     assert storage.flush(10)
     keys = engine.keys_for(tokens)
+    events = sub.take_events()
     assert sorted(events) == sorted(ChunkAdmitted(k, t) for k in keys for t in (cpu, disk))
-    events.clear()
 
     engine.frozen = True
     assert engine.clear([cpu]) == 3
@@ -118,20 +116,23 @@ def test_freeze_holds_tier_events_and_delivers_them_when_lifted(tmp_path):
     tier = storage.backends[disk]
     assert tier.put(extra, tier.get(keys[1]))
     assert tier.remove(extra) and tier.remove(keys[0])
-    assert events == []  # nothing leaves while frozen
+    assert sub.take_events() == []  # nothing leaves while frozen
     assert engine.lookup(tokens) == 0
 
     engine.frozen = False
-    assert events == [ChunkEvicted(k, cpu) for k in keys] + [
+    assert sub.take_events() == [ChunkEvicted(k, cpu) for k in keys] + [
         ChunkEvicted(extra, disk),
         ChunkEvicted(keys[0], disk),
     ]
     engine.frozen = True
     engine.frozen = False
-    assert len(events) == 5  # delivered once
+    assert sub.take_events() == []  # delivered once
     storage.cpu.set_hot_cache(True)
     engine.store(list(range(900, 916)), rt.kv_caches, random_slots(rt, 16, 8))
-    assert events[5] == ChunkAdmitted(engine.keys_for(list(range(900, 916)))[0], cpu)
+    assert storage.flush(10)
+    (key,) = engine.keys_for(list(range(900, 916)))
+    assert sub.take_events() == [ChunkAdmitted(key, cpu), ChunkAdmitted(key, disk)]
+    assert not sub.take_resync() and sub.dropped == 0
     rt.stop()
 
 

@@ -2,9 +2,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvplane.engine.backends.base import ChunkAdmitted, ChunkEvicted
 from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.chunk import KVChunk
+from kvplane.engine.events import ChunkAdmitted, ChunkEvicted
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.keys import CacheKey
 from tests.support import run_threads
@@ -39,7 +39,7 @@ def test_pool_refcounts_and_full_pool():
 def test_lru_evicts_least_recently_used_and_emits_events():
     t = tier(3)
     events = []
-    t.add_listener(events.append)
+    t.set_event_sink(events.append)
     for i in range(3):
         assert t.put(key(i), chunk(i))
     assert t.get(key(0)) is not None  # touch 0: LRU order is now 1, 2, 0
@@ -141,7 +141,7 @@ def test_concurrent_puts_and_reads_keep_data_intact():
 def test_capacity_shrinks_by_lru_keeps_pins_and_grows_back_to_the_slab():
     t = tier(4)
     events = []
-    t.add_listener(events.append)
+    t.set_event_sink(events.append)
     for i in range(4):
         t.put(key(i), chunk(i))
     t.pin(key(0))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvplane.engine.backends.base import ChunkAdmitted, ChunkEvicted
+from kvplane.engine.events import ChunkAdmitted, ChunkEvicted
 from tests.redis_support import redis_available
 from tests.support import run_threads
 from tests.tier_cases import TierCase, make_chunk, make_key, same_kv, tier_case

@@ -414,7 +414,9 @@ def test_disk_tier_serves_after_restart_while_controller_and_redis_are_down(
     # restarted, now with a live controller: the disk tier's chunks are reported and served
     config = write_config(tmp_path / "d2.yaml", **{**keys, **controller_keys(controller)})
     tokens: list[int] = []
-    with serve(model, config, log=tmp_path / "vllm-d2.log") as server:
+    # vLLM's default --shutdown-timeout 0 SIGKILLs its workers at once (the controller then
+    # reaps the instance); with a timeout the worker's connector shuts down and deregisters
+    with serve(model, config, "--shutdown-timeout", "20", log=tmp_path / "vllm-d2.log") as server:
         tokens = tokenize(server, PROMPT)
         wait_until(
             lambda: "instance_d" in controller.lookup(tokens),

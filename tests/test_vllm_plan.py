@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvplane.integrations.vllm.held import HeldChunks, TierChange
-from kvplane.integrations.vllm.plan import LoadSpec, Planner, PlannerPolicy, save_boundary
+from kvplane.integrations.vllm.plan import LoadSpec, Planner, PlannerPolicy
 from kvplane.keys import chunk_hashes
 
 CPU, DISK = "LocalCPUBackend", "LocalDiskBackend"
@@ -118,23 +118,15 @@ def test_stores_follow_chunk_boundaries_during_chunked_prefill() -> None:
     assert p.plan([("r", 22)]).saves == []  # decode: not saved by default
 
 
-@pytest.mark.parametrize(
-    ("computed", "prompt", "saved", "unfull", "decode", "expected"),
-    [
-        (20, 30, 0, True, False, 16),
-        (30, 30, 16, True, False, 30),
-        (30, 30, 16, False, False, 24),
-        (40, 30, 30, True, False, None),
-        (40, 30, 30, True, True, 40),
-        (39, 30, 30, True, True, 32),
-        (33, 30, 32, True, True, None),
-    ],
-)
-def test_save_boundary(
-    computed: int, prompt: int, saved: int, unfull: bool, decode: bool, expected: int | None
-) -> None:
-    policy = PlannerPolicy(CHUNK, BLOCK, save_unfull_chunk=unfull, save_decode_cache=decode)
-    assert save_boundary(computed, prompt, saved, policy) == expected
+def test_decode_tokens_are_stored_in_whole_chunks_with_save_decode_cache() -> None:
+    p = planner(save_decode_cache=True)
+    tokens = list(range(30))
+    p.match("r", tokens, 0)
+    p.allocated("r", lambda: tokens, 10, [0, 1, 2, 3, 4, 5, 6, 7], 0)
+    assert [len(s.token_ids) for s in p.plan([("r", 10)]).saves] == [10]  # unfull prompt
+    assert p.plan([("r", 15)]).saves == []  # decode, short of the next chunk boundary
+    assert [len(s.token_ids) for s in p.plan([("r", 16)]).saves] == [16]
+    assert [len(s.token_ids) for s in p.plan([("r", 29)]).saves] == [24]
 
 
 def test_preemption_drops_blocks_until_vllm_allocates_again() -> None:

@@ -6,6 +6,7 @@ prompts directly; the controller is a separate process reached over loopback.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,10 @@ import pytest
 import torch
 
 from kvplane.config import EngineConfig
+from kvplane.engine.events import StorageEvent, Subscription
 from kvplane.process import EngineProcess
 from kvplane.protocol import ErrorCode
+from kvplane.worker.service import ControllerWorker
 from tests.controller_client import ControllerProc, controller_args, wait_controller_up
 from tests.support import free_ports, kvplane_process, wait_until
 
@@ -45,7 +48,9 @@ def ctl(tmp_path: Path, ports: list[int]) -> Iterator[ControllerProc]:
         yield ControllerProc(url, pull, reply, log)
 
 
-def make_engine(ctl: ControllerProc, instance_id: str, **overrides: Any) -> EngineProcess:
+def make_engine(
+    ctl: ControllerProc, instance_id: str, *, start: bool = True, **overrides: Any
+) -> EngineProcess:
     cfg = dict(
         chunk_size=CHUNK,
         kv_num_layers=2,
@@ -63,7 +68,8 @@ def make_engine(ctl: ControllerProc, instance_id: str, **overrides: Any) -> Engi
     )
     cfg.update(overrides)
     rt = EngineProcess(EngineConfig(**cfg))
-    rt.start()
+    if start:
+        rt.start()
     return rt
 
 
@@ -221,6 +227,58 @@ def test_controller_restart_reregisters_and_resyncs(tmp_path: Path, ports: list[
             assert rt.services[0].stats["resyncs"] >= 1  # type: ignore[attr-defined]
     finally:
         rt.stop()
+
+
+class GatedEvents:
+    """A worker's event subscription that the test holds back: while ``open`` is clear the
+    worker takes nothing, as if its thread were slow."""
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self.open = threading.Event()
+        self.open.set()
+
+    def take_events(self, timeout: float | None = 0.0) -> list[StorageEvent]:
+        return self.sub.take_events(timeout) if self.open.is_set() else []
+
+    def take_resync(self) -> bool:
+        return self.open.is_set() and self.sub.take_resync()
+
+    def close(self) -> None:
+        self.sub.close()
+
+    def __len__(self) -> int:
+        return len(self.sub)
+
+
+def test_lost_events_make_the_worker_resync_so_the_controller_still_agrees(
+    ctl: ControllerProc,
+) -> None:
+    rt = make_engine(ctl, "inst-o", start=False)
+    worker = rt.services[0]
+    assert isinstance(worker, ControllerWorker)
+    worker.events.close()
+    gated = GatedEvents(rt.storage.subscribe("controller worker", capacity=4))
+    worker.events = gated  # type: ignore[assignment]
+    rt.start()
+    try:
+        wait_until(lambda: registered(ctl, "inst-o"), timeout=10, what="registration")
+        gated.open.clear()
+        assert store(rt, PROMPT) == len(PROMPT)  # 6 admits into a queue of 4: 4 are lost
+        assert gated.sub.dropped == 4
+        gated.open.set()
+        wait_until(
+            lambda: ctl.lookup(PROMPT) == {"inst-o": ["LocalCPUBackend", len(PROMPT)]},
+            timeout=10,
+            what="the resync restores the lost admits",
+        )
+        stats = worker.stats
+        assert (stats["event_overflows"], stats["resyncs"], stats["registrations"]) == (1, 1, 2)
+        dropped = rt.metrics.events_dropped.labels("controller worker")._value.get()
+        assert dropped == 4
+    finally:
+        rt.stop()
+    assert gated.sub.closed  # the worker closes its subscription on stop
 
 
 def test_worker_refused_on_key_scheme_mismatch_logs_on_both_sides(

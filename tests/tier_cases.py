@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from kvplane.engine import chunk_files
-from kvplane.engine.backends.base import StorageBackend, StorageEvent
+from kvplane.engine.backends.base import StorageBackend
 from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.backends.disk import LocalDiskBackend
 from kvplane.engine.backends.fs import FSConnectorBackend
 from kvplane.engine.backends.p2p import P2PBackend
 from kvplane.engine.backends.remote import RemoteBackend
 from kvplane.engine.chunk import KVChunk
+from kvplane.engine.events import StorageEvent
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.p2p import ChunkServer, P2PClient
 from kvplane.keys import CacheKey
@@ -74,7 +75,7 @@ def tier_case(kind: str, tmp_path: Path) -> Iterator[TierCase]:
     """Build the tier ``kind`` over fresh storage under ``tmp_path``; tear it all down."""
     builders = {"cpu": _cpu, "disk": _disk, "fs": _fs, "remote": _remote, "p2p": _p2p}
     with builders[kind](tmp_path) as case:
-        case.backend.add_listener(case.events.append)
+        case.backend.set_event_sink(case.events.append)
         try:
             yield case
         finally:

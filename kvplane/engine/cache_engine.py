@@ -4,7 +4,9 @@
 tier (pinned memory; one device->host copy per chunk) and hands it to the storage manager.
 ``retrieve`` walks the prompt's chunks in order and scatters each into the paged caches; the
 first chunk that no tier holds ends it, so what comes back is always a prefix from token 0.
-Thread-safe: the engine itself holds no mutable state besides its listeners.
+Thread-safe: the engine itself holds no mutable state besides its observers. Admit/evict
+events are not its business: consumers subscribe to them at the storage manager
+(:meth:`StorageManager.subscribe`).
 """
 
 from __future__ import annotations
@@ -13,16 +15,22 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from kvplane.config import ConfigStore, EngineConfig
-from kvplane.engine.backends.base import StorageEvent
 from kvplane.engine.chunk import ChunkMeta, KVChunk, dtype_name
 from kvplane.engine.compression import CompressResult
 from kvplane.engine.facts import EngineFacts
+from kvplane.engine.kv_api import (
+    KVCaches,
+    RetrieveResult,
+    SlotMapping,
+    StorePolicy,
+    StoreResult,
+    TokenIds,
+)
 from kvplane.engine.kv_layout import (
     KVLayout,
     SlotIndex,
@@ -38,28 +46,19 @@ from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import BadRequest, Unsupported
 from kvplane.keys import CacheKey, chunk_hashes, chunk_spans, to_token_array
 
-__all__ = ["CacheEngine", "MoveRequest", "RetrieveResult", "StoreResult"]
+__all__ = ["CacheEngine", "MoveRequest"]
 
 log = logging.getLogger(__name__)
 
 Decoder = Callable[[KVChunk], KVChunk]
 Mover = Callable[[MoveRequest, Sequence[CacheKey] | None], MoveResult]
 
+_Staged = list[tuple[CacheKey, KVChunk, MemoryPage]]  # gathered pages, not yet published
+_InFlight = list[tuple["torch.cuda.Event | None", _Staged]]  # batches and their copies' event
+
 # Chunks planned before their copies are issued: large enough to batch kernels on CUDA,
 # small enough that the device works while the host plans the next ones.
 _FLUSH_CHUNKS = 8
-
-
-class StoreResult(NamedTuple):
-    num_tokens: int  # tokens whose chunks are now held (newly stored or already present)
-    num_chunks: int  # chunks newly stored
-    nbytes: int  # bytes newly stored
-
-
-class RetrieveResult(NamedTuple):
-    num_tokens: int
-    num_chunks: int
-    nbytes: int
 
 
 def _identity_decoder(chunk: KVChunk) -> KVChunk:
@@ -96,8 +95,8 @@ class CacheEngine:
         self._lookup_observers: list[Callable[[Sequence[int]], None]] = []
         self._transfer_observers: list[Callable[[str, torch.Tensor], None]] = []
 
-    # ------------------------------------------------------------------ keys and events
-    def keys_for(self, tokens: Any) -> list[CacheKey]:
+    # ------------------------------------------------------------------ keys and observers
+    def keys_for(self, tokens: TokenIds) -> list[CacheKey]:
         c = self.config
         return [CacheKey(*self._key_prefix, h) for h in chunk_hashes(tokens, c.chunk_size)]
 
@@ -105,10 +104,6 @@ class CacheEngine:
         """Use ``mover`` for :meth:`move` (this process's :meth:`P2PNode.move`, wired by the
         composition root once the node exists); None: move is Unsupported."""
         self._mover = mover
-
-    def add_listener(self, listener: Callable[[StorageEvent], None]) -> None:
-        """Receive ChunkAdmitted / ChunkEvicted events from every tier."""
-        self.storage.add_listener(listener)
 
     def add_lookup_observer(self, observer: Callable[[Sequence[int]], None]) -> None:
         """Receive the chunk hashes of every lookup/retrieve (e.g. chunk statistics)."""
@@ -132,7 +127,7 @@ class CacheEngine:
     @property
     def config(self) -> EngineConfig:
         """The config now: runtime-mutable keys (``min_retrieve_tokens``,
-        ``save_unfull_chunk``) are read from it at each call."""
+        ``save_unfull_chunk``, ``save_decode_cache``) are read from it at each call."""
         return self.config_store.current
 
     @property
@@ -144,10 +139,17 @@ class CacheEngine:
         self.storage.frozen = value
 
     # ------------------------------------------------------------------ data path
+    @property
+    def store_policy(self) -> StorePolicy:
+        """What a host stores of a request (:func:`~kvplane.engine.kv_api.store_boundary`),
+        from the config now."""
+        return StorePolicy.of(self.config)
+
     def store(
-        self, tokens: Any, kv_caches: Sequence[torch.Tensor], slot_mapping: Any
+        self, tokens: TokenIds, kv_caches: KVCaches, slot_mapping: SlotMapping
     ) -> StoreResult:
-        """Store every chunk of ``tokens`` not held yet. Skipped entirely while frozen."""
+        """Store every chunk of ``tokens`` not held yet (the last one, if partial, only with
+        ``save_unfull_chunk``). Skipped entirely while frozen. See :class:`KVApi`."""
         token_arr = to_token_array(tokens)
         slots = self._slots(slot_mapping, len(token_arr))
         self._check_caches(kv_caches)
@@ -157,15 +159,16 @@ class CacheEngine:
         spans = chunk_spans(len(token_arr), self.config.chunk_size)
         keys = self.keys_for(token_arr)
         held_tokens = new_chunks = nbytes = 0
-        staged: list[tuple[CacheKey, KVChunk, MemoryPage]] = []  # gathered, not yet published
-        in_flight: list[tuple[Any, list[tuple[CacheKey, KVChunk, MemoryPage]]]] = []
+        staged: _Staged = []
+        in_flight: _InFlight = []
         copies: list[tuple[SlotIndex, torch.Tensor]] = []
         indices = self._indices(kv_caches, slots, spans)
 
         def flush() -> None:
             """Start the queued copies; publish every batch whose copies have finished."""
             nonlocal copies, staged
-            gather_many(kv_caches, copies, copy_stream)
+            with self._copying("store", kv_caches, copies):
+                gather_many(kv_caches, copies, copy_stream)
             done = None
             if copy_stream is not None:
                 done = torch.cuda.Event()
@@ -208,7 +211,7 @@ class CacheEngine:
         index: SlotIndex,
         n: int,
         kv_caches: Sequence[torch.Tensor],
-        staged: list[tuple[CacheKey, KVChunk, MemoryPage]],
+        staged: _Staged,
         copies: list[tuple[SlotIndex, torch.Tensor]],
     ) -> bool:
         """Queue one chunk's copy into a fresh CPU page (or, with no writable CPU tier, store
@@ -227,7 +230,7 @@ class CacheEngine:
 
     def _publish(
         self,
-        in_flight: list[tuple[Any, list[tuple[CacheKey, KVChunk, MemoryPage]]]],
+        in_flight: _InFlight,
         *,
         wait: bool,
     ) -> None:
@@ -280,9 +283,9 @@ class CacheEngine:
 
     def retrieve(
         self,
-        tokens: Any,
-        kv_caches: Sequence[torch.Tensor],
-        slot_mapping: Any,
+        tokens: TokenIds,
+        kv_caches: KVCaches,
+        slot_mapping: SlotMapping,
         *,
         skip_tokens: int = 0,
     ) -> RetrieveResult:
@@ -331,11 +334,13 @@ class CacheEngine:
                     index, kv = self._without_head(index, kv, skip_tokens - start)
                 copies.append((index, kv))
                 if len(copies) == _FLUSH_CHUNKS:
-                    scatter_many(kv_caches, copies, copy_stream)
+                    with self._copying("retrieve", kv_caches, copies):
+                        scatter_many(kv_caches, copies, copy_stream)
                     copies = []
                 self.metrics.lookup_hits.inc()
                 loaded_tokens, chunks, nbytes = end, chunks + 1, nbytes + chunk.nbytes
-            scatter_many(kv_caches, copies, copy_stream)
+            with self._copying("retrieve", kv_caches, copies):
+                scatter_many(kv_caches, copies, copy_stream)
             self._sync(kv_caches)  # pages must not be reused before the copies finished
         if loaded_tokens:
             self._observe_transfer("retrieve", slots[:loaded_tokens])
@@ -357,7 +362,7 @@ class CacheEngine:
             return index, kv[:, head:].contiguous()
         return index, kv[:, :, head:].contiguous()
 
-    def lookup(self, tokens: Any) -> int:
+    def lookup(self, tokens: TokenIds) -> int:
         """Leading tokens whose chunks are all held by an active tier. With a peer tier, the
         chunks after the local prefix are fetched from the peer that holds them first."""
         token_arr = to_token_array(tokens)
@@ -381,14 +386,14 @@ class CacheEngine:
     def clear(self, locations: Sequence[str] | None = None) -> int:
         return self.storage.clear(locations)
 
-    def pin(self, tokens: Any) -> int:
+    def pin(self, tokens: TokenIds) -> int:
         """Exempt the prompt's CPU-held chunks from eviction; returns tokens pinned."""
         return self._for_cpu_chunks(tokens, "pin")
 
-    def unpin(self, tokens: Any) -> int:
+    def unpin(self, tokens: TokenIds) -> int:
         return self._for_cpu_chunks(tokens, "unpin")
 
-    def _for_cpu_chunks(self, tokens: Any, op: str) -> int:
+    def _for_cpu_chunks(self, tokens: TokenIds, op: str) -> int:
         cpu = self.storage.cpu
         if cpu is None:
             return 0
@@ -401,7 +406,12 @@ class CacheEngine:
         return done
 
     def compress_chunks(
-        self, tokens: Any | None, method: str, location: str, *, only_from: str | None = None
+        self,
+        tokens: TokenIds | None,
+        method: str,
+        location: str,
+        *,
+        only_from: str | None = None,
     ) -> CompressResult:
         """Re-encode the chunks of ``tokens`` (None: every chunk) held in tier ``location``
         with ``method`` (see :mod:`kvplane.engine.compression`; ``none`` decompresses),
@@ -421,12 +431,12 @@ class CacheEngine:
         )
         return result
 
-    def compress(self, *, method: str, location: str, tokens: Any | None = None) -> int:
+    def compress(self, *, method: str, location: str, tokens: TokenIds | None = None) -> int:
         """The controller's compress: tokens whose chunks in ``location`` are now stored
         with ``method``. Raises as :meth:`compress_chunks`."""
         return self.compress_chunks(tokens, method, location).num_tokens
 
-    def decompress(self, *, method: str, location: str, tokens: Any | None = None) -> int:
+    def decompress(self, *, method: str, location: str, tokens: TokenIds | None = None) -> int:
         """The controller's decompress: the chunks in ``location`` compressed with
         ``method`` are stored uncompressed again; returns their tokens (chunks stored
         otherwise are left alone). Raises as :meth:`compress_chunks`, BadRequest naming
@@ -445,7 +455,7 @@ class CacheEngine:
         return self._mover(request, keys).num_tokens
 
     # ------------------------------------------------------------------ helpers
-    def _slots(self, slot_mapping: Any, num_tokens: int) -> torch.Tensor:
+    def _slots(self, slot_mapping: SlotMapping, num_tokens: int) -> torch.Tensor:
         slots = torch.as_tensor(slot_mapping).reshape(-1)
         if slots.numel() < num_tokens:
             raise BadRequest(f"slot_mapping has {slots.numel()} entries for {num_tokens} tokens")
@@ -455,7 +465,9 @@ class CacheEngine:
         return slots
 
     @contextlib.contextmanager
-    def _device_guard(self, kv_caches: Sequence[torch.Tensor]) -> Any:
+    def _device_guard(
+        self, kv_caches: Sequence[torch.Tensor]
+    ) -> Iterator[torch.cuda.Stream | None]:
         """Serialize GPU transfers of this engine on a side stream for kernels and one for
         host<->device copies (yielded; None on CPU); both are synchronized on exit."""
         if not kv_caches or kv_caches[0].device.type != "cuda":
@@ -470,6 +482,25 @@ class CacheEngine:
                 yield copy_stream
             stream.wait_stream(copy_stream)
             stream.synchronize()
+
+    @contextlib.contextmanager
+    def _copying(
+        self,
+        op: str,
+        kv_caches: Sequence[torch.Tensor],
+        copies: Sequence[tuple[SlotIndex, torch.Tensor]],
+    ) -> Iterator[None]:
+        """Time the block copies themselves (CPU caches: the copies are synchronous; on CUDA
+        they are only queued here, so the transfer benchmark measures them instead)."""
+        if not copies or not kv_caches or kv_caches[0].device.type != "cpu":
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        self.metrics.copy_seconds.labels(op).inc(time.perf_counter() - start)
+        self.metrics.copied_bytes.labels(op).inc(
+            sum(kv.numel() * kv.element_size() for _, kv in copies)
+        )
 
     @staticmethod
     def _sync(kv_caches: Sequence[torch.Tensor]) -> None:

@@ -439,6 +439,9 @@ def gather_many(
     it suffices. A caller that gathers in several calls passes one copy stream to all and
     joins it once: a join per call would stall the copy engine at every call.
     """
+    if kv_caches and kv_caches[0].device.type == "cpu" and kv_caches[0].dim() == 2:
+        _cpu_block_copies(kv_caches, items, to_caches=False)
+        return
     if not kv_caches or kv_caches[0].device.type != "cuda":
         for index, out in items:
             gather(kv_caches, index, out=out)
@@ -454,6 +457,43 @@ def gather_many(
         compute.wait_stream(stream)
 
 
+def _cpu_block_copies(
+    kv_caches: Sequence[torch.Tensor],
+    items: Sequence[tuple[SlotIndex, torch.Tensor]],
+    *,
+    to_caches: bool,
+) -> None:
+    """Packed CPU caches: every chunk's blocks copied row by row as numpy slices (memcpy),
+    a run of consecutive blocks in one slice. Per call, not per chunk and layer, the views
+    are made: with 2-block chunks the Python around each copy costs as much as the copy."""
+    caches = [_bits(c).numpy() for c in kv_caches]
+    for index, chunk in items:
+        if not index.by_block:
+            raise BadRequest("a packed-block cache moves whole blocks only")
+        rows = _bits(chunk).numpy()  # [num_layers, blocks, block_elems]
+        ids = index.host_ids
+        runs = _block_runs(ids)
+        for layer, cache in enumerate(caches):
+            src = rows[layer]
+            for start, first, count in runs:
+                if to_caches:
+                    cache[first : first + count] = src[start : start + count]
+                else:
+                    src[start : start + count] = cache[first : first + count]
+
+
+def _block_runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(position, first block, count)`` of each run of consecutive block ids."""
+    runs: list[tuple[int, int, int]] = []
+    for pos, block in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == block:
+            start, first, count = runs[-1]
+            runs[-1] = (start, first, count + 1)
+        else:
+            runs.append((pos, block, 1))
+    return runs
+
+
 def scatter_many(
     kv_caches: Sequence[torch.Tensor],
     items: Sequence[tuple[SlotIndex, torch.Tensor]],
@@ -462,6 +502,9 @@ def scatter_many(
     """Scatter each ``(slots, kv)`` pair; batched like :func:`gather_many` (host->device
     copies on ``copy_stream``, the kernels on the current stream, which waits for them).
     Keep the ``kv`` tensors unchanged until the current stream is synchronized."""
+    if kv_caches and kv_caches[0].device.type == "cpu" and kv_caches[0].dim() == 2:
+        _cpu_block_copies(kv_caches, items, to_caches=True)
+        return
     if not kv_caches or kv_caches[0].device.type != "cuda":
         for index, kv in items:
             scatter(kv_caches, index, kv)

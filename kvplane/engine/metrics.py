@@ -29,11 +29,26 @@ class EngineMetrics:
         self.evictions = Counter(
             "kvplane_evictions", "Chunks evicted or removed", ["tier"], registry=r
         )
+        self.events_dropped = Counter(
+            "kvplane_events_dropped",
+            "Storage events a subscriber lost because its queue overflowed (it then resyncs)",
+            ["subscriber"],
+            registry=r,
+        )
         self.store_seconds = Histogram(
             "kvplane_store_seconds", "Store latency", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.retrieve_seconds = Histogram(
             "kvplane_retrieve_seconds", "Retrieve latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.copy_seconds = Counter(
+            "kvplane_copy_seconds",
+            "Seconds spent copying KV between the paged caches and chunk pages (CPU caches)",
+            ["op"],
+            registry=r,
+        )
+        self.copied_bytes = Counter(
+            "kvplane_copied_bytes", "KV bytes copied by those copies", ["op"], registry=r
         )
         self.tier_hits = Counter("kvplane_tier_hits", "Reads served", ["tier"], registry=r)
         self.tier_misses = Counter("kvplane_tier_misses", "Reads missed", ["tier"], registry=r)

@@ -4,10 +4,15 @@ Writes go to the CPU tier synchronously and to every lower tier through a bounde
 drained by that tier's writer thread; a full queue drops the write and counts it, so the
 serving path never waits on a slow tier. Reads take the highest tier that has the chunk and
 promote a lower-tier hit into the CPU tier. Bypassed tiers are skipped by contains, put and
-get. Frozen: stores are skipped, only the CPU tier is read, and no admit/evict events leave;
-the events tiers emit meanwhile (a clear, a hot-cache disable, a queued lower-tier write
-landing) are held, the last one per chunk and tier, and delivered when freeze is lifted, so
-listeners (the controller worker) end up agreeing with the tiers.
+get.
+
+Events: every tier's admit/evict events come here (its one sink) and go out through the
+manager's :class:`~kvplane.engine.events.EventStream`: each consumer takes them from its own
+:meth:`subscribe`-d queue, on its own thread. Frozen: stores are skipped, only the CPU tier
+is read, and no admit/evict events leave; the events tiers emit meanwhile (a clear, a
+hot-cache disable, a queued lower-tier write landing) are held, the last one per chunk and
+tier, and published when freeze is lifted, so subscribers (the controller worker) end up
+agreeing with the tiers.
 """
 
 from __future__ import annotations
@@ -20,10 +25,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
-from kvplane.engine.backends.base import ChunkEvicted, StorageBackend, StorageEvent
+from kvplane.engine.backends.base import StorageBackend
 from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.chunk import KVChunk
 from kvplane.engine.compression import CompressResult, compress, get_codec
+from kvplane.engine.events import (
+    DEFAULT_CAPACITY,
+    ChunkEvicted,
+    EventStream,
+    StorageEvent,
+    Subscription,
+)
 from kvplane.engine.memory_pool import MemoryPage
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.errors import BadRequest, Conflict
@@ -115,12 +127,13 @@ class StorageManager:
         self._bypassed: set[str] = set()
         self._frozen = False
         # Events suppressed while frozen, the latest per (key, tier) in order of arrival.
-        # Delivery and holding share one lock so a replay never overtakes a newer event.
+        # Publishing and holding share one lock so a replay never overtakes a newer event,
+        # and every subscription sees one order.
         self._held: dict[tuple[CacheKey, str], StorageEvent] = {}
         self._events_lock = threading.Lock()
-        self._listeners: list[Callable[[StorageEvent], None]] = []
+        self._events = EventStream(on_drop=self._count_dropped)
         for backend in backends:
-            backend.add_listener(self._forward)
+            backend.set_event_sink(self._on_tier_event)
 
     # ------------------------------------------------------------------ modes
     @property
@@ -129,14 +142,14 @@ class StorageManager:
 
     @frozen.setter
     def frozen(self, value: bool) -> None:
-        """Lifting freeze first delivers the events held while frozen."""
+        """Lifting freeze first publishes the events held while frozen."""
         with self._events_lock:
             self._frozen = value
             if value:
                 return
             held, self._held = list(self._held.values()), {}
             for event in held:
-                self._deliver(event)
+                self._events.publish(event)
 
     @property
     def bypassed(self) -> list[str]:
@@ -175,10 +188,15 @@ class StorageManager:
         return cpu
 
     # ------------------------------------------------------------------ events
-    def add_listener(self, listener: Callable[[StorageEvent], None]) -> None:
-        self._listeners.append(listener)
+    def subscribe(self, name: str, *, capacity: int = DEFAULT_CAPACITY) -> Subscription:
+        """A queue of every admit/evict event the tiers emit from now on (held back while
+        frozen), for one consumer to drain on its own thread; ``name`` labels its losses in
+        ``kvplane_events_dropped_total``. The consumer closes it when done. Publishing never
+        waits for it: on overflow its pending events are dropped and it is told to resync
+        (:mod:`kvplane.engine.events`)."""
+        return self._events.subscribe(name, capacity=capacity)
 
-    def _forward(self, event: StorageEvent) -> None:
+    def _on_tier_event(self, event: StorageEvent) -> None:
         if isinstance(event, ChunkEvicted):
             self.metrics.evictions.labels(event.location).inc()
         with self._events_lock:
@@ -187,11 +205,15 @@ class StorageManager:
                 self._held.pop(slot, None)  # re-inserted last: replay keeps arrival order
                 self._held[slot] = event
                 return
-            self._deliver(event)
+            self._events.publish(event)
 
-    def _deliver(self, event: StorageEvent) -> None:
-        for listener in list(self._listeners):
-            listener(event)
+    def _count_dropped(self, name: str, num_events: int) -> None:
+        self.metrics.events_dropped.labels(name).inc(num_events)
+        log.warning(
+            "event subscription %r overflowed: %d events dropped, its consumer resyncs",
+            name,
+            num_events,
+        )
 
     # ------------------------------------------------------------------ data path
     def put(self, key: CacheKey, chunk: KVChunk, page: MemoryPage | None = None) -> bool:

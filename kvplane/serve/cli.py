@@ -99,7 +99,6 @@ def build_instance(
         model_name=options.model_name,
         max_model_len=options.max_model_len,
         cache=process.cache_engine,
-        store_decode=lambda: process.config.save_decode_cache,
     )
     return process, served
 

@@ -9,35 +9,28 @@ The flow per request (under one lock: the paged caches and the allocator are sha
 3. prefill the remaining tokens (attention reads the retrieved KV through the slots);
 4. sample the first token (time to first token ends here), then ``store`` the prompt's
    chunks (the engine skips chunks it already holds);
-5. decode until ``max_tokens`` or EOS; free the blocks.
+5. decode until ``max_tokens`` or EOS, then ``store`` the decoded tokens' whole chunks if
+   the engine's policy says so; free the blocks.
+
+What is stored after steps 4 and 5 is the engine's decision, not this module's:
+:func:`kvplane.engine.kv_api.store_boundary` under the engine's ``store_policy``
+(``save_unfull_chunk``, ``save_decode_cache``), the same function vLLM's planner uses.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 
+from kvplane.engine.kv_api import KVApi, store_boundary
 from kvplane.errors import BadRequest
 from kvplane.serve.blocks import BlockAllocator, slot_mapping
 from kvplane.serve.model import PagedLlama
 
-__all__ = ["Completion", "Generator", "PrefixCache", "SamplingParams"]
-
-
-class PrefixCache(Protocol):
-    """What the generator needs from kvplane's CacheEngine."""
-
-    def retrieve(
-        self, tokens: torch.Tensor, kv_caches: list[torch.Tensor], slot_mapping: torch.Tensor
-    ) -> Any: ...
-
-    def store(
-        self, tokens: torch.Tensor, kv_caches: list[torch.Tensor], slot_mapping: torch.Tensor
-    ) -> Any: ...
+__all__ = ["Completion", "Generator", "SamplingParams"]
 
 
 class SamplingParams(NamedTuple):
@@ -65,15 +58,14 @@ class Generator:
         num_blocks: int,
         max_model_len: int,
         eos_token_id: int | None,
-        cache: PrefixCache | None = None,
-        store_decode: Callable[[], bool] = lambda: False,
+        cache: KVApi | None = None,
     ) -> None:
+        """``cache``: kvplane's engine (its :class:`KVApi`); None runs without one."""
         self.model = model
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id
         self.cache = cache
-        self.store_decode = store_decode
         self._allocator = BlockAllocator(num_blocks)
         self._lock = threading.Lock()
 
@@ -110,8 +102,8 @@ class Generator:
         prompt_slots = slots[:n]
         cached = 0
         if self.cache is not None:
-            got = self.cache.retrieve(prompt_t, self.model.kv_caches, prompt_slots)
-            cached = min(int(got.num_tokens), n - 1)
+            got = self.cache.retrieve(prompt, self.model.kv_caches, prompt_slots)
+            cached = min(got.num_tokens, n - 1)
         prompt_logits = self.model.forward(prompt_t[cached:], cached, slots[:n])
         rng = None
         if params.seed is not None:
@@ -119,8 +111,7 @@ class Generator:
         token = _sample(prompt_logits, params.temperature, rng)
         _synchronize(device)
         ttft = time.perf_counter() - start_time
-        if self.cache is not None:
-            self.cache.store(prompt_t, self.model.kv_caches, prompt_slots)
+        saved = self._store(prompt, slots, computed=n, num_prompt=n, saved=0)
         out = [token]
         finish = "length"
         while True:
@@ -133,12 +124,22 @@ class Generator:
             logits = self.model.forward(torch.tensor([token]), pos, slots[: pos + 1])
             token = _sample(logits, params.temperature, rng)
             out.append(token)
-        if self.cache is not None and self.store_decode():
-            seq = prompt + out[:-1]
-            self.cache.store(
-                torch.tensor(seq, dtype=torch.long), self.model.kv_caches, slots[: len(seq)]
-            )
+        # the last sampled token has no KV yet: it was never fed back
+        self._store(prompt + out[:-1], slots, computed=n + len(out) - 1, num_prompt=n, saved=saved)
         return Completion(prompt, out, finish, cached, ttft, prompt_logits.cpu())
+
+    def _store(
+        self, tokens: list[int], slots: torch.Tensor, *, computed: int, num_prompt: int, saved: int
+    ) -> int:
+        """Store what the engine's policy says is due once ``computed`` tokens hold KV;
+        returns the tokens stored so far."""
+        if self.cache is None:
+            return saved
+        end = store_boundary(computed, num_prompt, saved, self.cache.store_policy)
+        if end is None:
+            return saved
+        self.cache.store(tokens[:end], self.model.kv_caches, slots[:end])
+        return end
 
 
 def _sample(logits: torch.Tensor, temperature: float, rng: torch.Generator | None) -> int:

@@ -10,7 +10,6 @@ what the user wrote.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,8 +19,9 @@ import torch
 from kvplane.config import EngineConfig
 from kvplane.engine.chunk import dtype_name
 from kvplane.engine.facts import EngineFacts, KVShape
+from kvplane.engine.kv_api import KVApi
 from kvplane.errors import ConfigError
-from kvplane.serve.generator import Generator, PrefixCache
+from kvplane.serve.generator import Generator
 from kvplane.serve.model import (
     DEFAULT_SEED,
     ModelShape,
@@ -164,10 +164,8 @@ def make_served(
     *,
     model_name: str,
     max_model_len: int,
-    cache: PrefixCache | None,
-    store_decode: Callable[[], bool],
+    cache: KVApi | None,
 ) -> ServedModel:
-    """``store_decode`` is asked per request (``save_decode_cache`` changes at runtime)."""
     max_len = min(max_model_len, loaded.shape.max_model_len)
     generator = Generator(
         PagedLlama(loaded.model, kv_caches),
@@ -176,6 +174,5 @@ def make_served(
         max_model_len=max_len,
         eos_token_id=loaded.tokenizer.eos_token_id,
         cache=cache,
-        store_decode=store_decode,
     )
     return ServedModel(model_name, loaded.tokenizer, generator, max_len, int(time.time()))

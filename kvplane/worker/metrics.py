@@ -23,6 +23,8 @@ COUNTER_HELP = {
     "reports_sent": "Chunk report batches handed to the controller's socket",
     "reports_dropped": "Chunk report batches dropped (socket full); the gap triggers a resync",
     "events_sent": "Admit/evict events in the reports sent (resynced keys included)",
+    "event_overflows": "Times storage events were lost (the worker's event queue overflowed), "
+    "each followed by a resync",
 }
 
 
@@ -46,6 +48,6 @@ class WorkerStatsCollector(Collector):
         )
         yield GaugeMetricFamily(
             "kvplane_worker_pending_events",
-            "Admit/evict events waiting for the next report",
+            "Admit/evict events waiting for the next report (taken or not yet taken)",
             value=self._pending(),
         )

@@ -1,11 +1,12 @@
 """The worker's outbox of admit/evict events, kept in order and cut into wire batches.
 
-Storage listeners call :meth:`ReportBuffer.record` from whatever thread mutated a tier; the
-worker thread calls :meth:`drain`. Consecutive events of the same kind and tier share one
+The worker thread takes the storage events from its subscription, :meth:`ReportBuffer.record`s
+this rank's and :meth:`drain`s them into reports; the lock lets ``/metrics`` read the length. Consecutive events of the same kind and tier share one
 segment, so a store of N chunks travels as one packed run of N hashes. While the worker is
 not registered, events are dropped: the full key set is resent at (re)registration
-(:meth:`restart`), and that snapshot is taken under the same lock as new events, so no event
-falls between the snapshot and the stream that follows it.
+(:meth:`restart`), and events recorded after it follow it (an event older than the
+snapshot, replayed after it, sets what the snapshot already says or what a later event sets
+again: see :mod:`kvplane.engine.events`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ Two threads, each owning its sockets:
 
 * ``kvplane-worker``: drives the session (register, heartbeat every
   ``lmcache_worker_heartbeat_time``, re-register and resend the full key set when the
-  controller lost this worker or saw a gap), streams the storage events as numbered
-  :class:`ChunkReport` batches over PUSH every 20 ms, and deregisters on stop.
+  controller lost this worker, saw a gap, or this worker's event subscription overflowed),
+  takes the storage events from its subscription into the report buffer and sends them as
+  numbered :class:`ChunkReport` batches over PUSH every 20 ms, and deregisters on stop.
 * ``kvplane-worker-cmd``: answers controller commands on the command port.
 
 Every request carries a deadline (``controller_timeout_s``) and sockets have LINGER 0. The
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from kvplane.config import rank_port
-from kvplane.engine.backends.base import ChunkAdmitted
+from kvplane.engine.events import ChunkAdmitted
 from kvplane.errors import ConfigError
 from kvplane.keys import key_scheme_fingerprint
 from kvplane.protocol import (
@@ -46,8 +47,8 @@ from kvplane.worker.session import Change, Outgoing, WorkerSession
 
 if TYPE_CHECKING:
     from kvplane.config import EngineConfig
-    from kvplane.engine.backends.base import StorageEvent
     from kvplane.engine.engine import Engine
+    from kvplane.engine.events import Subscription
     from kvplane.engine.tiers import P2PNode
 
 __all__ = ["ControllerWorker"]
@@ -62,10 +63,18 @@ class ControllerWorker:
 
     name = "controller worker"
 
-    def __init__(self, config: EngineConfig, engine: Engine, *, p2p: P2PNode | None = None) -> None:
-        """``p2p``: this process's peer node, if any: its URL is registered as the
-        ``peer_init_url``. The constructor subscribes to nothing: whoever builds the worker
-        feeds it the engine's storage events (:meth:`on_event`) and, with p2p, makes
+    def __init__(
+        self,
+        config: EngineConfig,
+        engine: Engine,
+        *,
+        events: Subscription,
+        p2p: P2PNode | None = None,
+    ) -> None:
+        """``events``: the subscription to the engine's storage events this worker reports
+        (made by whoever builds the worker; the worker drains it on its own thread and
+        closes it on :meth:`stop`). ``p2p``: this process's peer node, if any: its URL is
+        registered as the ``peer_init_url``; whoever builds the worker makes
         ``peers.locate`` the p2p tier's locator."""
         if not config.controller_pull_url:
             raise ConfigError("enable_controller needs controller_pull_url (host:port)")
@@ -78,6 +87,7 @@ class ControllerWorker:
         self.ip = local_ip_towards(self.pull_url)
         self.p2p = p2p
         self.port = rank_port("lmcache_worker_ports", config.lmcache_worker_ports, self.worker_id)
+        self.events = events
         self.buffer = ReportBuffer()
         self.registered = threading.Event()  # mirrors the session, for other threads
         self._resync_requested = threading.Event()
@@ -103,7 +113,9 @@ class ControllerWorker:
 
     def metrics_collector(self) -> WorkerStatsCollector:
         """This worker's counters for a Prometheus registry (the engine's ``/metrics``)."""
-        return WorkerStatsCollector(lambda: self.stats, self.registered.is_set, self.buffer.__len__)
+        return WorkerStatsCollector(
+            lambda: self.stats, self.registered.is_set, lambda: len(self.buffer) + len(self.events)
+        )
 
     @property
     def peer_init_url(self) -> str | None:
@@ -173,15 +185,23 @@ class ControllerWorker:
         for thread in self._threads:
             thread.join(timeout=self.config.controller_timeout_s + 5)
         self._threads = []
+        self.events.close()
         self._ctx.term()
 
     # --- events from the engine --------------------------------------------------------------
 
-    def on_event(self, event: StorageEvent) -> None:
-        """Queue one storage event of this rank for the next report (any thread)."""
-        admit = isinstance(event, ChunkAdmitted)
-        if event.key.worker_id == self.worker_id:
-            self.buffer.record(admit, event.location, event.key.chunk_hash)
+    def _take_events(self) -> None:
+        """Move this rank's pending storage events into the report buffer (control thread).
+        If the subscription overflowed, the controller's view of this rank is incomplete:
+        resync (re-register, then resend the full key set), as a RESYNC reply would."""
+        for event in self.events.take_events():
+            if event.key.worker_id == self.worker_id:
+                admit = isinstance(event, ChunkAdmitted)
+                self.buffer.record(admit, event.location, event.key.chunk_hash)
+        if self.events.take_resync():
+            self.stats["event_overflows"] += 1
+            log.warning("%s: storage events were lost; resyncing", self._who)
+            self._resync_requested.set()
 
     def _snapshot(self) -> dict[str, list[int]]:
         model = self.engine.facts.model_name
@@ -205,11 +225,13 @@ class ControllerWorker:
                 if out is not None:
                     reply = self._exchange(out, push)
                     self._apply(session.on_reply(reply, now), reply)
-                if self._resync_requested.is_set():  # by command (pull-only mode)
+                self._take_events()
+                if self._resync_requested.is_set():  # by command (pull-only mode), overflow
                     self._resync_requested.clear()
                     self._apply(session.resync_requested(now), None)
                 self._flush(session, push)
                 self._stop.wait(_FLUSH_S)
+            self._take_events()
             self._flush(session, push)
             bye = session.close()
             if bye is not None:
@@ -223,6 +245,9 @@ class ControllerWorker:
     def _apply(self, change: Change, reply: Any) -> None:
         """Act on what the session says changed: the report stream follows registration."""
         if change is Change.REGISTERED:
+            # What is pending now is in the snapshot; events after it follow it.
+            self.events.take_events()
+            self.events.take_resync()
             resent = self.buffer.restart(lambda: self._snapshot().items())
             self.registered.set()
             self.stats["registrations"] += 1
@@ -235,8 +260,12 @@ class ControllerWorker:
             reason = reply.reason if isinstance(reply, RegisterReply) else ""
             log.error("%s: controller refused registration: %s", self._who, reason)
         elif change is Change.DROPPED:
-            why = reply.status.name if isinstance(reply, HeartbeatReply) else "RESYNC (command)"
-            log.info("%s: controller says %s; re-registering and resyncing", self._who, why)
+            why = (
+                f"controller says {reply.status.name}"
+                if isinstance(reply, HeartbeatReply)
+                else "resync requested (controller command or lost storage events)"
+            )
+            log.info("%s: %s; re-registering and resyncing", self._who, why)
             self.registered.clear()
             self.buffer.close()
             self.stats["resyncs"] += 1

@@ -13,7 +13,8 @@ it). Times are seconds on any monotonic clock; randomness (epochs, jitter) comes
     REGISTERED --poll, every heartbeat--> HeartbeatRequest --on_reply-->
         OK / no answer                 -> REGISTERED
         UNKNOWN_WORKER / RESYNC        -> UNREGISTERED; register again after a random jitter
-    REGISTERED --resync_requested (a ResyncCommand, pull-only mode)--> the same as RESYNC
+    REGISTERED --resync_requested (a ResyncCommand in pull-only mode, or the shell lost
+        storage events)--> the same as RESYNC
     any --close--> CLOSED (a DeregisterRequest to send if it was registered)
 
 Reports are numbered per registration (:meth:`WorkerSession.next_report`): a report the shell
@@ -145,7 +146,8 @@ class WorkerSession:
 
     def resync_requested(self, now: float) -> Change:
         """A ResyncCommand arrived (how a pull-only controller answers a heartbeat it does
-        not like): re-register and resync, as after a RESYNC reply."""
+        not like), or the shell lost storage events: re-register and resync, as after a
+        RESYNC reply."""
         return self._drop(now) if self.phase is Phase.REGISTERED else Change.NONE
 
     def close(self) -> Outgoing | None:

@@ -1,6 +1,7 @@
 """/cache/clear, /cache/store, /cache/retrieve: drive the engine with mock or given tokens.
 
-Store and retrieve use the engine's own paged KV caches. Tokens come from ``tokens_mock``
+Store and retrieve drive the engine's own paged KV caches through the same contract as every
+host (:class:`kvplane.engine.kv_api.KVApi`). Tokens come from ``tokens_mock``
 (``"start,end"``: tokens start..end-1) or ``tokens_input`` (comma-separated token ids); the
 KV goes to / comes from ``slot_mapping`` (the slot syntax of ``/cache/kvcache/check``),
 by default slots 0..n-1.

@@ -2,44 +2,23 @@
 
 Every tier (CPU, disk, remote, fs, p2p) implements :class:`StorageBackend`. Methods are
 thread-safe and never block the caller beyond the tier's own deadline. A tier announces
-what it holds through :class:`ChunkAdmitted` / :class:`ChunkEvicted` events to the listeners
-added with :meth:`add_listener`; the storage manager forwards them to the worker, which
-reports them to the controller.
+what it holds as :class:`~kvplane.engine.events.ChunkAdmitted` /
+:class:`~kvplane.engine.events.ChunkEvicted` events to its one sink (:meth:`set_event_sink`:
+the storage manager, which queues them for its subscribers, see :mod:`kvplane.engine.events`).
 """
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 from kvplane.engine.chunk import KVChunk
+from kvplane.engine.events import EventSink, StorageEvent
 from kvplane.keys import CacheKey
 
-__all__ = [
-    "BACKENDS",
-    "ChunkAdmitted",
-    "ChunkEvicted",
-    "StorageBackend",
-    "StorageEvent",
-    "register_backend",
-]
-
-
-class ChunkAdmitted(NamedTuple):
-    key: CacheKey
-    location: str
-
-
-class ChunkEvicted(NamedTuple):
-    key: CacheKey
-    location: str
-
-
-StorageEvent = ChunkAdmitted | ChunkEvicted
-Listener = Callable[[StorageEvent], None]
+__all__ = ["BACKENDS", "StorageBackend", "register_backend"]
 
 
 class StorageBackend(ABC):
@@ -51,16 +30,18 @@ class StorageBackend(ABC):
     fetch_only: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        self._listeners: list[Listener] = []
-        self._listeners_lock = threading.Lock()
+        self._sink: EventSink | None = None
 
-    def add_listener(self, listener: Listener) -> None:
-        with self._listeners_lock:
-            self._listeners.append(listener)
+    def set_event_sink(self, sink: EventSink | None) -> None:
+        """Send this tier's events to ``sink`` (None: nowhere). One sink, the storage
+        manager: consumers subscribe there, so freeze applies to every one of them."""
+        self._sink = sink
 
     def _emit(self, event: StorageEvent) -> None:
-        for listener in list(self._listeners):
-            listener(event)
+        """Called by the tier, outside its own locks, on the thread that changed it."""
+        sink = self._sink
+        if sink is not None:
+            sink(event)
 
     @abstractmethod
     def contains(self, key: CacheKey) -> bool:

@@ -15,13 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kvplane.engine.backends.base import (
-    ChunkAdmitted,
-    ChunkEvicted,
-    StorageBackend,
-    register_backend,
-)
+from kvplane.engine.backends.base import StorageBackend, register_backend
 from kvplane.engine.chunk import ChunkMeta, KVChunk
+from kvplane.engine.events import ChunkAdmitted, ChunkEvicted
 from kvplane.engine.memory_pool import HostMemoryPool, MemoryPage
 from kvplane.keys import CacheKey
 

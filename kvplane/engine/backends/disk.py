@@ -18,14 +18,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from kvplane.engine import chunk_files
-from kvplane.engine.backends.base import (
-    ChunkAdmitted,
-    ChunkEvicted,
-    StorageBackend,
-    StorageEvent,
-    register_backend,
-)
+from kvplane.engine.backends.base import StorageBackend, register_backend
 from kvplane.engine.chunk import KVChunk
+from kvplane.engine.events import ChunkAdmitted, ChunkEvicted, StorageEvent
 from kvplane.errors import CorruptChunk
 from kvplane.keys import CacheKey
 

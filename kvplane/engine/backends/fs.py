@@ -20,13 +20,9 @@ from typing import NamedTuple
 
 from kvplane.config import load_config
 from kvplane.engine import chunk_files
-from kvplane.engine.backends.base import (
-    ChunkAdmitted,
-    ChunkEvicted,
-    StorageBackend,
-    register_backend,
-)
+from kvplane.engine.backends.base import StorageBackend, register_backend
 from kvplane.engine.chunk import KVChunk
+from kvplane.engine.events import ChunkAdmitted, ChunkEvicted
 from kvplane.errors import BadRequest, ConfigError, CorruptChunk
 from kvplane.keys import CacheKey
 

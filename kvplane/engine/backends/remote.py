@@ -28,14 +28,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from kvplane.engine import serde
-from kvplane.engine.backends.base import (
-    ChunkAdmitted,
-    ChunkEvicted,
-    StorageBackend,
-    register_backend,
-)
+from kvplane.engine.backends.base import StorageBackend, register_backend
 from kvplane.engine.chunk import KVChunk
 from kvplane.engine.circuit_breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from kvplane.engine.events import ChunkAdmitted, ChunkEvicted
 from kvplane.errors import ConfigError, CorruptChunk
 from kvplane.keys import CacheKey
 

@@ -131,8 +131,8 @@ class SchedulerChannel:
 
 
 class WorkerChannel:
-    """One rank's side: :meth:`admitted`/:meth:`evicted` may be called from any thread
-    (tiers' listeners); a sender thread batches them to the scheduler in order.
+    """One rank's side: :meth:`changed` and :meth:`snapshot` may be called from any thread
+    (the rank's tier-event pump); a sender thread batches them to the scheduler in order.
     ``prefetch`` answers a scheduler's prefetch request on the prefetch thread and returns
     the tokens held afterwards."""
 

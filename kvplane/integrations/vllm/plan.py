@@ -14,7 +14,8 @@ Rules:
   requests and are never rewritten.
 * Stores happen after the forward pass of a step, up to the last chunk boundary the
   request's computed tokens reached; the prompt's final partial chunk only with
-  ``save_unfull_chunk``, tokens produced while decoding only with ``save_decode_cache``.
+  ``save_unfull_chunk``, tokens produced while decoding only with ``save_decode_cache``
+  (:func:`kvplane.engine.kv_api.store_boundary`, the policy every host applies).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from kvplane.engine.kv_api import StorePolicy, store_boundary
 from kvplane.integrations.vllm.held import HeldChunks
 from kvplane.keys import chunk_hashes, chunk_spans
 
@@ -34,7 +36,6 @@ __all__ = [
     "PlannerPolicy",
     "SaveSpec",
     "StepPlan",
-    "save_boundary",
 ]
 
 
@@ -83,17 +84,10 @@ class PlannerPolicy:
                 f"blocks (use a chunk_size such as {self.block_size * max(1, self.chunk_size // self.block_size)})"
             )
 
-
-def save_boundary(computed: int, num_prompt: int, saved: int, policy: PlannerPolicy) -> int | None:
-    """Tokens to store once ``computed`` tokens of a request hold KV, or None when no new
-    chunk is due (``saved`` tokens are stored already)."""
-    size = policy.chunk_size
-    if computed > num_prompt and policy.save_decode_cache:
-        end = computed // size * size
-    else:  # prefill, or decode without decode saving: only what the prompt reached
-        upto = min(computed, num_prompt)
-        end = upto if upto == num_prompt and policy.save_unfull_chunk else upto // size * size
-    return end if end > saved else None
+    @property
+    def store(self) -> StorePolicy:
+        """The keys :func:`store_boundary` decides by."""
+        return StorePolicy(self.chunk_size, self.save_unfull_chunk, self.save_decode_cache)
 
 
 @dataclass
@@ -240,7 +234,7 @@ class Planner:
                 request.load = None
             if self.policy.skip_save:
                 continue
-            end = save_boundary(computed, request.num_prompt, request.saved, self.policy)
+            end = store_boundary(computed, request.num_prompt, request.saved, self.policy.store)
             if end is None:
                 continue
             tokens = request.tokens()

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kvplane.config import EngineConfig
-from kvplane.engine.backends.base import ChunkAdmitted, StorageEvent
+from kvplane.engine.events import ChunkAdmitted, Subscription
 from kvplane.engine.kv_layout import KVLayout, packed_view
 from kvplane.errors import ConfigError
 from kvplane.integrations.vllm.channel import WorkerChannel
@@ -68,6 +68,9 @@ class WorkerSide:
         self.process: Any = None
         self.caches: list[torch.Tensor] = []
         self.channel: WorkerChannel | None = None
+        self._events: Subscription | None = None
+        self._pump: threading.Thread | None = None
+        self._forward_lock = threading.Lock()
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
         self.stats: dict[str, int] = {}
@@ -97,10 +100,19 @@ class WorkerSide:
         )
         self.caches = packed
         self.channel = WorkerChannel(self.rank, *self._urls, self._prefetch)
-        process.cache_engine.add_listener(self._on_event)
+        events = process.storage.subscribe("vllm scheduler")
         process.start()
         self.process = process
+        events.take_events()  # in the snapshot that follows
         self.channel.snapshot(self._snapshot())
+        self._events = events
+        self._pump = threading.Thread(
+            target=self._forward_events,
+            args=(events, self.channel),
+            name="kvplane-vllm-tier-events",
+            daemon=True,
+        )
+        self._pump.start()
         log.info(
             "kvplane rank %d: %d layers of %d blocks x %d tokens (%s), chunk %d tokens",
             self.rank,
@@ -124,13 +136,35 @@ class WorkerSide:
             ]
         return out
 
-    def _on_event(self, event: StorageEvent) -> None:
-        if self.channel is not None and event.key.worker_id == self.rank:
-            admitted = isinstance(event, ChunkAdmitted)
-            self.channel.changed(event.location, admitted, event.key.chunk_hash)
+    def _forward_events(self, events: Subscription, channel: WorkerChannel) -> None:
+        """The pump thread: this rank's tier events to the scheduler until the subscription
+        is closed."""
+        while not events.closed:
+            events.wait(timeout=None)
+            try:
+                self._forward(events, channel)
+            except Exception:  # reporting must outlive one bad snapshot
+                log.exception("kvplane: forwarding tier events to the scheduler failed")
+
+    def _forward(self, events: Subscription, channel: WorkerChannel) -> None:
+        """Queue the pending tier events of this rank on the channel, in order (one lock for
+        every thread that forwards); after an overflow (events lost), a fresh snapshot first
+        replaces what the scheduler knows of this rank."""
+        with self._forward_lock:
+            taken = events.take_events()
+            if events.take_resync() and self.process is not None:
+                channel.snapshot(self._snapshot())
+            for event in taken:
+                if event.key.worker_id == self.rank:
+                    admitted = isinstance(event, ChunkAdmitted)
+                    channel.changed(event.location, admitted, event.key.chunk_hash)
 
     def _prefetch(self, token_ids: list[int]) -> int:
-        return int(self.process.cache_engine.lookup(token_ids))
+        held = int(self.process.cache_engine.lookup(token_ids))
+        events, channel = self._events, self.channel
+        if events is not None and channel is not None:
+            self._forward(events, channel)  # the fetched chunks' admits go before PrefetchDone
+        return held
 
     # --------------------------------------------------------------- steps
     def load(self, plan: StepPlan) -> None:
@@ -202,6 +236,12 @@ class WorkerSide:
 
     def shutdown(self) -> None:
         """Stop the engine process (the controller worker deregisters) and the channel."""
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        if self._pump is not None:
+            self._pump.join(timeout=2)
+            self._pump = None
         if self.process is not None:
             self.process.stop()
             self.process = None
