@@ -14,6 +14,7 @@ The process also runs internal API server index 0 (no engine: engine endpoints a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -125,8 +126,21 @@ class SchedulerSide:
         from kvplane.process import EngineProcess
 
         process = EngineProcess(self.config, self.facts, role="scheduler")
+        process.config_store.subscribe(self._on_config)
         process.start()
         self._process = process
+
+    def _on_config(self, config: EngineConfig, changed: frozenset[str]) -> None:
+        """``POST /conf`` on index 0: the planner stores and loads by the new values from
+        its next call on (one reference swap; the planner reads it once per decision)."""
+        self.config = config
+        self.policy = dataclasses.replace(
+            self.policy,
+            save_unfull_chunk=config.save_unfull_chunk,
+            save_decode_cache=config.save_decode_cache,
+            min_retrieve_tokens=config.min_retrieve_tokens,
+        )
+        self.planner.policy = self.policy
 
     def shutdown(self) -> None:
         if self._process is not None:
