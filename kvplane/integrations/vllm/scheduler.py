@@ -33,6 +33,9 @@ __all__ = ["TIER_ORDER", "BlockLink", "SchedulerSide", "StepInput"]
 
 log = logging.getLogger(__name__)
 
+#: How long a scheduling call waits for an outstanding probe before answering "ask again".
+_PROBE_WAIT_S = 0.001
+
 TIER_ORDER = ("LocalCPUBackend", "LocalDiskBackend", "FSConnector", "RemoteBackend")
 
 
@@ -59,6 +62,7 @@ class BlockLink:
 class _Probe:
     deadline: float
     index_tokens: int  # the chunk prefix the index held before the probe
+    started: float = 0.0
     answered: bool = False
     probed_tokens: int = 0
 
@@ -155,18 +159,29 @@ class SchedulerSide:
         with self.channel.lock:
             found = self.planner.match(req_id, tokens, num_computed, probed=_probed(probe))
         if self.probing and probe is None and found.chunk_tokens < _covered(tokens, self.policy):
-            self._probes[req_id] = _Probe(
-                time.monotonic() + self.config.p2p_timeout_s, found.chunk_tokens
-            )
+            now = time.monotonic()
+            self._probes[req_id] = _Probe(now + self.config.p2p_timeout_s, found.chunk_tokens, now)
             self.channel.request_prefetch(req_id, list(tokens))
             self.counters.probes += 1
             return None
         if probe is not None and not probe.answered:
             answers = self.channel.prefetch_answers(req_id)
             if answers < self.facts.world_size and time.monotonic() < probe.deadline:
+                # vLLM steps again at once while we answer None; a short sleep (GIL
+                # released) lets this process's channel thread and the ranks' prefetch
+                # threads run instead of losing every GIL hand-off to idle steps.
+                time.sleep(_PROBE_WAIT_S)
                 return None
             probe.answered = True
             probe.probed_tokens = self.channel.probed_tokens(req_id, self.facts.world_size)
+            log.debug(
+                "probe %s: %d of %d ranks answered, %d tokens held, after %.1f ms",
+                req_id,
+                answers,
+                self.facts.world_size,
+                probe.probed_tokens,
+                (time.monotonic() - probe.started) * 1e3,
+            )
             with self.channel.lock:
                 found = self.planner.match(req_id, tokens, num_computed, probed=_probed(probe))
         self.counters.lookups += 1
