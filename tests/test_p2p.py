@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from kvplane.engine import serde
 from kvplane.engine.backends.p2p import P2PBackend
@@ -24,8 +27,11 @@ class Peer:
     def __init__(self, host: str = "127.0.0.1", **kw: int | float) -> None:
         self.store: dict[CacheKey, KVChunk] = {}
         self.locations: list[str | None] = []
-        self.server = ChunkServer(host, 0, self.store.get, self.accept, **kw)  # type: ignore[arg-type]
+        self.server = ChunkServer(host, 0, self.read, self.accept, **kw)  # type: ignore[arg-type]
         self.server.start()
+
+    def read(self, key: CacheKey) -> contextlib.nullcontext[KVChunk | None]:
+        return contextlib.nullcontext(self.store.get(key))
 
     def accept(self, key: CacheKey, chunk: KVChunk, location: str | None = None) -> bool:
         self.locations.append(location)
@@ -113,7 +119,7 @@ def test_silent_peer_costs_one_deadline_not_a_hang() -> None:
 
 
 def test_server_without_sink_refuses_pushes() -> None:
-    server = ChunkServer("127.0.0.1", 0, lambda key: None)
+    server = ChunkServer("127.0.0.1", 0, lambda key: contextlib.nullcontext())
     server.start()
     try:
         with pytest.raises(Unavailable, match="not accepted"):
@@ -123,7 +129,7 @@ def test_server_without_sink_refuses_pushes() -> None:
 
 
 def test_server_answers_a_reply_sent_as_a_request_with_an_error() -> None:
-    server = ChunkServer("127.0.0.1", 0, lambda key: None)
+    server = ChunkServer("127.0.0.1", 0, lambda key: contextlib.nullcontext())
     server.start()
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
@@ -183,3 +189,36 @@ def test_peer_url_forms() -> None:
     for bad in ("host", "host:0", "host:x", ":80"):
         with pytest.raises(BadRequest):
             parse_peer_url(bad)
+
+
+def test_a_served_chunk_stays_held_while_sent_and_is_let_go_on_hang_up() -> None:
+    """The server sends the tier's own bytes (no copy), so the tier's hold on them lasts
+    until the last byte left, and ends when the connection does, however it ends."""
+    tokens = 4096
+    big = KVChunk.from_kv(torch.zeros(4, 2, tokens, 8, 128, dtype=torch.bfloat16), tokens)
+    held: list[CacheKey] = []
+    let_go = threading.Event()
+
+    @contextlib.contextmanager
+    def read(key: CacheKey) -> Iterator[KVChunk | None]:
+        held.append(key)
+        try:
+            yield big
+        finally:
+            held.remove(key)
+            let_go.set()
+
+    server = ChunkServer("127.0.0.1", 0, read, timeout_s=10)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            deadline = wire.Deadline(10)
+            wire.send_message(sock, wire.FetchRequest([make_key(1).to_str()]), deadline)
+            reply = wire.recv_message(sock, deadline)
+            assert isinstance(reply, wire.FetchReply) and reply.sizes[0] > big.nbytes
+            wire.recv_exact(sock, 1 << 20, deadline)  # 1 of 64 MiB: the server is mid-send
+            assert held == [make_key(1)]
+        assert let_go.wait(10)
+        assert held == []
+    finally:
+        server.close()

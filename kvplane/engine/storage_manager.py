@@ -277,16 +277,18 @@ class StorageManager:
                 return backend.name
         return None
 
-    def get_local(self, key: CacheKey) -> KVChunk | None:
-        """The chunk from the highest active local tier, owning its bytes, without promotion
-        (what this process serves to peers; never asks a peer itself)."""
+    @contextmanager
+    def read_local(self, key: CacheKey) -> Iterator[KVChunk | None]:
+        """The chunk from the highest active local tier, valid (not evicted) for the block,
+        without promotion: what this process serves to peers; never asks a peer itself."""
         for backend in self._active():
             if backend.fetch_only:
                 continue
             with backend.read(key) as chunk:
                 if chunk is not None:
-                    return chunk.with_payload(chunk.payload.clone())
-        return None
+                    yield chunk
+                    return
+        yield None
 
     def put_into(self, key: CacheKey, chunk: KVChunk, location: str | None = None) -> bool:
         """Store into one named tier synchronously (a chunk pushed by a peer for ``move``),

@@ -117,7 +117,7 @@ class P2PNode:
         self.server = ChunkServer(
             config.p2p_host,
             port,
-            storage.get_local,
+            storage.read_local,
             storage.put_into,
             timeout_s=config.p2p_timeout_s,
             max_transfer_bytes=config.p2p_max_transfer_bytes,

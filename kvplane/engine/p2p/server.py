@@ -1,19 +1,22 @@
 """The chunk server of one engine process: serves chunks by key, accepts pushed chunks.
 
-It knows nothing of tiers: ``lookup(key)`` and ``sink(key, chunk)`` are handed in by the
-composition root (lookup reads the local tiers only, so two peers never ask each other in a
-loop; ``sink(key, chunk, location)`` stores into the named local tier, or the usual store
-path for None). A reply never exceeds ``max_transfer_bytes``:
+It knows nothing of tiers: ``read(key)`` and ``sink(key, chunk)`` are handed in by the
+composition root (``read`` is a context manager over the local tiers only, so two peers never
+ask each other in a loop, and the chunk it yields stays valid, unevicted, while its bytes are
+sent: nothing is copied to serve it; ``sink(key, chunk, location)`` stores into the named
+local tier, or the usual store path for None). A reply never exceeds ``max_transfer_bytes``:
 chunks past the budget are answered as misses. Each connection has ``timeout_s`` in all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import socketserver
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from kvplane.engine import serde
@@ -22,11 +25,11 @@ from kvplane.engine.p2p import wire
 from kvplane.errors import CorruptChunk, KvplaneError, Unavailable
 from kvplane.keys import CacheKey
 
-__all__ = ["ChunkLookup", "ChunkServer", "ChunkSink"]
+__all__ = ["ChunkReader", "ChunkServer", "ChunkSink"]
 
 log = logging.getLogger(__name__)
 
-ChunkLookup = Callable[[CacheKey], KVChunk | None]
+ChunkReader = Callable[[CacheKey], AbstractContextManager[KVChunk | None]]
 ChunkSink = Callable[[CacheKey, KVChunk, str | None], bool]
 
 
@@ -61,14 +64,14 @@ class ChunkServer:
         self,
         host: str,
         port: int,
-        lookup: ChunkLookup,
+        read: ChunkReader,
         sink: ChunkSink | None = None,
         *,
         timeout_s: float = 5.0,
         max_transfer_bytes: int = 1 << 30,
     ) -> None:
         self.host = host
-        self.lookup = lookup
+        self.read = read
         self.sink = sink
         self.timeout_s = timeout_s
         self.max_transfer_bytes = max_transfer_bytes
@@ -132,27 +135,28 @@ class ChunkServer:
     def handle_fetch(
         self, sock: socket.socket, req: wire.FetchRequest, deadline: wire.Deadline
     ) -> None:
-        parts: list[tuple[bytes, memoryview] | None] = []
-        budget = self.max_transfer_bytes
-        for text in req.keys:
-            part = None
-            try:
-                key = CacheKey.from_str(text)
-                chunk = self.lookup(key)
-                if chunk is not None:
-                    header, payload = serde.encode_parts(key, chunk)
-                    if len(header) + payload.nbytes <= budget:
-                        part = (header, payload)
-                        budget -= len(header) + payload.nbytes
-            except (ValueError, KvplaneError) as exc:
-                log.debug("p2p server: cannot serve %s: %s", text, exc)
-            parts.append(part)
-        sizes = [0 if p is None else len(p[0]) + p[1].nbytes for p in parts]
-        wire.send_message(sock, wire.FetchReply(sizes), deadline)
-        for p in parts:
-            if p is not None:
-                wire.send_all(sock, p[0], deadline)
-                wire.send_all(sock, p[1], deadline)
+        with contextlib.ExitStack() as reads:  # the chunks stay put until they are sent
+            parts: list[tuple[bytes, memoryview] | None] = []
+            budget = self.max_transfer_bytes
+            for text in req.keys:
+                part = None
+                try:
+                    key = CacheKey.from_str(text)
+                    chunk = reads.enter_context(self.read(key))
+                    if chunk is not None:
+                        header, payload = serde.encode_parts(key, chunk)
+                        if len(header) + payload.nbytes <= budget:
+                            part = (header, payload)
+                            budget -= len(header) + payload.nbytes
+                except (ValueError, KvplaneError) as exc:
+                    log.debug("p2p server: cannot serve %s: %s", text, exc)
+                parts.append(part)
+            sizes = [0 if p is None else len(p[0]) + p[1].nbytes for p in parts]
+            wire.send_message(sock, wire.FetchReply(sizes), deadline)
+            for p in parts:
+                if p is not None:
+                    wire.send_all(sock, p[0], deadline)
+                    wire.send_all(sock, p[1], deadline)
 
     def handle_push(
         self, sock: socket.socket, req: wire.PushRequest, deadline: wire.Deadline

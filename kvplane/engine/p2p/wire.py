@@ -18,6 +18,7 @@ import struct
 import time
 
 import msgspec
+import numpy as np
 
 from kvplane.errors import Unavailable
 
@@ -97,9 +98,10 @@ def send_all(sock: socket.socket, data: bytes | memoryview, deadline: Deadline) 
             raise Unavailable(f"peer connection failed while sending: {exc}") from None
 
 
-def recv_exact(sock: socket.socket, n: int, deadline: Deadline) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
+def recv_exact(sock: socket.socket, n: int, deadline: Deadline) -> memoryview:
+    """Exactly ``n`` bytes, in a writable buffer of their own (not zeroed first: a chunk
+    frame is megabytes, and every byte is overwritten)."""
+    view = np.empty(n, dtype=np.uint8).data
     got = 0
     while got < n:
         sock.settimeout(deadline.remaining())
@@ -112,7 +114,7 @@ def recv_exact(sock: socket.socket, n: int, deadline: Deadline) -> bytearray:
         if k == 0:
             raise Unavailable(f"peer closed the connection after {got} of {n} bytes")
         got += k
-    return buf
+    return view
 
 
 def recv_message(sock: socket.socket, deadline: Deadline) -> Message:

@@ -21,6 +21,7 @@ from kvplane.engine.events import ChunkAdmitted, Subscription
 from kvplane.engine.kv_layout import KVLayout, packed_view
 from kvplane.errors import ConfigError
 from kvplane.integrations.vllm.channel import WorkerChannel
+from kvplane.integrations.vllm.cpus import unpinned
 from kvplane.integrations.vllm.messages import endpoints
 from kvplane.integrations.vllm.plan import LoadSpec, SaveSpec, StepPlan
 from kvplane.integrations.vllm.settings import VllmFacts
@@ -94,33 +95,38 @@ class WorkerSide:
             raise ConfigError(f"vLLM's KV cache layout: {exc}") from None
         layout = layout_of(views, block_size=self.block_size, use_mla=self.use_mla)
         facts = self.facts.engine_facts(self.config, layout.kv_shape())
-        # Internal API index 0 is the scheduler process's; this rank serves rank + 1.
-        process = EngineProcess(
-            self.config, facts, layout=layout, kv_caches=packed, scheduler_api=False
-        )
-        self.caches = packed
-        self.channel = WorkerChannel(self.rank, *self._urls, self._prefetch)
-        events = process.storage.subscribe("vllm scheduler")
-        process.start()
-        self.process = process
-        events.take_events()  # in the snapshot that follows
-        self.channel.snapshot(self._snapshot())
-        self._events = events
-        self._pump = threading.Thread(
-            target=self._forward_events,
-            args=(events, self.channel),
-            name="kvplane-vllm-tier-events",
-            daemon=True,
-        )
-        self._pump.start()
+        # Every thread and ZMQ context is made in here, so none inherits vLLM's compute binding.
+        with unpinned() as (compute_cpus, thread_cpus):
+            # Internal API index 0 is the scheduler process's; this rank serves rank + 1.
+            process = EngineProcess(
+                self.config, facts, layout=layout, kv_caches=packed, scheduler_api=False
+            )
+            self.caches = packed
+            self.channel = WorkerChannel(self.rank, *self._urls, self._prefetch)
+            events = process.storage.subscribe("vllm scheduler")
+            process.start()
+            self.process = process
+            events.take_events()  # in the snapshot that follows
+            self.channel.snapshot(self._snapshot())
+            self._events = events
+            self._pump = threading.Thread(
+                target=self._forward_events,
+                args=(events, self.channel),
+                name="kvplane-vllm-tier-events",
+                daemon=True,
+            )
+            self._pump.start()
         log.info(
-            "kvplane rank %d: %d layers of %d blocks x %d tokens (%s), chunk %d tokens",
+            "kvplane rank %d: %d layers of %d blocks x %d tokens (%s), chunk %d tokens; "
+            "kvplane threads on CPUs %s, vLLM's compute on %s",
             self.rank,
             layout.num_layers,
             layout.num_blocks,
             layout.block_size,
             layout.dtype,
             self.config.chunk_size,
+            sorted(thread_cpus),
+            sorted(compute_cpus),
         )
 
     def _snapshot(self) -> dict[str, list[int]]:
