@@ -13,20 +13,14 @@ import torch
 from kvplane.config import load_config
 from kvplane.errors import ConfigError
 from kvplane.integrations.vllm.scheduler import SchedulerSide
-from kvplane.integrations.vllm.settings import VllmFacts, connector_config
+from kvplane.integrations.vllm.settings import connector_config
 from kvplane.integrations.vllm.worker import WorkerSide
 from tests.support import free_port
+from tests.vllm_support import fake_facts
 
 BLOCK, BLOCKS = 4, 16
-FACTS = VllmFacts(
-    model_name="org/served",
-    world_size=2,
-    rank=1,
-    block_size=BLOCK,
-    engine_id="facts-test",
-    dp_rank=0,
-    use_mla=False,
-    vllm_version="0.0-test",
+FACTS = fake_facts(
+    model_name="org/served", world_size=2, rank=1, block_size=BLOCK, engine_id="facts-test"
 )
 EXTRA = {"kvplane.chunk_size": 2 * BLOCK, "max_local_cpu_size": 0.01}
 

@@ -15,10 +15,10 @@ from kvplane.config import EngineConfig
 from kvplane.integrations.vllm.channel import SchedulerChannel
 from kvplane.integrations.vllm.held import HeldChunks
 from kvplane.integrations.vllm.messages import endpoints
-from kvplane.integrations.vllm.settings import VllmFacts
 from kvplane.integrations.vllm.worker import WorkerSide
 from kvplane.keys import chunk_hashes
 from tests.support import wait_until
+from tests.vllm_support import fake_facts
 
 BLOCK, CHUNK, BLOCKS = 4, 8, 16
 CPU = "LocalCPUBackend"
@@ -31,17 +31,7 @@ def sides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Wor
     held = HeldChunks(1, [CPU])
     scheduler = SchedulerChannel(*endpoints("events-test", 0), held)
 
-    facts = VllmFacts(
-        model_name="m",
-        world_size=1,
-        rank=0,
-        block_size=BLOCK,
-        engine_id="events-test",
-        dp_rank=0,
-        use_mla=False,
-        vllm_version="test",
-    )
-    side = WorkerSide(EngineConfig(**BASE), facts)
+    side = WorkerSide(EngineConfig(**BASE), fake_facts(block_size=BLOCK, engine_id="events-test"))
     views = {f"layer.{i}": torch.randn(BLOCKS, 2, BLOCK, 16) for i in range(2)}
     side.register(views)
     try:
