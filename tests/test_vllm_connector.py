@@ -30,7 +30,7 @@ from kvplane.api.slot_syntax import format_ranges, parse_slot_mapping, to_ranges
 from tests.controller_client import ControllerProc, controller_args, wait_controller_up
 from tests.redis_support import RedisServer, redis_available
 from tests.support import free_ports, kvplane_process, wait_until
-from tests.vllm_support import VllmServer, build_vllm_model, vllm_server
+from tests.vllm_support import VllmServer, build_vllm_model, vllm_server, worker_thread_cpus
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -356,6 +356,11 @@ def test_a_peer_loads_over_p2p_then_its_chunks_leave_lookups_when_killed(
         worker_b = api_url(api_start, 1)
         complete(server_b, prompt)
         assert metric(worker_b, "kvplane_tier_hits_total", 'tier="P2PBackend"') > 0
+        # vLLM binds its worker to the compute core; kvplane's threads there are not bound
+        compute, threads = worker_thread_cpus(server_b)
+        every = frozenset(os.sched_getaffinity(0))
+        if compute != every:
+            assert every in threads, (compute, threads)
         assert metric(worker_b, "kvplane_retrieved_tokens_total") >= len(tokens) - BLOCK
         assert metric(server_b.base_url, "vllm:external_prefix_cache_hits_total") > 0
         layout = wait_until(

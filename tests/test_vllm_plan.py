@@ -144,7 +144,7 @@ def test_preemption_drops_blocks_until_vllm_allocates_again() -> None:
 
 
 def test_chunk_size_must_be_whole_blocks() -> None:
-    with pytest.raises(ValueError, match="multiple of vLLM's block size 128"):
+    with pytest.raises(ValueError, match="chunk_size 200 is not whole blocks of 128"):
         PlannerPolicy(chunk_size=200, block_size=128)
 
 
