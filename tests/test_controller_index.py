@@ -130,3 +130,8 @@ def test_index_matches_the_model(ops: list, length: int) -> None:
     got = {k: m.num_tokens for k, m in index.match({4: query}, length).items()}
     assert got == _model_match(held, query, length)
     assert index.num_chunks() == sum(len(s) for w in held.values() for s in w.values())
+    for key in WORKERS:  # the audit copy: exactly what each worker holds, per tier
+        listed = index.chunks(key)
+        assert all(len(hs) == len(set(hs)) for hs in listed.values())
+        got_sets = {loc: set(hs) for loc, hs in listed.items() if hs}
+        assert got_sets == {loc: s for loc, s in held.get(key, {}).items() if s}

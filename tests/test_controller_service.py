@@ -174,6 +174,30 @@ def test_dead_worker_is_reaped_and_told_to_reregister(
     assert controller.post("/health", {"instance_id": "A"}).status_code == 404
 
 
+def test_query_chunks_lists_what_the_index_credits_each_worker(
+    controller: ControllerProc, worker: ProtoWorker
+) -> None:
+    assert worker.register().ok
+    hashes = chunk_hashes(TOKENS, 4)
+    worker.report(hashes)
+    worker.report([2**64 - 1, 5], location="LocalDiskBackend")
+    worker.report(hashes[1:2], admit=False)
+    wait_until(lambda: controller.metric("index_chunks") == 4, timeout=5, what="reports applied")
+    body = controller.post("/query_chunks", {"instance_id": "A"}).json()
+    assert body["event_id"] and body["chunks"] == {
+        "0": {
+            "LocalCPUBackend": sorted(f"{h:016x}" for h in (hashes[0], hashes[2])),
+            "LocalDiskBackend": ["0000000000000005", "ffffffffffffffff"],
+        }
+    }
+    resp = controller.post("/query_chunks", {"instance_id": "A", "worker_ids": [1]})
+    assert resp.status_code == 404 and "[1]" in resp.json()["message"]
+    resp = controller.post("/query_chunks", {"instance_id": "nope"})
+    assert resp.status_code == 404 and "'nope'" in resp.json()["message"]
+    assert worker.deregister()
+    assert controller.post("/query_chunks", {"instance_id": "A"}).status_code == 404
+
+
 def test_deregistration_drops_chunks_and_memory_at_once(
     controller: ControllerProc, worker: ProtoWorker
 ) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from kvplane.controller.core import ControllerCore
 from kvplane.controller.executor import EventStatus, EventTable, Executor, FanOutResult
 from kvplane.controller.index import Match
-from kvplane.controller.registry import WorkerRecord
+from kvplane.controller.registry import WorkerKey, WorkerRecord
 from kvplane.errors import BadRequest, NotFound, Unavailable, Unsupported
 from kvplane.keys import chunk_hashes
 from kvplane.protocol import (
@@ -122,6 +122,17 @@ class Cluster:
         if missing:
             raise NotFound(f"instance {instance_id!r} has no worker(s) {missing}")
         return [by_id[i] for i in worker_ids]
+
+    def chunks(
+        self, instance_id: str, worker_ids: Sequence[int] | None = None
+    ) -> dict[int, dict[str, list[int]]]:
+        """What the index credits to each of the instance's workers: worker_id -> tier ->
+        sorted chunk hashes (an audit of the index against the engines' own key lists).
+        NotFound as :meth:`workers`."""
+        wanted = [w.worker_id for w in self.workers(instance_id, worker_ids)]
+        with self.lock:  # only the copy under the lock; sorting is the caller's thread's
+            found = {i: self.core.index.chunks(WorkerKey(instance_id, i)) for i in wanted}
+        return {i: {loc: sorted(hs) for loc, hs in tiers.items()} for i, tiers in found.items()}
 
     def instance_by_ip(self, ip: str) -> str:
         with self.lock:

@@ -112,6 +112,19 @@ class QueryWorkerInfoResponse(BaseModel):
     worker_infos: list[WorkerInfo]
 
 
+class QueryChunksRequest(BaseModel):
+    instance_id: str
+    worker_ids: list[int] | None = None
+
+
+class QueryChunksResponse(BaseModel):
+    event_id: str
+    chunks: dict[int, dict[str, list[str]]] = Field(
+        description="worker_id -> location -> the chunk hashes the index credits to that "
+        "worker, each as 16 lower-case hex digits, sorted"
+    )
+
+
 class QueryInstanceRequest(BaseModel):
     ip: str
     event_id: str | None = Field(None, description="accepted for old clients and ignored")
@@ -233,6 +246,18 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
         ]
         event_id = cluster.events.start("query_worker_info", finished=True)
         return QueryWorkerInfoResponse(event_id=event_id, worker_infos=infos)
+
+    @router.post("/query_chunks", response_model=QueryChunksResponse)
+    def query_chunks(body: QueryChunksRequest) -> QueryChunksResponse:
+        """The index's chunk hashes per worker and tier, to audit it against the engines'
+        own key lists (benchmarks/soak.py does); the copy is O(chunks held)."""
+        found = cluster.chunks(body.instance_id, body.worker_ids)
+        chunks = {
+            worker_id: {loc: [f"{h:016x}" for h in hashes] for loc, hashes in tiers.items()}
+            for worker_id, tiers in found.items()
+        }
+        event_id = cluster.events.start("query_chunks", finished=True)
+        return QueryChunksResponse(event_id=event_id, chunks=chunks)
 
     @router.post("/query_instance", response_model=QueryInstanceResponse)
     def query_instance(body: QueryInstanceRequest) -> QueryInstanceResponse:
