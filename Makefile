@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-vllm test lint setup system-deps docs bench bench-vllm clean vllm-setup vllm-clean
+.PHONY: demo demo-vllm test lint setup system-deps docs bench bench-vllm soak clean vllm-setup vllm-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,12 @@ bench: setup
 
 bench-vllm: setup vllm-setup
 	$(PY) benchmarks/vllm_ttft.py
+
+# Lookups, admits/evicts, workers joining and leaving and controller restarts on loopback,
+# then an exact audit of the controller's index; exits non-zero if a check fails.
+SOAK_MINUTES ?= 10
+soak: setup
+	$(PY) benchmarks/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV)
