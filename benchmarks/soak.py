@@ -64,10 +64,8 @@ API_INDEX_PORT = 7000  # internal_api_server_port_start 6999 + index 1 (worker 0
 FAMILIES = 64  # prompt families: tokens [f * 100_000, f * 100_000 + n) for n in LENGTHS
 LENGTHS = (128, 256, 512, 1024)
 KEYS_SCRIPT = """
-storage = app.state.ctx.engine.storage
-result = {name: sorted(f"{h:016x}" for h in hashes)
-          for name, hashes in storage.snapshot(lambda key: True).items()}
-"""
+result = app.state.ctx.engine.storage.snapshot(lambda key: True)
+"""  # the engine's own key list per tier (the engines hold one model, one rank)
 
 
 def prompt(rng: random.Random) -> tuple[int, int]:
@@ -132,15 +130,30 @@ class Cluster:
         for name in ("KVPLANE_CONFIG_FILE", "LMCACHE_CONFIG_FILE"):
             self.env.pop(name, None)
         self.controller: subprocess.Popen[bytes] | None = None
+        self.spawned: list[subprocess.Popen[bytes]] = []  # every process, to stop by PID
         self.incarnation = 0
         self.crashed: list[str] = []
 
     def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
-            return subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "kvplane", *args],
                 cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
+        self.spawned.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        """SIGTERM, then SIGKILL, each process still running, by PID."""
+        for proc in self.spawned:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.spawned:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
     def start_controller(self) -> None:
         self.incarnation += 1
@@ -362,20 +375,20 @@ def sample(cluster: Cluster, engines: list[Engine], stats: Stats) -> None:
 # --- the audit ----------------------------------------------------------------------------
 
 
-def engine_keys(engine: Engine) -> dict[str, set[str]]:
+def engine_keys(engine: Engine) -> dict[str, set[int]]:
     resp = engine.api.post("/run_script", files={"script": ("keys.py", KEYS_SCRIPT.encode())})
     resp.raise_for_status()
     return {loc: set(hs) for loc, hs in resp.json().items() if hs}
 
 
-def index_keys(cluster: Cluster, name: str) -> dict[str, set[str]] | None:
+def index_keys(cluster: Cluster, name: str) -> dict[str, set[int]] | None:
     resp = httpx.post(cluster.url + "/query_chunks", json={"instance_id": name}, timeout=30)
     if resp.status_code != 200:
         return None
-    return {loc: set(hs) for loc, hs in resp.json()["chunks"]["0"].items() if hs}
+    return {loc: set(hs) for loc, hs in resp.json()["chunk_hashes"]["0"].items() if hs}
 
 
-def lookups_agree(cluster: Cluster, held: dict[str, set[str]]) -> list[str]:
+def lookups_agree(cluster: Cluster, held: dict[str, set[int]]) -> list[str]:
     """Every lookup the soak sent, answered now, against what ``held`` (instance -> its chunk
     hashes in any tier) says: the instances holding a prefix and its length in tokens."""
     wrong = []
@@ -385,7 +398,7 @@ def lookups_agree(cluster: Cluster, held: dict[str, set[str]]) -> list[str]:
         for name, hashes in held.items():
             k = 0
             for h in chunk_hashes(tokens, CHUNK):
-                if f"{h:016x}" not in hashes:
+                if h not in hashes:
                     break
                 k += 1
             if k:
@@ -404,9 +417,14 @@ def audit(cluster: Cluster, engines: list[Engine], timeout: float) -> tuple[bool
     deadline = time.monotonic() + timeout
     while True:
         lines, ok = [], True
-        held: dict[str, set[str]] = {}
+        held: dict[str, set[int]] = {}
         for e in engines:
-            mine, index = engine_keys(e), index_keys(cluster, e.name)
+            try:
+                mine, index = engine_keys(e), index_keys(cluster, e.name)
+            except httpx.HTTPError as exc:
+                ok = False
+                lines.append(f"{e.name}: its key list or the index could not be read: {exc!r}")
+                continue
             held[e.name] = set().union(*mine.values())
             if index == mine:
                 n = sum(len(s) for s in mine.values())
@@ -588,10 +606,8 @@ def main() -> None:
     finally:
         stop.set()
         for e in engines:
-            stop_engine(e, signal.SIGTERM)
-        if cluster.controller is not None and cluster.controller.poll() is None:
-            cluster.controller.terminate()
-            cluster.controller.wait(30)
+            e.api.close()
+        cluster.stop_all()
 
     elapsed = time.monotonic() - t0
     cpu1 = psutil.cpu_times()

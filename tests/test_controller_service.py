@@ -184,10 +184,10 @@ def test_query_chunks_lists_what_the_index_credits_each_worker(
     worker.report(hashes[1:2], admit=False)
     wait_until(lambda: controller.metric("index_chunks") == 4, timeout=5, what="reports applied")
     body = controller.post("/query_chunks", {"instance_id": "A"}).json()
-    assert body["event_id"] and body["chunks"] == {
+    assert body["event_id"] and body["chunk_hashes"] == {
         "0": {
-            "LocalCPUBackend": sorted(f"{h:016x}" for h in (hashes[0], hashes[2])),
-            "LocalDiskBackend": ["0000000000000005", "ffffffffffffffff"],
+            "LocalCPUBackend": sorted((hashes[0], hashes[2])),
+            "LocalDiskBackend": [5, 2**64 - 1],
         }
     }
     resp = controller.post("/query_chunks", {"instance_id": "A", "worker_ids": [1]})

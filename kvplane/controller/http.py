@@ -119,9 +119,9 @@ class QueryChunksRequest(BaseModel):
 
 class QueryChunksResponse(BaseModel):
     event_id: str
-    chunks: dict[int, dict[str, list[str]]] = Field(
-        description="worker_id -> location -> the chunk hashes the index credits to that "
-        "worker, each as 16 lower-case hex digits, sorted"
+    chunk_hashes: dict[int, dict[str, list[int]]] = Field(
+        description="worker_id -> location -> the chunk hashes (unsigned 64-bit, "
+        "kvplane.keys.chunk_hashes) the index credits to that worker, sorted"
     )
 
 
@@ -252,12 +252,8 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
         """The index's chunk hashes per worker and tier, to audit it against the engines'
         own key lists (benchmarks/soak.py does); the copy is O(chunks held)."""
         found = cluster.chunks(body.instance_id, body.worker_ids)
-        chunks = {
-            worker_id: {loc: [f"{h:016x}" for h in hashes] for loc, hashes in tiers.items()}
-            for worker_id, tiers in found.items()
-        }
         event_id = cluster.events.start("query_chunks", finished=True)
-        return QueryChunksResponse(event_id=event_id, chunks=chunks)
+        return QueryChunksResponse(event_id=event_id, chunk_hashes=found)
 
     @router.post("/query_instance", response_model=QueryInstanceResponse)
     def query_instance(body: QueryInstanceRequest) -> QueryInstanceResponse:
