@@ -455,3 +455,29 @@ def test_conf_post_max_local_cpu_size_resizes_the_cpu_tier(engine):
     r = client.post("/conf", json={"max_local_cpu_size": "nan"})
     assert r.status_code == 400 and "finite" in r.json()["errors"]["max_local_cpu_size"]
     assert client.get("/conf").status_code == 200
+
+
+def test_cache_keys_lists_this_ranks_chunks_per_tier(tmp_path):
+    from kvplane.engine import chunk_files
+    from kvplane.keys import chunk_hashes
+    from tests.tier_cases import make_chunk, make_key
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    # another model's chunk in the shared directory is not this engine's
+    chunk_files.write_chunk_file(shared, make_key(1, model="other/model"), make_chunk(1))
+    with engine_serving("tcp", remote_url=f"fs://{shared}") as (runtime, client):
+        client.post("/cache/store", params={"tokens_mock": "0,40"})
+        assert runtime.storage.flush(10)
+        client.delete("/cache/clear", params={"locations": ["LocalCPUBackend"]})
+        client.post("/cache/store", params={"tokens_mock": "100,116"})
+        assert runtime.storage.flush(10)
+        body = client.get("/cache/keys").json()
+    assert body["model_name"] == "kvplane/synthetic" and body["worker_id"] == 0
+    assert body["chunk_size"] == 16
+    tiers = body["chunk_hashes"]
+    assert list(tiers) == ["LocalCPUBackend", "FSConnector"]
+    assert tiers["LocalCPUBackend"] == chunk_hashes(list(range(100, 116)), 16)
+    assert sorted(tiers["FSConnector"]) == sorted(
+        chunk_hashes(list(range(40)), 16) + chunk_hashes(list(range(100, 116)), 16)
+    )

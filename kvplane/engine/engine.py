@@ -30,6 +30,7 @@ from kvplane.engine.storage_manager import StorageManager
 from kvplane.engine.tier_metrics import TierStatsCollector
 from kvplane.engine.tiers import GB, build_backends
 from kvplane.errors import ConfigError, Unavailable
+from kvplane.keys import CacheKey
 
 __all__ = ["Engine", "build_engine", "engine_metadata"]
 
@@ -62,6 +63,16 @@ class Engine:
     def metadata(self) -> dict[str, Any]:
         """What ``/meta`` shows about this engine (:func:`engine_metadata`)."""
         return engine_metadata(self.facts, self.config, self.layout)
+
+    def owns(self, key: CacheKey) -> bool:
+        """Whether ``key`` is one of this rank's chunks (a shared store, Redis or a shared
+        directory, also holds other instances' and ranks' chunks)."""
+        return key.worker_id == self.facts.worker_id and key.model_name == self.facts.model_name
+
+    def own_chunks(self) -> dict[str, list[int]]:
+        """The chunk hashes of this rank's chunks per tier: what the controller worker
+        resends at (re)registration, so what the controller's index should say."""
+        return self.storage.snapshot(self.owns)
 
 
 def engine_metadata(

@@ -203,11 +203,6 @@ class ControllerWorker:
             log.warning("%s: storage events were lost; resyncing", self._who)
             self._resync_requested.set()
 
-    def _snapshot(self) -> dict[str, list[int]]:
-        model = self.engine.facts.model_name
-        return self.engine.storage.snapshot(
-            lambda k: k.worker_id == self.worker_id and k.model_name == model
-        )
 
     # --- the control thread ------------------------------------------------------------------
 
@@ -248,7 +243,7 @@ class ControllerWorker:
             # What is pending now is in the snapshot; events after it follow it.
             self.events.take_events()
             self.events.take_resync()
-            resent = self.buffer.restart(lambda: self._snapshot().items())
+            resent = self.buffer.restart(lambda: self.engine.own_chunks().items())
             self.registered.set()
             self.stats["registrations"] += 1
             log.info(
