@@ -9,6 +9,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -57,12 +58,19 @@ def make_tls_files(directory: Path) -> TlsFiles:
 
 class RedisServer:
     def __init__(
-        self, workdir: Path, password: str | None = None, tls: TlsFiles | None = None
+        self,
+        workdir: Path,
+        password: str | None = None,
+        tls: TlsFiles | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
+        """``extra_args``: more redis-server options (later ones override earlier ones,
+        e.g. ``--appendonly yes`` for a server that keeps what it acknowledged)."""
         self.port = free_port()
         self.workdir = workdir
         self.password = password
         self.tls = tls
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -83,6 +91,7 @@ class RedisServer:
                 "--tls-ca-cert-file", str(self.tls.ca_cert),
                 "--tls-auth-clients", "no",
             ]  # fmt: skip
+        args += self.extra_args
         log = self.workdir / f"redis-{self.port}.log"
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
@@ -106,4 +115,11 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL (it may be stopped with SIGSTOP): no shutdown, no final save."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
             self.proc = None

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -133,3 +135,24 @@ def test_index_accounting_and_directory_agree(capacity_chunks: int, ops) -> None
         assert set(again.keys()) == set(disk.keys())
         for key in again.keys():
             assert same_kv(again.get(key), make_chunk(key.chunk_hash - 0x1000))
+
+
+def test_failed_writes_are_refused_counted_and_logged_once_per_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "disk"
+    disk = LocalDiskBackend(root, 10 * FRAME)
+    root.rmdir()  # every write fails now (as on a full or vanished disk)
+    caplog.set_level(logging.DEBUG, logger="kvplane.engine.backends.disk")
+    assert not disk.put(make_key(1), make_chunk(1))
+    assert not disk.put(make_key(2), make_chunk(2))
+    assert disk.stats().write_errors == 2 and disk.keys() == []
+    root.mkdir()
+    assert disk.put(make_key(3), make_chunk(3))
+    assert same_kv(disk.get(make_key(3)), make_chunk(3))
+    levels = [(r.levelno, r.getMessage().split(":")[1].strip()) for r in caplog.records]
+    assert levels == [
+        (logging.WARNING, "writing " + make_key(1).to_str() + " failed"),
+        (logging.DEBUG, "writing " + make_key(2).to_str() + " failed"),
+        (logging.INFO, "writes succeed again"),
+    ]

@@ -9,6 +9,7 @@ is a cache miss, and the checksum catches a torn file after a crash.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "SUFFIX",
     "TEMP_PREFIX",
     "ChunkFile",
+    "WriteFailureLog",
     "chunk_path",
     "directory_from_url",
     "key_of",
@@ -40,6 +42,28 @@ class ChunkFile(NamedTuple):
     path: Path
     size: int
     mtime_ns: int
+
+
+class WriteFailureLog:
+    """Logs a tier's failed writes without flooding: the first of a run at WARNING, the
+    rest at DEBUG, and one INFO line when writes succeed again (a full disk fails every
+    write until space is freed; the tier counts each one)."""
+
+    def __init__(self, logger: logging.Logger, tier: str) -> None:
+        self._log = logger
+        self._tier = tier
+        self._failing = False  # a plain flag: a lost update costs one log line at most
+
+    def failed(self, key: CacheKey, exc: OSError) -> None:
+        level = logging.DEBUG if self._failing else logging.WARNING
+        more = "" if self._failing else " (more failures at DEBUG until a write succeeds)"
+        self._failing = True
+        self._log.log(level, "%s: writing %s failed: %s%s", self._tier, key.to_str(), exc, more)
+
+    def succeeded(self) -> None:
+        if self._failing:
+            self._failing = False
+            self._log.info("%s: writes succeed again", self._tier)
 
 
 def chunk_path(root: Path, key: CacheKey) -> Path:

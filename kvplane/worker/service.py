@@ -203,7 +203,6 @@ class ControllerWorker:
             log.warning("%s: storage events were lost; resyncing", self._who)
             self._resync_requested.set()
 
-
     # --- the control thread ------------------------------------------------------------------
 
     def _control_loop(self) -> None:

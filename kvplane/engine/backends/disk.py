@@ -57,6 +57,7 @@ class LocalDiskBackend(StorageBackend):
         self._evictions = 0
         self._corrupt = 0
         self._write_errors = 0
+        self._write_log = chunk_files.WriteFailureLog(log, "disk tier")
         chunk_files.remove_temp_files(self.root)
         for f in sorted(chunk_files.scan(self.root), key=lambda f: f.mtime_ns):
             self._index[f.key] = f.size
@@ -73,11 +74,12 @@ class LocalDiskBackend(StorageBackend):
     def put(self, key: CacheKey, chunk: KVChunk) -> bool:
         try:
             size = chunk_files.write_chunk_file(self.root, key, chunk)
-        except OSError as exc:
+        except OSError as exc:  # the disk is full, gone or read-only: refused and counted
             with self._lock:
                 self._write_errors += 1
-            log.warning("disk tier: writing %s failed: %s", key.to_str(), exc)
+            self._write_log.failed(key, exc)
             return False
+        self._write_log.succeeded()
         with self._lock:
             old = self._index.pop(key, None)
             if old is not None:

@@ -48,9 +48,12 @@ class FSConnectorBackend(StorageBackend):
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._corrupt = 0
+        self._write_errors = 0
+        self._write_log = chunk_files.WriteFailureLog(log, "fs tier")
 
     def counters(self) -> dict[str, float]:
-        return {"corrupt": float(self._corrupt)}
+        with self._lock:
+            return {"corrupt": float(self._corrupt), "write_errors": float(self._write_errors)}
 
     def contains(self, key: CacheKey) -> bool:
         return chunk_files.chunk_path(self.root, key).is_file()
@@ -58,9 +61,12 @@ class FSConnectorBackend(StorageBackend):
     def put(self, key: CacheKey, chunk: KVChunk) -> bool:
         try:
             chunk_files.write_chunk_file(self.root, key, chunk)
-        except OSError as exc:
-            log.warning("fs tier: writing %s failed: %s", key.to_str(), exc)
+        except OSError as exc:  # the directory is full, gone or read-only: refused, counted
+            with self._lock:
+                self._write_errors += 1
+            self._write_log.failed(key, exc)
             return False
+        self._write_log.succeeded()
         self._emit(ChunkAdmitted(key, self.name))
         return True
 

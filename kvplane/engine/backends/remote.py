@@ -204,15 +204,29 @@ class RemoteBackend(StorageBackend):
         try:
             result = fn()
         except (redis.RedisError, OSError) as exc:
+            before = self.breaker.state
             self.breaker.record_failure()
             with self._lock:
                 self._errors += 1
-            log.debug("remote tier call failed: %s", exc)
+            if before is BreakerState.CLOSED and self.breaker.state is BreakerState.OPEN:
+                # Once per outage; the failed probes that follow are only counted.
+                log.warning(
+                    "remote tier: %d calls in a row failed (last: %s); not calling the server, "
+                    "probing it every %.1fs",
+                    self.breaker.policy.failure_threshold,
+                    exc,
+                    self.breaker.policy.reset_after_s,
+                )
+            else:
+                log.debug("remote tier call failed: %s", exc)
             return fallback
         except BaseException:
             self.breaker.record_failure()  # never leave a half-open probe outstanding
             raise
+        recovered = self.breaker.state is not BreakerState.CLOSED
         self.breaker.record_success()
+        if recovered:
+            log.info("remote tier: the server answers again; breaker closed")
         return result
 
 
