@@ -33,7 +33,7 @@ from kvplane.engine.circuit_breaker import BreakerState
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.p2p import ChunkServer, P2PClient
 from kvplane.engine.storage_manager import StorageManager
-from kvplane.keys import CacheKey, chunk_hashes
+from kvplane.keys import chunk_hashes
 from tests.engine_support import SMALL_KV, EngineProc
 from tests.redis_support import RedisServer, needs_redis
 from tests.support import free_port, wait_until
