@@ -66,6 +66,11 @@ class EngineProc:
         wait_until(ready, timeout=timeout, what=f"engine {self.name} ready")
         return self
 
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM) without waiting: :meth:`stop` waits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)

@@ -39,6 +39,8 @@ from tests.redis_support import RedisServer, needs_redis
 from tests.support import free_port, wait_until
 from tests.tier_cases import make_key, same_kv
 
+pytestmark = pytest.mark.slow
+
 # --------------------------------------------------------------------------- disk full
 
 

@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from kvplane.keys import chunk_hashes
 from tests.controller_client import controller_args, wait_controller_up
 from tests.engine_support import SMALL_KV, EngineProc
 from tests.support import free_ports, kvplane_process, wait_until
+
+pytestmark = pytest.mark.slow
 
 HEARTBEAT = 2.0
 CHUNK = 16
@@ -187,4 +190,7 @@ def test_controller_killed_during_an_admit_burst_converges_after_restart(tmp_pat
         for engine in engines.values():
             assert worker_counter(engine, "registrations") == 2
             assert worker_counter(engine, "resyncs") == 1
-            engine.stop()  # while the controller runs: its deregistration is answered
+        for engine in engines.values():  # while the controller runs: deregistrations answered
+            engine.terminate()
+        for engine in engines.values():
+            engine.stop()
