@@ -206,7 +206,7 @@ def test_redis_killed_mid_store_keeps_every_acknowledged_chunk(tmp_path: Path) -
     stats = remote.stats()
     assert stats.breaker is BreakerState.OPEN and stats.times_opened >= 1
     assert stats.errors >= 3 and stats.dropped_puts == len(refused)
-    assert remote.get(items[0][0]) is None and remote.stats().skipped_gets >= 1
+    assert remote.get(items[0][0]) is None
 
     server.start()  # same port and directory: the server reloads what it acknowledged
     try:
