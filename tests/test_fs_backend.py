@@ -125,3 +125,19 @@ def test_load_from_config_file(tmp_path: Path) -> None:
     cfg.write_text("no_such_key: 1\n")
     with pytest.raises(BadRequest, match="no_such_key"):
         load_fs_chunks_from_config(cfg, sink)
+
+
+def test_failed_writes_are_refused_and_counted(tmp_path: Path) -> None:
+    root = tmp_path / "shared"
+    fs = FSConnectorBackend(root)
+    events: list[object] = []
+    fs.set_event_sink(events.append)
+    root.rmdir()  # every write fails now (as on a full or vanished filesystem)
+    assert not fs.put(make_key(1), make_chunk(1))
+    assert not fs.put(make_key(2), make_chunk(2))
+    assert fs.counters() == {"corrupt": 0.0, "write_errors": 2.0}
+    assert events == [] and not fs.contains(make_key(1))
+    root.mkdir()
+    assert fs.put(make_key(3), make_chunk(3))
+    assert same_kv(fs.get(make_key(3)), make_chunk(3))
+    assert fs.counters()["write_errors"] == 2.0
