@@ -1,7 +1,7 @@
 """The controller killed with SIGKILL during an admit burst from two engines, and restarted
-on the same ports: its lookups converge to what the engines really hold (each engine's own
-key list, ``GET /cache/keys``) within two heartbeat intervals of its restart, through one
-re-registration and resync per worker.
+on the same ports: its index (``POST /query_chunks``) converges to what the engines really
+hold (each engine's own key list, ``GET /cache/keys``) within two heartbeat intervals of its
+restart, through one re-registration and resync per worker, and its lookups agree.
 
 The heartbeat interval is 2 s, and each heartbeat waits as long for its reply, so a worker's
 heartbeat is always pending while the controller is down; the restarted controller answers
@@ -165,17 +165,22 @@ def test_controller_killed_during_an_admit_burst_converges_after_restart(tmp_pat
         held = {name: set(e.chunks()[CPU]) for name, e in engines.items()}
 
         def converged() -> bool:
-            text = client.get("/metrics").text
-            line = next(
-                x for x in text.splitlines() if x.startswith("kvplane_controller_index_chunks ")
-            )
-            return float(line.split()[1]) == sum(len(h) for h in held.values())
+            """The index credits each worker exactly its engine's chunks."""
+            for name, chunks in held.items():
+                resp = client.post("/query_chunks", json={"instance_id": name})
+                if resp.status_code == 404:  # not registered again yet
+                    return False
+                assert resp.status_code == 200, resp.text
+                credited = resp.json()["chunk_hashes"]["0"]
+                if {loc: hs for loc, hs in credited.items() if hs} != {CPU: sorted(chunks)}:
+                    return False
+            return True
 
-        wait_until(converged, timeout=60, interval=0.02, what="the index to hold every chunk")
+        wait_until(converged, timeout=60, interval=0.02, what="the index to equal the engines")
         took = time.monotonic() - up
         assert took < 2 * HEARTBEAT, f"converged {took:.2f}s after the restart"
 
-        # exactly what the engines hold, prompt by prompt (evicted ones included)
+        # and so do lookups, prompt by prompt (evicted ones included)
         for name, starts in burst.stored.items():
             assert len(held[name]) < 4 * len(starts)  # its CPU tier evicted
             for start in starts:
