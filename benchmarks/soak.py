@@ -16,9 +16,8 @@ or replaced by a restart under the same instance id before that). Meanwhile:
 * a sampler reads the RSS of the controller and the stable engines and the index size.
 
 At the end, with the load stopped and after a settle, the controller's index
-(``POST /query_chunks``) must equal each engine's own key list (read inside the engine
-through ``/run_script``, which the soak's engines enable on their Unix sockets) exactly,
-per tier; the churn engine must be gone from the controller. Checks: that audit, zero 5xx
+(``POST /query_chunks``) must equal each engine's own key list (``GET /cache/keys``)
+exactly, per tier; the churn engine must be gone from the controller. Checks: that audit, zero 5xx
 anywhere, no request timed out, every process alive, and RSS flat: the median of the last
 minute within 5% of the second minute's, for the controller (one incarnation after
 another: each restart resyncs the same load) and for each stable engine.
@@ -63,9 +62,6 @@ WORKER_TIMEOUT = 5.0  # the controller reaps a worker silent this long
 API_INDEX_PORT = 7000  # internal_api_server_port_start 6999 + index 1 (worker 0)
 FAMILIES = 64  # prompt families: tokens [f * 100_000, f * 100_000 + n) for n in LENGTHS
 LENGTHS = (128, 256, 512, 1024)
-KEYS_SCRIPT = """
-result = app.state.ctx.engine.storage.snapshot(lambda key: True)
-"""  # the engine's own key list per tier (the engines hold one model, one rank)
 
 
 def prompt(rng: random.Random) -> tuple[int, int]:
@@ -194,7 +190,6 @@ class Cluster:
             "lmcache_worker_ports": free_ports(1), "lmcache_worker_heartbeat_time": HEARTBEAT,
             "controller_timeout_s": 2.0, "internal_api_server_enabled": True,
             "internal_api_server_socket_path_prefix": str(prefix),
-            "internal_api_server_allow_run_script": True,
         }  # fmt: skip
         path = self.tmp / f"{name}.yaml"
         path.write_text(json.dumps(cfg))  # JSON is YAML
@@ -376,9 +371,9 @@ def sample(cluster: Cluster, engines: list[Engine], stats: Stats) -> None:
 
 
 def engine_keys(engine: Engine) -> dict[str, set[int]]:
-    resp = engine.api.post("/run_script", files={"script": ("keys.py", KEYS_SCRIPT.encode())})
+    resp = engine.api.get("/cache/keys")
     resp.raise_for_status()
-    return {loc: set(hs) for loc, hs in resp.json().items() if hs}
+    return {loc: set(hs) for loc, hs in resp.json()["chunk_hashes"].items() if hs}
 
 
 def index_keys(cluster: Cluster, name: str) -> dict[str, set[int]] | None:
