@@ -24,7 +24,14 @@ from pydantic import BaseModel
 from kvplane.errors import BadRequest, NotFound
 from kvplane.web.openapi import case_insensitive_pattern, error_responses
 
-__all__ = ["LEVELS", "ThreadInfo", "ThreadsResponse", "loglevel_router", "threads_router"]
+__all__ = [
+    "LEVELS",
+    "LEVEL_PATTERN",
+    "ThreadInfo",
+    "ThreadsResponse",
+    "loglevel_router",
+    "threads_router",
+]
 
 LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET")
 # What ``level`` accepts, in any letter case; the route checks it with this very pattern, so

@@ -80,7 +80,7 @@ def _changes_schema() -> dict[str, Any]:
     }
 
 
-_ANSWERS = {"$ref": "#/components/schemas/ConfUpdate"}
+_CONF_UPDATE_REF = {"$ref": "#/components/schemas/ConfUpdate"}
 
 
 @router.post(
@@ -91,7 +91,9 @@ _ANSWERS = {"$ref": "#/components/schemas/ConfUpdate"}
             "description": "some key refused (a ConfUpdate), or a body that is not a JSON object",
             "content": {
                 "application/json": {
-                    "schema": {"anyOf": [_ANSWERS, {"$ref": "#/components/schemas/ErrorBody"}]}
+                    "schema": {
+                        "anyOf": [_CONF_UPDATE_REF, {"$ref": "#/components/schemas/ErrorBody"}]
+                    }
                 }
             },
         }
