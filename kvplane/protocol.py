@@ -30,6 +30,7 @@ import numpy as np
 from kvplane.errors import BadRequest
 
 __all__ = [
+    "COMPRESSION_METHODS",
     "PROTOCOL_VERSION",
     "CheckFinishCommand",
     "ChunkReport",
@@ -183,6 +184,12 @@ class UnpinCommand(_Msg, tag="unpin", kw_only=True):
     event_id: str
     tokens: list[int]
     location: str | None = None
+
+
+COMPRESSION_METHODS = ("none", "zstd", "int8")
+"""The values of a compress/decompress command's ``method``: one codec each in
+:data:`kvplane.engine.compression.CODECS` (a test holds the two equal). Here, without torch,
+so that the controller's API can name them."""
 
 
 class CompressCommand(_Msg, tag="compress", kw_only=True):

@@ -6,7 +6,7 @@ import os
 import httpx
 
 from tests.api_client import short_tmpdir
-from tests.support import free_port, kvplane_process, wait_until
+from tests.support import consecutive_free_ports, kvplane_process, wait_until
 
 BASE = """
 chunk_size: 16
@@ -21,22 +21,8 @@ internal_api_server_include_index_list: [0, 1]
 """
 
 
-def _two_free_consecutive_ports() -> int:
-    import socket
-
-    for _ in range(50):
-        port = free_port()
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
-
-
 def test_engine_process_serves_both_roles_over_tcp(tmp_path):
-    port = _two_free_consecutive_ports()
+    port = consecutive_free_ports(2)
     cfg = tmp_path / "engine.yaml"
     cfg.write_text(BASE + f"internal_api_server_port_start: {port}\n")
     with (

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from kvplane.engine.chunk import KVChunk
 from kvplane.engine.compression import CODECS, compress, decompress, get_codec, saved_bytes
 from kvplane.errors import BadRequest, CorruptChunk
+from kvplane.protocol import COMPRESSION_METHODS
 
 shapes = st.one_of(
     st.tuples(
@@ -92,6 +93,11 @@ def test_unknown_method_lists_valid_ones() -> None:
     with pytest.raises(BadRequest, match=r"valid methods: \['int8', 'none', 'zstd'\]"):
         get_codec("lz4")
     assert set(CODECS) == {"none", "zstd", "int8"}
+
+
+def test_the_controller_names_the_methods_the_engine_has() -> None:
+    """The controller's API offers protocol.COMPRESSION_METHODS (it cannot import torch)."""
+    assert sorted(COMPRESSION_METHODS) == sorted(CODECS)
 
 
 def test_non_finite_kv_is_refused_by_int8() -> None:

@@ -1,5 +1,7 @@
 """The /lookup body parser: the fast path answers exactly what msgspec's checked decode
-of ``{"tokens": list[int in [0, 2**31 - 1]]}`` answers, token ids and error messages alike."""
+of ``{"tokens": list[int in [0, 2**31 - 1]]}`` answers, token ids and error messages alike;
+beyond it, integral floats are ids too (JSON Schema's ``integer``, which the OpenAPI document
+promises)."""
 
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ def test_any_json_document(value: Any) -> None:
         b"{",
         b"[1, 2]",
         b'{"tokens": [1, 2], "extra": 3}',
-        b'{"tokens": [1.0, 2]}',
+        b'{"tokens": [1.5, 2]}',
         b'{"tokens": [true]}',
         b'{"tokens": [01]}',
         b'{"tokens": [1,]}',
@@ -141,3 +143,10 @@ def test_threads_parse_at_once() -> None:
 def test_a_prompt_of_8k_tokens() -> None:
     tokens = np.random.default_rng(3).integers(0, 128_000, 8192).tolist()
     assert parse_tokens(json.dumps({"tokens": tokens}).encode()).tolist() == tokens
+
+
+def test_integral_floats_are_token_ids_and_other_floats_are_refused() -> None:
+    assert parse_tokens(b'{"tokens": [1.0, 2, 3e2]}').tolist() == [1, 2, 300]
+    for body in (b'{"tokens": [1.5]}', b'{"tokens": [-1.0]}', b'{"tokens": [2147483648.0]}'):
+        with pytest.raises(BadRequest, match=r"tokens\[0\]"):
+            parse_tokens(body)

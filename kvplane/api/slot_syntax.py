@@ -2,7 +2,8 @@
 
 ``"1,2,3,[9,12],17"`` lists slots 1, 2, 3, 9, 10, 11, 12 and 17: items are separated by
 commas, an item is a slot index or an inclusive range ``[a,b]`` with ``a <= b``; spaces
-around items are allowed. :func:`to_ranges` turns a slot list back into the inclusive runs
+around items are allowed (spaces only: :data:`SLOT_MAPPING_PATTERN` is the whole syntax, the
+one the OpenAPI document gives). :func:`to_ranges` turns a slot list back into the inclusive runs
 the response reports as ``slot_mapping_ranges``.
 """
 
@@ -13,9 +14,13 @@ from collections.abc import Sequence
 
 from kvplane.errors import BadRequest
 
-__all__ = ["format_ranges", "parse_slot_mapping", "to_ranges"]
+__all__ = ["SLOT_MAPPING_PATTERN", "format_ranges", "parse_slot_mapping", "to_ranges"]
 
-_ITEM = re.compile(r"\s*(?:\[\s*(\d+)\s*,\s*(\d+)\s*\]|(\d+))\s*")
+_N, _S = "[0-9]+", "[ ]*"  # ASCII digits and spaces: what ECMA and Python regexes agree on
+_ITEM = re.compile(rf"{_S}(?:\[{_S}({_N}){_S},{_S}({_N}){_S}\]|({_N})){_S}")
+_ANY_ITEM = rf"{_S}(?:\[{_S}{_N}{_S},{_S}{_N}{_S}\]|{_N}){_S}"
+SLOT_MAPPING_PATTERN = f"^{_ANY_ITEM}(?:,{_ANY_ITEM})*$"
+"""The slot-mapping syntax as one regex (ECMA and Python alike, ASCII only)."""
 
 
 def parse_slot_mapping(text: str, *, limit: int | None = None) -> list[int]:

@@ -27,8 +27,10 @@ def add_switch_routes(
     label: str,
     read: Callable[[ApiContext], bool],
     write: Callable[[ApiContext, bool], None],
+    responses: dict[int | str, dict[str, Any]] | None = None,
 ) -> None:
-    """Add the three routes of one switch to ``router``."""
+    """Add the three routes of one switch to ``router``; ``responses``: the error answers
+    ``read`` and ``write`` may give, for the OpenAPI document."""
 
     def answer(value: bool, message: str) -> dict[str, Any]:
         return success(**{field: value}, message=message)
@@ -36,17 +38,17 @@ def add_switch_routes(
     def state(value: bool) -> str:
         return "enabled" if value else "disabled"
 
-    @router.put(f"{prefix}/enable", name=f"{field}_enable")
+    @router.put(f"{prefix}/enable", name=f"{field}_enable", responses=responses)
     def enable(ctx: Ctx) -> dict[str, Any]:
         write(ctx, True)
         return answer(True, f"{label} enabled successfully")
 
-    @router.put(f"{prefix}/disable", name=f"{field}_disable")
+    @router.put(f"{prefix}/disable", name=f"{field}_disable", responses=responses)
     def disable(ctx: Ctx) -> dict[str, Any]:
         write(ctx, False)
         return answer(False, f"{label} disabled successfully")
 
-    @router.get(f"{prefix}/status", name=f"{field}_status")
+    @router.get(f"{prefix}/status", name=f"{field}_status", responses=responses)
     def status(ctx: Ctx) -> dict[str, Any]:
         value = read(ctx)
         return answer(value, f"{label} is {state(value)}")

@@ -38,11 +38,31 @@ LookupAnswer = Callable[[bytes], tuple[int, bytes]]
 """A /lookup body -> (HTTP status, JSON response body); errors are answered, not raised."""
 
 
+_TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
+
+
 class _Body(msgspec.Struct):
-    tokens: list[Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]]
+    tokens: list[_TokenId]
+
+
+class _Numbers(msgspec.Struct):
+    tokens: list[_TokenId | float]
 
 
 _decode_checked = msgspec.json.Decoder(_Body).decode
+_decode_numbers = msgspec.json.Decoder(_Numbers).decode
+
+
+def _integral(body: bytes) -> list[int] | None:
+    """The ids of a body whose floats are all integral ids (``1.0``: an ``integer`` to JSON
+    Schema, as the OpenAPI document says); None for any other body."""
+    try:
+        numbers = _decode_numbers(body).tokens
+    except msgspec.MsgspecError:
+        return None
+    if all(isinstance(n, int) or (n.is_integer() and 0 <= n <= MAX_TOKEN_ID) for n in numbers):
+        return [int(n) for n in numbers]
+    return None
 
 
 class TokenParser:
@@ -59,9 +79,11 @@ class TokenParser:
         if fast is not None:
             return fast
         try:
-            tokens = _decode_checked(body).tokens
+            tokens: list[int] | None = _decode_checked(body).tokens
         except msgspec.MsgspecError as exc:
-            raise BadRequest(f"body: {exc}") from None
+            tokens = _integral(body)
+            if tokens is None:
+                raise BadRequest(f"body: {exc}") from None
         return np.asarray(tokens, dtype="<i4")
 
     def _parse_plain(self, body: bytes) -> np.ndarray | None:

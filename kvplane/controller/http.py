@@ -6,29 +6,52 @@ the body every kvplane API uses (:mod:`kvplane.web.errors`).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, StrictBool
 
+import kvplane
 from kvplane.controller.cluster import Cluster
+from kvplane.controller.executor import EventStatus
 from kvplane.controller.fast_lookup import LookupAnswer, LookupRoute, TokenParser
 from kvplane.controller.ops_api import build_ops_router
 from kvplane.controller.settings import ControllerConfig
-from kvplane.errors import BadRequest, KvplaneError
-from kvplane.keys import TOKEN_ID_RANGE, to_token_array
+from kvplane.errors import KvplaneError
+from kvplane.keys import MAX_TOKEN_ID, TOKEN_ID_RANGE
+from kvplane.protocol import COMPRESSION_METHODS
 from kvplane.web.errors import error_body, install_error_handlers
+from kvplane.web.openapi import JSON_INTEGER, JsonInt, OneOf, error_responses, install_openapi, pair
 
 __all__ = ["create_app"]
 
 
 # --- models --------------------------------------------------------------------------------
 
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), JSON_INTEGER]
+Tokens = Annotated[list[TokenId], Field(description=f"token ids, each in {TOKEN_ID_RANGE}")]
+Method = Annotated[str, OneOf(COMPRESSION_METHODS)]
+
+_STR = {"type": "string"}
+Position = Annotated[
+    tuple[str, str],
+    pair(_STR, _STR, "[instance_id, location]"),
+    Field(examples=[["inst-a", "LocalCPUBackend"]]),
+]
+Placement = Annotated[
+    tuple[str, int],
+    pair(
+        _STR,
+        {"type": "integer", "minimum": 0},
+        "[location, matched_prefix_len]: the tier holding the prefix, then its length in tokens",
+    ),
+]
+
 
 class LookupRequest(BaseModel):
-    tokens: list[int] = Field(description=f"token ids, each in {TOKEN_ID_RANGE}")
+    tokens: Tokens = Field(examples=[[1, 2, 3, 4]])
 
 
 _encoder = msgspec.json.Encoder()
@@ -36,34 +59,34 @@ _encoder = msgspec.json.Encoder()
 
 class LookupResponse(BaseModel):
     event_id: str
-    layout_info: dict[str, tuple[str, int]] = Field(
+    layout_info: dict[str, Placement] = Field(
         description="instance_id -> [location, matched_prefix_len in tokens]"
     )
 
 
 class ClearRequest(BaseModel):
-    instance_id: str
+    instance_id: str = Field(examples=["inst-a"])
     location: str | None = Field(None, description="a tier name; null clears every tier")
 
 
 class PinRequest(BaseModel):
-    instance_id: str
+    instance_id: str = Field(examples=["inst-a"])
     location: str | None = None
-    tokens: list[int]
+    tokens: Tokens
 
 
 class CompressRequest(BaseModel):
-    instance_id: str
-    method: str
-    location: str
-    tokens: list[int] | None = None
+    instance_id: str = Field(examples=["inst-a"])
+    method: Method
+    location: str = Field(examples=["LocalCPUBackend"])
+    tokens: Tokens | None = None
 
 
 class MoveRequest(BaseModel):
-    old_position: tuple[str, str] = Field(description="[instance_id, location]")
-    new_position: tuple[str, str] = Field(description="[instance_id, location]")
-    tokens: list[int] | None = None
-    should_copy: bool = Field(
+    old_position: Position
+    new_position: Position
+    tokens: Tokens | None = None
+    should_copy: StrictBool = Field(
         False,
         validation_alias=AliasChoices("should_copy", "copy"),
         description="keep the source copy (false: the source copy is removed)",
@@ -76,7 +99,7 @@ class NumTokensResponse(BaseModel):
 
 
 class HealthRequest(BaseModel):
-    instance_id: str
+    instance_id: str = Field(examples=["inst-a"])
 
 
 class HealthResponse(BaseModel):
@@ -89,12 +112,12 @@ class CheckFinishRequest(BaseModel):
 
 
 class CheckFinishResponse(BaseModel):
-    status: str
+    status: EventStatus
 
 
 class QueryWorkerInfoRequest(BaseModel):
-    instance_id: str
-    worker_ids: list[int] | None = None
+    instance_id: str = Field(examples=["inst-a"])
+    worker_ids: list[JsonInt] | None = None
 
 
 class WorkerInfo(BaseModel):
@@ -113,8 +136,8 @@ class QueryWorkerInfoResponse(BaseModel):
 
 
 class QueryChunksRequest(BaseModel):
-    instance_id: str
-    worker_ids: list[int] | None = None
+    instance_id: str = Field(examples=["inst-a"])
+    worker_ids: list[JsonInt] | None = None
 
 
 class QueryChunksResponse(BaseModel):
@@ -126,7 +149,7 @@ class QueryChunksResponse(BaseModel):
 
 
 class QueryInstanceRequest(BaseModel):
-    ip: str
+    ip: str = Field(examples=["127.0.0.1"])
     event_id: str | None = Field(None, description="accepted for old clients and ignored")
 
 
@@ -136,16 +159,6 @@ class QueryInstanceResponse(BaseModel):
 
 
 # --- routes --------------------------------------------------------------------------------
-
-
-def _check_tokens(tokens: list[int] | None) -> list[int] | None:
-    """``tokens`` if every id is in the one token-id range; BadRequest naming them else."""
-    if tokens:
-        try:
-            to_token_array(tokens)
-        except ValueError as exc:
-            raise BadRequest(f"tokens: {exc}") from None
-    return tokens
 
 
 def build_lookup(cluster: Cluster, latency: Any) -> LookupAnswer:
@@ -169,12 +182,28 @@ def build_lookup(cluster: Cluster, latency: Any) -> LookupAnswer:
     return answer
 
 
+def _check_finish_link(kind: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI link from an operation's answer to ``/check_finish`` of its event."""
+    link = {
+        "operationId": "check_finish",
+        "requestBody": {"event_id": "$response.body#/event_id"},
+        "description": f"the state of this {kind}",
+    }
+    return {200: {"description": "Successful Response", "links": {"CheckFinish": link}}}
+
+
+# Commands fan out to an instance's workers: unknown instance 404, a worker's refusal of a
+# value (an unknown tier) 400, all workers unable 501, failed or silent ones 503.
+_COMMAND_ERRORS = error_responses(400, 404, 501, 503)
+
+
 def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRouter:
     router = APIRouter(tags=["cluster"])
 
     @router.post(
         "/lookup",
         response_model=LookupResponse,
+        responses=error_responses(400),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -186,50 +215,86 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
         status, payload = lookup_answer(await request.body())
         return Response(payload, status_code=status, media_type="application/json")
 
-    @router.post("/clear", response_model=NumTokensResponse)
+    @router.post(
+        "/clear",
+        response_model=NumTokensResponse,
+        responses={**_COMMAND_ERRORS, **_check_finish_link("clear")},
+    )
     def clear(body: ClearRequest) -> NumTokensResponse:
         return NumTokensResponse(**cluster.clear(body.instance_id, body.location)._asdict())
 
-    @router.post("/pin", response_model=NumTokensResponse)
+    @router.post(
+        "/pin",
+        response_model=NumTokensResponse,
+        responses={**_COMMAND_ERRORS, **_check_finish_link("pin")},
+    )
     def pin(body: PinRequest) -> NumTokensResponse:
-        done = cluster.pin(body.instance_id, body.location, _check_tokens(body.tokens) or [])
+        done = cluster.pin(body.instance_id, body.location, body.tokens)
         return NumTokensResponse(**done._asdict())
 
-    @router.post("/compress", response_model=NumTokensResponse)
+    @router.post(
+        "/compress",
+        response_model=NumTokensResponse,
+        responses={**_COMMAND_ERRORS, **_check_finish_link("compression")},
+    )
     def compress(body: CompressRequest) -> NumTokensResponse:
-        done = cluster.compress(
-            body.instance_id, body.method, body.location, _check_tokens(body.tokens)
-        )
+        done = cluster.compress(body.instance_id, body.method, body.location, body.tokens)
         return NumTokensResponse(**done._asdict())
 
-    @router.post("/decompress", response_model=NumTokensResponse)
+    @router.post(
+        "/decompress",
+        response_model=NumTokensResponse,
+        responses={**_COMMAND_ERRORS, **_check_finish_link("decompression")},
+    )
     def decompress(body: CompressRequest) -> NumTokensResponse:
         done = cluster.compress(
-            body.instance_id,
-            body.method,
-            body.location,
-            _check_tokens(body.tokens),
-            decompress=True,
+            body.instance_id, body.method, body.location, body.tokens, decompress=True
         )
         return NumTokensResponse(**done._asdict())
 
-    @router.post("/move", response_model=NumTokensResponse)
+    @router.post(
+        "/move",
+        response_model=NumTokensResponse,
+        responses={**_COMMAND_ERRORS, **_check_finish_link("move")},
+    )
     def move(body: MoveRequest) -> NumTokensResponse:
-        done = cluster.move(
-            body.old_position, body.new_position, _check_tokens(body.tokens), body.should_copy
-        )
+        done = cluster.move(body.old_position, body.new_position, body.tokens, body.should_copy)
         return NumTokensResponse(**done._asdict())
 
-    @router.post("/health", response_model=HealthResponse)
+    @router.post(
+        "/health",
+        response_model=HealthResponse,
+        responses={**error_responses(400, 404), **_check_finish_link("health check")},
+    )
     def health(body: HealthRequest) -> HealthResponse:
         event_id, codes = cluster.health(body.instance_id)
         return HealthResponse(event_id=event_id, error_codes=codes)
 
-    @router.post("/check_finish", response_model=CheckFinishResponse)
+    @router.post(
+        "/check_finish", response_model=CheckFinishResponse, responses=error_responses(400)
+    )
     def check_finish(body: CheckFinishRequest) -> CheckFinishResponse:
-        return CheckFinishResponse(status=cluster.check_finish(body.event_id).value)
+        return CheckFinishResponse(status=cluster.check_finish(body.event_id))
 
-    @router.post("/query_worker_info", response_model=QueryWorkerInfoResponse)
+    worker_links = {
+        "Health": {
+            "operationId": "health",
+            "requestBody": {"instance_id": "$response.body#/worker_infos/0/instance_id"},
+        },
+        "QueryInstance": {
+            "operationId": "query_instance",
+            "requestBody": {"ip": "$response.body#/worker_infos/0/ip"},
+        },
+    }
+
+    @router.post(
+        "/query_worker_info",
+        response_model=QueryWorkerInfoResponse,
+        responses={
+            **error_responses(400, 404),
+            200: {"description": "Successful Response", "links": worker_links},
+        },
+    )
     def query_worker_info(body: QueryWorkerInfoRequest) -> QueryWorkerInfoResponse:
         workers = cluster.workers(body.instance_id, body.worker_ids)
         infos = [
@@ -247,7 +312,11 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
         event_id = cluster.events.start("query_worker_info", finished=True)
         return QueryWorkerInfoResponse(event_id=event_id, worker_infos=infos)
 
-    @router.post("/query_chunks", response_model=QueryChunksResponse)
+    @router.post(
+        "/query_chunks",
+        response_model=QueryChunksResponse,
+        responses=error_responses(400, 404),
+    )
     def query_chunks(body: QueryChunksRequest) -> QueryChunksResponse:
         """The index's chunk hashes per worker and tier, to audit it against the engines'
         own key lists (benchmarks/soak.py does); the copy is O(chunks held)."""
@@ -255,7 +324,11 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
         event_id = cluster.events.start("query_chunks", finished=True)
         return QueryChunksResponse(event_id=event_id, chunk_hashes=found)
 
-    @router.post("/query_instance", response_model=QueryInstanceResponse)
+    @router.post(
+        "/query_instance",
+        response_model=QueryInstanceResponse,
+        responses=error_responses(400, 404),
+    )
     def query_instance(body: QueryInstanceRequest) -> QueryInstanceResponse:
         instance_id = cluster.instance_by_ip(body.ip)
         event_id = cluster.events.start("query_instance", finished=True)
@@ -272,6 +345,8 @@ def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
     app = FastAPI(
         title="kvplane controller",
         description="KV-aware routing lookups and cluster operations over kvplane workers.",
+        version=kvplane.__version__,
+        generate_unique_id_function=lambda route: route.name,
     )
     ops_router, latency = build_ops_router(cluster, settings)
     lookup_answer = build_lookup(cluster, latency)
@@ -279,4 +354,5 @@ def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
     app.include_router(ops_router)
     app.add_middleware(LookupRoute, answer=lookup_answer)
     install_error_handlers(app, "controller")
+    install_openapi(app)
     return app

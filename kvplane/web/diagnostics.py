@@ -11,20 +11,32 @@ one). Setting mutates the process although the seed uses GET, so a server may gu
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from kvplane.errors import BadRequest, NotFound
+from kvplane.web.openapi import case_insensitive_pattern, error_responses
 
-__all__ = ["LEVELS", "ThreadInfo", "ThreadsResponse", "loglevel_router", "threads_router"]
+__all__ = [
+    "LEVELS",
+    "LEVEL_PATTERN",
+    "ThreadInfo",
+    "ThreadsResponse",
+    "loglevel_router",
+    "threads_router",
+]
 
 LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET")
+# What ``level`` accepts, in any letter case; the route checks it with this very pattern, so
+# the OpenAPI document and the server agree on every string.
+LEVEL_PATTERN = case_insensitive_pattern(LEVELS)
 
 
 class ThreadInfo(BaseModel):
@@ -88,23 +100,34 @@ def loglevel_router(guard: Callable[[Request], None] | None = None) -> APIRouter
     """``guard(request)`` runs before a level is set and raises to refuse it (the internal
     API's bearer token); None: anyone may set levels."""
     router = APIRouter()
+    codes = (400, 401, 404) if guard is not None else (400, 404)
 
-    @router.get("/loglevel")
+    @router.get("/loglevel", responses=error_responses(*codes))
     def loglevel(
-        request: Request, logger_name: str | None = None, level: str | None = None
+        request: Request,
+        logger_name: Annotated[
+            str | None, Query(description="a logger's name; 'root' for the root logger")
+        ] = None,
+        level: Annotated[
+            str | None,
+            Query(
+                description=f"set this level (needs logger_name): one of {list(LEVELS)}, any case",
+                json_schema_extra={"pattern": LEVEL_PATTERN},
+            ),
+        ] = None,
     ) -> dict[str, Any]:
         if level is not None:
             if guard is not None:
                 guard(request)
+            if re.fullmatch(LEVEL_PATTERN, level) is None:
+                raise BadRequest(
+                    f"Unknown level {level!r}; valid: {list(LEVELS)}", title="Bad level"
+                )
             if not logger_name:  # logging.getLogger("") would be the root logger in disguise
                 raise BadRequest(
                     "Setting a level needs logger_name (use 'root' for the root logger)"
                 )
-            wanted = level.strip().upper()
-            if wanted not in LEVELS:
-                raise BadRequest(
-                    f"Unknown level {level!r}; valid: {list(LEVELS)}", title="Bad level"
-                )
+            wanted = level.upper()
             logger = logging.getLogger(None if logger_name == "root" else logger_name)
             logger.setLevel(wanted)
             return {"status": "success", **_describe(logger_name, logger)}

@@ -16,10 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from kvplane.errors import KvplaneError, Unauthorized
 
-__all__ = ["error_body", "install_error_handlers", "validation_message"]
+__all__ = ["allowed_methods", "error_body", "install_error_handlers", "validation_message"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,17 @@ def validation_message(exc: RequestValidationError) -> str:
     return problems or "invalid request"
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves on the request's path. Starlette's 405 names
+    only the first route that matched the path, so ``GET /conf`` hid ``POST /conf``."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI, what: str) -> None:
     """Map exceptions to the error body on ``app``; ``what`` names the API in the log line
     of an unexpected failure ("internal API", "controller")."""
@@ -54,10 +66,13 @@ def install_error_handlers(app: FastAPI, what: str) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return JSONResponse(
             {"error": exc.detail, "message": f"{request.method} {request.url.path}: {exc.detail}"},
             status_code=exc.status_code,
-            headers=exc.headers,
+            headers=headers,
         )
 
     @app.exception_handler(Exception)

@@ -6,23 +6,35 @@ subscribers (tier capacity, loggers, chunk statistics)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from kvplane.api.deps import Config, ConfigStoreDep
+from kvplane.config import key_specs
 from kvplane.errors import BadRequest
+from kvplane.web.openapi import NAMES, error_responses
 
-__all__ = ["router", "split_names"]
+__all__ = ["ConfUpdate", "names_query", "router", "split_names"]
 
 router = APIRouter()
 
 
 def split_names(names: str) -> list[str]:
-    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
-    return [n.strip() for n in names.split(",") if n.strip()]
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (spaces around a name are dropped, nothing else:
+    :func:`kvplane.api.openapi.names_pattern` documents exactly this)."""
+    return [n.strip(" ") for n in names.split(",") if n.strip(" ")]
+
+
+def names_query(what: str) -> Any:
+    """The ``names`` query parameter: comma-separated names of this process's ``what``."""
+    return Query(
+        description=f"comma-separated {what} names (default: all)",
+        json_schema_extra={NAMES: what},
+    )
 
 
 def select(values: dict[str, Any], names: str | None, what: str) -> dict[str, Any]:
@@ -38,12 +50,61 @@ def select(values: dict[str, Any], names: str | None, what: str) -> dict[str, An
     return {n: values[n] for n in wanted}
 
 
-@router.get("/conf")
-def get_conf(config: Config, names: str | None = None) -> dict[str, Any]:
+@router.get("/conf", responses=error_responses(400))
+def get_conf(
+    config: Config, names: Annotated[str | None, names_query("config")] = None
+) -> dict[str, Any]:
     return select(config.to_dict(), names, "config")
 
 
-@router.post("/conf")
+class ConfUpdate(BaseModel):
+    """The answer of ``POST /conf``, 200 or (any key refused) 400."""
+
+    updated: dict[str, Any] = Field(description="accepted keys and their new values")
+    errors: dict[str, str] = Field(default_factory=dict, description="refused keys and why")
+
+
+def _changes_schema() -> dict[str, Any]:
+    """The body: runtime-mutable keys of the config table, each value parsed by its key's
+    rule (the description); any other name is refused as "Unknown config" or "Config is not
+    mutable at runtime"."""
+    mutable = [spec for spec in key_specs() if spec.mutable]
+    return {
+        "type": "object",
+        "description": "config names to new values (runtime-mutable keys only)",
+        "properties": {
+            spec.name: {"description": f"{spec.kind.name}: {spec.help}"} for spec in mutable
+        },
+        "additionalProperties": False,
+        "examples": [{"min_retrieve_tokens": 32}],
+    }
+
+
+_CONF_UPDATE_REF = {"$ref": "#/components/schemas/ConfUpdate"}
+
+
+@router.post(
+    "/conf",
+    response_model=ConfUpdate,
+    responses={
+        400: {
+            "description": "some key refused (a ConfUpdate), or a body that is not a JSON object",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "anyOf": [_CONF_UPDATE_REF, {"$ref": "#/components/schemas/ErrorBody"}]
+                    }
+                }
+            },
+        }
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _changes_schema()}},
+        }
+    },
+)
 async def post_conf(request: Request, store: ConfigStoreDep) -> JSONResponse:
     """Each key is applied or refused alone; any refusal makes the answer a 400."""
     try:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 
-from kvplane.api.common.conf_api import select
+from kvplane.api.common.conf_api import names_query, select
 from kvplane.api.context import ApiContext
 from kvplane.api.deps import Ctx
 from kvplane.engine.engine import engine_metadata
+from kvplane.web.openapi import error_responses
 
 __all__ = ["router", "server_metadata"]
 
@@ -26,6 +27,8 @@ def server_metadata(ctx: ApiContext) -> dict[str, Any]:
     return {**meta, "role": ctx.role, "index": ctx.index, "has_engine": ctx.engine is not None}
 
 
-@router.get("/meta")
-def get_meta(ctx: Ctx, names: str | None = None) -> dict[str, Any]:
+@router.get("/meta", responses=error_responses(400))
+def get_meta(
+    ctx: Ctx, names: Annotated[str | None, names_query("metadata")] = None
+) -> dict[str, Any]:
     return select(server_metadata(ctx), names, "metadata")

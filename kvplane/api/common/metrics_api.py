@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from kvplane.api.deps import Ctx
@@ -12,7 +13,7 @@ __all__ = ["router"]
 router = APIRouter()
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 def metrics(ctx: Ctx) -> Response:
     registry = ctx.engine.metrics.registry if ctx.engine is not None else CollectorRegistry()
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kvplane.api.deps import Config
 from kvplane.errors import BadRequest, Forbidden
+from kvplane.web.openapi import error_responses
 
 __all__ = ["router", "run_script_source"]
 
@@ -35,7 +36,7 @@ def run_script_source(source: str, filename: str, scope: dict[str, Any]) -> Any:
     return namespace.get("result")
 
 
-@router.post("/run_script")
+@router.post("/run_script", responses=error_responses(400, 403))
 async def run_script(request: Request, config: Config, script: UploadFile) -> JSONResponse:
     if not config.internal_api_server_allow_run_script:
         raise Forbidden(

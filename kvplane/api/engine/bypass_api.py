@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from kvplane.api.deps import Storage
 from kvplane.api.responses import Success
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import BadRequest
+from kvplane.web.openapi import CHOICES, error_responses
 
 __all__ = ["BypassChange", "BypassList", "router"]
 
@@ -41,8 +44,13 @@ def bypass_list(storage: Storage) -> BypassList:
     return BypassList(bypassed_backends=storage.bypassed, all_backends=list(storage.backends))
 
 
-@router.put("/bypass/add", response_model_exclude_none=True)
-def bypass_add(storage: Storage, backend_name: str) -> BypassChange:
+BackendName = Annotated[
+    str, Query(description="one of this engine's tiers", json_schema_extra={CHOICES: "backends"})
+]
+
+
+@router.put("/bypass/add", response_model_exclude_none=True, responses=error_responses(400))
+def bypass_add(storage: Storage, backend_name: BackendName) -> BypassChange:
     check_backend(storage, backend_name)
     was = storage.bypass(backend_name)
     return BypassChange(
@@ -53,8 +61,8 @@ def bypass_add(storage: Storage, backend_name: str) -> BypassChange:
     )
 
 
-@router.put("/bypass/remove", response_model_exclude_none=True)
-def bypass_remove(storage: Storage, backend_name: str) -> BypassChange:
+@router.put("/bypass/remove", response_model_exclude_none=True, responses=error_responses(400))
+def bypass_remove(storage: Storage, backend_name: BackendName) -> BypassChange:
     check_backend(storage, backend_name)
     was = storage.unbypass(backend_name)
     return BypassChange(

@@ -9,6 +9,7 @@ by default slots 0..n-1.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import torch
@@ -18,9 +19,10 @@ from kvplane.api.context import ApiContext
 from kvplane.api.deps import Ctx, EngineDep, Storage, engine_of
 from kvplane.api.engine.bypass_api import check_backend
 from kvplane.api.responses import Success
-from kvplane.api.slot_syntax import parse_slot_mapping
+from kvplane.api.slot_syntax import SLOT_MAPPING_PATTERN, parse_slot_mapping
 from kvplane.errors import BadRequest
-from kvplane.keys import MAX_TOKEN_ID, to_token_array
+from kvplane.keys import MAX_TOKEN_ID, TOKEN_ID_RANGE
+from kvplane.web.openapi import CHOICES, error_responses
 
 __all__ = [
     "ClearResponse",
@@ -49,6 +51,13 @@ class RetrieveResponse(Success):
     num_retrieved: int  # leading tokens loaded into the KV caches
 
 
+_ID = "[ ]*[0-9]+[ ]*"
+TOKENS_MOCK_PATTERN = f"^{_ID},{_ID}$"
+TOKENS_INPUT_PATTERN = f"^{_ID}(?:,{_ID})*$"
+"""What ``tokens_mock`` and ``tokens_input`` look like; the parser checks these very patterns,
+so the OpenAPI document and the server agree on every string."""
+
+
 def parse_tokens(
     tokens_mock: str | None, tokens_input: str | None, *, limit: int | None = None
 ) -> list[int]:
@@ -59,13 +68,11 @@ def parse_tokens(
             "Must specify either tokens_input or tokens_mock", title="Missing parameters"
         )
     if tokens_mock is not None:
-        parts = tokens_mock.split(",")
-        try:
-            start, end = (int(p) for p in parts)
-        except ValueError:
+        if re.fullmatch(TOKENS_MOCK_PATTERN, tokens_mock) is None:
             raise BadRequest(
                 f"tokens_mock must be two comma-separated integers 'start,end', got {tokens_mock!r}"
-            ) from None
+            )
+        start, end = (int(p) for p in tokens_mock.split(","))
         if not 0 <= start < end <= MAX_TOKEN_ID + 1:
             raise BadRequest(
                 f"tokens_mock needs 0 <= start < end <= {MAX_TOKEN_ID + 1}, got {tokens_mock!r}"
@@ -73,16 +80,15 @@ def parse_tokens(
         _check_count(end - start, limit)
         return list(range(start, end))
     text = tokens_input or ""
-    try:
-        tokens = [int(t) for t in text.split(",")]
-    except ValueError:
+    if re.fullmatch(TOKENS_INPUT_PATTERN, text) is None:
         raise BadRequest(
-            f"tokens_input must be comma-separated integers, got {tokens_input!r}"
-        ) from None
-    try:
-        to_token_array(tokens)
-    except ValueError as exc:
-        raise BadRequest(f"tokens_input: {exc}") from None
+            f"tokens_input must be comma-separated token ids in {TOKEN_ID_RANGE}, "
+            f"got {tokens_input!r}"
+        )
+    tokens = [int(t) for t in text.split(",")]
+    beyond = next((t for t in tokens if t > MAX_TOKEN_ID), None)
+    if beyond is not None:  # before numpy, which would take it for a float
+        raise BadRequest(f"tokens_input: token ids must be in {TOKEN_ID_RANGE}, got {beyond}")
     _check_count(len(tokens), limit)
     return tokens
 
@@ -105,14 +111,41 @@ def slots_for(ctx: ApiContext, slot_mapping: str | None, num_tokens: int) -> tor
     return torch.tensor(slots, dtype=torch.long)
 
 
-TokensMock = Annotated[str | None, Query(description='"start,end": tokens start..end-1')]
-TokensInput = Annotated[str | None, Query(description="comma-separated token ids")]
-SlotMapping = Annotated[str | None, Query(description='e.g. "0,1,[8,15]" (default 0..n-1)')]
+TokensMock = Annotated[
+    str | None,
+    Query(
+        description='"start,end": tokens start..end-1 (either this or tokens_input)',
+        json_schema_extra={"pattern": TOKENS_MOCK_PATTERN},
+        examples=["0,32"],
+    ),
+]
+TokensInput = Annotated[
+    str | None,
+    Query(
+        description=f"comma-separated token ids in {TOKEN_ID_RANGE} (either this or tokens_mock)",
+        json_schema_extra={"pattern": TOKENS_INPUT_PATTERN},
+    ),
+]
+SlotMapping = Annotated[
+    str | None,
+    Query(
+        description='e.g. "0,1,[8,15]": one slot per token (default 0..n-1)',
+        json_schema_extra={"pattern": SLOT_MAPPING_PATTERN},
+    ),
+]
 
 
-@router.delete("/cache/clear")
+# A store or retrieve the engine cannot do: tokens or slots it has no room for, a frozen engine.
+_RUN_ERRORS = error_responses(400, 409)
+
+
+@router.delete("/cache/clear", responses=error_responses(400, 409))
 def clear(
-    storage: Storage, locations: Annotated[list[str] | None, Query()] = None
+    storage: Storage,
+    locations: Annotated[
+        list[str] | None,
+        Query(description="tiers to clear (default: all)", json_schema_extra={CHOICES: "backends"}),
+    ] = None,
 ) -> ClearResponse:
     for name in locations or []:
         check_backend(storage, name)
@@ -127,7 +160,7 @@ def _request_tokens(
     return tokens, slots_for(ctx, slot_mapping, len(tokens))
 
 
-@router.post("/cache/store")
+@router.post("/cache/store", responses=_RUN_ERRORS)
 def store(
     ctx: Ctx,
     engine: EngineDep,
@@ -144,7 +177,7 @@ def store(
     )
 
 
-@router.post("/cache/retrieve")
+@router.post("/cache/retrieve", responses=_RUN_ERRORS)
 def retrieve(
     ctx: Ctx,
     engine: EngineDep,

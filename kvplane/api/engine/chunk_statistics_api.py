@@ -11,6 +11,7 @@ from kvplane.api.deps import Ctx
 from kvplane.api.responses import Success
 from kvplane.engine.chunk_statistics import ChunkStatistics
 from kvplane.errors import BadRequest
+from kvplane.web.openapi import error_responses
 
 __all__ = ["Message", "StatisticsStatusResponse", "router"]
 
@@ -41,24 +42,28 @@ def _statistics(ctx: Ctx) -> ChunkStatistics:
 Stats = Annotated[ChunkStatistics, Depends(_statistics)]
 
 
-@router.post("/chunk_statistics/start")
+# 400 "Not available" where no engine feeds the statistics (the seed's answer).
+_NO_ENGINE = error_responses(400)
+
+
+@router.post("/chunk_statistics/start", responses=_NO_ENGINE)
 def start(stats: Stats) -> Message:
     stats.start()
     return Message(message="Started")
 
 
-@router.post("/chunk_statistics/stop")
+@router.post("/chunk_statistics/stop", responses=_NO_ENGINE)
 def stop(stats: Stats) -> Message:
     stats.stop()
     return Message(message="Stopped")
 
 
-@router.post("/chunk_statistics/reset")
+@router.post("/chunk_statistics/reset", responses=_NO_ENGINE)
 def reset(stats: Stats) -> Message:
     stats.reset()
     return Message(message="Reset")
 
 
-@router.get("/chunk_statistics/status")
+@router.get("/chunk_statistics/status", responses=_NO_ENGINE)
 def status(stats: Stats) -> StatisticsStatusResponse:
     return StatisticsStatusResponse(**stats.status()._asdict())

@@ -6,6 +6,8 @@ The directory is the ``fs://`` ``remote_url`` of the engine config file the call
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
@@ -13,6 +15,7 @@ from kvplane.api.deps import CpuTier
 from kvplane.api.responses import Success
 from kvplane.engine.backends.fs import load_fs_chunks_from_config
 from kvplane.errors import BadRequest
+from kvplane.web.openapi import JSON_INTEGER, error_responses
 
 __all__ = ["LoadFsChunksRequest", "LoadFsChunksResponse", "router"]
 
@@ -21,8 +24,8 @@ router = APIRouter()
 
 class LoadFsChunksRequest(BaseModel):
     config_path: str
-    max_chunks: int | None = Field(default=None, ge=0)
-    max_failed_keys: int = Field(default=10, ge=0)
+    max_chunks: Annotated[int, Field(ge=0), JSON_INTEGER] | None = None
+    max_failed_keys: Annotated[int, Field(ge=0), JSON_INTEGER] = 10
 
 
 class LoadFsChunksResponse(Success):
@@ -32,7 +35,7 @@ class LoadFsChunksResponse(Success):
     config_path: str
 
 
-@router.post("/cache/load-fs-chunks", tags=["cache-management"])
+@router.post("/cache/load-fs-chunks", tags=["cache-management"], responses=error_responses(400))
 def load_fs_chunks(body: LoadFsChunksRequest, cpu: CpuTier) -> LoadFsChunksResponse:
     try:
         result = load_fs_chunks_from_config(

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from kvplane.api.context import ApiContext
 from kvplane.api.deps import get_cpu_tier
 from kvplane.api.switch import add_switch_routes
+from kvplane.web.openapi import error_responses
 
 __all__ = ["router"]
 
@@ -22,5 +23,11 @@ def _write(ctx: ApiContext, value: bool) -> None:
 
 
 add_switch_routes(
-    router, "/hot_cache", field="hot_cache", label="Hot cache", read=_read, write=_write
+    router,
+    "/hot_cache",
+    field="hot_cache",
+    label="Hot cache",
+    read=_read,
+    write=_write,
+    responses=error_responses(400),  # an engine without a CPU tier
 )

@@ -3,6 +3,7 @@ slot-mapping logging of store/retrieve calls."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import torch
@@ -11,17 +12,23 @@ from pydantic import BaseModel
 
 from kvplane.api.deps import EngineDep, SlotRecordingDep
 from kvplane.api.responses import Success
-from kvplane.api.slot_syntax import parse_slot_mapping, to_ranges
+from kvplane.api.slot_syntax import SLOT_MAPPING_PATTERN, parse_slot_mapping, to_ranges
 from kvplane.engine.kv_layout import kv_checksums
 from kvplane.errors import BadRequest
+from kvplane.web.openapi import case_insensitive_pattern, error_responses, pair
 
 __all__ = ["CheckResponse", "InfoResponse", "LayerInfo", "RecordSlotResponse", "router"]
 
 router = APIRouter()
 
 
+_SLOT = {"type": "integer", "minimum": 0}
+
+
 class CheckResponse(Success):
-    slot_mapping_ranges: list[tuple[int, int]]
+    slot_mapping_ranges: list[
+        Annotated[tuple[int, int], pair(_SLOT, _SLOT, "[first, last] slots of a run, inclusive")]
+    ]
     chunk_size: int
     num_chunks: int
     chunk_checksums: list[str] | dict[str, list[str]]
@@ -44,10 +51,20 @@ class InfoResponse(Success):
     layers: dict[str, LayerInfo]
 
 
-@router.get("/cache/kvcache/check")
+BOOL_PATTERN = case_insensitive_pattern(("true", "false"))
+
+
+@router.get("/cache/kvcache/check", responses=error_responses(400))
 def check(
     engine: EngineDep,
-    slot_mapping: Annotated[str, Query(description='e.g. "1,2,3,[9,12],17"')],
+    slot_mapping: Annotated[
+        str,
+        Query(
+            description='e.g. "1,2,3,[9,12],17"',
+            json_schema_extra={"pattern": SLOT_MAPPING_PATTERN},
+            examples=["0,1,[2,15]"],
+        ),
+    ],
     chunk_size: Annotated[int, Query(ge=1)],
     layerwise: bool = False,
 ) -> CheckResponse:
@@ -69,14 +86,19 @@ def check(
     )
 
 
-@router.post("/cache/kvcache/record_slot")
-def record_slot(recording: SlotRecordingDep, enabled: str | None = None) -> RecordSlotResponse:
+@router.post("/cache/kvcache/record_slot", responses=error_responses(400))
+def record_slot(
+    recording: SlotRecordingDep,
+    enabled: Annotated[
+        str | None,
+        Query(description="true or false, any case", json_schema_extra={"pattern": BOOL_PATTERN}),
+    ] = None,
+) -> RecordSlotResponse:
     """``enabled=true|false`` switches logging; without it, reports the current state."""
     if enabled is not None:
-        value = enabled.strip().lower()
-        if value not in ("true", "false"):
+        if re.fullmatch(BOOL_PATTERN, enabled) is None:
             raise BadRequest(f"enabled must be 'true' or 'false', got {enabled!r}")
-        recording.set(value == "true")
+        recording.set(enabled.lower() == "true")
     return RecordSlotResponse(kvcache_check_log_enabled=recording.enabled)
 
 

@@ -1,0 +1,185 @@
+"""Both HTTP APIs against their own OpenAPI documents: the documents validate, and
+schemathesis, with all its checks and phases, finds nothing on running processes.
+
+One controller and one ``kvplane engine`` dedicated to this module: the engine registers
+with the controller (so the cluster operations reach a real worker and engine) and serves
+both internal API roles (scheduler, worker 0) over TCP, guarded by a bearer token, with
+every kind of tier it can have at once (CPU, disk, FSConnector, P2P). Schemathesis runs as
+its CLI would for a user (``python -m schemathesis.cli run``) with the settings in
+``tests/fuzz/*.toml``; what those relax, and why, is written there and in
+docs/verification.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+
+from tests.controller_client import controller_args, wait_controller_up
+from tests.support import (
+    consecutive_free_ports,
+    free_ports,
+    kvplane_env,
+    kvplane_process,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "fuzz-token"
+# Fixed, so that a run is repeatable; schemathesis prints the seed of a failing run too.
+SEED = "20261201"
+MAX_EXAMPLES = 20  # per operation in the fuzzing phase (coverage and examples: all theirs)
+FUZZ_TIMEOUT = 240  # seconds for one schemathesis run; the three take ~60 s on 2 cores
+FUZZ_DIR = Path(__file__).resolve().parent / "fuzz"
+
+
+class Apis(NamedTuple):
+    controller: str
+    scheduler: str
+    worker: str
+
+
+@pytest.fixture(scope="module")
+def apis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apis]:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    http, pull, reply, worker_port, p2p_port = free_ports(5)
+    api_port = consecutive_free_ports(2)
+    (tmp / "fs").mkdir()
+    cfg = {
+        "chunk_size": 16, "kv_num_layers": 2, "kv_num_heads": 2, "kv_head_size": 16,
+        "kv_block_size": 16, "kv_num_blocks": 64, "max_local_cpu_size": 0.01,
+        "local_disk": str(tmp / "disk"), "max_local_disk_size": 0.01,
+        "remote_url": f"fs://{tmp / 'fs'}",
+        "enable_controller": True, "lmcache_instance_id": "inst-a",
+        "controller_pull_url": f"127.0.0.1:{pull}", "controller_reply_url": f"127.0.0.1:{reply}",
+        "lmcache_worker_ports": [worker_port], "lmcache_worker_heartbeat_time": 0.5,
+        "enable_p2p": True, "p2p_host": "127.0.0.1", "p2p_init_ports": [p2p_port],
+        "internal_api_server_enabled": True, "internal_api_server_port_start": api_port,
+        "internal_api_server_include_index_list": [0, 1],
+        "internal_api_server_token": TOKEN,
+    }  # fmt: skip
+    config_path = tmp / "engine.yaml"
+    config_path.write_text(json.dumps(cfg))  # JSON is YAML
+    apis = Apis(
+        f"http://127.0.0.1:{http}",
+        f"http://127.0.0.1:{api_port}",
+        f"http://127.0.0.1:{api_port + 1}",
+    )
+    with kvplane_process(controller_args(http, pull, reply), log_path=tmp / "controller.log"):
+        wait_controller_up(apis.controller)
+        engine = ["engine", "--config", str(config_path)]
+        with kvplane_process(engine, log_path=tmp / "engine.log"):
+            for url in (apis.scheduler, apis.worker):
+                wait_until(lambda u=url: httpx.get(u + "/meta", timeout=2).status_code == 200,
+                           timeout=180, what=f"internal API {url}")  # fmt: skip
+            wait_until(
+                lambda: httpx.post(
+                    apis.controller + "/query_worker_info", json={"instance_id": "inst-a"}
+                ).status_code == 200,
+                timeout=60, what="the engine registered",
+            )  # fmt: skip
+            yield apis
+
+
+def _document(url: str) -> dict[str, object]:
+    resp = httpx.get(url + "/openapi.json", timeout=10)
+    assert resp.status_code == 200, resp.text
+    document: dict[str, object] = resp.json()
+    return document
+
+
+def test_every_document_is_valid_openapi(apis: Apis) -> None:
+    for url in apis:
+        document = _document(url)
+        validate(document)  # raises naming the first invalid part
+        assert str(document["openapi"]).startswith("3.1")
+        text = json.dumps(document)
+        assert '"422"' not in text, "validation errors answer 400, not FastAPI's 422"
+
+
+def test_the_worker_document_names_this_engines_tiers_and_its_token(apis: Apis) -> None:
+    document = _document(apis.worker)
+    bypass = document["paths"]["/bypass/add"]["put"]  # type: ignore[index]
+    (name,) = [p for p in bypass["parameters"] if p["name"] == "backend_name"]
+    tiers = httpx.get(apis.worker + "/bypass/list", timeout=5).json()["all_backends"]
+    assert sorted(tiers) == ["FSConnector", "LocalCPUBackend", "LocalDiskBackend", "P2PBackend"]
+    assert name["schema"]["enum"] == tiers
+    assert bypass["security"] == [{"bearer": []}] and "401" in bypass["responses"]
+    assert "security" not in document["paths"]["/meta"]["get"]  # type: ignore[index]
+
+
+def _schemathesis(
+    url: str, config: str, *headers: str, tmp: Path
+) -> subprocess.CompletedProcess[str]:
+    args = [sys.executable, "-m", "schemathesis.cli", "--no-color"]
+    args += ["--config-file", str(FUZZ_DIR / config), "run", url + "/openapi.json"]
+    args += ["--checks", "all", "--phases", "examples,coverage,fuzzing,stateful"]
+    args += ["--max-examples", str(MAX_EXAMPLES), "--seed", SEED, "--workers", "1"]
+    args += ["--request-timeout", "30", "--report", "junit", "--report-dir", str(tmp)]
+    for header in headers:
+        args += ["-H", header]
+    return subprocess.run(
+        args,
+        cwd=tmp,
+        env=kvplane_env(NO_COLOR="1", SCHEMATHESIS_TELEMETRY="false"),
+        capture_output=True,
+        text=True,
+        timeout=FUZZ_TIMEOUT,
+        check=False,
+    )
+
+
+def _assert_clean(run: subprocess.CompletedProcess[str]) -> None:
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-12000:]
+    assert "No issues found" in out or " passed" in out, out[-4000:]
+
+
+def test_schemathesis_finds_nothing_on_the_controller(apis: Apis, tmp_path: Path) -> None:
+    _assert_clean(_schemathesis(apis.controller, "controller.toml", tmp=tmp_path))
+
+
+@pytest.mark.parametrize("role", ["scheduler", "worker"])
+def test_schemathesis_finds_nothing_on_the_internal_api(
+    apis: Apis, role: str, tmp_path: Path
+) -> None:
+    url = getattr(apis, role)
+    auth = f"Authorization: Bearer {TOKEN}"
+    _assert_clean(_schemathesis(url, "internal_api.toml", auth, tmp=tmp_path))
+
+
+def test_the_fuzzed_processes_still_serve(apis: Apis) -> None:
+    """After the fuzzing, and an operator putting back the switches and the config it
+    changed, the engine still stores and the controller still routes to it."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    restore = {"max_local_cpu_size": 0.01, "save_unfull_chunk": True, "min_retrieve_tokens": 0}
+    resp = httpx.post(apis.worker + "/conf", json=restore, headers=auth, timeout=30)
+    assert resp.status_code == 200, resp.text
+    tiers = httpx.get(apis.worker + "/bypass/list", timeout=5).json()["all_backends"]
+    for tier in tiers:
+        httpx.put(apis.worker + "/bypass/remove", params={"backend_name": tier}, headers=auth)
+    for switch in ("/freeze/disable", "/hot_cache/enable"):
+        assert httpx.put(apis.worker + switch, headers=auth, timeout=10).status_code == 200
+    tokens = list(range(900_000, 900_000 + 48))
+    resp = httpx.post(
+        apis.worker + "/cache/store",
+        params={"tokens_input": ",".join(map(str, tokens))},
+        headers=auth,
+        timeout=30,
+    )
+    assert resp.status_code == 200 and resp.json()["num_stored_tokens"] == 48, resp.text
+
+    def routed() -> bool:
+        body = httpx.post(apis.controller + "/lookup", json={"tokens": tokens}, timeout=10)
+        return body.json()["layout_info"].get("inst-a", [None, 0])[1] == 48
+
+    wait_until(routed, timeout=30, what="the controller routes the new prefix to inst-a")
