@@ -23,6 +23,7 @@ SUBCOMMANDS = (
     "kvplane.controller.main",
     "kvplane.serve.cli",
     "kvplane.demo.cli",
+    "kvplane.status_cli",
 )
 
 

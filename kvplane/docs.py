@@ -1,8 +1,9 @@
-"""Generate docs/configuration.md from the key tables (``--write``), or check it (``--check``).
+"""Generate docs/configuration.md and docs/metrics.md (``--write``), or check them (``--check``).
 
-Both tables are rendered: the engine's (:class:`kvplane.config.EngineConfig`) and the
-controller's (:class:`kvplane.controller.settings.ControllerConfig`). ``--check`` also checks
-that docs/controller.md names every controller flag.
+docs/configuration.md renders both key tables: the engine's (:class:`kvplane.config.EngineConfig`)
+and the controller's (:class:`kvplane.controller.settings.ControllerConfig`); docs/metrics.md
+renders the metric specs (:mod:`kvplane.metric_specs`). ``--check`` also checks that
+docs/controller.md names every controller flag.
 """
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ from pathlib import Path
 
 from kvplane.config import key_specs
 from kvplane.controller.settings import controller_keys
+from kvplane.metric_specs import (
+    CONTROLLER_METRICS,
+    ENGINE_METRICS,
+    TIER_STATS,
+    MetricKind,
+    MetricSpec,
+)
 from kvplane.settings_table import KeySpec
 
-__all__ = ["missing_controller_flags", "render_configuration_md"]
+__all__ = ["missing_controller_flags", "render_configuration_md", "render_metrics_md"]
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 DOC_PATH = DOCS / "configuration.md"
 CONTROLLER_DOC_PATH = DOCS / "controller.md"
+METRICS_DOC_PATH = DOCS / "metrics.md"
 
 
 def _help(s: KeySpec) -> str:
@@ -86,6 +95,60 @@ def render_configuration_md() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _metric_rows(specs: Iterable[MetricSpec]) -> list[str]:
+    rows = []
+    for s in specs:
+        name = s.exposed[0] if s.kind is MetricKind.COUNTER else s.name
+        labels = ", ".join(f"`{label}`" for label in s.labels) or "none"
+        rows.append(f"| `{name}` | {s.kind.value} | {labels} | {s.help} |")
+    return rows
+
+
+def render_metrics_md() -> str:
+    tier_rows = [
+        f"| `{tier}` | `{stat}` | {text} |"
+        for tier, stats in TIER_STATS.items()
+        for stat, text in stats.items()
+    ]
+    lines = [
+        "# Metrics",
+        "",
+        "Generated from `kvplane/metric_specs.py` by `python -m kvplane.docs --write`; do not",
+        "edit. `tests/test_operate.py` scrapes a running controller and engine and checks that",
+        "they export exactly these families, and that every metric the Grafana dashboard",
+        "(`deploy/grafana/kvplane.json`) queries is among them.",
+        "",
+        "Counters end in `_total`; a histogram `NAME` exposes `NAME_bucket{le}`, `NAME_sum` and",
+        "`NAME_count`. Durations are in seconds, sizes in bytes.",
+        "",
+        "## Engine",
+        "",
+        "Each engine process serves these on its internal API (`GET /metrics` on index 0 and",
+        "on each worker index; see [internal_api.md](internal_api.md)). Tier names are the",
+        "backends' (`LocalCPUBackend`, `LocalDiskBackend`, `RemoteBackend`, `FSConnector`,",
+        "`P2PBackend`).",
+        "",
+        "| metric | type | labels | meaning |",
+        "|---|---|---|---|",
+        *_metric_rows(ENGINE_METRICS),
+        "",
+        "### `kvplane_tier_stat` by tier",
+        "",
+        "| tier | stat | meaning |",
+        "|---|---|---|",
+        *tier_rows,
+        "",
+        "## Controller",
+        "",
+        "`GET /metrics` on the controller's HTTP port (9000 by default).",
+        "",
+        "| metric | type | labels | meaning |",
+        "|---|---|---|---|",
+        *_metric_rows(CONTROLLER_METRICS),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def missing_controller_flags() -> list[str]:
     """Controller flags that docs/controller.md does not name."""
     text = CONTROLLER_DOC_PATH.read_text() if CONTROLLER_DOC_PATH.exists() else ""
@@ -99,17 +162,19 @@ def main() -> int:
     group.add_argument("--write", action="store_true")
     group.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    text = render_configuration_md()
+    generated = {DOC_PATH: render_configuration_md(), METRICS_DOC_PATH: render_metrics_md()}
     if args.write:
-        DOC_PATH.parent.mkdir(exist_ok=True)
-        DOC_PATH.write_text(text)
+        for path, text in generated.items():
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
         return 0
     status = 0
-    if not DOC_PATH.exists() or DOC_PATH.read_text() != text:
-        print(
-            "docs/configuration.md is stale: run `python -m kvplane.docs --write`", file=sys.stderr
-        )
-        status = 1
+    for path, text in generated.items():
+        if not path.exists() or path.read_text() != text:
+            print(
+                f"docs/{path.name} is stale: run `python -m kvplane.docs --write`", file=sys.stderr
+            )
+            status = 1
     missing = missing_controller_flags()
     if missing:
         print(f"docs/controller.md does not name the flags {missing}", file=sys.stderr)

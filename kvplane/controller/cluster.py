@@ -104,6 +104,9 @@ class Cluster:
         hashes = {cs: chunk_hashes(arr, cs) for cs in sizes}
         with self.lock:
             found = self.core.index.match(hashes, len(tokens))
+            counters = self.core.counters
+            counters.lookup_tokens += len(tokens)
+            counters.lookup_matched_tokens += max((m.num_tokens for m in found.values()), default=0)
         return self.events.start("lookup", finished=True), found
 
     def workers(

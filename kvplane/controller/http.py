@@ -19,6 +19,7 @@ from kvplane.controller.executor import EventStatus
 from kvplane.controller.fast_lookup import LookupAnswer, LookupRoute, TokenParser
 from kvplane.controller.ops_api import build_ops_router
 from kvplane.controller.settings import ControllerConfig
+from kvplane.controller.status_api import build_status_router
 from kvplane.errors import KvplaneError
 from kvplane.keys import MAX_TOKEN_ID, TOKEN_ID_RANGE
 from kvplane.protocol import COMPRESSION_METHODS
@@ -352,6 +353,7 @@ def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
     lookup_answer = build_lookup(cluster, latency)
     app.include_router(build_cluster_router(cluster, lookup_answer))
     app.include_router(ops_router)
+    app.include_router(build_status_router(cluster))
     app.add_middleware(LookupRoute, answer=lookup_answer)
     install_error_handlers(app, "controller")
     install_openapi(app)

@@ -214,6 +214,16 @@ class ChunkIndex:
             return {}
         return {loc: list(chain.from_iterable(shards)) for loc, shards in worker.locations.items()}
 
+    def chunk_counts(self) -> dict[WorkerKey, dict[str, int]]:
+        """Chunks held by each worker, by tier (tiers in the order first reported)."""
+        return {
+            WorkerKey(instance_id, rank): {
+                loc: sum(len(m) for m in shards) for loc, shards in w.locations.items()
+            }
+            for instance_id, ranks in self._instances.items()
+            for rank, w in ranks.items()
+        }
+
     def match(
         self,
         hashes_by_chunk_size: Mapping[int, Sequence[int]],

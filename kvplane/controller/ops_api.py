@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from kvplane.controller.cluster import Cluster
 from kvplane.controller.settings import ControllerConfig
+from kvplane.metric_specs import CONTROLLER_COUNTERS, spec
 from kvplane.web.diagnostics import loglevel_router, threads_router
 
 __all__ = ["build_ops_router"]
@@ -28,29 +29,38 @@ class _CoreCollector:
         with cluster.lock:
             counts = cluster.core.counters.as_dict()
             chunks = cluster.core.index.num_chunks()
+            per_worker = cluster.core.index.chunk_counts()
             workers = len(cluster.core.registry)
             instances = len(cluster.core.registry.instances())
         for name, value in counts.items():
-            metric = CounterMetricFamily(f"kvplane_controller_{name}", name.replace("_", " "))
-            metric.add_metric([], value)
-            yield metric
-        for name, value, doc in (
-            ("index_chunks", chunks, "chunks in the index (one per worker and tier)"),
-            ("workers", workers, "registered workers"),
-            ("instances", instances, "instances with a registered worker"),
+            yield CounterMetricFamily(
+                f"kvplane_controller_{name}", CONTROLLER_COUNTERS[name], value=value
+            )
+        for name, value in (
+            ("kvplane_controller_index_chunks", chunks),
+            ("kvplane_controller_workers", workers),
+            ("kvplane_controller_instances", instances),
         ):
-            gauge = GaugeMetricFamily(f"kvplane_controller_{name}", doc)
-            gauge.add_metric([], value)
-            yield gauge
+            yield GaugeMetricFamily(name, spec(name).help, value=value)
+        by_tier: dict[tuple[str, str], int] = {}
+        for key, tiers in per_worker.items():
+            for location, n in tiers.items():
+                by_tier[key.instance_id, location] = by_tier.get((key.instance_id, location), 0) + n
+        s = spec("kvplane_controller_instance_chunks")
+        family = GaugeMetricFamily(s.name, s.help, labels=list(s.labels))
+        for (instance_id, location), n in sorted(by_tier.items()):
+            family.add_metric([instance_id, location], n)
+        yield family
 
 
 def build_ops_router(cluster: Cluster, settings: ControllerConfig) -> tuple[APIRouter, Histogram]:
     """The router, and the lookup-latency histogram the cluster routes observe."""
     registry = CollectorRegistry()
     registry.register(_CoreCollector(cluster))  # type: ignore[arg-type]
+    s = spec("kvplane_controller_lookup_seconds")
     latency = Histogram(
-        "kvplane_controller_lookup_seconds",
-        "Time to answer /lookup (hashing + index probe)",
+        s.name,
+        s.help,
         buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0),
         registry=registry,
     )

@@ -1,8 +1,13 @@
-"""Prometheus metrics of one engine: a registry per engine, never the global one."""
+"""Prometheus metrics of one engine: a registry per engine, never the global one.
+
+Names, help and labels come from :mod:`kvplane.metric_specs` (docs/metrics.md).
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvplane.metric_specs import spec
 
 __all__ = ["EngineMetrics"]
 
@@ -13,55 +18,33 @@ class EngineMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.stored_tokens = Counter("kvplane_stored_tokens", "Tokens stored", registry=r)
-        self.stored_bytes = Counter("kvplane_stored_bytes", "KV bytes stored", registry=r)
-        self.retrieved_tokens = Counter("kvplane_retrieved_tokens", "Tokens retrieved", registry=r)
-        self.retrieved_bytes = Counter("kvplane_retrieved_bytes", "KV bytes retrieved", registry=r)
-        self.lookup_hits = Counter("kvplane_chunk_hits", "Chunks found by retrieve", registry=r)
-        self.lookup_misses = Counter(
-            "kvplane_chunk_misses", "Retrieves that stopped at a missing chunk", registry=r
-        )
-        self.refused_stores = Counter(
-            "kvplane_refused_stores",
-            "Chunk stores refused (tier full of pinned/in-use)",
-            registry=r,
-        )
-        self.evictions = Counter(
-            "kvplane_evictions", "Chunks evicted or removed", ["tier"], registry=r
-        )
-        self.events_dropped = Counter(
-            "kvplane_events_dropped",
-            "Storage events a subscriber lost because its queue overflowed (it then resyncs)",
-            ["subscriber"],
-            registry=r,
-        )
-        self.store_seconds = Histogram(
-            "kvplane_store_seconds", "Store latency", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        self.retrieve_seconds = Histogram(
-            "kvplane_retrieve_seconds", "Retrieve latency", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        self.copy_seconds = Counter(
-            "kvplane_copy_seconds",
-            "Seconds spent copying KV between the paged caches and chunk pages (CPU caches)",
-            ["op"],
-            registry=r,
-        )
-        self.copied_bytes = Counter(
-            "kvplane_copied_bytes", "KV bytes copied by those copies", ["op"], registry=r
-        )
-        self.tier_hits = Counter("kvplane_tier_hits", "Reads served", ["tier"], registry=r)
-        self.tier_misses = Counter("kvplane_tier_misses", "Reads missed", ["tier"], registry=r)
-        self.tier_bytes_read = Counter(
-            "kvplane_tier_read_bytes", "Bytes read", ["tier"], registry=r
-        )
-        self.tier_bytes_written = Counter(
-            "kvplane_tier_written_bytes", "Bytes written", ["tier"], registry=r
-        )
-        self.tier_errors = Counter("kvplane_tier_errors", "Tier call errors", ["tier"], registry=r)
-        self.tier_dropped_writes = Counter(
-            "kvplane_tier_dropped_writes", "Writes dropped (queue full)", ["tier"], registry=r
-        )
-        self.tier_queue_depth = Gauge(
-            "kvplane_tier_queue_depth", "Pending asynchronous writes", ["tier"], registry=r
-        )
+
+        def counter(name: str) -> Counter:
+            s = spec(name)
+            return Counter(s.name, s.help, s.labels, registry=r)
+
+        def histogram(name: str) -> Histogram:
+            s = spec(name)
+            return Histogram(s.name, s.help, s.labels, buckets=_LATENCY_BUCKETS, registry=r)
+
+        self.stored_tokens = counter("kvplane_stored_tokens")
+        self.stored_bytes = counter("kvplane_stored_bytes")
+        self.retrieved_tokens = counter("kvplane_retrieved_tokens")
+        self.retrieved_bytes = counter("kvplane_retrieved_bytes")
+        self.lookup_hits = counter("kvplane_chunk_hits")
+        self.lookup_misses = counter("kvplane_chunk_misses")
+        self.refused_stores = counter("kvplane_refused_stores")
+        self.evictions = counter("kvplane_evictions")
+        self.events_dropped = counter("kvplane_events_dropped")
+        self.store_seconds = histogram("kvplane_store_seconds")
+        self.retrieve_seconds = histogram("kvplane_retrieve_seconds")
+        self.copy_seconds = counter("kvplane_copy_seconds")
+        self.copied_bytes = counter("kvplane_copied_bytes")
+        self.tier_hits = counter("kvplane_tier_hits")
+        self.tier_misses = counter("kvplane_tier_misses")
+        self.tier_bytes_read = counter("kvplane_tier_read_bytes")
+        self.tier_bytes_written = counter("kvplane_tier_written_bytes")
+        self.tier_errors = counter("kvplane_tier_errors")
+        self.tier_dropped_writes = counter("kvplane_tier_dropped_writes")
+        queue = spec("kvplane_tier_queue_depth")
+        self.tier_queue_depth = Gauge(queue.name, queue.help, queue.labels, registry=r)

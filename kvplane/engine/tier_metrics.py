@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvplane.engine.backends.base import StorageBackend
+from kvplane.metric_specs import spec
 
 __all__ = ["TierStatsCollector"]
 
@@ -23,11 +24,8 @@ class TierStatsCollector(Collector):
         self._backends = backends
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "kvplane_tier_stat",
-            "Tier-internal figures (corrupt chunks dropped, breaker state, evictions, ...)",
-            labels=["tier", "stat"],
-        )
+        s = spec("kvplane_tier_stat")
+        family = GaugeMetricFamily(s.name, s.help, labels=list(s.labels))
         for name, backend in self._backends.items():
             for stat, value in sorted(backend.counters().items()):
                 family.add_metric([name, stat], value)

@@ -13,19 +13,9 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["COUNTER_HELP", "WorkerStatsCollector"]
+from kvplane.metric_specs import WORKER_COUNTERS, spec
 
-#: The worker's counters (``ControllerWorker.stats`` keys), each exported as
-#: ``kvplane_worker_<key>_total``.
-COUNTER_HELP = {
-    "registrations": "Registrations with the controller (the first one and every re-registration)",
-    "resyncs": "Times the controller asked for a resync (unknown worker, sequence gap)",
-    "reports_sent": "Chunk report batches handed to the controller's socket",
-    "reports_dropped": "Chunk report batches dropped (socket full); the gap triggers a resync",
-    "events_sent": "Admit/evict events in the reports sent (resynced keys included)",
-    "event_overflows": "Times storage events were lost (the worker's event queue overflowed), "
-    "each followed by a resync",
-}
+__all__ = ["WorkerStatsCollector"]
 
 
 class WorkerStatsCollector(Collector):
@@ -39,15 +29,11 @@ class WorkerStatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = dict(self._stats())
-        for name, help_text in COUNTER_HELP.items():
+        for name, help_text in WORKER_COUNTERS.items():
             yield CounterMetricFamily(f"kvplane_worker_{name}", help_text, value=stats.get(name, 0))
+        registered = spec("kvplane_worker_registered")
         yield GaugeMetricFamily(
-            "kvplane_worker_registered",
-            "1 while the worker is registered with the controller",
-            value=1 if self._registered() else 0,
+            registered.name, registered.help, value=1 if self._registered() else 0
         )
-        yield GaugeMetricFamily(
-            "kvplane_worker_pending_events",
-            "Admit/evict events waiting for the next report (taken or not yet taken)",
-            value=self._pending(),
-        )
+        pending = spec("kvplane_worker_pending_events")
+        yield GaugeMetricFamily(pending.name, pending.help, value=self._pending())

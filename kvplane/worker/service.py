@@ -29,6 +29,7 @@ from kvplane.config import rank_port
 from kvplane.engine.events import ChunkAdmitted
 from kvplane.errors import ConfigError
 from kvplane.keys import key_scheme_fingerprint
+from kvplane.metric_specs import WORKER_COUNTERS
 from kvplane.protocol import (
     CommandReply,
     ErrorCode,
@@ -40,7 +41,7 @@ from kvplane.protocol import (
 )
 from kvplane.worker.commands import CommandHandlers
 from kvplane.worker.link import ControllerLink, local_ip_towards, zmq_url
-from kvplane.worker.metrics import COUNTER_HELP, WorkerStatsCollector
+from kvplane.worker.metrics import WorkerStatsCollector
 from kvplane.worker.peers import PeerDirectory
 from kvplane.worker.reports import ReportBuffer
 from kvplane.worker.session import Change, Outgoing, WorkerSession
@@ -94,7 +95,7 @@ class ControllerWorker:
         self.handlers = CommandHandlers(
             engine.cache_engine, config.chunk_size, self._resync_requested.set
         )
-        self.stats = dict.fromkeys(COUNTER_HELP, 0)  # written by the control thread only
+        self.stats = dict.fromkeys(WORKER_COUNTERS, 0)  # written by the control thread only
         self._ctx = zmq.Context()
         self._who = f"worker {self.instance_id}/{self.worker_id}"
         self.link = ControllerLink(self._ctx, reply_url, who=self._who)

@@ -199,6 +199,16 @@ class LocalCPUBackend(StorageBackend):
         with self._lock:
             return sum(e.nbytes for e in self._entries.values())
 
+    def counters(self) -> dict[str, float]:
+        with self._lock:
+            return {
+                "chunks": float(len(self._entries)),
+                "used_bytes": float(sum(e.nbytes for e in self._entries.values())),
+                "capacity_bytes": float(self._max_pages * self.pool.page_nbytes),
+                "evictions": float(self.evictions),
+                "refused_stores": float(self.refused_stores),
+            }
+
     def _evict_one(self) -> bool:
         with self._lock:
             victim = next(
