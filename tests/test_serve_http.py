@@ -25,7 +25,7 @@ def adjacent_free_ports() -> int:
 
 @pytest.fixture(scope="module")
 def instance(tmp_path_factory):
-    """(an HTTP client of the server, the internal API's port_start)"""
+    """(an HTTP client of the server, the internal API's port_start, the server's log)"""
     tmp = tmp_path_factory.mktemp("serve-http")
     cfg = tmp / "example.yaml"
     port, api_port = free_port(), adjacent_free_ports()
@@ -44,12 +44,25 @@ def instance(tmp_path_factory):
             what=f"kvplane serve on {port} (log {log})",
         )
         with httpx.Client(base_url=base, timeout=30) as client:
-            yield client, api_port
+            yield client, api_port, log
 
 
 @pytest.fixture
 def server(instance):
     return instance[0]
+
+
+def test_start_up_shows_each_step_with_its_size_and_time(instance):
+    lines = [line for line in instance[2].read_text().splitlines() if "start-up " in line]
+    steps = [line.split("start-up ", 1)[1] for line in lines]
+    for i, what in enumerate(("loading model kvplane/tiny-llama-random (random weights",
+                              "allocating KV caches: 4 layers of [2, ", "building the engine (",
+                              "starting the engine's services"), start=1):  # fmt: skip
+        begin = next(n for n, s in enumerate(steps) if s.startswith(f"{i}/4: {what}"))
+        done = next(n for n, s in enumerate(steps) if s.startswith(f"{i}/4: done in "))
+        assert begin < done, steps
+    assert any(s.startswith("1/4: 4 layers, ") and " parameters (" in s for s in steps), steps
+    assert steps[-1].startswith("4/4: done in "), steps
 
 
 def test_completion_follows_openai_schema_and_second_request_hits(server):
@@ -134,7 +147,7 @@ def test_bad_requests_are_400_with_a_reason(server, body, fragment):
 
 
 def test_the_internal_api_server_sees_the_models_paged_caches(instance):
-    _, api_port = instance
+    _, api_port, _ = instance
     worker = httpx.get(f"http://127.0.0.1:{api_port + 1}/cache/kvcache/info", timeout=10)
     assert worker.status_code == 200, worker.text
     info = worker.json()

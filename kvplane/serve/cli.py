@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvplane.config import help_lines
+from kvplane.serve.progress import StartupSteps
 
 if TYPE_CHECKING:
     from kvplane.process import EngineProcess
@@ -77,21 +78,41 @@ def build_instance(
     options: ServeOptions,
     config_path: str | None,
     overrides: Mapping[str, Any] | None = None,
+    steps: StartupSteps | None = None,
 ) -> tuple[EngineProcess, ServedModel]:
     """Config, model -> the model's engine facts -> engine process around the model's
     caches -> served model. ``overrides`` are config keys on top of the YAML and the
-    environment. Returns ``(process, served)``; nothing started yet."""
+    environment; ``steps`` reports progress (3 steps). Returns ``(process, served)``;
+    nothing started yet."""
+    if steps is None:
+        steps = StartupSteps(3, log)
     from kvplane.config import load_config
     from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
     from kvplane.process import EngineProcess
     from kvplane.serve.launch import load_model, make_served, served_facts
+    from kvplane.serve.progress import mib
 
     config = load_config(config_path, overrides=overrides)
-    log.info("loading model %s", options.model_name)
-    loaded = load_model(options)
+    source = f"checkpoint {options.model_dir}" if options.model_dir else "random weights"
+    with steps.step(f"loading model {options.model_name} ({source}, device {options.device})"):
+        loaded = load_model(options)
+        params = sum(p.numel() for p in loaded.model.parameters())
+        param_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        steps.note(
+            f"{loaded.shape.num_layers} layers, {params:,} parameters ({mib(param_bytes)}, "
+            f"{loaded.shape.dtype}) on {loaded.device}"
+        )
     facts = served_facts(loaded.shape, config, options.model_name, options.max_model_len)
-    kv_caches = allocate_kv_caches(KVLayout.from_shape(facts.kv), loaded.device)
-    process = EngineProcess(config, facts, kv_caches=kv_caches)
+    layout = KVLayout.from_shape(facts.kv)
+    kv_bytes = layout.num_layers * layout.num_blocks * layout.block_elems * layout.dtype.itemsize
+    with steps.step(
+        f"allocating KV caches: {facts.kv.num_layers} layers of {list(layout.cache_shape())} "
+        f"{facts.kv.dtype} ({mib(kv_bytes)}) on {loaded.device}"
+    ):
+        kv_caches = allocate_kv_caches(layout, loaded.device)
+    tiers = f"CPU tier {config.max_local_cpu_size:g} GB" if config.local_cpu else "no CPU tier"
+    with steps.step(f"building the engine ({tiers}; chunk size {config.chunk_size})"):
+        process = EngineProcess(config, facts, kv_caches=kv_caches)
     served = make_served(
         loaded,
         kv_caches,
@@ -109,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
     from kvplane.serve.app import create_app
 
     options = options_from_args(args)
-    process, served = build_instance(options, args.config)
-    process.start()
+    steps = StartupSteps(4, log)
+    process, served = build_instance(options, args.config, steps=steps)
+    with steps.step("starting the engine's services (internal API, controller worker, p2p)"):
+        process.start()
     try:
         log.info(
             "serving %s (KV %s) on http://%s:%d",
