@@ -6,6 +6,7 @@ prompts directly; the controller is a separate process reached over loopback.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from kvplane.config import EngineConfig
 from kvplane.engine.events import StorageEvent, Subscription
 from kvplane.process import EngineProcess
 from kvplane.protocol import ErrorCode
+from kvplane.worker.reports import ReportBuffer
 from kvplane.worker.service import ControllerWorker
 from tests.controller_client import ControllerProc, controller_args, wait_controller_up
 from tests.support import free_ports, kvplane_process, wait_until
@@ -199,13 +201,20 @@ def test_workers_info_heartbeats_advance_and_clean_stop_deregisters(ctl: Control
     b.stop()
 
 
-def test_controller_restart_reregisters_and_resyncs(tmp_path: Path, ports: list[int]) -> None:
+def test_controller_restart_reregisters_and_resyncs(
+    tmp_path: Path, ports: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kvplane.worker.service")
     http, pull, reply = ports
     url = f"http://127.0.0.1:{http}"
     ctl = ControllerProc(url, pull, reply, tmp_path / "c1.log")
     with kvplane_process(fast_controller_args(http, pull, reply), log_path=ctl.log):
         wait_controller_up(url)
-        rt = make_engine(ctl, "inst-r")
+        rt = make_engine(ctl, "inst-r", start=False)
+        worker = rt.services[0]
+        assert isinstance(worker, ControllerWorker)
+        worker.buffer = ReportBuffer(max_batch=2)  # 6 chunks: a "large" resync of 3 reports
+        rt.start()
         try:
             wait_until(lambda: registered(ctl, "inst-r"), timeout=10)
             store(rt, PROMPT)
@@ -225,6 +234,9 @@ def test_controller_restart_reregisters_and_resyncs(tmp_path: Path, ports: list[
             )
             assert time.monotonic() - start < 2 * HEARTBEAT + 1.0
             assert rt.services[0].stats["resyncs"] >= 1  # type: ignore[attr-defined]
+        resync = [r.getMessage() for r in caplog.records if "resync" in r.getMessage()]
+        assert "worker inst-r/0 registered with the controller; resyncing 6 chunks" in resync
+        assert "worker inst-r/0: resync sent: 6 chunks in 3 reports" in resync
     finally:
         rt.stop()
 

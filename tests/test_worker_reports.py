@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvplane.protocol import unpack_hashes
-from kvplane.worker.reports import ReportBuffer
+from kvplane.worker.reports import ReportBuffer, ResyncProgress
 
 event = st.tuples(
     st.booleans(),
@@ -50,3 +50,31 @@ def test_closed_buffer_drops_and_restart_snapshots_first() -> None:
     buf.close()
     buf.record(True, "LocalCPUBackend", 7)
     assert buf.drain() == []
+
+
+def test_a_large_resync_reports_each_tenth_and_its_end() -> None:
+    buf = ReportBuffer(max_batch=100)
+    total = buf.restart(lambda: [("LocalCPUBackend", list(range(1000)))])
+    progress = ResyncProgress(total, buf.max_batch)
+    lines = [progress.sent(sum(len(s.hashes) // 8 for s in batch)) for batch in buf.drain()]
+    assert lines[:2] == [
+        "resync 10%: 100 of 1000 chunks sent in 1 reports",
+        "resync 20%: 200 of 1000 chunks sent in 2 reports",
+    ]
+    assert lines[-1] == "resync sent: 1000 chunks in 10 reports"
+    assert len([line for line in lines if line]) == 10 and progress.finished
+    assert progress.sent(100) is None  # later reports are not the resync's
+
+
+@given(st.integers(1, 5000), st.integers(1, 600))
+def test_resync_progress_lines_rise_to_the_total(total: int, batch: int) -> None:
+    progress = ResyncProgress(total, batch)
+    lines = []
+    while not progress.finished:
+        lines.append(progress.sent(batch))
+    shown = [line for line in lines if line]
+    if total <= 2 * batch:  # a small resync: no progress lines
+        assert shown == []
+    else:
+        assert shown[-1] == f"resync sent: {total} chunks in {len(lines)} reports"
+        assert len(shown) <= 11

@@ -16,14 +16,14 @@ from collections.abc import Callable, Iterable
 
 from kvplane.protocol import Segment, pack_hashes
 
-__all__ = ["ReportBuffer"]
+__all__ = ["ReportBuffer", "ResyncProgress"]
 
 MAX_BATCH_HASHES = 4096  # small enough that one report never holds the index long
 
 
 class ReportBuffer:
     def __init__(self, max_batch: int = MAX_BATCH_HASHES) -> None:
-        self._max_batch = max_batch
+        self.max_batch = max_batch
         self._lock = threading.Lock()
         self._open = False
         self._segments: list[tuple[bool, str, list[int]]] = []
@@ -67,7 +67,7 @@ class ReportBuffer:
             segments, self._segments, self._pending = self._segments, [], 0
         batches: list[list[Segment]] = []
         current: list[Segment] = []
-        room = self._max_batch
+        room = self.max_batch
         for admit, location, hashes in segments:
             start = 0
             while start < len(hashes):
@@ -77,7 +77,46 @@ class ReportBuffer:
                 room -= len(take)
                 if room == 0:
                     batches.append(current)
-                    current, room = [], self._max_batch
+                    current, room = [], self.max_batch
         if current:
             batches.append(current)
         return batches
+
+
+class ResyncProgress:
+    """How far a resync's key set has gone out, as log lines for a person watching a large
+    one: a line each time another ``step`` of it (a tenth) is sent, and one at the end. A
+    resync of at most ``min_batches`` reports logs nothing more than its start.
+
+    The snapshot leads the stream after :meth:`ReportBuffer.restart`, so the first ``total``
+    hashes drained are the resync's; :meth:`sent` is told each report's size in order.
+    """
+
+    def __init__(self, total: int, batch: int, *, step: float = 0.1, min_batches: int = 2) -> None:
+        self.total = total
+        self.done = 0
+        self.reports = 0
+        self._quiet = total <= batch * min_batches
+        self._step = max(1, int(total * step))
+        self._next = self._step
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+    def sent(self, num_hashes: int) -> str | None:
+        """Count one report; the progress line to log now, if any."""
+        if self.finished:
+            return None
+        self.done = min(self.total, self.done + num_hashes)
+        self.reports += 1
+        if self._quiet:
+            return None
+        if self.finished:
+            return f"resync sent: {self.total} chunks in {self.reports} reports"
+        if self.done < self._next:
+            return None
+        while self._next <= self.done:
+            self._next += self._step
+        pct = 100 * self.done // self.total
+        return f"resync {pct}%: {self.done} of {self.total} chunks sent in {self.reports} reports"

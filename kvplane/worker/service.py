@@ -43,7 +43,7 @@ from kvplane.worker.commands import CommandHandlers
 from kvplane.worker.link import ControllerLink, local_ip_towards, zmq_url
 from kvplane.worker.metrics import WorkerStatsCollector
 from kvplane.worker.peers import PeerDirectory
-from kvplane.worker.reports import ReportBuffer
+from kvplane.worker.reports import ReportBuffer, ResyncProgress
 from kvplane.worker.session import Change, Outgoing, WorkerSession
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class ControllerWorker:
         self.port = rank_port("lmcache_worker_ports", config.lmcache_worker_ports, self.worker_id)
         self.events = events
         self.buffer = ReportBuffer()
+        self._resync: ResyncProgress | None = None  # the resync going out (control thread)
         self.registered = threading.Event()  # mirrors the session, for other threads
         self._resync_requested = threading.Event()
         self.handlers = CommandHandlers(
@@ -244,6 +245,7 @@ class ControllerWorker:
             self.events.take_events()
             self.events.take_resync()
             resent = self.buffer.restart(lambda: self.engine.own_chunks().items())
+            self._resync = ResyncProgress(resent, self.buffer.max_batch) if resent else None
             self.registered.set()
             self.stats["registrations"] += 1
             log.info(
@@ -263,6 +265,7 @@ class ControllerWorker:
             log.info("%s: %s; re-registering and resyncing", self._who, why)
             self.registered.clear()
             self.buffer.close()
+            self._resync = None
             self.stats["resyncs"] += 1
 
     def _exchange(self, out: Outgoing, push: zmq.Socket[bytes]) -> Any:
@@ -285,6 +288,12 @@ class ControllerWorker:
                 self.stats["events_sent"] += sum(len(s.hashes) // 8 for s in segments)
             except zmq.Again:  # the numbered gap makes the controller ask for a resync
                 self.stats["reports_dropped"] += 1
+            if self._resync is not None:
+                line = self._resync.sent(sum(len(s.hashes) // 8 for s in segments))
+                if line:
+                    log.info("%s: %s", self._who, line)
+                if self._resync.finished:
+                    self._resync = None
 
     # --- the command thread ------------------------------------------------------------------
 
