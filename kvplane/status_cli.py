@@ -16,8 +16,8 @@ import urllib.request
 from pydantic import ValidationError
 
 from kvplane.controller.status_api import ClusterStatus
-from kvplane.demo.output import format_table
 from kvplane.errors import BadRequest, Unavailable
+from kvplane.text_table import format_table
 
 __all__ = ["add_parser", "fetch_status", "render"]
 

@@ -55,6 +55,19 @@ def _ttft_ms(output: str, label: str) -> float:
     return float(match.group(1))
 
 
+def summary(output: str) -> dict[str, str]:
+    """The closing summary table: step -> result."""
+    lines = output.split("\nsummary\n", 1)[1].splitlines()
+    assert lines[0].split() == ["step", "result"], lines
+    width = lines[1].strip().index(" ")  # the first column's dashes
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("    "):
+            break
+        rows[line[4 : 4 + width].strip()] = line[4 + width :].strip()
+    return rows
+
+
 def test_demo_without_controller_shows_ttft_gain_and_leaves_nothing(tmp_path):
     code, out, elapsed = run_demo(tmp_path, "--no-controller", "--prefix-tokens", "2000")
     assert code == 0, out
@@ -62,6 +75,12 @@ def test_demo_without_controller_shows_ttft_gain_and_leaves_nothing(tmp_path):
     assert _ttft_ms(out, "second") < _ttft_ms(out, "first")
     assert re.search(r"second\s+\d+\s+1792\s", out), out  # 7 whole chunks of 256 cached
     assert "no process left" in out
+    rows = summary(out)
+    assert list(rows) == ["start-up", "first completion", "second completion", "shutdown"]
+    assert rows["start-up"].startswith("2 servers ready after ")
+    assert re.fullmatch(r"1792 of \d+ tokens cached, TTFT [\d.]+ ms \([\d.]+x sooner\)",
+                        rows["second completion"]), rows  # fmt: skip
+    assert rows["shutdown"] == "2 processes stopped, none left"
     assert leftover_processes(tmp_path) == []
     assert elapsed < 120
 
@@ -75,5 +94,18 @@ def test_full_demo_runs_every_seed_flow_in_under_two_minutes(tmp_path):
     assert "/query_worker_info instance-a" in out
     assert re.search(r"/clear instance-a LocalCPUBackend: \d+ tokens cleared", out), out
     assert "no process left" in out
+    # the cluster as `kvplane status` shows it, before the clear
+    assert re.search(r"kvplane cluster at http://127\.0\.0\.1:\d+ \(.*\): 2 instance\(s\), "
+                     r"2 worker\(s\), \d+ chunk\(s\)", out), out  # fmt: skip
+    assert re.search(r"^\s+instance-a\s+0\s+tcp://127\.0\.0\.1:\d+\s", out, re.M), out
+    rows = summary(out)
+    assert list(rows) == [
+        "start-up", "first completion", "second completion", "/lookup first prompt",
+        "/lookup unseen prompt", "/query_worker_info", "kvplane status", "/clear", "shutdown",
+    ]  # fmt: skip
+    assert rows["start-up"].startswith("controller + 2 servers ready after ")
+    assert re.fullmatch(r"instance-a LocalCPUBackend (\d+) of \1", rows["/lookup first prompt"])
+    assert rows["/query_worker_info"] == "instance-a: 1 worker(s) registered"
+    assert rows["shutdown"] == "3 processes stopped, none left"
     assert leftover_processes(tmp_path) == []
     assert elapsed < 120

@@ -5,8 +5,9 @@
 2. two completions that share a long prefix on instance-a: time to first token of each;
 3. ``/tokenize`` -> controller ``/lookup``: which instance holds the prompt, in which tier,
    how many leading tokens; the same for an unseen prompt with the shared prefix;
-4. ``/query_worker_info`` of instance-a; 5. ``/clear`` it and look up again;
-6. stop every child by PID and check that none is left.
+4. ``/query_worker_info`` of instance-a and the cluster as ``kvplane status`` shows it;
+5. ``/clear`` it and look up again; 6. stop every child by PID and check that none is left;
+7. a summary table: each step and what it showed.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from kvplane.demo.output import Printer, format_table
+from kvplane.demo.output import Printer
 from kvplane.demo.processes import Children, free_ports
 from kvplane.errors import Unavailable
+from kvplane.text_table import format_table
 
 __all__ = ["DemoOptions", "DemoReport", "run_demo"]
 
@@ -49,6 +51,7 @@ class DemoReport(NamedTuple):
     worker_infos: list[dict[str, Any]]
     cleared_tokens: int | None
     exit_codes: list[tuple[str, int | None]]
+    summary: list[tuple[str, str]]  # (step, what it showed), as printed at the end
 
 
 class _Ports(NamedTuple):
@@ -182,6 +185,7 @@ class _Demo:
         self.children = children
         self.ports = _pick_ports()
         self.controller = f"http://{HOST}:{self.ports.controller}"
+        self.summary: list[tuple[str, str]] = []
 
     def serve_url(self, name: str) -> str:
         return f"http://{HOST}:{self.ports.serve[name]}"
@@ -229,6 +233,13 @@ class _Demo:
                     functools.partial(self._worker_infos, name), 30, f"{name}'s worker to register"
                 )
             self.out.step("both workers registered with the controller")
+        started = "controller + " if self.options.with_controller else ""
+        self.summary.append(
+            (
+                "start-up",
+                f"{started}{len(INSTANCES)} servers ready after {self.out.elapsed():.1f} s",
+            )
+        )
 
     def _healthy(self, name: str) -> bool:
         try:
@@ -279,6 +290,14 @@ class _Demo:
             )
         )
         out.block(f"    -> first token {t1 / max(t2, 1e-9):.1f}x sooner with the cached prefix")
+        self.summary += [
+            ("first completion", f"{rows[0][1]} prompt tokens, TTFT {rows[0][3]}"),
+            (
+                "second completion",
+                f"{rows[1][2]} of {rows[1][1]} tokens cached, TTFT {rows[1][3]} "
+                f"({t1 / max(t2, 1e-9):.1f}x sooner)",
+            ),
+        ]
 
         layout: dict[str, Any] = {}
         infos: list[dict[str, Any]] = []
@@ -286,10 +305,13 @@ class _Demo:
         if self.options.with_controller:
             layout = self._show_lookup(a, first, unseen)
             infos = self._show_worker_info(a)
+            self._show_status()
             cleared = self._show_clear(a, first)
         else:
             out.step("controller steps skipped (--no-controller)")
         codes = self._shutdown()
+        out.block("\nsummary")
+        out.block(format_table(["step", "result"], self.summary))
         return DemoReport(
             t1,
             t2,
@@ -298,6 +320,7 @@ class _Demo:
             infos,
             cleared,
             codes,
+            self.summary,
         )
 
     def _tokenize(self, name: str, prompt: str) -> list[int]:
@@ -328,6 +351,14 @@ class _Demo:
         out.block(
             f"    -> route it to {a}: whole {CHUNK_SIZE}-token chunks of its prefix are cached"
         )
+        where = ", ".join(
+            f"{i} {loc} {n} of {len(tokens)}" for i, (loc, n) in sorted(layout.items())
+        )
+        near = ", ".join(f"{i} {n} of {len(other)}" for i, (_, n) in sorted(seen.items()))
+        self.summary += [
+            ("/lookup first prompt", where or "no instance"),
+            ("/lookup unseen prompt", near or "no instance"),
+        ]
         return layout
 
     def _show_worker_info(self, a: str) -> list[dict[str, Any]]:
@@ -348,7 +379,19 @@ class _Demo:
                 ["worker", "command address", "peer init url", "registered", "last heartbeat"], rows
             )
         )
+        self.summary.append(("/query_worker_info", f"{a}: {len(infos)} worker(s) registered"))
         return infos
+
+    def _show_status(self) -> None:
+        from kvplane.status_cli import fetch_status, render
+
+        self.out.step(f"kvplane status --controller {self.controller}")
+        status = fetch_status(self.controller, timeout=10)
+        self.out.block(render(status, self.controller).rstrip("\n"))
+        t = status.totals
+        self.summary.append(
+            ("kvplane status", f"{t.instances} instances, {t.workers} workers, {t.chunks} chunks")
+        )
 
     def _show_clear(self, a: str, first: str) -> int:
         reply = _post(f"{self.controller}/clear", {"instance_id": a, "location": LOCATION})
@@ -358,6 +401,7 @@ class _Demo:
         self.out.step(
             f"/clear {a} {LOCATION}: {cleared} tokens cleared; /lookup now finds nothing there"
         )
+        self.summary.append(("/clear", f"{a} {LOCATION}: {cleared} tokens cleared"))
         return cleared
 
     def _shutdown(self) -> list[tuple[str, int | None]]:
@@ -367,6 +411,7 @@ class _Demo:
         self.out.step(f"stopped {status}; {'no process left' if not left else f'LEFT: {left}'}")
         if left:
             raise Unavailable(f"children still running: {left}")
+        self.summary.append(("shutdown", f"{len(codes)} processes stopped, none left"))
         return codes
 
 

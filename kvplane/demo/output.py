@@ -1,22 +1,12 @@
-"""How the demo talks to a person: timestamped steps and small aligned tables."""
+"""How the demo talks to a person: timestamped steps (tables: :mod:`kvplane.text_table`)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 from typing import TextIO
 
-__all__ = ["Printer", "format_table"]
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain-text table, columns padded to their widest cell."""
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join("    " + line.rstrip() for line in lines)
+__all__ = ["Printer"]
 
 
 class Printer:

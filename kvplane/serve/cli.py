@@ -100,7 +100,7 @@ def build_instance(
         param_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         steps.note(
             f"{loaded.shape.num_layers} layers, {params:,} parameters ({mib(param_bytes)}, "
-            f"{loaded.shape.dtype}) on {loaded.device}"
+            f"{str(loaded.shape.dtype).removeprefix('torch.')}) on {loaded.device}"
         )
     facts = served_facts(loaded.shape, config, options.model_name, options.max_model_len)
     layout = KVLayout.from_shape(facts.kv)
