@@ -135,3 +135,19 @@ def test_index_matches_the_model(ops: list, length: int) -> None:
         assert all(len(hs) == len(set(hs)) for hs in listed.values())
         got_sets = {loc: set(hs) for loc, hs in listed.items() if hs}
         assert got_sets == {loc: s for loc, s in held.get(key, {}).items() if s}
+
+
+def test_chunk_counts_per_worker_and_tier_follow_admits_evicts_and_drops() -> None:
+    index = ChunkIndex()
+    a0, a1, b0 = WorkerKey("A", 0), WorkerKey("A", 1), WorkerKey("B", 0)
+    for key in (a0, a1, b0):
+        index.add_worker(key, 4)
+    hashes = chunk_hashes(list(range(40)), 4)
+    index.admit(a0, CPU, hashes[:6])
+    index.admit(a0, DISK, hashes[:10])
+    index.admit(a1, CPU, hashes[:3])
+    index.evict(a0, CPU, hashes[4:6])
+    assert index.chunk_counts() == {a0: {CPU: 4, DISK: 10}, a1: {CPU: 3}, b0: {}}
+    assert sum(sum(c.values()) for c in index.chunk_counts().values()) == index.num_chunks()
+    index.drop_worker(a1)
+    assert set(index.chunk_counts()) == {a0, b0}
