@@ -153,8 +153,8 @@ ENGINE_METRICS = (
     ),
 )
 
-#: The controller core's monotonic counts (``kvplane.controller.core.Counters`` fields), each
-#: exported as ``kvplane_controller_<field>_total``.
+#: The controller's monotonic counts, each exported as ``kvplane_controller_<key>_total``:
+#: the core's ``Counters`` fields, then the lookup totals (``Cluster.lookup_stats``).
 CONTROLLER_COUNTERS = {
     "chunk_events_applied": "Admit and evict events applied to the index",
     "admits_applied": "Chunk admits applied to the index",

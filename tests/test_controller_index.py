@@ -137,7 +137,7 @@ def test_index_matches_the_model(ops: list, length: int) -> None:
         assert got_sets == {loc: s for loc, s in held.get(key, {}).items() if s}
 
 
-def test_chunk_counts_per_worker_and_tier_follow_admits_evicts_and_drops() -> None:
+def test_tier_counts_follow_admits_evicts_and_drops() -> None:
     index = ChunkIndex()
     a0, a1, b0 = WorkerKey("A", 0), WorkerKey("A", 1), WorkerKey("B", 0)
     for key in (a0, a1, b0):
@@ -147,7 +147,9 @@ def test_chunk_counts_per_worker_and_tier_follow_admits_evicts_and_drops() -> No
     index.admit(a0, DISK, hashes[:10])
     index.admit(a1, CPU, hashes[:3])
     index.evict(a0, CPU, hashes[4:6])
-    assert index.chunk_counts() == {a0: {CPU: 4, DISK: 10}, a1: {CPU: 3}, b0: {}}
-    assert sum(sum(c.values()) for c in index.chunk_counts().values()) == index.num_chunks()
+    index.evict(a1, CPU, hashes[:3])
+    counts = {k: index.tier_counts(k) for k in (a0, a1, b0)}
+    assert counts == {a0: {CPU: 4, DISK: 10}, a1: {CPU: 0}, b0: {}}
+    assert sum(sum(c.values()) for c in counts.values()) == index.num_chunks()
     index.drop_worker(a1)
-    assert set(index.chunk_counts()) == {a0, b0}
+    assert index.tier_counts(a1) == {}

@@ -41,11 +41,9 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
 def _families(text: str) -> dict[str, str]:
     """kvplane family name -> type, from a scrape (families without samples included; the
     client library's ``<name>_created`` timestamps of counters and histograms left out)."""
-    found = {
-        f.name: f.type
-        for f in text_string_to_metric_families(text)
-        if f.name.startswith("kvplane_")
-    }
+    families = [f for f in text_string_to_metric_families(text) if f.name.startswith("kvplane_")]
+    found = {f.name: f.type for f in families}
+    assert len(found) == len(families), "a metric family exported twice"
     return {n: t for n, t in found.items() if not n.endswith("_created") or n[:-8] not in found}
 
 

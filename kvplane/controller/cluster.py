@@ -32,7 +32,7 @@ from kvplane.protocol import (
     PinCommand,
 )
 
-__all__ = ["Cluster", "CommandFailed", "Done", "ReaderGate"]
+__all__ = ["Cluster", "CommandFailed", "Done", "LookupStats", "ReaderGate"]
 
 
 class Done(NamedTuple):
@@ -47,6 +47,28 @@ class CommandFailed(Unavailable):
     def __init__(self, message: str, event_id: str, result: FanOutResult) -> None:
         codes = {str(w): int(r.error_code) for w, r in result.replies.items()}
         super().__init__(message, details={"event_id": event_id, "error_codes": codes})
+
+
+class LookupStats:
+    """Running totals of the lookups answered: how many, tokens asked, tokens matched (the
+    best instance's prefix), seconds spent. Written only by the event loop that answers
+    /lookup, so the adds take no lock; readers call :meth:`totals`."""
+
+    __slots__ = ("lookups", "seconds", "tokens_asked", "tokens_matched")
+
+    def __init__(self) -> None:
+        self.lookups = self.tokens_asked = self.tokens_matched = 0
+        self.seconds = 0.0
+
+    def record(self, asked: int, matched: int, seconds: float) -> None:
+        self.lookups += 1
+        self.tokens_asked += asked
+        self.tokens_matched += matched
+        self.seconds += seconds
+
+    def totals(self) -> tuple[int, int, int, float]:
+        """``(lookups, tokens_asked, tokens_matched, seconds)``."""
+        return self.lookups, self.tokens_asked, self.tokens_matched, self.seconds
 
 
 class ReaderGate:
@@ -95,6 +117,7 @@ class Cluster:
         self.events = EventTable()
         self.executor = executor
         self.clock = clock
+        self.lookup_stats = LookupStats()
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -104,9 +127,6 @@ class Cluster:
         hashes = {cs: chunk_hashes(arr, cs) for cs in sizes}
         with self.lock:
             found = self.core.index.match(hashes, len(tokens))
-            counters = self.core.counters
-            counters.lookup_tokens += len(tokens)
-            counters.lookup_matched_tokens += max((m.num_tokens for m in found.values()), default=0)
         return self.events.start("lookup", finished=True), found
 
     def workers(

@@ -63,8 +63,6 @@ class Counters:
     deregistrations: int = 0
     reaped_workers: int = 0
     chunks_dropped: int = 0
-    lookup_tokens: int = 0
-    lookup_matched_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -165,6 +165,7 @@ class QueryInstanceResponse(BaseModel):
 def build_lookup(cluster: Cluster, latency: Any) -> LookupAnswer:
     """The /lookup handler, shared by the lean ASGI route and the documented FastAPI one."""
     parse_tokens = TokenParser().parse
+    stats = cluster.lookup_stats
 
     def answer(body: bytes) -> tuple[int, bytes]:
         # The probe runs on the event loop, holding the cluster lock only for the index
@@ -176,7 +177,11 @@ def build_lookup(cluster: Cluster, latency: Any) -> LookupAnswer:
             except KvplaneError as exc:
                 return exc.status_code, _encoder.encode(error_body(exc))
             event_id, found = cluster.lookup(tokens)
-            latency.observe(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            latency.observe(seconds)
+            stats.record(
+                len(tokens), max((m.num_tokens for m in found.values()), default=0), seconds
+            )
             layout = {i: (m.location, m.num_tokens) for i, m in found.items()}
             return 200, _encoder.encode({"event_id": event_id, "layout_info": layout})
 

@@ -214,15 +214,13 @@ class ChunkIndex:
             return {}
         return {loc: list(chain.from_iterable(shards)) for loc, shards in worker.locations.items()}
 
-    def chunk_counts(self) -> dict[WorkerKey, dict[str, int]]:
-        """Chunks held by each worker, by tier (tiers in the order first reported)."""
-        return {
-            WorkerKey(instance_id, rank): {
-                loc: sum(len(m) for m in shards) for loc, shards in w.locations.items()
-            }
-            for instance_id, ranks in self._instances.items()
-            for rank, w in ranks.items()
-        }
+    def tier_counts(self, key: WorkerKey) -> dict[str, int]:
+        """Chunks one worker holds per tier, in the order its tiers were first reported
+        (a tier emptied by evictions stays, at 0); empty for an unknown worker."""
+        worker = self._instances.get(key.instance_id, {}).get(key.worker_id)
+        if worker is None:
+            return {}
+        return {loc: sum(map(len, shards)) for loc, shards in worker.locations.items()}
 
     def match(
         self,

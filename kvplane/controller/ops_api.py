@@ -29,9 +29,14 @@ class _CoreCollector:
         with cluster.lock:
             counts = cluster.core.counters.as_dict()
             chunks = cluster.core.index.num_chunks()
-            per_worker = cluster.core.index.chunk_counts()
+            per_worker = {
+                w.key: cluster.core.index.tier_counts(w.key)
+                for w in cluster.core.registry.all_workers()
+            }
             workers = len(cluster.core.registry)
             instances = len(cluster.core.registry.instances())
+        _, asked, matched, _ = cluster.lookup_stats.totals()
+        counts |= {"lookup_tokens": asked, "lookup_matched_tokens": matched}
         for name, value in counts.items():
             yield CounterMetricFamily(
                 f"kvplane_controller_{name}", CONTROLLER_COUNTERS[name], value=value

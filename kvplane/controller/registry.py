@@ -160,6 +160,10 @@ class Registry:
         found = [r for r in self._workers.values() if r.instance_id == instance_id]
         return sorted(found, key=lambda r: r.worker_id)
 
+    def all_workers(self) -> list[WorkerRecord]:
+        """Every worker, by instance and rank."""
+        return sorted(self._workers.values(), key=lambda r: r.key)
+
     def instances(self) -> list[str]:
         return sorted({k.instance_id for k in self._workers})
 

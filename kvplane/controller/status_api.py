@@ -14,7 +14,14 @@ from pydantic import BaseModel, Field
 from kvplane.controller.cluster import Cluster
 from kvplane.controller.registry import WorkerKey, WorkerRecord
 
-__all__ = ["ClusterStatus", "InstanceStatus", "WorkerStatus", "build_status_router", "snapshot"]
+__all__ = [
+    "ClusterStatus",
+    "ClusterTotals",
+    "InstanceStatus",
+    "WorkerStatus",
+    "build_status_router",
+    "snapshot",
+]
 
 
 class WorkerStatus(BaseModel):
@@ -104,10 +111,9 @@ def build_status_router(cluster: Cluster) -> APIRouter:
     def status() -> ClusterStatus:
         with cluster.lock:
             registry = cluster.core.registry
-            workers = [w for i in registry.instances() for w in registry.workers(i)]
             # copies: the records are mutated by the ingest thread once the lock is released
-            records = [replace(w) for w in workers]
-            counts = cluster.core.index.chunk_counts()
+            records = [replace(w) for w in registry.all_workers()]
+            counts = {w.key: cluster.core.index.tier_counts(w.key) for w in records}
             timeout = registry.timeout_s
         return snapshot(records, counts, cluster.clock(), timeout)
 
