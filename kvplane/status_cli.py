@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from pydantic import ValidationError
@@ -19,7 +20,7 @@ from kvplane.controller.status_api import ClusterStatus
 from kvplane.errors import BadRequest, Unavailable
 from kvplane.text_table import format_table
 
-__all__ = ["add_parser", "fetch_status", "render"]
+__all__ = ["add_parser", "check_url", "fetch_status", "render"]
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:9000"
 
@@ -52,9 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def fetch_status(controller: str, timeout: float) -> ClusterStatus:
     """GET /status; Unavailable (one line, naming the address) when it cannot be had."""
+    check_url(controller)
     url = controller.rstrip("/") + "/status"
-    if not url.startswith(("http://", "https://")):
-        raise BadRequest(f"--controller must be an http:// or https:// URL, not {controller!r}")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             body = resp.read()
@@ -69,6 +69,19 @@ def fetch_status(controller: str, timeout: float) -> ClusterStatus:
         return ClusterStatus.model_validate_json(body)
     except ValidationError:
         raise Unavailable(f"{url} did not answer a kvplane status (is it a controller?)") from None
+
+
+def check_url(controller: str) -> None:
+    """BadRequest naming ``--controller`` unless it is an http(s) URL with a host and a
+    valid port (urllib would raise a bare ValueError later)."""
+    problem = f"--controller must be an http:// or https:// URL with a host, not {controller!r}"
+    try:
+        parts = urllib.parse.urlsplit(controller)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise BadRequest(f"{problem}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(problem)
 
 
 def _age(seconds: float) -> str:
@@ -109,8 +122,10 @@ def render(status: ClusterStatus, controller: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.watch is not None and args.watch <= 0:
+    if args.watch is not None and not args.watch > 0:
         raise BadRequest("--watch must be a positive number of seconds")
+    if not 0 < args.timeout < 3600:
+        raise BadRequest("--timeout must be a number of seconds in (0, 3600)")
     if args.watch is None:
         status = fetch_status(args.controller, args.timeout)
         print(status.model_dump_json(indent=2) if args.json else render(status, args.controller))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -11,8 +12,9 @@ from kvplane.controller.core import Counters
 from kvplane.controller.registry import WorkerKey, WorkerRecord
 from kvplane.controller.status_api import snapshot
 from kvplane.docs import render_metrics_md
+from kvplane.errors import BadRequest
 from kvplane.metric_specs import CONTROLLER_COUNTERS, CONTROLLER_METRICS, ENGINE_METRICS
-from kvplane.status_cli import render
+from kvplane.status_cli import check_url, render
 
 CPU, DISK = "LocalCPUBackend", "LocalDiskBackend"
 
@@ -108,3 +110,17 @@ def test_every_controller_counter_is_declared_once() -> None:
     assert all(n.startswith("kvplane_") and not n.endswith("_total") for n in names)
     doc = render_metrics_md()
     assert all(f"`{s.exposed[0]}`" in doc or f"`{s.name}`" in doc for s in ENGINE_METRICS)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["localhost:9000", "ftp://x", "http://", "http://h:notaport", "http://[::1", "http://h:99999"],
+)
+def test_a_controller_url_that_cannot_work_is_named(url: str) -> None:
+    with pytest.raises(BadRequest, match="--controller must be an http:// or https:// URL"):
+        check_url(url)
+
+
+def test_good_controller_urls_pass() -> None:
+    for url in ("http://127.0.0.1:9000", "https://ctl.example:443/", "http://[::1]:9000"):
+        check_url(url)
