@@ -13,12 +13,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from kvplane.controller.status_api import ClusterStatus
 from kvplane.errors import BadRequest, Unavailable
 from kvplane.text_table import format_table
+
+if TYPE_CHECKING:
+    from kvplane.controller.status_api import ClusterStatus
 
 __all__ = ["add_parser", "check_url", "fetch_status", "render"]
 
@@ -53,6 +54,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def fetch_status(controller: str, timeout: float) -> ClusterStatus:
     """GET /status; Unavailable (one line, naming the address) when it cannot be had."""
+    # imported here: every `kvplane` command builds this module's parser at start-up
+    from pydantic import ValidationError
+
+    from kvplane.controller.status_api import ClusterStatus
+
     check_url(controller)
     url = controller.rstrip("/") + "/status"
     try:
