@@ -100,7 +100,10 @@ TIER_STATS = {
         "skipped_gets": "reads skipped while the breaker was open",
         "corrupt": "unreadable values dropped",
     },
-    "FSConnector": {"corrupt": "unreadable chunk files dropped"},
+    "FSConnector": {
+        "corrupt": "unreadable chunk files dropped",
+        "write_errors": "chunk files that could not be written",
+    },
     "P2PBackend": {"fetch_errors": "fetches from a peer that failed"},
 }
 

@@ -349,3 +349,18 @@ def test_tier_internal_figures_are_in_the_engine_metrics(tmp_path: Path) -> None
     assert 'kvplane_tier_stat{stat="corrupt",tier="LocalDiskBackend"} 1.0' in text
     assert 'kvplane_tier_stat{stat="chunks",tier="LocalDiskBackend"} 2.0' in text
     rt.stop()
+
+
+def test_every_tier_reports_exactly_the_documented_figures(tmp_path: Path) -> None:
+    """docs/metrics.md's table of ``kvplane_tier_stat`` stats is every tier's ``counters()``
+    (the CPU and P2P tiers are checked on a running engine in test_operate.py)."""
+    from kvplane.engine.backends.disk import LocalDiskBackend
+    from kvplane.engine.backends.fs import FSConnectorBackend
+    from kvplane.metric_specs import TIER_STATS
+
+    for backend in (
+        LocalDiskBackend(tmp_path / "disk", 2**20),
+        FSConnectorBackend(tmp_path / "fs"),
+    ):
+        assert set(backend.counters()) == set(TIER_STATS[backend.name]), backend.name
+        backend.close()
