@@ -100,6 +100,9 @@ class RegisterRequest(_Msg, tag="register", kw_only=True):
     key_scheme: str
     chunk_size: int
     epoch: int  # random per registration; reports of an older epoch are dropped
+    # Bytes of one full, uncompressed chunk of this rank's KV: lets the controller show
+    # bytes per tier (chunks x this). None from workers that do not say.
+    chunk_bytes: int | None = None
 
 
 class RegisterReply(_Msg, tag="register_reply", kw_only=True):

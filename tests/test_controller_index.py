@@ -135,6 +135,10 @@ def test_index_matches_the_model(ops: list, length: int) -> None:
         assert all(len(hs) == len(set(hs)) for hs in listed.values())
         got_sets = {loc: set(hs) for loc, hs in listed.items() if hs}
         assert got_sets == {loc: s for loc, s in held.get(key, {}).items() if s}
+    for key, tiers in held.items():  # the dashboard's per-tier counts (empty tiers aside)
+        counts = {loc: n for loc, n in index.tier_counts(key).items() if n}
+        assert counts == {loc: len(s) for loc, s in tiers.items() if s}
+    assert index.tier_counts(WorkerKey("nobody", 0)) == {}
 
 
 def test_tier_counts_follow_admits_evicts_and_drops() -> None:

@@ -7,6 +7,7 @@ worker that does not answer in time yields its own error code, never a hang.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
+from itertools import islice
 from typing import NamedTuple
 
 from kvplane.controller.registry import WorkerRecord
@@ -52,32 +54,47 @@ class EventRecord:
 
 
 class EventTable:
-    """Recent events by id (bounded: the oldest are forgotten first). Thread-safe."""
+    """Recent events by id (bounded: the oldest are forgotten first). Thread-safe.
+
+    Queries (:attr:`QUERIES`: lookups and the like, finished when they start) and operations
+    (commands to workers) are bounded separately, ``capacity`` each, so a lookup storm (a
+    router sends thousands a second) never pushes an operation out before a client asks
+    ``/check_finish`` about it or the dashboard lists it."""
+
+    QUERIES = frozenset({"lookup", "query_worker_info", "query_instance"})
 
     def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
-        self._events: OrderedDict[str, EventRecord] = OrderedDict()
+        self._queries: OrderedDict[str, EventRecord] = OrderedDict()
+        self._operations: OrderedDict[str, EventRecord] = OrderedDict()
         self._lock = threading.Lock()
 
     def start(self, kind: str, *, finished: bool = False) -> str:
         event_id = f"{kind}-{os.urandom(16).hex()}"  # uuid4 without its object: per lookup
         status = EventStatus.FINISHED if finished else EventStatus.RUNNING
+        table = self._queries if kind in self.QUERIES else self._operations
         with self._lock:
-            self._events[event_id] = EventRecord(event_id, kind, status, time.time())
-            while len(self._events) > self._capacity:
-                self._events.popitem(last=False)
+            table[event_id] = EventRecord(event_id, kind, status, time.time())
+            if len(table) > self._capacity:
+                table.popitem(last=False)
         return event_id
 
     def finish(self, event_id: str, error: str = "") -> None:
         with self._lock:
-            rec = self._events.get(event_id)
+            rec = self._operations.get(event_id) or self._queries.get(event_id)
             if rec is not None:
                 rec.status = EventStatus.FAILED if error else EventStatus.FINISHED
                 rec.error = error
 
     def get(self, event_id: str) -> EventRecord | None:
         with self._lock:
-            return self._events.get(event_id)
+            return self._operations.get(event_id) or self._queries.get(event_id)
+
+    def recent_operations(self, n: int = 50) -> list[EventRecord]:
+        """Copies of the last ``n`` operations (no queries), newest first."""
+        with self._lock:
+            found = islice(reversed(self._operations.values()), n)
+            return [dataclasses.replace(r) for r in found]
 
 
 class FanOutResult(NamedTuple):

@@ -45,6 +45,7 @@ class WorkerRecord:
     last_heartbeat_time: float
     next_seq: int = 1
     needs_resync: bool = False
+    chunk_bytes: int | None = None  # one full uncompressed chunk, if the worker said
 
     @property
     def key(self) -> WorkerKey:
@@ -114,6 +115,7 @@ class Registry:
             epoch=req.epoch,
             registration_time=now,
             last_heartbeat_time=now,
+            chunk_bytes=req.chunk_bytes,
         )
         return RegisterOutcome(True, "", replaced)
 

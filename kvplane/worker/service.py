@@ -157,6 +157,7 @@ class ControllerWorker:
             key_scheme=key_scheme_fingerprint(c.chunk_size),
             chunk_size=c.chunk_size,
             epoch=0,
+            chunk_bytes=self.engine.layout.chunk_nbytes(c.chunk_size),
         )
         self.session = WorkerSession(
             hello,
