@@ -1,6 +1,7 @@
-"""The controller's HTTP API: the seeds' cluster endpoints plus /metrics, /healthz and the
-common diagnostic endpoints. Request/response models sit next to their routes; errors get
-the body every kvplane API uses (:mod:`kvplane.web.errors`).
+"""The controller's HTTP API: the seeds' cluster endpoints plus /metrics, /healthz, the
+common diagnostic endpoints and the dashboard (:mod:`kvplane.controller.dashboard`).
+Request/response models sit next to their routes; errors get the body every kvplane API
+uses (:mod:`kvplane.web.errors`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import AliasChoices, BaseModel, Field, StrictBool
 
 import kvplane
 from kvplane.controller.cluster import Cluster
+from kvplane.controller.dashboard.routes import Dashboard
 from kvplane.controller.executor import EventStatus
 from kvplane.controller.fast_lookup import LookupAnswer, LookupRoute, TokenParser
 from kvplane.controller.ops_api import build_ops_router
@@ -348,17 +350,21 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
 
 def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
     """The controller's FastAPI app over a running cluster (OpenAPI at /docs)."""
+    dashboard = Dashboard(cluster)
     app = FastAPI(
         title="kvplane controller",
-        description="KV-aware routing lookups and cluster operations over kvplane workers.",
+        description="KV-aware routing lookups and cluster operations over kvplane workers; "
+        "a live dashboard at /dashboard.",
         version=kvplane.__version__,
         generate_unique_id_function=lambda route: route.name,
+        lifespan=lambda _app: dashboard.lifespan(),
     )
     ops_router, latency = build_ops_router(cluster, settings)
     lookup_answer = build_lookup(cluster, latency)
     app.include_router(build_cluster_router(cluster, lookup_answer))
     app.include_router(ops_router)
     app.include_router(build_status_router(cluster))
+    app.include_router(dashboard.router)
     app.add_middleware(LookupRoute, answer=lookup_answer)
     install_error_handlers(app, "controller")
     install_openapi(app)

@@ -1,0 +1,282 @@
+"""What the dashboard shows, as a pure function of a captured controller state.
+
+:class:`ClusterView` is a copy of the controller's state taken under its lock (see
+:func:`kvplane.controller.dashboard.routes.capture`); :func:`build_snapshot` turns it and
+the rate history into :class:`DashboardData`, the body of ``GET /dashboard/data``.
+
+Chunks and bytes per instance and tier: each rank of a tensor-parallel instance stores its
+own slice of the same chunks, so an instance's chunks in a tier are the most any of its
+ranks holds there, and its bytes the sum over its ranks. Bytes are chunks times the rank's
+``chunk_bytes`` (one full, uncompressed chunk, as the worker registered it): an upper
+bound, since a last partial chunk or a compressed one takes less; None when a worker did
+not say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import groupby
+from typing import NamedTuple
+
+from pydantic import BaseModel, Field
+
+from kvplane.controller.dashboard.history import Point, Sample
+from kvplane.controller.executor import EventRecord
+from kvplane.controller.registry import WorkerKey, WorkerRecord
+
+__all__ = [
+    "ClusterView",
+    "DashboardData",
+    "build_snapshot",
+    "instances_of",
+    "sample_of",
+    "worker_state",
+]
+
+
+class ClusterView(NamedTuple):
+    """The controller's state at ``now``: copies, safe to read without its lock."""
+
+    now: float
+    worker_timeout_s: float
+    workers: Sequence[WorkerRecord]  # by instance and rank
+    tier_counts: Mapping[WorkerKey, Mapping[str, int]]
+    counters: Mapping[str, int]
+    lookups: tuple[int, int, int, float]  # LookupStats.totals()
+    operations: Sequence[EventRecord]  # newest first
+
+
+# --- the response model ----------------------------------------------------------------------
+
+
+class TierView(BaseModel):
+    location: str
+    chunks: int
+    bytes: int | None = Field(description="chunks x full chunk size; null if unknown")
+
+
+class WorkerView(BaseModel):
+    worker_id: int
+    address: str = Field(description="command port, ip:port")
+    peer_init_url: str | None
+    state: str = Field(
+        description="ok; late (no heartbeat for over half the worker timeout); "
+        "resync (a sequence gap: the worker must resend its chunks)"
+    )
+    heartbeat_age_s: float
+    registration_time: float
+    last_heartbeat_time: float
+    chunk_size: int
+    chunk_bytes: int | None
+    chunks: int
+    tiers: list[TierView]
+
+
+class InstanceView(BaseModel):
+    instance_id: str
+    chunks: int = Field(description="sum of the instance's tiers' chunks")
+    bytes: int | None
+    tiers: list[TierView] = Field(description="per tier: most chunks of any rank, bytes summed")
+    workers: list[WorkerView]
+
+
+class LookupTotals(BaseModel):
+    lookups: int
+    tokens_asked: int
+    tokens_matched: int = Field(description="tokens of the best instance's prefix, summed")
+    hit_ratio: float | None = Field(description="tokens matched / tokens asked")
+    mean_latency_ms: float | None
+
+
+class RatePoint(BaseModel):
+    t: float = Field(description="end of the interval, seconds since the epoch")
+    lookups_per_s: float
+    admits_per_s: float
+    evicts_per_s: float
+    hit_ratio: float | None
+    latency_ms: float | None
+    chunks_by_tier: dict[str, int]
+
+
+class OperationView(BaseModel):
+    event_id: str
+    kind: str
+    status: str = Field(description="what /check_finish answers for it")
+    created: float
+    error: str
+
+
+class Totals(BaseModel):
+    instances: int
+    workers: int
+    chunks: int
+    bytes: int | None
+    chunks_by_tier: dict[str, int]
+
+
+class DashboardData(BaseModel):
+    """Everything the dashboard page shows, in one poll."""
+
+    now: float
+    started: float = Field(description="when this controller started")
+    worker_timeout_s: float
+    sample_interval_s: float
+    history_span_s: float = Field(description="how far back the history reaches when full")
+    totals: Totals
+    lookups: LookupTotals
+    counters: dict[str, int] = Field(description="the controller's /metrics counters")
+    instances: list[InstanceView]
+    history: list[RatePoint] = Field(description="rates over the last minutes, oldest first")
+    operations: list[OperationView] = Field(description="recent cluster operations, newest first")
+
+
+# --- building it -----------------------------------------------------------------------------
+
+
+def worker_state(worker: WorkerRecord, now: float, timeout_s: float) -> str:
+    if worker.needs_resync:
+        return "resync"
+    if now - worker.last_heartbeat_time > timeout_s / 2:
+        return "late"
+    return "ok"
+
+
+def _worker_view(view: ClusterView, w: WorkerRecord) -> WorkerView:
+    counts = view.tier_counts.get(w.key, {})
+    tiers = [
+        TierView(
+            location=loc,
+            chunks=n,
+            bytes=None if w.chunk_bytes is None else n * w.chunk_bytes,
+        )
+        for loc, n in counts.items()
+    ]
+    host = f"[{w.ip}]" if ":" in w.ip else w.ip
+    return WorkerView(
+        worker_id=w.worker_id,
+        address=f"{host}:{w.port}",
+        peer_init_url=w.peer_init_url,
+        state=worker_state(w, view.now, view.worker_timeout_s),
+        heartbeat_age_s=max(view.now - w.last_heartbeat_time, 0.0),
+        registration_time=w.registration_time,
+        last_heartbeat_time=w.last_heartbeat_time,
+        chunk_size=w.chunk_size,
+        chunk_bytes=w.chunk_bytes,
+        chunks=sum(counts.values()),
+        tiers=tiers,
+    )
+
+
+def _sum_bytes(values: Sequence[int | None]) -> int | None:
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
+def _instance_view(instance_id: str, workers: list[WorkerView]) -> InstanceView:
+    locations: dict[str, list[TierView]] = {}
+    for w in workers:
+        for tier in w.tiers:
+            locations.setdefault(tier.location, []).append(tier)
+    tiers = [
+        TierView(
+            location=loc,
+            chunks=max(t.chunks for t in per_rank),
+            # a rank lacking the tier holds 0 bytes there
+            bytes=_sum_bytes([t.bytes for t in per_rank]),
+        )
+        for loc, per_rank in locations.items()
+    ]
+    return InstanceView(
+        instance_id=instance_id,
+        chunks=sum(t.chunks for t in tiers),
+        bytes=_sum_bytes([t.bytes for t in tiers]),
+        tiers=tiers,
+        workers=workers,
+    )
+
+
+def instances_of(view: ClusterView) -> list[InstanceView]:
+    """Every instance with a registered worker, by id, its workers by rank."""
+    by_instance = groupby(sorted(view.workers, key=lambda w: w.key), key=lambda w: w.instance_id)
+    return [
+        _instance_view(iid, [_worker_view(view, w) for w in ranks]) for iid, ranks in by_instance
+    ]
+
+
+def _chunks_by_tier(instances: Sequence[InstanceView]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for inst in instances:
+        for tier in inst.tiers:
+            out[tier.location] = out.get(tier.location, 0) + tier.chunks
+    return out
+
+
+def sample_of(view: ClusterView) -> Sample:
+    """The history sample of this state."""
+    lookups, asked, matched, seconds = view.lookups
+    return Sample(
+        t=view.now,
+        lookups=lookups,
+        tokens_asked=asked,
+        tokens_matched=matched,
+        lookup_seconds=seconds,
+        admits=view.counters.get("admits_applied", 0),
+        evicts=view.counters.get("evicts_applied", 0),
+        chunks_by_tier=_chunks_by_tier(instances_of(view)),
+    )
+
+
+def build_snapshot(
+    view: ClusterView,
+    history: Sequence[Point],
+    *,
+    started: float,
+    sample_interval_s: float,
+    history_span_s: float,
+) -> DashboardData:
+    instances = instances_of(view)
+    lookups, asked, matched, seconds = view.lookups
+    return DashboardData(
+        now=view.now,
+        started=started,
+        worker_timeout_s=view.worker_timeout_s,
+        sample_interval_s=sample_interval_s,
+        history_span_s=history_span_s,
+        totals=Totals(
+            instances=len(instances),
+            workers=len(view.workers),
+            chunks=sum(i.chunks for i in instances),
+            bytes=_sum_bytes([i.bytes for i in instances]),
+            chunks_by_tier=_chunks_by_tier(instances),
+        ),
+        lookups=LookupTotals(
+            lookups=lookups,
+            tokens_asked=asked,
+            tokens_matched=matched,
+            hit_ratio=matched / asked if asked else None,
+            mean_latency_ms=1000 * seconds / lookups if lookups else None,
+        ),
+        counters=dict(view.counters),
+        instances=instances,
+        history=[
+            RatePoint(
+                t=p.t,
+                lookups_per_s=p.lookups_per_s,
+                admits_per_s=p.admits_per_s,
+                evicts_per_s=p.evicts_per_s,
+                hit_ratio=p.hit_ratio,
+                latency_ms=p.latency_ms,
+                chunks_by_tier=dict(p.chunks_by_tier),
+            )
+            for p in history
+        ],
+        operations=[
+            OperationView(
+                event_id=e.event_id,
+                kind=e.kind,
+                status=e.status.value,
+                created=e.created,
+                error=e.error,
+            )
+            for e in view.operations
+        ],
+    )
