@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-vllm test lint setup system-deps docs bench bench-vllm soak clean vllm-setup vllm-clean
+.PHONY: demo demo-vllm test lint setup system-deps docs dashboard-screenshot bench bench-vllm soak clean vllm-setup vllm-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,11 +49,15 @@ vllm-setup: $(VLLM_STAMP)
 vllm-clean:
 	rm -rf $(VLLM_VENV)
 
-# redis-server for the remote-tier tests (Debian package).
+# Debian packages the tests use: redis-server for the remote-tier tests, chromium and
+# chromium-driver for the dashboard's browser test.
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1 || \
 	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
 	    else echo "redis-server missing and not root: remote-tier tests will skip"; fi; }
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	    else echo "chromium/chromedriver missing and not root: the dashboard browser test will skip"; fi; }
 
 demo: setup
 	$(PY) -m kvplane demo
@@ -73,6 +77,10 @@ test: setup vllm-setup system-deps lint
 
 docs: setup
 	$(PY) -m kvplane.docs --write
+
+# docs/dashboard.png: the dashboard browser test with a minute of traffic, then a screenshot.
+dashboard-screenshot: setup system-deps
+	KVPLANE_WRITE_SCREENSHOT=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_dashboard_browser.py
 
 bench: setup
 	$(PY) benchmarks/transfer.py
