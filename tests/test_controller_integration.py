@@ -77,6 +77,35 @@ class Cluster(NamedTuple):
 
     @contextlib.contextmanager
     def engine(self, instance_id: str) -> Iterator[Engine]:
+        with self.engines(instance_id) as (engine,):
+            yield engine
+
+    @contextlib.contextmanager
+    def engines(self, *instance_ids: str) -> Iterator[list[Engine]]:
+        """``kvplane engine`` processes for ``instance_ids``, each started before any is
+        waited for (their start-ups overlap), yielded once each is registered."""
+        with contextlib.ExitStack() as stack:
+            started = [(i, *self._start_engine(stack, i)) for i in instance_ids]
+            engines = []
+            for instance_id, sock, proc in started:
+                wait_until(lambda s=sock: os.path.exists(s), timeout=60, what=f"{instance_id} API")
+                api = stack.enter_context(
+                    httpx.Client(
+                        transport=httpx.HTTPTransport(uds=sock),
+                        base_url="http://engine",
+                        timeout=15,
+                    )
+                )
+                wait_until(
+                    lambda i=instance_id: self.post("/query_worker_info", {"instance_id": i}).status_code == 200,
+                    timeout=30, what=f"{instance_id} registered",
+                )  # fmt: skip
+                engines.append(Engine(instance_id, api, proc))
+            yield engines
+
+    def _start_engine(self, stack: contextlib.ExitStack, instance_id: str) -> tuple[str, Any]:
+        """Start an engine process (stopped when ``stack`` closes); its API socket path and
+        the process."""
         worker_port, p2p_port = free_ports(2)
         prefix = self.tmp / f"api-{instance_id}"
         cfg = {
@@ -93,20 +122,8 @@ class Cluster(NamedTuple):
         path = self.tmp / f"{instance_id}.yaml"
         path.write_text(json.dumps(cfg))  # JSON is YAML
         log = self.tmp / f"{instance_id}.log"
-        with kvplane_process(["engine", "--config", str(path)], log_path=log) as proc:
-            sock = f"{prefix}_{API_PORT}"
-            wait_until(lambda: os.path.exists(sock), timeout=60, what=f"{instance_id} API")
-            api = httpx.Client(
-                transport=httpx.HTTPTransport(uds=sock), base_url="http://engine", timeout=15
-            )
-            try:
-                wait_until(
-                    lambda: self.post("/query_worker_info", {"instance_id": instance_id}).status_code == 200,
-                    timeout=30, what=f"{instance_id} registered",
-                )  # fmt: skip
-                yield Engine(instance_id, api, proc)
-            finally:
-                api.close()
+        proc = stack.enter_context(kvplane_process(["engine", "--config", str(path)], log_path=log))
+        return f"{prefix}_{API_PORT}", proc
 
 
 def new_cluster(tmp: Path) -> Cluster:
@@ -119,7 +136,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
     c = new_cluster(tmp_path_factory.mktemp("cluster"))
     with c.controller("controller.log"):
         c.wait_up()
-        with c.engine("inst-a") as a, c.engine("inst-b") as b:
+        with c.engines("inst-a", "inst-b") as (a, b):
             yield c, a, b
 
 

@@ -52,7 +52,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
     c = new_cluster(tmp_path_factory.mktemp("dashboard"))
     with c.controller("controller.log"):
         c.wait_up()
-        with c.engine("inst-a") as a, c.engine("inst-b") as b:
+        with c.engines("inst-a", "inst-b") as (a, b):
             yield c, a, b
 
 
