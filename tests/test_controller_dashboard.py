@@ -221,6 +221,7 @@ def test_recent_operations_skip_queries_which_never_push_them_out() -> None:
     lookup = table.start("lookup", finished=True)
     second = table.start("pin")
     table.start("query_worker_info", finished=True)
+    table.start("query_chunks", finished=True)
     assert [e.event_id for e in table.recent_operations()] == [second, first]
     for _ in range(5):  # a lookup storm: only older lookups leave
         table.start("lookup", finished=True)

@@ -61,7 +61,7 @@ class EventTable:
     router sends thousands a second) never pushes an operation out before a client asks
     ``/check_finish`` about it or the dashboard lists it."""
 
-    QUERIES = frozenset({"lookup", "query_worker_info", "query_instance"})
+    QUERIES = frozenset({"lookup", "query_worker_info", "query_instance", "query_chunks"})
 
     def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
