@@ -189,10 +189,10 @@ def test_the_snapshot_shows_instances_workers_tiers_and_states() -> None:
     assert [i.instance_id for i in data.instances] == ["A", "B"]
     a, b = data.instances
     assert [(t.location, t.chunks, t.bytes) for t in a.tiers] == [
-        (CPU, 3, 2 * 3 * 1024),  # each rank holds its slice of the same 3 chunks
+        (CPU, 2 * 3, 2 * 3 * 1024),  # summed over the ranks, as GET /status counts
         (DISK, 2, 2 * 1024),  # only rank 0 holds these
     ]
-    assert (a.chunks, a.bytes) == (5, 8 * 1024)
+    assert (a.chunks, a.bytes) == (8, 8 * 1024)
     r0, r1 = a.workers
     assert (r0.worker_id, r0.address, r0.peer_init_url) == (0, "10.0.0.1:7000", "A.peer:8000")
     assert (r0.chunks, r1.chunks) == (5, 3)
@@ -204,9 +204,9 @@ def test_the_snapshot_shows_instances_workers_tiers_and_states() -> None:
     assert data.totals.model_dump() == {
         "instances": 2,
         "workers": 3,
-        "chunks": 7,
+        "chunks": 10,
         "bytes": None,
-        "chunks_by_tier": {CPU: 5, DISK: 2},
+        "chunks_by_tier": {CPU: 8, DISK: 2},
     }
     assert data.counters["sequence_gaps"] == 1 and data.counters["registrations"] == 3
     assert [(o.event_id, o.kind, o.status, o.error) for o in data.operations] == [
@@ -276,7 +276,10 @@ def test_routes_serve_the_pages_the_data_and_its_schema() -> None:
         assert body["lookups"]["lookups"] == 1
         assert (body["lookups"]["tokens_asked"], body["lookups"]["tokens_matched"]) == (16, 12)
         assert body["lookups"]["hit_ratio"] == 0.75
-        assert [i["chunks"] for i in body["instances"]] == [5, 2]
+        assert [i["chunks"] for i in body["instances"]] == [8, 2]
+        status = client.get("/status").json()  # the same counts as GET /status
+        assert [sum(i["chunks"].values()) for i in status["instances"]] == [8, 2]
+        assert status["totals"]["chunks_by_tier"] == body["totals"]["chunks_by_tier"]
         schema = client.get("/openapi.json").json()
         get = schema["paths"]["/dashboard/data"]["get"]
         assert get["responses"]["200"]["content"]["application/json"]["schema"] == {

@@ -4,9 +4,9 @@
 :func:`kvplane.controller.dashboard.routes.capture`); :func:`build_snapshot` turns it and
 the rate history into :class:`DashboardData`, the body of ``GET /dashboard/data``.
 
-Chunks and bytes per instance and tier: each rank of a tensor-parallel instance stores its
-own slice of the same chunks, so an instance's chunks in a tier are the most any of its
-ranks holds there, and its bytes the sum over its ranks. Bytes are chunks times the rank's
+Chunks and bytes per instance and tier are summed over the instance's ranks (index entries,
+one per worker and tier), as ``GET /status`` and ``kvplane_controller_instance_chunks``
+count them. Bytes are chunks times the rank's
 ``chunk_bytes`` (one full, uncompressed chunk, as the worker registered it): an upper
 bound, since a last partial chunk or a compressed one takes less; None when a worker did
 not say.
@@ -76,7 +76,7 @@ class InstanceView(BaseModel):
     instance_id: str
     chunks: int = Field(description="sum of the instance's tiers' chunks")
     bytes: int | None
-    tiers: list[TierView] = Field(description="per tier: most chunks of any rank, bytes summed")
+    tiers: list[TierView] = Field(description="per tier, summed over the ranks")
     workers: list[WorkerView]
 
 
@@ -179,8 +179,7 @@ def _instance_view(instance_id: str, workers: list[WorkerView]) -> InstanceView:
     tiers = [
         TierView(
             location=loc,
-            chunks=max(t.chunks for t in per_rank),
-            # a rank lacking the tier holds 0 bytes there
+            chunks=sum(t.chunks for t in per_rank),
             bytes=_sum_bytes([t.bytes for t in per_rank]),
         )
         for loc, per_rank in locations.items()
