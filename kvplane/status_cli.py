@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING
 
+from kvplane.controller.overview import is_late
 from kvplane.errors import BadRequest, Unavailable
 from kvplane.text_table import format_table
 
@@ -109,7 +110,7 @@ def render(status: ClusterStatus, controller: str) -> str:
     rows: list[list[object]] = []
     for inst in status.instances:
         for w in inst.workers:
-            late = " LATE" if w.heartbeat_age_s > status.worker_timeout_s / 2 else ""
+            late = " LATE" if is_late(w.heartbeat_age_s, status.worker_timeout_s) else ""
             rows.append(
                 [
                     inst.instance_id,

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvplane.controller.cluster import Cluster
+from kvplane.controller.overview import by_instance, copy_workers
 from kvplane.controller.settings import ControllerConfig
 from kvplane.metric_specs import CONTROLLER_COUNTERS, spec
 from kvplane.web.diagnostics import loglevel_router, threads_router
@@ -29,10 +30,7 @@ class _CoreCollector:
         with cluster.lock:
             counts = cluster.core.counters.as_dict()
             chunks = cluster.core.index.num_chunks()
-            per_worker = {
-                w.key: cluster.core.index.tier_counts(w.key)
-                for w in cluster.core.registry.all_workers()
-            }
+            copied = copy_workers(cluster.core)
             workers = len(cluster.core.registry)
             instances = len(cluster.core.registry.instances())
         _, asked, matched, _ = cluster.lookup_stats.totals()
@@ -47,14 +45,11 @@ class _CoreCollector:
             ("kvplane_controller_instances", instances),
         ):
             yield GaugeMetricFamily(name, spec(name).help, value=value)
-        by_tier: dict[tuple[str, str], int] = {}
-        for key, tiers in per_worker.items():
-            for location, n in tiers.items():
-                by_tier[key.instance_id, location] = by_tier.get((key.instance_id, location), 0) + n
         s = spec("kvplane_controller_instance_chunks")
         family = GaugeMetricFamily(s.name, s.help, labels=list(s.labels))
-        for (instance_id, location), n in sorted(by_tier.items()):
-            family.add_metric([instance_id, location], n)
+        for inst in by_instance(copied.workers, copied.tier_counts):
+            for location, n in sorted(inst.chunks.items()):
+                family.add_metric([inst.instance_id, location], n)
         yield family
 
 

@@ -52,9 +52,14 @@ class WorkerRecord:
         return WorkerKey(self.instance_id, self.worker_id)
 
     @property
-    def address(self) -> str:
+    def host_port(self) -> str:
+        """``ip:port`` of the command port, an IPv6 address in brackets."""
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
-        return f"tcp://{host}:{self.port}"
+        return f"{host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.host_port}"
 
 
 class RegisterOutcome(NamedTuple):

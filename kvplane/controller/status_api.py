@@ -1,17 +1,18 @@
 """GET /status: the cluster at a glance (instances, workers, tiers, chunk counts, heartbeat
 ages, totals), read by ``kvplane status``. The snapshot is a pure function of the registry's
-records and the index's counts, so it is tested without a controller.
+records and the index's counts (grouped and summed by :mod:`kvplane.controller.overview`, as
+the dashboard's are), so it is tested without a controller.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from kvplane.controller.cluster import Cluster
+from kvplane.controller.overview import by_instance, chunks_by_tier, copy_workers, heartbeat_age_s
 from kvplane.controller.registry import WorkerKey, WorkerRecord
 
 __all__ = [
@@ -54,11 +55,6 @@ class ClusterStatus(BaseModel):
     totals: ClusterTotals
 
 
-def _add(into: dict[str, int], counts: Mapping[str, int]) -> None:
-    for tier, n in counts.items():
-        into[tier] = into.get(tier, 0) + n
-
-
 def snapshot(
     workers: Iterable[WorkerRecord],
     chunk_counts: Mapping[WorkerKey, Mapping[str, int]],
@@ -66,41 +62,36 @@ def snapshot(
     worker_timeout_s: float,
 ) -> ClusterStatus:
     """The status of ``workers`` at ``now``: instances by id, ranks by worker id."""
-    by_instance: dict[str, list[WorkerRecord]] = {}
-    for w in workers:
-        by_instance.setdefault(w.instance_id, []).append(w)
-    instances = []
-    total_by_tier: dict[str, int] = {}
-    for instance_id in sorted(by_instance):
-        ranks = sorted(by_instance[instance_id], key=lambda w: w.worker_id)
-        inst_chunks: dict[str, int] = {}
-        statuses = []
-        for w in ranks:
-            counts = dict(chunk_counts.get(w.key, {}))
-            _add(inst_chunks, counts)
-            statuses.append(
-                WorkerStatus(
-                    worker_id=w.worker_id,
-                    address=w.address,
-                    peer_init_url=w.peer_init_url,
-                    registration_time=w.registration_time,
-                    last_heartbeat_time=w.last_heartbeat_time,
-                    heartbeat_age_s=max(0.0, now - w.last_heartbeat_time),
-                    chunks=counts,
-                )
-            )
-        _add(total_by_tier, inst_chunks)
-        instances.append(
-            InstanceStatus(instance_id=instance_id, workers=statuses, chunks=inst_chunks)
-        )
-    totals = ClusterTotals(
-        instances=len(instances),
-        workers=sum(len(i.workers) for i in instances),
-        chunks=sum(total_by_tier.values()),
-        chunks_by_tier=total_by_tier,
-    )
+    instances = by_instance(workers, chunk_counts)
+    by_tier = chunks_by_tier(instances)
     return ClusterStatus(
-        time=now, worker_timeout_s=worker_timeout_s, instances=instances, totals=totals
+        time=now,
+        worker_timeout_s=worker_timeout_s,
+        instances=[
+            InstanceStatus(
+                instance_id=inst.instance_id,
+                workers=[
+                    WorkerStatus(
+                        worker_id=w.worker_id,
+                        address=w.address,
+                        peer_init_url=w.peer_init_url,
+                        registration_time=w.registration_time,
+                        last_heartbeat_time=w.last_heartbeat_time,
+                        heartbeat_age_s=heartbeat_age_s(w, now),
+                        chunks=chunks,
+                    )
+                    for w, chunks in inst.ranks
+                ],
+                chunks=inst.chunks,
+            )
+            for inst in instances
+        ],
+        totals=ClusterTotals(
+            instances=len(instances),
+            workers=sum(len(i.ranks) for i in instances),
+            chunks=sum(by_tier.values()),
+            chunks_by_tier=by_tier,
+        ),
     )
 
 
@@ -110,11 +101,8 @@ def build_status_router(cluster: Cluster) -> APIRouter:
     @router.get("/status", response_model=ClusterStatus)
     def status() -> ClusterStatus:
         with cluster.lock:
-            registry = cluster.core.registry
-            # copies: the records are mutated by the ingest thread once the lock is released
-            records = [replace(w) for w in registry.all_workers()]
-            counts = {w.key: cluster.core.index.tier_counts(w.key) for w in records}
-            timeout = registry.timeout_s
-        return snapshot(records, counts, cluster.clock(), timeout)
+            copied = copy_workers(cluster.core)
+        timeout = cluster.core.registry.timeout_s
+        return snapshot(copied.workers, copied.tier_counts, cluster.clock(), timeout)
 
     return router

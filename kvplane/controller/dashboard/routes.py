@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib.resources import files
@@ -28,6 +27,7 @@ from kvplane.controller.dashboard.snapshot import (
     build_snapshot,
     sample_of,
 )
+from kvplane.controller.overview import by_instance, copy_workers
 from kvplane.errors import NotFound
 
 __all__ = ["Dashboard", "capture"]
@@ -51,14 +51,12 @@ def capture(cluster: Cluster) -> ClusterView:
     lookups = cluster.lookup_stats.totals()
     core = cluster.core
     with cluster.lock:
-        workers = [dataclasses.replace(w) for w in core.registry.all_workers()]
-        tiers = {w.key: core.index.tier_counts(w.key) for w in workers}
+        copied = copy_workers(core)
         counters = core.counters.as_dict()
     return ClusterView(
         now=now,
         worker_timeout_s=core.registry.timeout_s,
-        workers=workers,
-        tier_counts=tiers,
+        instances=by_instance(copied.workers, copied.tier_counts),
         counters=counters,
         lookups=lookups,
         operations=operations,

@@ -4,9 +4,10 @@
 :func:`kvplane.controller.dashboard.routes.capture`); :func:`build_snapshot` turns it and
 the rate history into :class:`DashboardData`, the body of ``GET /dashboard/data``.
 
-Chunks and bytes per instance and tier are summed over the instance's ranks (index entries,
-one per worker and tier), as ``GET /status`` and ``kvplane_controller_instance_chunks``
-count them. Bytes are chunks times the rank's
+Instances, ranks and chunks per tier are grouped and summed by
+:mod:`kvplane.controller.overview`, as for ``GET /status`` and
+``kvplane_controller_instance_chunks``; this module adds what only the page shows (bytes,
+worker states, lookups, rates, operations). Bytes are chunks times the rank's
 ``chunk_bytes`` (one full, uncompressed chunk, as the worker registered it): an upper
 bound, since a last partial chunk or a compressed one takes less; None when a worker did
 not say.
@@ -15,20 +16,19 @@ not say.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from itertools import groupby
 from typing import NamedTuple
 
 from pydantic import BaseModel, Field
 
 from kvplane.controller.dashboard.history import Point, Sample
 from kvplane.controller.executor import EventRecord
-from kvplane.controller.registry import WorkerKey, WorkerRecord
+from kvplane.controller.overview import Instance, chunks_by_tier, heartbeat_age_s, is_late
+from kvplane.controller.registry import WorkerRecord
 
 __all__ = [
     "ClusterView",
     "DashboardData",
     "build_snapshot",
-    "instances_of",
     "sample_of",
     "worker_state",
 ]
@@ -39,8 +39,7 @@ class ClusterView(NamedTuple):
 
     now: float
     worker_timeout_s: float
-    workers: Sequence[WorkerRecord]  # by instance and rank
-    tier_counts: Mapping[WorkerKey, Mapping[str, int]]
+    instances: Sequence[Instance]  # by id, ranks by worker id
     counters: Mapping[str, int]
     lookups: tuple[int, int, int, float]  # LookupStats.totals()
     operations: Sequence[EventRecord]  # newest first
@@ -136,77 +135,56 @@ class DashboardData(BaseModel):
 def worker_state(worker: WorkerRecord, now: float, timeout_s: float) -> str:
     if worker.needs_resync:
         return "resync"
-    if now - worker.last_heartbeat_time > timeout_s / 2:
+    if is_late(heartbeat_age_s(worker, now), timeout_s):
         return "late"
     return "ok"
 
 
-def _worker_view(view: ClusterView, w: WorkerRecord) -> WorkerView:
-    counts = view.tier_counts.get(w.key, {})
-    tiers = [
-        TierView(
-            location=loc,
-            chunks=n,
-            bytes=None if w.chunk_bytes is None else n * w.chunk_bytes,
-        )
-        for loc, n in counts.items()
-    ]
-    host = f"[{w.ip}]" if ":" in w.ip else w.ip
-    return WorkerView(
-        worker_id=w.worker_id,
-        address=f"{host}:{w.port}",
-        peer_init_url=w.peer_init_url,
-        state=worker_state(w, view.now, view.worker_timeout_s),
-        heartbeat_age_s=max(view.now - w.last_heartbeat_time, 0.0),
-        registration_time=w.registration_time,
-        last_heartbeat_time=w.last_heartbeat_time,
-        chunk_size=w.chunk_size,
-        chunk_bytes=w.chunk_bytes,
-        chunks=sum(counts.values()),
-        tiers=tiers,
-    )
+def _tier_bytes(chunks: int, chunk_bytes: int | None) -> int | None:
+    return None if chunk_bytes is None else chunks * chunk_bytes
 
 
 def _sum_bytes(values: Sequence[int | None]) -> int | None:
     return None if any(v is None for v in values) else sum(v for v in values if v is not None)
 
 
-def _instance_view(instance_id: str, workers: list[WorkerView]) -> InstanceView:
-    locations: dict[str, list[TierView]] = {}
-    for w in workers:
-        for tier in w.tiers:
-            locations.setdefault(tier.location, []).append(tier)
-    tiers = [
-        TierView(
-            location=loc,
-            chunks=sum(t.chunks for t in per_rank),
-            bytes=_sum_bytes([t.bytes for t in per_rank]),
-        )
-        for loc, per_rank in locations.items()
-    ]
-    return InstanceView(
-        instance_id=instance_id,
-        chunks=sum(t.chunks for t in tiers),
-        bytes=_sum_bytes([t.bytes for t in tiers]),
-        tiers=tiers,
-        workers=workers,
+def _worker_view(view: ClusterView, w: WorkerRecord, counts: Mapping[str, int]) -> WorkerView:
+    return WorkerView(
+        worker_id=w.worker_id,
+        address=w.host_port,
+        peer_init_url=w.peer_init_url,
+        state=worker_state(w, view.now, view.worker_timeout_s),
+        heartbeat_age_s=heartbeat_age_s(w, view.now),
+        registration_time=w.registration_time,
+        last_heartbeat_time=w.last_heartbeat_time,
+        chunk_size=w.chunk_size,
+        chunk_bytes=w.chunk_bytes,
+        chunks=sum(counts.values()),
+        tiers=[
+            TierView(location=loc, chunks=n, bytes=_tier_bytes(n, w.chunk_bytes))
+            for loc, n in counts.items()
+        ],
     )
 
 
-def instances_of(view: ClusterView) -> list[InstanceView]:
-    """Every instance with a registered worker, by id, its workers by rank."""
-    by_instance = groupby(sorted(view.workers, key=lambda w: w.key), key=lambda w: w.instance_id)
-    return [
-        _instance_view(iid, [_worker_view(view, w) for w in ranks]) for iid, ranks in by_instance
+def _instance_view(view: ClusterView, inst: Instance) -> InstanceView:
+    tiers = [
+        TierView(
+            location=loc,
+            chunks=n,
+            bytes=_sum_bytes(
+                [_tier_bytes(c[loc], w.chunk_bytes) for w, c in inst.ranks if loc in c]
+            ),
+        )
+        for loc, n in inst.chunks.items()
     ]
-
-
-def _chunks_by_tier(instances: Sequence[InstanceView]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for inst in instances:
-        for tier in inst.tiers:
-            out[tier.location] = out.get(tier.location, 0) + tier.chunks
-    return out
+    return InstanceView(
+        instance_id=inst.instance_id,
+        chunks=sum(inst.chunks.values()),
+        bytes=_sum_bytes([t.bytes for t in tiers]),
+        tiers=tiers,
+        workers=[_worker_view(view, w, counts) for w, counts in inst.ranks],
+    )
 
 
 def sample_of(view: ClusterView) -> Sample:
@@ -220,7 +198,7 @@ def sample_of(view: ClusterView) -> Sample:
         lookup_seconds=seconds,
         admits=view.counters.get("admits_applied", 0),
         evicts=view.counters.get("evicts_applied", 0),
-        chunks_by_tier=_chunks_by_tier(instances_of(view)),
+        chunks_by_tier=chunks_by_tier(view.instances),
     )
 
 
@@ -232,7 +210,7 @@ def build_snapshot(
     sample_interval_s: float,
     history_span_s: float,
 ) -> DashboardData:
-    instances = instances_of(view)
+    instances = [_instance_view(view, inst) for inst in view.instances]
     lookups, asked, matched, seconds = view.lookups
     return DashboardData(
         now=view.now,
@@ -242,10 +220,10 @@ def build_snapshot(
         history_span_s=history_span_s,
         totals=Totals(
             instances=len(instances),
-            workers=len(view.workers),
+            workers=sum(len(i.workers) for i in instances),
             chunks=sum(i.chunks for i in instances),
             bytes=_sum_bytes([i.bytes for i in instances]),
-            chunks_by_tier=_chunks_by_tier(instances),
+            chunks_by_tier=chunks_by_tier(view.instances),
         ),
         lookups=LookupTotals(
             lookups=lookups,
