@@ -23,10 +23,13 @@ from kvplane.controller.cluster import Cluster
 from kvplane.controller.core import ControllerCore
 from kvplane.controller.dashboard.history import History, Sample
 from kvplane.controller.dashboard.routes import capture
-from kvplane.controller.dashboard.snapshot import build_snapshot
+from kvplane.controller.dashboard.snapshot import ClusterView, build_snapshot
 from kvplane.controller.executor import EventStatus, EventTable, Executor
 from kvplane.controller.http import create_app
+from kvplane.controller.overview import by_instance
+from kvplane.controller.registry import WorkerKey, WorkerRecord
 from kvplane.controller.settings import ControllerConfig
+from kvplane.controller.status_api import snapshot
 from kvplane.keys import chunk_hashes, key_scheme_fingerprint
 from kvplane.protocol import (
     ChunkReport,
@@ -248,6 +251,78 @@ def test_a_worker_silent_for_half_the_timeout_is_late() -> None:
     ]
     cluster.executor.close()
     assert states == [("A", "late"), ("A", "late"), ("B", "resync")]
+
+
+def record(instance_id: str, worker_id: int, ip: str, heartbeat: float, resync: bool,
+           chunk_bytes: int | None) -> WorkerRecord:  # fmt: skip
+    return WorkerRecord(
+        instance_id=instance_id,
+        worker_id=worker_id,
+        ip=ip,
+        port=7000 + worker_id,
+        peer_init_url=None,
+        chunk_size=CHUNK,
+        key_scheme="x",
+        epoch=1,
+        registration_time=900.0,
+        last_heartbeat_time=heartbeat,
+        needs_resync=resync,
+        chunk_bytes=chunk_bytes,
+    )
+
+
+workers = st.lists(
+    st.builds(
+        record,
+        st.sampled_from("abc"),
+        st.integers(0, 3),
+        st.sampled_from(["10.0.0.1", "fd00::1"]),
+        st.floats(970.0, 1000.0),  # up to 30 s old at now = 1000, with a 20 s timeout
+        st.booleans(),
+        st.none() | st.integers(1, 4096),
+    ),
+    max_size=8,
+    unique_by=lambda w: w.key,
+)
+counts = st.dictionaries(
+    st.tuples(st.sampled_from("abcd"), st.integers(0, 3)),  # "d": chunks of no registered worker
+    st.dictionaries(st.sampled_from([CPU, DISK, "RemoteBackend"]), st.integers(0, 50)),
+    max_size=8,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(workers, counts)
+def test_the_dashboard_and_get_status_say_the_same_of_every_worker(records, raw) -> None:
+    tier_counts = {WorkerKey(*k): v for k, v in raw.items()}
+    status = snapshot(records, tier_counts, 1000.0, 20.0)
+    view = ClusterView(1000.0, 20.0, by_instance(records, tier_counts), {}, (0, 0, 0, 0.0), [])
+    data = build_snapshot(view, [], started=0.0, sample_interval_s=2.0, history_span_s=300.0)
+
+    assert data.totals.model_dump(exclude={"bytes"}) == status.totals.model_dump()
+    assert [i.instance_id for i in data.instances] == [i.instance_id for i in status.instances]
+    by_key = {w.key: w for w in records}
+    for shown, told in zip(data.instances, status.instances, strict=True):
+        assert [(t.location, t.chunks) for t in shown.tiers] == list(told.chunks.items())
+        assert shown.chunks == sum(told.chunks.values())
+        for w, s in zip(shown.workers, told.workers, strict=True):
+            assert (w.worker_id, "tcp://" + w.address, w.peer_init_url) == (
+                s.worker_id, s.address, s.peer_init_url)  # fmt: skip
+            assert (w.heartbeat_age_s, w.registration_time, w.last_heartbeat_time) == (
+                s.heartbeat_age_s, s.registration_time, s.last_heartbeat_time)  # fmt: skip
+            assert {t.location: t.chunks for t in w.tiers} == s.chunks
+            rec = by_key[WorkerKey(shown.instance_id, w.worker_id)]
+            late = s.heartbeat_age_s > status.worker_timeout_s / 2  # as `kvplane status` marks
+            assert w.state == ("resync" if rec.needs_resync else "late" if late else "ok")
+        for tier in shown.tiers:  # bytes: each holding rank's chunks x its chunk size
+            sizes = [
+                (s.chunks[tier.location], by_key[WorkerKey(told.instance_id, s.worker_id)])
+                for s in told.workers
+                if tier.location in s.chunks
+            ]
+            unknown = any(r.chunk_bytes is None for _, r in sizes)
+            expect = None if unknown else sum(n * (r.chunk_bytes or 0) for n, r in sizes)
+            assert tier.bytes == expect
 
 
 # --- routes, assets, packaging ---------------------------------------------------------------
