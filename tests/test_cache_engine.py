@@ -109,7 +109,7 @@ def test_freeze_holds_tier_events_and_delivers_them_when_lifted(tmp_path):
     assert sorted(events) == sorted(ChunkAdmitted(k, t) for k in keys for t in (cpu, disk))
 
     engine.frozen = True
-    assert engine.clear([cpu]) == 3
+    assert engine.clear([cpu]) == (3, 48)
     assert storage.cpu.set_hot_cache(False) == 0
     # a queued lower-tier write landing while frozen, then removed: only its last event counts
     extra = engine.keys_for(list(range(500, 516)))[0]

@@ -13,7 +13,6 @@ import time
 import httpx
 import pytest
 
-from kvplane.cli import build_parser
 from tests.support import free_ports, kvplane_env, kvplane_process, wait_until
 
 pytestmark = pytest.mark.slow
@@ -23,15 +22,8 @@ SEED_PROMPT = "Explain the significance of KV cache in language models."
 INSTANCE = "lmcache_default_instance"
 
 
-def controller_available() -> bool:
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return "controller" in sub.choices  # type: ignore[operator]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if not controller_available():
-        pytest.skip("kvplane controller not merged yet")
     tmp = tmp_path_factory.mktemp("seed-flows")
     c_port, pull, serve_port, worker_port, p2p_port = free_ports(5)
     cfg = tmp / "example.yaml"

@@ -49,8 +49,9 @@ class TierCase:
     backend: StorageBackend
     #: how a chunk gets into the tier (``put``, or into the peer for the p2p tier)
     seed: Callable[[CacheKey, KVChunk], bool]
-    #: make every stored chunk unreadable (corrupt files, stop the server, kill the peer)
-    break_it: Callable[[], None]
+    #: make every stored chunk unreadable (corrupt files, stop the server, kill the peer);
+    #: None for the CPU tier, which is this process's memory and has no fault of its own
+    break_it: Callable[[], None] | None
     writable: bool = True
     #: chunks of make_chunk() size that fit; None: the tier does not evict
     capacity_chunks: int | None = None
@@ -89,7 +90,7 @@ def _cpu(tmp_path: Path) -> Iterator[TierCase]:
     yield TierCase(
         backend,
         seed=backend.put,
-        break_it=lambda: backend.set_hot_cache(False),
+        break_it=None,
         capacity_chunks=4,
     )
 

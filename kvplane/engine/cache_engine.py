@@ -42,7 +42,7 @@ from kvplane.engine.kv_layout import (
 from kvplane.engine.memory_pool import MemoryPage
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.p2p.move import MoveRequest, MoveResult
-from kvplane.engine.storage_manager import StorageManager
+from kvplane.engine.storage_manager import Cleared, StorageManager
 from kvplane.errors import BadRequest, Unsupported
 from kvplane.keys import CacheKey, chunk_hashes, chunk_spans, to_token_array
 
@@ -383,7 +383,8 @@ class CacheEngine:
         return held
 
     # ------------------------------------------------------------------ management
-    def clear(self, locations: Sequence[str] | None = None) -> int:
+    def clear(self, locations: Sequence[str] | None = None) -> Cleared:
+        """Remove every chunk of the named tiers (all when None): chunks and tokens removed."""
         return self.storage.clear(locations)
 
     def pin(self, tokens: TokenIds) -> int:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from kvplane.engine import serde
 from kvplane.engine.chunk import KVChunk
+from kvplane.errors import CorruptChunk
 from kvplane.keys import CacheKey
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "directory_from_url",
     "key_of",
     "read_chunk_file",
+    "read_chunk_tokens",
     "remove_temp_files",
     "scan",
     "write_chunk_file",
@@ -110,6 +112,18 @@ def read_chunk_file(path: Path, key: CacheKey) -> KVChunk:
             got += n
     _, chunk = serde.decode(view[:got], expected_key=key)
     return chunk
+
+
+def read_chunk_tokens(path: Path, key: CacheKey) -> int:
+    """The token count in one chunk file's header, without reading its payload. Raises
+    FileNotFoundError (gone) or CorruptChunk (unreadable header, or another key's)."""
+    with open(path, "rb") as f:
+        prefix = f.read(serde.PREFIX_SIZE)
+        header = prefix + f.read(serde.header_size(prefix) - len(prefix))
+    parsed = serde.decode_header(header)
+    if parsed.key != key:
+        raise CorruptChunk(f"chunk file {path.name} holds key {parsed.key.to_str()}")
+    return parsed.meta.num_tokens
 
 
 def scan(root: Path) -> list[ChunkFile]:

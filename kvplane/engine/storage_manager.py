@@ -41,7 +41,7 @@ from kvplane.engine.metrics import EngineMetrics
 from kvplane.errors import BadRequest, Conflict
 from kvplane.keys import CacheKey
 
-__all__ = ["StorageManager"]
+__all__ = ["Cleared", "StorageManager"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,13 @@ class _TierWriter:
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join(timeout=5)
+
+
+class Cleared(NamedTuple):
+    """What a clear removed: chunks, and the tokens whose KV they held."""
+
+    num_chunks: int
+    num_tokens: int
 
 
 class StorageManager:
@@ -370,12 +377,21 @@ class StorageManager:
             for name, backend in self.backends.items()
         }
 
-    def clear(self, locations: Sequence[str] | None = None) -> int:
-        """Remove chunks from the named tiers (all when None); returns how many."""
+    def clear(self, locations: Sequence[str] | None = None) -> Cleared:
+        """Remove chunks from the named tiers (all when None); returns how many chunks and
+        how many tokens they held (a prompt's last chunk may be partial)."""
         names = list(self.backends) if not locations else list(locations)
         for name in names:
             self._check_name(name)
-        return sum(self.backends[name].clear() for name in names)
+        chunks = tokens = 0
+        for name in names:
+            backend = self.backends[name]
+            for key in backend.keys():
+                held = backend.chunk_tokens(key)
+                if backend.remove(key):
+                    chunks += 1
+                    tokens += held
+        return Cleared(chunks, tokens)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued lower-tier write is done (tests, shutdown)."""

@@ -48,13 +48,11 @@ class CommandHandlers:
     def __init__(
         self,
         engine: CacheEngine,
-        chunk_size: int,
         on_resync: Callable[[], None] | None = None,
         remember: int = 10_000,
     ) -> None:
         """``on_resync``: what a ResyncCommand triggers (the worker's re-registration)."""
         self._engine = engine
-        self._chunk_size = chunk_size
         self._on_resync = on_resync
         self._remember = remember
         self._events: OrderedDict[str, str] = OrderedDict()
@@ -94,8 +92,7 @@ class CommandHandlers:
     # --- handlers ----------------------------------------------------------------------------
 
     def _clear(self, cmd: ClearCommand) -> CommandReply:
-        chunks = self._engine.clear(cmd.locations)
-        return CommandReply(num_tokens=chunks * self._chunk_size)
+        return CommandReply(num_tokens=self._engine.clear(cmd.locations).num_tokens)
 
     def _pin(self, cmd: PinCommand) -> CommandReply:
         return CommandReply(num_tokens=self._engine.pin(cmd.tokens))

@@ -93,9 +93,7 @@ class ControllerWorker:
         self._resync: ResyncProgress | None = None  # the resync going out (control thread)
         self.registered = threading.Event()  # mirrors the session, for other threads
         self._resync_requested = threading.Event()
-        self.handlers = CommandHandlers(
-            engine.cache_engine, config.chunk_size, self._resync_requested.set
-        )
+        self.handlers = CommandHandlers(engine.cache_engine, self._resync_requested.set)
         self.stats = dict.fromkeys(WORKER_COUNTERS, 0)  # written by the control thread only
         self._ctx = zmq.Context()
         self._who = f"worker {self.instance_id}/{self.worker_id}"

@@ -149,7 +149,7 @@ def clear(
 ) -> ClearResponse:
     for name in locations or []:
         check_backend(storage, name)
-    return ClearResponse(num_removed=storage.clear(locations or None))
+    return ClearResponse(num_removed=storage.clear(locations or None).num_chunks)
 
 
 def _request_tokens(

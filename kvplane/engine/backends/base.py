@@ -73,6 +73,12 @@ class StorageBackend(ABC):
     def keys(self) -> list[CacheKey]:
         """Every key held now."""
 
+    def chunk_tokens(self, key: CacheKey) -> int:
+        """How many tokens the chunk under ``key`` holds (0 when absent). Tiers that know
+        it without reading the payload override this."""
+        with self.read(key) as chunk:
+            return 0 if chunk is None else chunk.meta.num_tokens
+
     def clear(self) -> int:
         """Drop everything; returns the number of chunks removed."""
         return sum(1 for k in self.keys() if self.remove(k))

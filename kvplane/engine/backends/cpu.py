@@ -157,6 +157,11 @@ class LocalCPUBackend(StorageBackend):
         with self._lock:
             return list(self._entries)
 
+    def chunk_tokens(self, key: CacheKey) -> int:
+        with self._lock:
+            entry = self._entries.get(key)
+            return 0 if entry is None else entry.meta.num_tokens
+
     def clear(self) -> int:
         with self._lock:
             keys = list(self._entries)

@@ -67,6 +67,12 @@ class LocalDiskBackend(StorageBackend):
         self._emit_all(events)
 
     # ------------------------------------------------------------------ contract
+    def chunk_tokens(self, key: CacheKey) -> int:
+        try:
+            return chunk_files.read_chunk_tokens(chunk_files.chunk_path(self.root, key), key)
+        except (CorruptChunk, OSError):
+            return 0  # gone or unreadable: a clear removes it all the same
+
     def contains(self, key: CacheKey) -> bool:
         with self._lock:
             return key in self._index

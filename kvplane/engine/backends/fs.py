@@ -55,6 +55,12 @@ class FSConnectorBackend(StorageBackend):
         with self._lock:
             return {"corrupt": float(self._corrupt), "write_errors": float(self._write_errors)}
 
+    def chunk_tokens(self, key: CacheKey) -> int:
+        try:
+            return chunk_files.read_chunk_tokens(chunk_files.chunk_path(self.root, key), key)
+        except (CorruptChunk, OSError):
+            return 0  # gone or unreadable: a clear removes it all the same
+
     def contains(self, key: CacheKey) -> bool:
         return chunk_files.chunk_path(self.root, key).is_file()
 
