@@ -63,10 +63,13 @@ def test_failed_probe_reopens_for_a_full_period() -> None:
     st.lists(st.tuples(st.sampled_from(["ok", "fail", "call"]), st.floats(0, 3)), max_size=60),
 )
 def test_model_properties(threshold: int, steps: list[tuple[str, float]]) -> None:
-    """Against any sequence: closed always allows; open never allows before the reset time;
-    ``threshold`` failures in a row from closed always open it; a success always closes it."""
-    b, clock = breaker(threshold, 1.0)
-    streak = 0
+    """Against any sequence: closed always allows; open never allows before the reset time
+    and lets one probe through after it; ``threshold`` failures in a row from closed always
+    open it; a success always closes it."""
+    reset = 1.0
+    b, clock = breaker(threshold, reset)
+    streak = 0  # failures in a row since the breaker was last closed by a success
+    opened_at: float | None = None
     for op, dt in steps:
         clock.now += dt
         before = b.state
@@ -74,15 +77,23 @@ def test_model_properties(threshold: int, steps: list[tuple[str, float]]) -> Non
             allowed = b.allow()
             if before is BreakerState.CLOSED:
                 assert allowed
+            elif before is BreakerState.OPEN:
+                assert opened_at is not None
+                assert allowed == (clock.now - opened_at >= reset)
+                if allowed:
+                    assert b.state is BreakerState.HALF_OPEN
+                    assert not b.allow()  # one probe at a time
         elif op == "ok":
             b.record_success()
             streak = 0
             assert b.state is BreakerState.CLOSED
         else:
-            was_closed = before is BreakerState.CLOSED
             b.record_failure()
-            streak = streak + 1 if was_closed else 0
-            if was_closed and streak >= threshold:
-                assert b.state is BreakerState.OPEN
-                assert not b.allow()
-                streak = 0
+            if before is BreakerState.CLOSED:
+                streak += 1
+                assert (b.state is BreakerState.OPEN) == (streak >= threshold)
+            if before is BreakerState.HALF_OPEN:
+                assert b.state is BreakerState.OPEN  # a failed probe reopens it
+        if b.state is BreakerState.OPEN and before is not BreakerState.OPEN:
+            opened_at = clock.now
+            streak = 0

@@ -28,23 +28,37 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
     s.stop()
 
 
-def fast_breaker() -> CircuitBreaker:
-    return CircuitBreaker(BreakerPolicy(failure_threshold=2, reset_after_s=0.2))
+class Clock:
+    """The breaker's clock, moved by the test: the breaker reopens only when told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fast_breaker(clock: Clock | None = None) -> CircuitBreaker:
+    policy = BreakerPolicy(failure_threshold=2, reset_after_s=0.2)
+    return CircuitBreaker(policy, clock or time.monotonic)
 
 
 def test_server_down_drops_puts_and_misses_fast_then_recovers(server: RedisServer) -> None:
-    remote = RemoteBackend(server.url, timeout_s=0.5, breaker=fast_breaker())
+    clock = Clock()
+    remote = RemoteBackend(server.url, timeout_s=0.5, breaker=fast_breaker(clock))
     assert remote.put(make_key(1), make_chunk(1))
     server.stop()
-    start = time.monotonic()
     for i in range(20):
         assert remote.get(make_key(1)) is None
         assert not remote.put(make_key(i), make_chunk(i))
-    assert time.monotonic() - start < 2.0
     assert remote.breaker.state is BreakerState.OPEN
     stats = remote.stats()
-    assert stats.dropped_puts == 20 and stats.skipped_gets > 0
+    # two calls went out and failed; the breaker answered the other 38 without a call
+    assert (stats.errors, stats.times_opened, stats.skipped_gets) == (2, 1, 38)
+    assert stats.dropped_puts == 20
     server.start()  # same port, empty (no persistence)
+    assert not remote.put(make_key(2), make_chunk(2))  # still open: no call goes out
+    clock.now += 0.2  # the reset time passes: the next call is the probe
     wait_until(lambda: remote.put(make_key(2), make_chunk(2)), timeout=5, what="recovery")
     assert remote.breaker.state is BreakerState.CLOSED
     assert same_kv(remote.get(make_key(2)), make_chunk(2))
@@ -52,22 +66,25 @@ def test_server_down_drops_puts_and_misses_fast_then_recovers(server: RedisServe
 
 
 def test_hung_server_costs_one_timeout_then_the_breaker_answers(server: RedisServer) -> None:
-    remote = RemoteBackend(server.url, timeout_s=0.3, breaker=fast_breaker())
+    clock = Clock()
+    remote = RemoteBackend(server.url, timeout_s=0.3, breaker=fast_breaker(clock))
     assert remote.put(make_key(1), make_chunk(1))
     assert server.proc is not None
     server.proc.send_signal(signal.SIGSTOP)
     try:
-        start = time.monotonic()
-        assert remote.get(make_key(1)) is None
-        assert time.monotonic() - start < 1.0
-        assert remote.get(make_key(1)) is None  # second failure opens it
-        start = time.monotonic()
+        assert remote.get(make_key(1)) is None  # a call that times out
+        assert remote.stats().errors == 1
+        assert remote.get(make_key(1)) is None  # the second failure opens the breaker
+        assert remote.stats()[:3] == (BreakerState.OPEN, 1, 2)
         for _ in range(50):
             assert remote.get(make_key(1)) is None
-        assert time.monotonic() - start < 0.3
+        stats = remote.stats()
+        assert (stats.errors, stats.skipped_gets) == (2, 50)  # no call went to the hung server
     finally:
         server.proc.send_signal(signal.SIGCONT)
+    clock.now += 0.2
     wait_until(lambda: remote.get(make_key(1)) is not None, timeout=5, what="recovery")
+    assert remote.breaker.state is BreakerState.CLOSED
     remote.close()
 
 
