@@ -144,14 +144,14 @@ def test_store_lookup_full_partial_and_clear(cluster: tuple[Cluster, Engine, Eng
     c, a, _ = cluster
     n = 5 * CHUNK + 3
     assert a.store(0, n)["num_stored_tokens"] == n
-    wait_until(lambda: c.lookup(0, n), timeout=5, what="admits")
+    wait_until(lambda: c.lookup(0, n), timeout=30, what="admits")
     assert c.lookup(0, n) == {"inst-a": ["LocalCPUBackend", n]}
     # a longer prompt sharing 5 full chunks: the partial last chunk differs
     assert c.lookup(0, n + 40) == {"inst-a": ["LocalCPUBackend", 5 * CHUNK]}
     assert c.lookup(1, n) == {}
     resp = c.post("/clear", {"instance_id": "inst-a", "location": "LocalCPUBackend"})
     assert resp.status_code == 200, resp.text
-    wait_until(lambda: c.lookup(0, n) == {}, timeout=5, what="evicts")
+    wait_until(lambda: c.lookup(0, n) == {}, timeout=30, what="evicts")
 
 
 def test_query_worker_info_both_workers_heartbeats_advance(
@@ -160,14 +160,17 @@ def test_query_worker_info_both_workers_heartbeats_advance(
     c, _, _ = cluster
     first = {i: c.post("/query_worker_info", {"instance_id": i, "worker_ids": [0]}).json()
              for i in ("inst-a", "inst-b")}  # fmt: skip
-    time.sleep(3 * HEARTBEAT)
     for instance_id, body in first.items():
         info = body["worker_infos"][0]
         assert info["instance_id"] == instance_id and info["worker_id"] == 0
         assert info["ip"] == "127.0.0.1" and info["port"] > 0
         assert info["peer_init_url"].startswith("127.0.0.1:")
-        later = c.post("/query_worker_info", {"instance_id": instance_id}).json()
-        assert later["worker_infos"][0]["last_heartbeat_time"] > info["last_heartbeat_time"]
+
+        def advanced(instance_id: str = instance_id, then: float = info["last_heartbeat_time"]):
+            later = c.post("/query_worker_info", {"instance_id": instance_id}).json()
+            return later["worker_infos"][0]["last_heartbeat_time"] > then
+
+        wait_until(advanced, timeout=30, what=f"a later heartbeat from {instance_id}")
     assert c.post("/query_instance", {"ip": "127.0.0.1"}).json()["res"] in ("inst-a", "inst-b")
     codes = c.post("/health", {"instance_id": "inst-b"}).json()["error_codes"]
     assert codes == {"0": 0}
@@ -177,7 +180,7 @@ def test_move_carries_exact_bytes_from_a_to_b(cluster: tuple[Cluster, Engine, En
     c, a, b = cluster
     start, end = 5000, 5000 + 3 * CHUNK
     a.store(start, end, slots=f"[0,{3 * CHUNK - 1}]")
-    wait_until(lambda: "inst-a" in c.lookup(start, end), timeout=5)
+    wait_until(lambda: "inst-a" in c.lookup(start, end), timeout=30)
     resp = c.post("/move", {
         "old_position": ["inst-a", "LocalCPUBackend"],
         "new_position": ["inst-b", "LocalCPUBackend"],
@@ -186,7 +189,7 @@ def test_move_carries_exact_bytes_from_a_to_b(cluster: tuple[Cluster, Engine, En
     assert resp.status_code == 200, resp.text
     assert resp.json()["num_tokens"] == 3 * CHUNK
     wait_until(lambda: c.lookup(start, end) == {"inst-b": ["LocalCPUBackend", 3 * CHUNK]},
-               timeout=5, what="moved chunks reported by B, gone from A")  # fmt: skip
+               timeout=30, what="moved chunks reported by B, gone from A")  # fmt: skip
     # B loads the moved KV into other slots: byte-identical to what A stored
     target = f"[1000,{1000 + 3 * CHUNK - 1}]"
     assert b.checksums(target) != a.checksums(f"[0,{3 * CHUNK - 1}]")
@@ -207,7 +210,7 @@ def test_controller_restart_then_kill_9(tmp_path: Path) -> None:
         b = stack.enter_context(c.engine("inst-b"))
         a.store(0, n)
         b.store(100, 100 + n)
-        wait_until(lambda: c.lookup(0, n) and c.lookup(100, 100 + n), timeout=5)
+        wait_until(lambda: c.lookup(0, n) and c.lookup(100, 100 + n), timeout=30)
         before = (c.lookup(0, n), c.lookup(100, 100 + n))
         assert before == ({"inst-a": ["LocalCPUBackend", n]}, {"inst-b": ["LocalCPUBackend", n]})
 
@@ -215,18 +218,23 @@ def test_controller_restart_then_kill_9(tmp_path: Path) -> None:
         stop_process(first)
         with c.controller("c2.log"):
             c.wait_up()
-            up = time.monotonic()
             wait_until(lambda: (c.lookup(0, n), c.lookup(100, 100 + n)) == before,
-                       timeout=10, interval=0.02, what="resync after restart")  # fmt: skip
-            assert time.monotonic() - up < 2 * HEARTBEAT + 0.5
+                       timeout=60, interval=0.02, what="resync after restart")  # fmt: skip
+            # how: each worker heard 'unknown worker' on a heartbeat, registered again and
+            # resent its keys; the new controller applied exactly those admits
+            for engine in (a, b):
+                counts = worker_metrics(engine)
+                assert counts["kvplane_worker_registrations_total"] == 2
+                assert counts["kvplane_worker_resyncs_total"] >= 1
+            assert controller_metric(c, "registrations") == 2
+            assert controller_metric(c, "admits_applied") == 2 * 4
 
             # kill -9: no deregistration; the reaper drops it after the worker timeout
             b.proc.send_signal(signal.SIGKILL)
-            killed = time.monotonic()
-            wait_until(lambda: c.lookup(100, 100 + n) == {}, timeout=WORKER_TIMEOUT + 5,
+            wait_until(lambda: c.lookup(100, 100 + n) == {}, timeout=60,
                        interval=0.05, what="dead worker reaped")  # fmt: skip
-            waited = time.monotonic() - killed
-            assert WORKER_TIMEOUT - 2 * HEARTBEAT < waited < WORKER_TIMEOUT + 2
+            assert controller_metric(c, "reaped_workers") == 1
+            assert controller_metric(c, "deregistrations") == 0
             assert c.lookup(0, n) == {"inst-a": ["LocalCPUBackend", n]}
             assert "reaped worker inst-b/0" in (tmp_path / "c2.log").read_text()
             assert c.post("/health", {"instance_id": "inst-b"}).status_code == 404
@@ -238,7 +246,7 @@ def test_p2p_tier_finds_the_peer_through_the_controller(
     c, a, b = cluster
     start, end = 9000, 9000 + 2 * CHUNK
     a.store(start, end, slots=f"[200,{200 + 2 * CHUNK - 1}]")
-    wait_until(lambda: "inst-a" in c.lookup(start, end), timeout=5)
+    wait_until(lambda: "inst-a" in c.lookup(start, end), timeout=30)
     target = f"[1500,{1500 + 2 * CHUNK - 1}]"
     resp = b.api.post(
         "/cache/retrieve", params={"tokens_mock": f"{start},{end}", "slot_mapping": target}
@@ -253,7 +261,7 @@ def test_clear_while_frozen_reaches_the_controller_when_lifted(
     c, a, _ = cluster
     start, end = 12000, 12000 + 3 * CHUNK
     a.store(start, end)
-    wait_until(lambda: "inst-a" in c.lookup(start, end), timeout=5, what="admits")
+    wait_until(lambda: "inst-a" in c.lookup(start, end), timeout=30, what="admits")
     assert a.api.put("/freeze/enable").status_code == 200
     try:
         resp = a.api.delete("/cache/clear", params={"locations": ["LocalCPUBackend"]})
@@ -262,7 +270,18 @@ def test_clear_while_frozen_reaches_the_controller_when_lifted(
         assert c.lookup(start, end) == {"inst-a": ["LocalCPUBackend", 3 * CHUNK]}
     finally:
         assert a.api.put("/freeze/disable").status_code == 200
-    wait_until(lambda: c.lookup(start, end) == {}, timeout=5, what="held evictions delivered")
+    wait_until(lambda: c.lookup(start, end) == {}, timeout=30, what="held evictions delivered")
+
+
+def controller_metric(c: Cluster, name: str) -> float:
+    resp = httpx.get(c.url + "/metrics", timeout=15)
+    assert resp.status_code == 200, resp.text
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(resp.text)
+        for sample in family.samples
+    }
+    return samples[f"kvplane_controller_{name}_total"]
 
 
 def worker_metrics(engine: Engine) -> dict[str, float]:
@@ -286,13 +305,13 @@ def test_worker_counters_on_the_engines_metrics(cluster: tuple[Cluster, Engine, 
     events, reports = "kvplane_worker_events_sent_total", "kvplane_worker_reports_sent_total"
     start, end = 15000, 15000 + 3 * CHUNK
     b.store(start, end)
-    wait_until(lambda: "inst-b" in c.lookup(start, end), timeout=5, what="admits")
+    wait_until(lambda: "inst-b" in c.lookup(start, end), timeout=30, what="admits")
 
     def reported() -> dict[str, float] | None:
         now = worker_metrics(b)
         return now if now[events] >= before[events] + 3 else None
 
-    after = wait_until(reported, timeout=5, what="the report counted")
+    after = wait_until(reported, timeout=30, what="the report counted")
     assert after[events] == before[events] + 3  # one admit per stored chunk
     assert after[reports] >= before[reports] + 1
     assert after["kvplane_worker_pending_events"] == 0

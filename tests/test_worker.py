@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,19 +98,19 @@ PROMPT = list(range(1000, 1000 + 5 * CHUNK + 7))  # 5 full chunks + a partial on
 
 def test_store_lookup_partial_clear(ctl: ControllerProc, engines: list[EngineProcess]) -> None:
     a, b = engines
-    wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10, what="registration")
+    wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=30, what="registration")
     assert store(a, PROMPT) == len(PROMPT)
-    wait_until(lambda: ctl.lookup(PROMPT), timeout=5, what="admits reach the controller")
+    wait_until(lambda: ctl.lookup(PROMPT), timeout=30, what="admits reach the controller")
     assert ctl.lookup(PROMPT) == {"inst-a": ["LocalCPUBackend", len(PROMPT)]}
     longer = [*PROMPT[: 3 * CHUNK], *range(7, 7 + 2 * CHUNK)]
     assert ctl.lookup(longer) == {"inst-a": ["LocalCPUBackend", 3 * CHUNK]}
     assert store(b, PROMPT[: 2 * CHUNK]) == 2 * CHUNK
-    wait_until(lambda: "inst-b" in ctl.lookup(PROMPT), timeout=5)
+    wait_until(lambda: "inst-b" in ctl.lookup(PROMPT), timeout=30)
     assert ctl.lookup(PROMPT)["inst-b"] == ["LocalCPUBackend", 2 * CHUNK]
     resp = ctl.post("/clear", {"instance_id": "inst-a", "location": "LocalCPUBackend"})
     assert resp.status_code == 200, resp.text
     assert resp.json()["num_tokens"] == len(PROMPT)  # 5 full chunks and a 7-token one
-    wait_until(lambda: "inst-a" not in ctl.lookup(PROMPT), timeout=5, what="evicts applied")
+    wait_until(lambda: "inst-a" not in ctl.lookup(PROMPT), timeout=30, what="evicts applied")
     assert ctl.lookup(PROMPT) == {"inst-b": ["LocalCPUBackend", 2 * CHUNK]}
     assert a.cache_engine.lookup(PROMPT) == 0
     resp = ctl.post("/clear", {"instance_id": "inst-b", "location": "NoSuchBackend"})
@@ -122,7 +121,7 @@ def test_pinned_chunks_survive_memory_pressure(ctl: ControllerProc) -> None:
     # room for about 8 chunks in the CPU tier
     rt = make_engine(ctl, "inst-p", max_local_cpu_size=8 * 2 * 2 * CHUNK * 2 * 16 * 2 / 2**30)
     try:
-        wait_until(lambda: registered(ctl, "inst-p"), timeout=10)
+        wait_until(lambda: registered(ctl, "inst-p"), timeout=30)
         pinned = list(range(2 * CHUNK))
         store(rt, pinned)
         resp = ctl.post(
@@ -132,12 +131,10 @@ def test_pinned_chunks_survive_memory_pressure(ctl: ControllerProc) -> None:
         for i in range(6):  # 30 more chunks through an 8-chunk tier
             store(rt, list(range(10_000 * (i + 1), 10_000 * (i + 1) + 5 * CHUNK)))
         assert rt.cache_engine.lookup(pinned) == 2 * CHUNK
-        time.sleep(0.2)
-        wait_until(
-            lambda: ctl.lookup(pinned) == {"inst-p": ["LocalCPUBackend", 2 * CHUNK]}, timeout=5
-        )
         first = list(range(10_000, 10_000 + 5 * CHUNK))
-        wait_until(lambda: "inst-p" not in ctl.lookup(first), timeout=5, what="evictions reported")
+        wait_until(lambda: "inst-p" not in ctl.lookup(first), timeout=30, what="evictions reported")
+        # the evictions have reached the controller; the pinned chunks were not among them
+        assert ctl.lookup(pinned) == {"inst-p": ["LocalCPUBackend", 2 * CHUNK]}
     finally:
         rt.stop()
 
@@ -146,7 +143,7 @@ def test_health_check_finish_compress_and_move_without_p2p(
     ctl: ControllerProc, engines: list[EngineProcess]
 ) -> None:
     a, _ = engines
-    wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10)
+    wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=30)
     resp = ctl.post("/health", {"instance_id": "inst-a"})
     assert resp.status_code == 200 and resp.json()["error_codes"] == {"0": 0}
     status = ctl.post("/check_finish", {"event_id": resp.json()["event_id"]}).json()["status"]
@@ -182,18 +179,26 @@ def test_health_check_finish_compress_and_move_without_p2p(
 def test_workers_info_heartbeats_advance_and_clean_stop_deregisters(ctl: ControllerProc) -> None:
     a, b = make_engine(ctl, "inst-a"), make_engine(ctl, "inst-b")
     try:
-        wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=10)
+        wait_until(lambda: registered(ctl, "inst-a", "inst-b"), timeout=30)
         infos = [
             ctl.post("/query_worker_info", {"instance_id": i}).json()["worker_infos"][0]
             for i in ("inst-a", "inst-b")
         ]
         assert {i["instance_id"] for i in infos} == {"inst-a", "inst-b"}
         assert all(i["port"] > 0 and i["ip"] == "127.0.0.1" for i in infos)
-        time.sleep(3 * HEARTBEAT)
-        later = ctl.post("/query_worker_info", {"instance_id": "inst-a", "worker_ids": [0]}).json()
-        assert later["worker_infos"][0]["last_heartbeat_time"] > infos[0]["last_heartbeat_time"]
+        body = {"instance_id": "inst-a", "worker_ids": [0]}
+        wait_until(
+            lambda: (
+                ctl.post("/query_worker_info", body).json()["worker_infos"][0][
+                    "last_heartbeat_time"
+                ]
+                > infos[0]["last_heartbeat_time"]
+            ),
+            timeout=30,
+            what="a later heartbeat",
+        )
         store(a, PROMPT)
-        wait_until(lambda: ctl.lookup(PROMPT), timeout=5)
+        wait_until(lambda: ctl.lookup(PROMPT), timeout=30)
     finally:
         a.stop()
     assert ctl.lookup(PROMPT) == {}  # deregistered at stop: gone at once, no timeout wait
@@ -216,24 +221,26 @@ def test_controller_restart_reregisters_and_resyncs(
         worker.buffer = ReportBuffer(max_batch=2)  # 6 chunks: a "large" resync of 3 reports
         rt.start()
         try:
-            wait_until(lambda: registered(ctl, "inst-r"), timeout=10)
+            wait_until(lambda: registered(ctl, "inst-r"), timeout=30)
             store(rt, PROMPT)
-            wait_until(lambda: ctl.lookup(PROMPT), timeout=5)
+            wait_until(lambda: ctl.lookup(PROMPT), timeout=30)
         except BaseException:
             rt.stop()
             raise
     try:
         with kvplane_process(fast_controller_args(http, pull, reply), log_path=tmp_path / "c2.log"):
             wait_controller_up(url)
-            start = time.monotonic()
             wait_until(
                 lambda: ctl.lookup(PROMPT) == {"inst-r": ["LocalCPUBackend", len(PROMPT)]},
-                timeout=10,
+                timeout=60,
                 interval=0.02,
                 what="resync after restart",
             )
-            assert time.monotonic() - start < 2 * HEARTBEAT + 1.0
-            assert rt.services[0].stats["resyncs"] >= 1  # type: ignore[attr-defined]
+            # how: told 'unknown worker' by the new controller, it registered again and
+            # resent its keys (6 chunks)
+            stats = rt.services[0].stats  # type: ignore[attr-defined]
+            assert stats["registrations"] == 2 and stats["resyncs"] >= 1
+            assert ctl.metric("registrations") == 1 and ctl.metric("admits_applied") == 6
         resync = [r.getMessage() for r in caplog.records if "resync" in r.getMessage()]
         assert "worker inst-r/0 registered with the controller; resyncing 6 chunks" in resync
         assert "worker inst-r/0: resync sent: 6 chunks in 3 reports" in resync
@@ -274,14 +281,14 @@ def test_lost_events_make_the_worker_resync_so_the_controller_still_agrees(
     worker.events = gated  # type: ignore[assignment]
     rt.start()
     try:
-        wait_until(lambda: registered(ctl, "inst-o"), timeout=10, what="registration")
+        wait_until(lambda: registered(ctl, "inst-o"), timeout=30, what="registration")
         gated.open.clear()
         assert store(rt, PROMPT) == len(PROMPT)  # 6 admits into a queue of 4: 4 are lost
         assert gated.sub.dropped == 4
         gated.open.set()
         wait_until(
             lambda: ctl.lookup(PROMPT) == {"inst-o": ["LocalCPUBackend", len(PROMPT)]},
-            timeout=10,
+            timeout=30,
             what="the resync restores the lost admits",
         )
         stats = worker.stats
@@ -298,11 +305,11 @@ def test_worker_refused_on_key_scheme_mismatch_logs_on_both_sides(
 ) -> None:
     a = make_engine(ctl, "inst-k", chunk_size=CHUNK)
     try:
-        wait_until(lambda: registered(ctl, "inst-k"), timeout=10)
+        wait_until(lambda: registered(ctl, "inst-k"), timeout=30)
         b = make_engine(ctl, "inst-k", chunk_size=2 * CHUNK, worker_id=1, world_size=2)
         try:
-            wait_until(lambda: "refused worker inst-k/1" in ctl.log.read_text(), timeout=10)
-            wait_until(lambda: "refused registration" in caplog.text, timeout=5)
+            wait_until(lambda: "refused worker inst-k/1" in ctl.log.read_text(), timeout=30)
+            wait_until(lambda: "refused registration" in caplog.text, timeout=30)
             assert not b.services[0].registered.is_set()  # type: ignore[attr-defined]
         finally:
             b.stop()
