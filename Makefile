@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-vllm test lint setup system-deps docs dashboard-screenshot bench bench-vllm soak clean vllm-setup vllm-clean
+.PHONY: demo demo-vllm test test-stress lint setup system-deps docs dashboard-screenshot bench bench-vllm soak clean vllm-setup vllm-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,18 @@ lint: setup
 test: setup vllm-setup system-deps lint
 	$(PY) -m kvplane.docs --check
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# `make test` three times in a row with two CPU-bound processes beside it (the suite must not
+# depend on an idle machine); fails if any run fails. The burners are this recipe's own
+# children, killed by PID on exit; each also stops by itself once its parent shell is gone.
+BURN := import os, sys; exec("while os.getppid() == int(sys.argv[1]): sum(range(10**5))")
+test-stress:
+	@pids=""; trap 'kill $$pids 2>/dev/null' EXIT HUP INT TERM PIPE; \
+	for i in 1 2; do $(PYTHON) -c '$(BURN)' $$$$ & pids="$$pids $$!"; done; \
+	for run in 1 2 3; do \
+	  echo "test-stress: run $$run of 3, CPU burners $$pids"; \
+	  $(MAKE) test || { echo "test-stress: run $$run failed"; exit 1; }; \
+	done; echo "test-stress: 3 of 3 runs passed"
 
 docs: setup
 	$(PY) -m kvplane.docs --write

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -266,11 +265,20 @@ def test_clear_while_frozen_reaches_the_controller_when_lifted(
     try:
         resp = a.api.delete("/cache/clear", params={"locations": ["LocalCPUBackend"]})
         assert resp.status_code == 200 and resp.json()["num_removed"] >= 3, resp.text
-        time.sleep(3 * HEARTBEAT)  # freeze sends no admit/evict: the controller still routes
+        # two more heartbeats from inst-a: its worker went round its loop after the clear,
+        # and a frozen engine sent no evict: the controller still routes to it
+        for _ in range(2):
+            seen = heartbeat_time(c, "inst-a")
+            wait_until(lambda s=seen: heartbeat_time(c, "inst-a") > s, timeout=30, what="beat")
         assert c.lookup(start, end) == {"inst-a": ["LocalCPUBackend", 3 * CHUNK]}
     finally:
         assert a.api.put("/freeze/disable").status_code == 200
     wait_until(lambda: c.lookup(start, end) == {}, timeout=30, what="held evictions delivered")
+
+
+def heartbeat_time(c: Cluster, instance_id: str) -> float:
+    body = c.post("/query_worker_info", {"instance_id": instance_id, "worker_ids": [0]}).json()
+    return float(body["worker_infos"][0]["last_heartbeat_time"])
 
 
 def controller_metric(c: Cluster, name: str) -> float:
