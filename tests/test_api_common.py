@@ -2,11 +2,15 @@
 /metrics and the version endpoints."""
 
 import logging
+import subprocess
+from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import kvplane
-from tests.api_client import TRANSPORTS, api_config, serving
+from kvplane.api.engine.version_api import COMMIT_ENV
+from tests.api_client import TRANSPORTS, api_config, engine_serving, serving
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -173,23 +177,51 @@ def test_run_script_needs_the_token_too(transport):
         assert r.json() == 1
 
 
-def test_version_endpoints(transport):
+def test_version_endpoints(transport, monkeypatch):
+    head = subprocess.run(
+        ["git", "-C", str(Path(kvplane.__file__).parent), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     with serving(transport) as (_, client):
         r = client.get("/lmc_version")
         assert r.headers["content-type"].startswith("text/plain")
         assert r.text == kvplane.__version__
-        commit = client.get("/commit_id").text
-        assert commit
-        assert client.get("/version").text == f"{kvplane.__version__}-{commit}"
+        assert client.get("/commit_id").text == head  # the source checkout's HEAD
+        assert client.get("/version").text == f"{kvplane.__version__}-{head}"
+        monkeypatch.setenv(COMMIT_ENV, "0123abcd")  # what a package build sets
+        assert client.get("/commit_id").text == "0123abcd"
+        assert client.get("/version").text == f"{kvplane.__version__}-0123abcd"
         body = client.get("/inference_version").json()
         assert "vllm_version" in body and body["inference_engine"] == "kvplane"
         info = client.get("/inference_info", params={"format": "json"}).json()
         assert info["kvplane"]["version"] == kvplane.__version__
+        assert info["kvplane"]["commit_id"] == "0123abcd"
         assert info["model"]["model_name"] == "kvplane/synthetic"
 
 
 def test_metrics_is_prometheus_text(transport):
-    with serving(transport) as (_, client):
+    with serving(transport) as (_, client):  # no engine: a valid, empty exposition
         r = client.get("/metrics")
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/plain")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        assert list(text_string_to_metric_families(r.text)) == []
+    with engine_serving(transport) as (_, client):
+        client.post("/cache/store", params={"tokens_mock": "0,40"})  # 3 chunks, 40 tokens
+        client.post("/cache/retrieve", params={"tokens_mock": "0,40"})
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(r.text)}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in families.values()
+            for s in f.samples
+        }
+    assert families["kvplane_stored_tokens"].type == "counter"
+    assert samples["kvplane_stored_tokens_total", ()] == 40
+    assert samples["kvplane_retrieved_tokens_total", ()] == 40
+    assert samples["kvplane_chunk_hits_total", ()] == 3
+    assert samples["kvplane_chunk_misses_total", ()] == 0
+    assert families["kvplane_store_seconds"].type == "histogram"
+    assert samples["kvplane_store_seconds_count", ()] == 1
+    assert samples["kvplane_tier_hits_total", (("tier", "LocalCPUBackend"),)] == 3
