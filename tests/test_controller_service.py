@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,9 @@ REAP_TIMEOUT = 1.5
 
 
 @contextlib.contextmanager
-def running_controller(tmp_path: Path, worker_timeout: float) -> Iterator[ControllerProc]:
+def running_controller(
+    tmp_path: Path, worker_timeout: float, command_timeout: float = 1
+) -> Iterator[ControllerProc]:
     http, pull, reply = free_ports(3)
     log = tmp_path / "controller.log"
     args = controller_args(
@@ -43,7 +47,7 @@ def running_controller(tmp_path: Path, worker_timeout: float) -> Iterator[Contro
         reply,
         worker_timeout=worker_timeout,
         health_check_interval=0.2,
-        command_timeout=1,
+        command_timeout=command_timeout,
     )
     with kvplane_process(args, log_path=log):
         url = f"http://127.0.0.1:{http}"
@@ -279,6 +283,84 @@ def test_commands_to_dead_or_hung_workers_answer_within_the_deadline(
     resp = controller.post("/health", {"instance_id": "A"})
     assert resp.json()["error_codes"] == {"0": 0}
     assert isinstance(seen[-1], HealthCommand)
+
+
+def test_check_finish_shows_running_while_a_worker_works(tmp_path: Path) -> None:
+    with running_controller(tmp_path, TIMEOUT, command_timeout=60) as controller:
+        worker = ProtoWorker(controller.pull, controller.reply, "A", port=free_ports(1)[0])
+        arrived: list[str] = []
+        release = threading.Event()
+
+        def answer(cmd: Any) -> CommandReply:
+            arrived.append(cmd.event_id)
+            release.wait(60)  # the worker is busy until the test has looked
+            return CommandReply(num_tokens=0)
+
+        try:
+            worker.serve_commands(answer)
+            assert worker.register().ok
+            body = {"instance_id": "A", "location": "LocalCPUBackend"}
+            with ThreadPoolExecutor(1) as pool:
+                clear = pool.submit(controller.post, "/clear", body)
+                wait_until(lambda: arrived, timeout=30, what="the command at the worker")
+                status = controller.post("/check_finish", {"event_id": arrived[0]}).json()
+                assert status == {"status": "running"}
+                release.set()
+                resp = clear.result(timeout=60)
+            assert resp.status_code == 200 and resp.json()["event_id"] == arrived[0]
+            status = controller.post("/check_finish", {"event_id": arrived[0]}).json()
+            assert status == {"status": "finished"}
+        finally:
+            release.set()
+            worker.close()
+
+
+def test_an_instance_of_two_ranks_fans_out_and_answers_for_all(
+    controller: ControllerProc,
+) -> None:
+    """Commands go to every rank; the answer is the tokens every rank handled (the least),
+    and one failing rank makes it a 503 carrying each rank's code."""
+    ports = free_ports(2)
+    ranks = [ProtoWorker(controller.pull, controller.reply, "A", r, port=ports[r]) for r in (0, 1)]
+    seen: dict[int, list[Any]] = {0: [], 1: []}
+    failing = threading.Event()
+
+    def answerer(rank: int, tokens: int) -> Any:
+        def answer(cmd: Any) -> CommandReply:
+            seen[rank].append(cmd)
+            if rank == 1 and failing.is_set():
+                return CommandReply(error_code=ErrorCode.FAILED, message="disk on fire")
+            return CommandReply(num_tokens=tokens)
+
+        return answer
+
+    try:
+        for rank, tokens in ((0, 12), (1, 8)):
+            ranks[rank].serve_commands(answerer(rank, tokens))
+            assert ranks[rank].register().ok
+        # rank 0 holds all three chunks, rank 1 two: the instance holds what both hold
+        ranks[0].report(chunk_hashes(TOKENS, 4))
+        ranks[1].report(chunk_hashes(TOKENS, 4)[:2])
+        wait_until(lambda: controller.metric("index_chunks") == 5, timeout=30, what="admits")
+        assert controller.lookup(TOKENS) == {"A": ["LocalCPUBackend", 8]}
+        body = {"instance_id": "A", "location": "LocalCPUBackend"}
+        resp = controller.post("/clear", body)
+        assert resp.status_code == 200 and resp.json()["num_tokens"] == 8, resp.text
+        assert [len(seen[0]), len(seen[1])] == [1, 1]
+        assert seen[0][0].event_id == seen[1][0].event_id == resp.json()["event_id"]
+        failing.set()
+        resp = controller.post("/clear", body)
+        assert resp.status_code == 503, resp.text
+        failed = resp.json()
+        assert failed["error_codes"] == {"0": int(ErrorCode.OK), "1": int(ErrorCode.FAILED)}
+        assert "worker 1" in failed["message"] and "disk on fire" in failed["message"]
+        status = controller.post("/check_finish", {"event_id": failed["event_id"]}).json()
+        assert status == {"status": "failed"}
+        health = controller.post("/health", {"instance_id": "A"}).json()["error_codes"]
+        assert health == {"0": 0, "1": int(ErrorCode.FAILED)}
+    finally:
+        for w in ranks:
+            w.close()
 
 
 def test_hung_worker_times_out_and_unsupported_maps_to_501(

@@ -139,6 +139,30 @@ def test_pinned_chunks_survive_memory_pressure(ctl: ControllerProc) -> None:
         rt.stop()
 
 
+def test_pin_acts_on_the_named_tier_and_refuses_an_unknown_one(
+    ctl: ControllerProc, tmp_path: Path
+) -> None:
+    rt = make_engine(ctl, "inst-d", local_disk=str(tmp_path / "disk"), max_local_disk_size=0.01)
+    try:
+        wait_until(lambda: registered(ctl, "inst-d"), timeout=30)
+        store(rt, PROMPT)
+        assert rt.storage.flush(30)
+        keys = rt.cache_engine.keys_for(PROMPT)
+        disk = rt.storage.backends["LocalDiskBackend"]
+        body = {"instance_id": "inst-d", "location": "LocalDiskBackend", "tokens": PROMPT}
+        resp = ctl.post("/pin", body)
+        assert resp.status_code == 200 and resp.json()["num_tokens"] == len(PROMPT), resp.text
+        assert all(disk.is_pinned(k) for k in keys)  # type: ignore[attr-defined]
+        assert not any(rt.storage.cpu.is_pinned(k) for k in keys)  # type: ignore[union-attr]
+        resp = ctl.post("/pin", {**body, "location": "NoSuchBackend"})
+        assert resp.status_code == 400 and "NoSuchBackend" in resp.json()["message"]
+        assert "LocalDiskBackend" in resp.json()["message"]  # the tiers there are
+        resp = ctl.post("/pin", {**body, "location": None})  # no location: the CPU tier
+        assert resp.status_code == 200 and all(rt.storage.cpu.is_pinned(k) for k in keys)  # type: ignore[union-attr]
+    finally:
+        rt.stop()
+
+
 def test_health_check_finish_compress_and_move_without_p2p(
     ctl: ControllerProc, engines: list[EngineProcess]
 ) -> None:

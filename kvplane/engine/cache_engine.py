@@ -387,22 +387,24 @@ class CacheEngine:
         """Remove every chunk of the named tiers (all when None): chunks and tokens removed."""
         return self.storage.clear(locations)
 
-    def pin(self, tokens: TokenIds) -> int:
-        """Exempt the prompt's CPU-held chunks from eviction; returns tokens pinned."""
-        return self._for_cpu_chunks(tokens, "pin")
+    def pin(self, tokens: TokenIds, location: str | None = None) -> int:
+        """Exempt the prompt's chunks held in tier ``location`` (None: the CPU tier) from
+        eviction; returns the tokens pinned. Tiers that never evict accept and count them.
+        Raises BadRequest naming the tiers for one this engine does not have."""
+        return self._for_chunks_in(tokens, "pin", location)
 
-    def unpin(self, tokens: TokenIds) -> int:
-        return self._for_cpu_chunks(tokens, "unpin")
+    def unpin(self, tokens: TokenIds, location: str | None = None) -> int:
+        return self._for_chunks_in(tokens, "unpin", location)
 
-    def _for_cpu_chunks(self, tokens: TokenIds, op: str) -> int:
-        cpu = self.storage.cpu
-        if cpu is None:
+    def _for_chunks_in(self, tokens: TokenIds, op: str, location: str | None) -> int:
+        tier = self.storage.cpu if location is None else self.storage.backend(location)
+        if tier is None:
             return 0
         token_arr = to_token_array(tokens)
         spans = chunk_spans(len(token_arr), self.config.chunk_size)
         done = 0
         for key, (start, end) in zip(self.keys_for(token_arr), spans, strict=True):
-            if getattr(cpu, op)(key):
+            if getattr(tier, op)(key):
                 done += end - start
         return done
 

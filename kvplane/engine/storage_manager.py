@@ -176,6 +176,11 @@ class StorageManager:
         self._bypassed.discard(name)
         return was
 
+    def backend(self, name: str) -> StorageBackend:
+        """The tier called ``name``; BadRequest naming the tiers there are otherwise."""
+        self._check_name(name)
+        return self.backends[name]
+
     def _check_name(self, name: str) -> None:
         if name not in self.backends:
             raise BadRequest(f"Backend {name!r} not found. Available: {list(self.backends)}")

@@ -95,10 +95,10 @@ class CommandHandlers:
         return CommandReply(num_tokens=self._engine.clear(cmd.locations).num_tokens)
 
     def _pin(self, cmd: PinCommand) -> CommandReply:
-        return CommandReply(num_tokens=self._engine.pin(cmd.tokens))
+        return CommandReply(num_tokens=self._engine.pin(cmd.tokens, cmd.location))
 
     def _unpin(self, cmd: UnpinCommand) -> CommandReply:
-        return CommandReply(num_tokens=self._engine.unpin(cmd.tokens))
+        return CommandReply(num_tokens=self._engine.unpin(cmd.tokens, cmd.location))
 
     def _compress(self, cmd: CompressCommand) -> CommandReply:
         done = self._engine.compress(method=cmd.method, location=cmd.location, tokens=cmd.tokens)

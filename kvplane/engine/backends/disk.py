@@ -146,6 +146,10 @@ class LocalDiskBackend(StorageBackend):
             self._pinned.discard(key)
             return was
 
+    def is_pinned(self, key: CacheKey) -> bool:
+        with self._lock:
+            return key in self._pinned
+
     def stats(self) -> DiskStats:
         with self._lock:
             return DiskStats(
