@@ -73,6 +73,8 @@ WORKER_COUNTERS = {
     "events_sent": "Admit/evict events in the reports sent (resynced keys included)",
     "event_overflows": "Times storage events were lost (the worker's event queue overflowed), "
     "each followed by a resync",
+    "control_failures": "Rounds of the worker's control loop that raised, each logged and "
+    "followed by a resync (the loop goes on)",
 }
 
 #: What ``kvplane_tier_stat{tier, stat}`` shows, by tier (``StorageBackend.counters``).

@@ -324,6 +324,59 @@ def test_lost_events_make_the_worker_resync_so_the_controller_still_agrees(
     assert gated.sub.closed  # the worker closes its subscription on stop
 
 
+class FailingOnce:
+    """A worker's event subscription whose next take raises once ``armed`` is set: a bug or
+    fault inside the worker's control round."""
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self.armed = threading.Event()
+
+    def take_events(self, timeout: float | None = 0.0) -> list[StorageEvent]:
+        if self.armed.is_set():
+            self.armed.clear()
+            raise RuntimeError("injected fault in the control round")
+        return self.sub.take_events(timeout)
+
+    def take_resync(self) -> bool:
+        return self.sub.take_resync()
+
+    def close(self) -> None:
+        self.sub.close()
+
+    def __len__(self) -> int:
+        return len(self.sub)
+
+
+def test_a_failing_control_round_is_reported_and_the_worker_resyncs(
+    ctl: ControllerProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = make_engine(ctl, "inst-f", start=False)
+    worker = rt.services[0]
+    assert isinstance(worker, ControllerWorker)
+    worker.events.close()
+    failing = FailingOnce(rt.storage.subscribe("controller worker"))
+    worker.events = failing  # type: ignore[assignment]
+    rt.start()
+    try:
+        wait_until(lambda: registered(ctl, "inst-f"), timeout=30, what="registration")
+        failing.armed.set()
+        assert store(rt, PROMPT) == len(PROMPT)
+        wait_until(lambda: worker.stats["control_failures"] == 1, timeout=30, what="the fault")
+        # the loop went on: it re-registered, resent its keys, and reports what follows
+        wait_until(lambda: worker.stats["registrations"] == 2, timeout=30, what="resync")
+        full = {"inst-f": ["LocalCPUBackend", len(PROMPT)]}
+        wait_until(lambda: ctl.lookup(PROMPT) == full, timeout=30, what="the prompt routed")
+        later = list(range(50_000, 50_000 + 2 * CHUNK))
+        store(rt, later)
+        wait_until(lambda: ctl.lookup(later), timeout=30, what="reports after the fault")
+        assert worker.registered.is_set() and worker.stats["resyncs"] == 1
+        assert "worker control round failed" in caplog.text
+    finally:
+        rt.stop()
+    assert not worker.registered.is_set()
+
+
 def test_worker_refused_on_key_scheme_mismatch_logs_on_both_sides(
     ctl: ControllerProc, caplog: pytest.LogCaptureFixture
 ) -> None:

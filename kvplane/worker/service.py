@@ -215,27 +215,47 @@ class ControllerWorker:
         push.connect(self.pull_url)
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
-                out = session.poll(now)
-                if out is not None:
-                    reply = self._exchange(out, push)
-                    self._apply(session.on_reply(reply, now), reply)
-                self._take_events()
-                if self._resync_requested.is_set():  # by command (pull-only mode), overflow
-                    self._resync_requested.clear()
-                    self._apply(session.resync_requested(now), None)
-                self._flush(session, push)
+                try:
+                    self._control_round(session, push)
+                except Exception:  # the engine must go on serving even if a round breaks
+                    self._round_failed(session)
                 self._stop.wait(_FLUSH_S)
             self._take_events()
             self._flush(session, push)
             bye = session.close()
             if bye is not None:
                 self._exchange(bye, push)
-            self.registered.clear()
-        except Exception:  # the engine must go on serving even if reporting breaks
-            log.exception("worker control loop failed")
+        except Exception:  # stopping: the engine goes on stopping all the same
+            log.exception("%s: deregistering at stop failed", self._who)
         finally:
+            self.registered.clear()
             push.close(linger=0)
+
+    def _control_round(self, session: WorkerSession, push: zmq.Socket[bytes]) -> None:
+        now = time.monotonic()
+        out = session.poll(now)
+        if out is not None:
+            reply = self._exchange(out, push)
+            self._apply(session.on_reply(reply, now), reply)
+        self._take_events()
+        if self._resync_requested.is_set():  # by command (pull-only mode), overflow
+            self._resync_requested.clear()
+            self._apply(session.resync_requested(now), None)
+        self._flush(session, push)
+
+    def _round_failed(self, session: WorkerSession) -> None:
+        """A round raised: events it took may be lost, so the controller's view of this rank
+        cannot be trusted. Count and log it, and resync (re-register, resend every key), as
+        after lost events; the loop goes on after a pause, so a lasting fault is logged once
+        a heartbeat interval instead of ending the thread with ``registered`` still set."""
+        self.stats["control_failures"] += 1
+        log.exception("%s: worker control round failed; resyncing", self._who)
+        try:
+            self._apply(session.resync_requested(time.monotonic()), None)
+        except Exception:
+            log.exception("%s: resync after a failed round failed too", self._who)
+            self.registered.clear()
+        self._stop.wait(min(self.config.lmcache_worker_heartbeat_time, 1.0))
 
     def _apply(self, change: Change, reply: Any) -> None:
         """Act on what the session says changed: the report stream follows registration."""
