@@ -152,6 +152,40 @@ def test_worker_info_instance_query_and_reregistration(
     assert info3["port"] == worker.port
 
 
+def test_the_heartbeat_monitor_port_is_a_second_reply_socket(tmp_path: Path) -> None:
+    http, pull, reply, beat = free_ports(4)
+    args = controller_args(http, pull, reply, worker_timeout=TIMEOUT)
+    ports = json.dumps({"pull": pull, "reply": reply, "heartbeat": beat})
+    args[args.index("--monitor-ports") + 1] = ports
+    with kvplane_process(args, log_path=tmp_path / "controller.log"):
+        url = f"http://127.0.0.1:{http}"
+        wait_controller_up(url)
+        controller = ControllerProc(url, pull, reply, tmp_path / "controller.log")
+        worker = ProtoWorker(pull, reply, "A", port=free_ports(1)[0])
+        stranger = ProtoWorker(pull, beat, "B", port=free_ports(1)[0])
+        try:
+            assert worker.register().ok  # on the reply port
+            body = {"instance_id": "A", "worker_ids": [0]}
+            first = controller.post("/query_worker_info", body).json()["worker_infos"][0]
+            worker.reply_port = beat  # heartbeats on the heartbeat port from now on
+            wait_until(
+                lambda: (
+                    worker.heartbeat() is HeartbeatStatus.OK
+                    and controller.post("/query_worker_info", body).json()["worker_infos"][0][
+                        "last_heartbeat_time"
+                    ]
+                    > first["last_heartbeat_time"]
+                ),
+                timeout=30,
+                what="a heartbeat answered on the heartbeat port",
+            )
+            assert stranger.heartbeat() is HeartbeatStatus.UNKNOWN_WORKER
+            assert controller.metric("unknown_heartbeats") == 1
+        finally:
+            worker.close()
+            stranger.close()
+
+
 def test_refused_registration_says_why_in_reply_and_log(
     controller: ControllerProc, worker: ProtoWorker
 ) -> None:
