@@ -18,7 +18,7 @@ import torch
 from kvplane.config import EngineConfig
 from kvplane.engine.events import StorageEvent, Subscription
 from kvplane.process import EngineProcess
-from kvplane.protocol import ErrorCode
+from kvplane.protocol import ErrorCode, ResyncCommand
 from kvplane.worker.reports import ReportBuffer
 from kvplane.worker.service import ControllerWorker
 from tests.controller_client import ControllerProc, controller_args, wait_controller_up
@@ -375,6 +375,43 @@ def test_a_failing_control_round_is_reported_and_the_worker_resyncs(
     finally:
         rt.stop()
     assert not worker.registered.is_set()
+
+
+def test_a_resync_while_frozen_sends_the_tiers_as_they_are(ctl: ControllerProc) -> None:
+    """Frozen, the engine reports nothing, but a resync (here the controller's
+    ResyncCommand, through the worker's command handlers) resends the tiers' true contents;
+    the evictions held back by the freeze, delivered when it is lifted, agree with them."""
+    rt = make_engine(ctl, "inst-z")
+    worker = rt.services[0]
+    assert isinstance(worker, ControllerWorker)
+    try:
+        wait_until(lambda: registered(ctl, "inst-z"), timeout=30, what="registration")
+        kept = list(range(60_000, 60_000 + 2 * CHUNK))
+        store(rt, PROMPT)
+        store(rt, kept)
+        wait_until(lambda: ctl.lookup(PROMPT) and ctl.lookup(kept), timeout=30, what="admits")
+        rt.cache_engine.frozen = True
+        cpu = rt.storage.backends["LocalCPUBackend"]
+        for key in rt.cache_engine.keys_for(PROMPT):
+            assert cpu.remove(key)  # gone from the tier; the freeze holds the evictions back
+        assert ctl.lookup(PROMPT) == {"inst-z": ["LocalCPUBackend", len(PROMPT)]}
+        reply = worker.handlers.handle(ResyncCommand(event_id="resync-frozen"))
+        assert reply.error_code == ErrorCode.OK
+        wait_until(lambda: worker.stats["registrations"] == 2, timeout=30, what="resync")
+        wait_until(lambda: ctl.lookup(PROMPT) == {}, timeout=30, what="the snapshot applied")
+        assert ctl.lookup(kept) == {"inst-z": ["LocalCPUBackend", len(kept)]}
+        assert ctl.metric("index_chunks") == 2
+        rt.cache_engine.frozen = False  # the held evictions go out now: nothing changes
+        wait_until(
+            lambda: ctl.metric("evicts_applied") >= len(rt.cache_engine.keys_for(PROMPT)),
+            timeout=30,
+            what="the held evictions delivered",
+        )
+        assert ctl.lookup(PROMPT) == {}
+        assert ctl.lookup(kept) == {"inst-z": ["LocalCPUBackend", len(kept)]}
+        assert ctl.metric("index_chunks") == 2
+    finally:
+        rt.stop()
 
 
 def test_worker_refused_on_key_scheme_mismatch_logs_on_both_sides(
