@@ -22,7 +22,7 @@ def run_demo(tmp_path, *extra: str) -> tuple[int, str]:
         env=kvplane_env(),
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=900,  # an outer bound: the demo gives up on its own after 300 s of start-up
     )
     return proc.returncode, proc.stdout + proc.stderr
 

@@ -414,6 +414,48 @@ def test_a_resync_while_frozen_sends_the_tiers_as_they_are(ctl: ControllerProc) 
         rt.stop()
 
 
+def test_a_dropped_report_leaves_a_gap_and_the_worker_resyncs(
+    ctl: ControllerProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report the worker's socket refuses (zmq.Again, a full queue) is counted and its
+    sequence number skipped; the controller sees the gap, answers RESYNC, and the worker
+    re-registers and resends its keys: what the dropped report carried is routed again."""
+    import zmq
+
+    from kvplane.protocol import ChunkReport
+    from kvplane.worker import service
+
+    full = threading.Event()
+    real_encode = service.encode
+
+    def encode(msg: Any) -> bytes:
+        if isinstance(msg, ChunkReport) and full.is_set():
+            full.clear()
+            raise zmq.Again("the socket's queue is full")
+        return real_encode(msg)
+
+    monkeypatch.setattr(service, "encode", encode)
+    rt = make_engine(ctl, "inst-g")
+    worker = rt.services[0]
+    assert isinstance(worker, ControllerWorker)
+    try:
+        wait_until(lambda: registered(ctl, "inst-g"), timeout=30, what="registration")
+        full.set()
+        store(rt, PROMPT)
+        wait_until(lambda: worker.stats["reports_dropped"] == 1, timeout=30, what="the drop")
+        assert ctl.lookup(PROMPT) == {}
+        after = list(range(70_000, 70_000 + 2 * CHUNK))
+        store(rt, after)  # the next report's number shows the gap
+        wait_until(lambda: ctl.metric("sequence_gaps") == 1, timeout=30, what="the gap")
+        wait_until(lambda: worker.stats["registrations"] == 2, timeout=30, what="resync")
+        full_prompt = {"inst-g": ["LocalCPUBackend", len(PROMPT)]}
+        wait_until(lambda: ctl.lookup(PROMPT) == full_prompt, timeout=30, what="resent keys")
+        assert ctl.lookup(after) == {"inst-g": ["LocalCPUBackend", len(after)]}
+        assert worker.stats["resyncs"] == 1 and ctl.metric("resyncs_requested") >= 1
+    finally:
+        rt.stop()
+
+
 def test_worker_refused_on_key_scheme_mismatch_logs_on_both_sides(
     ctl: ControllerProc, caplog: pytest.LogCaptureFixture
 ) -> None:
