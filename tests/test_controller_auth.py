@@ -314,6 +314,8 @@ def test_curve_lets_the_right_worker_in_and_no_other(tmp_path: Path) -> None:
             assert c.post("/query_worker_info", {"instance_id": w.instance_id}).status_code == 404
         assert c.lookup(list(range(100, 110))) == {}
         assert c.metric("workers") == 1 and c.metric("registrations") == 1
+        metrics = httpx.get(c.url + "/metrics", timeout=10).text
+        assert "\nkvplane_controller_auth_failures_total " in metrics
         log = c.log.read_text()
         assert "CURVE handshake failed" in log and "Traceback" not in log
 
