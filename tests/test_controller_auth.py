@@ -30,6 +30,7 @@ from tests.support import (
     kvplane_env,
     kvplane_process,
     run_kvplane,
+    stop_process,
     wait_until,
 )
 
@@ -381,3 +382,52 @@ def test_worker_with_one_curve_key_file_is_a_config_error(tmp_path: Path) -> Non
                 controller_curve_public_key_file=str(tmp_path / "missing.key"),
             )
         )
+
+
+def test_curve_in_pull_only_mode_a_restarted_controller_reaches_the_worker(
+    tmp_path: Path,
+) -> None:
+    """The seeds' pull-only mode (no reply port) with CURVE: the worker registers over the
+    PULL socket; a restarted controller tells it to resync with a ResyncCommand over CURVE,
+    to the command-port key its heartbeats carry."""
+    import torch
+
+    from kvplane.config import EngineConfig
+    from kvplane.process import EngineProcess
+
+    keys = tmp_path / "keys"
+    keygen(keys, "controller")
+    keygen(keys / "workers", "w")
+    http, pull = free_ports(2)
+    args = ["controller", "--host", "127.0.0.1", "--port", str(http), "--monitor-port", str(pull)]
+    args += ["--curve-secret-key-file", str(keys / "controller.key_secret")]
+    args += ["--curve-allowed-keys-dir", str(keys / "workers")]
+    c = ControllerProc(f"http://127.0.0.1:{http}", pull, 0, tmp_path / "c.log")
+
+    def up() -> bool:
+        return httpx.get(c.url + "/healthz", timeout=1).status_code == 200
+
+    cfg = EngineConfig(
+        chunk_size=4, kv_num_layers=2, kv_num_heads=2, kv_head_size=16, kv_num_blocks=64,
+        max_local_cpu_size=0.01, enable_controller=True, lmcache_instance_id="pull-only",
+        controller_pull_url=f"127.0.0.1:{pull}", lmcache_worker_heartbeat_time=0.2,
+        controller_curve_secret_key_file=str(keys / "workers" / "w.key_secret"),
+        controller_curve_public_key_file=str(keys / "controller.key"),
+    )  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(kvplane_process(args, log_path=tmp_path / "c1.log"))
+        wait_until(up, timeout=30, what="controller up")
+        rt = EngineProcess(cfg)
+        rt.start()
+        stack.callback(rt.stop)
+        rt.cache_engine.store(TOKENS, rt.kv_caches, torch.arange(len(TOKENS)))
+        wait_until(lambda: c.lookup(TOKENS) == {"pull-only": ["LocalCPUBackend", 10]}, timeout=15)
+        stop_process(first)
+        with kvplane_process(args, log_path=tmp_path / "c2.log"):
+            wait_until(up, timeout=30, what="controller restarted")
+            wait_until(
+                lambda: c.lookup(TOKENS) == {"pull-only": ["LocalCPUBackend", 10]},
+                timeout=15,
+                what="resync over CURVE after the restart",
+            )
+            assert c.metric("auth_failures") == 0
