@@ -163,6 +163,12 @@ def test_protect_reads_guards_reads_but_healthz(tmp_path: Path) -> None:
         assert call(c, "GET", "/conf", GOOD).json()["protect_reads"] is True
         lookup = call(c, "GET", "/openapi.json").json()["paths"]["/lookup"]["post"]
         assert lookup["security"] == [{"bearer": []}]
+        # kvplane status reads /status: it says what is missing, and passes the token.
+        out = run_kvplane(["status", "--controller", c.url], timeout=30)
+        assert out.returncode == 2 and "answered 401" in out.stdout and "--api-token" in out.stdout
+        assert "Traceback" not in out.stdout
+        out = run_kvplane(["status", "--controller", c.url, "--api-token", TOKEN], timeout=30)
+        assert out.returncode == 0 and "0 instance(s)" in out.stdout, out.stdout
 
 
 def test_public_bind_without_token_or_curve_warns_at_start(tmp_path: Path) -> None:
