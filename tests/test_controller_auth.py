@@ -437,3 +437,48 @@ def test_curve_in_pull_only_mode_a_restarted_controller_reaches_the_worker(
                 what="resync over CURVE after the restart",
             )
             assert c.metric("auth_failures") == 0
+
+
+def test_dashboard_with_protect_reads_takes_the_token_from_its_fragment(tmp_path: Path) -> None:
+    """The page and its files hold no cluster data and stay open; /dashboard/data needs the
+    token, which the page (in a real browser) sends from ``#token=...``."""
+    import shutil
+
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("chromium and chromedriver are not installed (`make system-deps`)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with controller(tmp_path, "--api-token", TOKEN, "--protect-reads") as c:
+        assert call(c, "GET", "/dashboard").status_code == 200
+        assert call(c, "GET", "/dashboard/data").status_code == 401
+        assert call(c, "GET", "/dashboard/data", GOOD).json()["instances"] == []
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+        try:
+            driver.set_page_load_timeout(30)
+
+            def status(d: Any) -> tuple[str, str]:
+                return tuple(
+                    d.execute_script(
+                        "const s = document.getElementById('status');"
+                        "return [s.dataset.state || '', s.textContent];"
+                    )
+                )
+
+            driver.get(c.url + "/dashboard")
+            WebDriverWait(driver, 20, poll_frequency=0.1).until(
+                lambda d: "HTTP 401" in status(d)[1], message="no 401 shown without the token"
+            )
+            driver.get(c.url + f"/dashboard#token={TOKEN}")
+            driver.refresh()  # a fragment change alone does not reload the page
+            WebDriverWait(driver, 20, poll_frequency=0.1).until(
+                lambda d: status(d)[0] == "live", message="the page never went live"
+            )
+        finally:
+            driver.quit()

@@ -360,8 +360,17 @@ READ_POSTS = frozenset(
         "/query_instance",
     }
 )
-#: Open even with ``protect_reads``: liveness probes and the API's own description.
+#: Open even with ``protect_reads`` (as is the dashboard's shell): liveness probes and the
+#: API's own description.
 ALWAYS_OPEN = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+def _dashboard_shell(path: str) -> bool:
+    """The dashboard's page and static files: no cluster data (that is /dashboard/data,
+    which the page fetches with the token from its URL fragment, ``#token=...``)."""
+    if path in ("/", "/dashboard"):
+        return True
+    return path.startswith("/dashboard/") and path != "/dashboard/data"
 
 
 class Access:
@@ -374,7 +383,7 @@ class Access:
         self.protect_reads = protect_reads
 
     def needs_token(self, method: str, path: str) -> bool:
-        if self.token is None or path in ALWAYS_OPEN:
+        if self.token is None or path in ALWAYS_OPEN or _dashboard_shell(path):
             return False
         return self.protect_reads or (method not in SAFE_METHODS and path not in READ_POSTS)
 
