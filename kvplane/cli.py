@@ -24,6 +24,7 @@ SUBCOMMANDS = (
     "kvplane.serve.cli",
     "kvplane.demo.cli",
     "kvplane.status_cli",
+    "kvplane.keygen_cli",
 )
 
 

@@ -150,6 +150,16 @@ class EngineConfig:
     controller_timeout_s: float = key(
         5.0, "Deadline of each worker->controller request, seconds.", kind=FLOAT, minimum=0.05
     )
+    controller_curve_secret_key_file: str | None = key(
+        None,
+        "This worker's CURVE secret key file (kvplane keygen); with "
+        "controller_curve_public_key_file, the worker reaches the controller over CURVE and "
+        "its command port takes only the controller's key. null: plain sockets.",
+        kind=OPT_STR,
+    )
+    controller_curve_public_key_file: str | None = key(
+        None, "The controller's CURVE public key file (.key).", kind=OPT_STR
+    )
     # --- peer to peer
     enable_p2p: bool = key(False, "Fetch missing chunks from peer instances.", kind=BOOL)
     p2p_host: str = key("localhost", "Host peers reach this instance's chunk server at.", kind=STR)

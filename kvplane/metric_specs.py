@@ -177,6 +177,8 @@ CONTROLLER_COUNTERS = {
     "deregistrations": "Workers that deregistered",
     "reaped_workers": "Workers dropped for missing heartbeats",
     "chunks_dropped": "Index entries dropped with a deregistered, reaped or replaced worker",
+    "auth_failures": "Failed CURVE handshakes on the worker ports (no CURVE, a key not "
+    "allowed, a wrong controller key); a refused client retries about every 100 ms",
     "lookup_tokens": "Tokens asked in /lookup requests",
     "lookup_matched_tokens": "Tokens of /lookup requests matched by the best instance's prefix "
     "(hit ratio = rate of this / rate of lookup_tokens)",

@@ -103,6 +103,8 @@ class RegisterRequest(_Msg, tag="register", kw_only=True):
     # Bytes of one full, uncompressed chunk of this rank's KV: lets the controller show
     # bytes per tier (chunks x this). None from workers that do not say.
     chunk_bytes: int | None = None
+    # The command port's CURVE public key (z85 text) when it is a CURVE server; None: plain.
+    curve_key: str | None = None
 
 
 class RegisterReply(_Msg, tag="register_reply", kw_only=True):
@@ -118,6 +120,7 @@ class HeartbeatRequest(_Msg, tag="heartbeat", kw_only=True):
     # seeds' pull-only mode) tell an unknown worker to resync with a ResyncCommand.
     ip: str | None = None
     port: int | None = None
+    curve_key: str | None = None  # as in RegisterRequest
 
 
 class HeartbeatReply(_Msg, tag="heartbeat_reply", kw_only=True):

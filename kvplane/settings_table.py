@@ -319,8 +319,9 @@ def _flag_type(spec: KeySpec) -> Callable[[str], Any]:
 
 def add_flags(parser: argparse.ArgumentParser, table: Iterable[KeySpec]) -> None:
     """One option per key that has ``flags``, its help and default from the row; the value
-    is checked by the key's own rules, so a bad one is a usage error naming the flag. An
-    option not given is None in the namespace (see :func:`flag_values`)."""
+    is checked by the key's own rules, so a bad one is a usage error naming the flag. A
+    boolean's flag alone means true (``--flag false`` also works). An option not given is
+    None in the namespace (see :func:`flag_values`)."""
     for spec in table:
         if not spec.flags:
             continue
@@ -328,8 +329,14 @@ def add_flags(parser: argparse.ArgumentParser, table: Iterable[KeySpec]) -> None
         if spec.choices:
             notes.append("one of " + ", ".join(spec.choices))
         help_text = f"{spec.help.rstrip('.')} ({'; '.join(notes)})".replace("%", "%%")
+        switch: dict[str, Any] = {"nargs": "?", "const": True} if spec.kind is BOOL else {}
         parser.add_argument(
-            *spec.flags, dest=spec.name, type=_flag_type(spec), default=None, help=help_text
+            *spec.flags,
+            dest=spec.name,
+            type=_flag_type(spec),
+            default=None,
+            help=help_text,
+            **switch,
         )
 
 

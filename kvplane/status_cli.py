@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import urllib.error
@@ -50,11 +51,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="refresh every SECONDS (default 2) until Ctrl-C",
     )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per request (default 5)")
+    p.add_argument(
+        "--api-token",
+        default=None,
+        help="the controller's bearer token, needed when it runs with --protect-reads "
+        "(default: $KVPLANE_CONTROLLER_TOKEN)",
+    )
     p.set_defaults(func=run)
 
 
-def fetch_status(controller: str, timeout: float) -> ClusterStatus:
-    """GET /status; Unavailable (one line, naming the address) when it cannot be had."""
+def fetch_status(controller: str, timeout: float, token: str | None = None) -> ClusterStatus:
+    """GET /status (with ``Authorization: Bearer <token>`` when a token is given);
+    Unavailable (one line, naming the address) when it cannot be had."""
     # imported here: every `kvplane` command builds this module's parser at start-up
     from pydantic import ValidationError
 
@@ -62,12 +70,20 @@ def fetch_status(controller: str, timeout: float) -> ClusterStatus:
 
     check_url(controller)
     url = controller.rstrip("/") + "/status"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout
+        ) as resp:
             body = resp.read()
     except urllib.error.HTTPError as exc:
+        hint = (
+            " (it guards reads: pass --api-token or set $KVPLANE_CONTROLLER_TOKEN)"
+            if exc.code in (401, 403)
+            else ""
+        )
         raise Unavailable(
-            f"the controller at {controller} answered {exc.code} to GET /status"
+            f"the controller at {controller} answered {exc.code} to GET /status{hint}"
         ) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -133,15 +149,18 @@ def run(args: argparse.Namespace) -> int:
         raise BadRequest("--watch must be a positive number of seconds")
     if not 0 < args.timeout < 3600:
         raise BadRequest("--timeout must be a number of seconds in (0, 3600)")
+    from kvplane.controller.settings import TOKEN_ENV
+
+    token = args.api_token or os.environ.get(TOKEN_ENV) or None
     if args.watch is None:
-        status = fetch_status(args.controller, args.timeout)
+        status = fetch_status(args.controller, args.timeout, token)
         print(status.model_dump_json(indent=2) if args.json else render(status, args.controller))
         return 0
     tty = sys.stdout.isatty()
     try:
         while True:
             try:
-                status = fetch_status(args.controller, args.timeout)
+                status = fetch_status(args.controller, args.timeout, token)
                 text = status.model_dump_json() if args.json else render(status, args.controller)
             except Unavailable as exc:
                 text = f"kvplane status: {exc} (retrying every {args.watch:g}s)"

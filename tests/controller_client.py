@@ -19,6 +19,7 @@ import httpx
 import msgspec
 import zmq
 
+from kvplane.curve import make_client
 from kvplane.keys import key_scheme_fingerprint
 from kvplane.protocol import (
     ChunkReport,
@@ -33,6 +34,7 @@ from kvplane.protocol import (
     encode,
     pack_hashes,
 )
+from kvplane.worker.link import ClientCurve
 from tests.support import wait_until
 
 
@@ -105,13 +107,15 @@ class ProtoWorker:
         *,
         chunk_size: int = 4,
         port: int = 1,
+        curve: ClientCurve | None = None,
     ) -> None:
+        """``curve``: connect as this CURVE client (None: plain sockets)."""
         self.ctx = zmq.Context()
         self.instance_id, self.worker_id = instance_id, worker_id
         self.chunk_size, self.port = chunk_size, port
         self.reply_port = reply_port
-        self.push = self.ctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.LINGER, 0)
+        self.curve = curve
+        self.push = self._socket(zmq.PUSH)
         self.push.connect(f"tcp://127.0.0.1:{pull_port}")
         self.epoch = random.getrandbits(62)
         self.seq = 0
@@ -119,9 +123,15 @@ class ProtoWorker:
         self._beater: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def request(self, msg: msgspec.Struct, timeout: float = 5.0) -> Any:
-        sock = self.ctx.socket(zmq.REQ)
+    def _socket(self, kind: int) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            make_client(sock, self.curve.keys, self.curve.controller)
+        return sock
+
+    def request(self, msg: msgspec.Struct, timeout: float = 5.0) -> Any:
+        sock = self._socket(zmq.REQ)
         sock.connect(f"tcp://127.0.0.1:{self.reply_port}")
         try:
             sock.send(encode(msg))
@@ -131,7 +141,7 @@ class ProtoWorker:
         finally:
             sock.close()
 
-    def register(self, **overrides: Any) -> RegisterReply:
+    def register(self, timeout: float = 5.0, **overrides: Any) -> RegisterReply:
         self.epoch = random.getrandbits(62)
         self.seq = 0
         fields = {
@@ -145,7 +155,7 @@ class ProtoWorker:
             "epoch": self.epoch,
         }
         fields.update(overrides)
-        reply = self.request(RegisterRequest(**fields))
+        reply = self.request(RegisterRequest(**fields), timeout)
         assert isinstance(reply, RegisterReply)
         return reply
 
@@ -170,7 +180,9 @@ class ProtoWorker:
         admit: bool = True,
         location: str = "LocalCPUBackend",
         seq: int | None = None,
+        flags: int = 0,
     ) -> None:
+        """``flags``: of the send (``zmq.NOBLOCK`` raises zmq.Again with no peer to take it)."""
         self.seq = self.seq + 1 if seq is None else seq
         msg = ChunkReport(
             instance_id=self.instance_id,
@@ -179,7 +191,7 @@ class ProtoWorker:
             seq=self.seq,
             segments=[Segment(admit, location, pack_hashes(list(hashes)))],
         )
-        self.push.send(encode(msg))
+        self.push.send(encode(msg), flags)
 
     def keep_alive(self, interval: float = 0.2) -> None:
         """Heartbeat on a thread until :meth:`close` (its own context: sockets are per thread)."""

@@ -133,6 +133,26 @@ def test_loglevel_get_all_get_one_set(transport):
         assert r.status_code == 400 and logging.getLogger().level == root_level
 
 
+def test_loglevel_post_sets_a_level(transport):
+    name = "kvplane.test_api_common.posted"
+    logging.getLogger(name).setLevel(logging.WARNING)
+    with serving(transport) as (_, client):
+        r = client.post("/loglevel", json={"logger_name": name, "level": "info"})
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "status": "success",
+            "logger_name": name,
+            "level": "INFO",
+            "effective_level": "INFO",
+        }
+        assert logging.getLogger(name).level == logging.INFO
+        r = client.post("/loglevel", json={"logger_name": name, "level": "LOUD"})
+        assert (r.status_code, r.json()["error"]) == (400, "Bad level")
+        r = client.post("/loglevel", json={"level": "DEBUG"})
+        assert r.status_code == 400 and "logger_name" in r.json()["message"]
+        assert logging.getLogger(name).level == logging.INFO
+
+
 SCRIPT = b"""
 ctx = app.state.ctx
 ctx.config_store.update({"min_retrieve_tokens": 33})
@@ -147,6 +167,18 @@ def test_run_script_refused_by_default(transport):
         assert r.status_code == 403
         assert set(r.json()) == {"error", "message"}
         assert service.config.min_retrieve_tokens == 0
+        # The policy answers before the body is looked at: no part, or no form at all.
+        for bad in (
+            {},
+            {"files": {"other": ("s.py", SCRIPT)}},
+            {
+                "content": b"--x\r\nnot multipart",
+                "headers": {"content-type": "multipart/form-data"},
+            },
+            {"json": {"script": "result = 1"}},
+        ):
+            r = client.post("/run_script", **bad)
+            assert (r.status_code, r.json()["error"]) == (403, "Run script disabled"), bad
 
 
 def test_run_script_when_allowed(transport):
@@ -161,7 +193,13 @@ def test_run_script_when_allowed(transport):
         assert "ZeroDivisionError" in r.json()["message"]
         r = client.post("/run_script", files={"script": ("s.py", b"x = 1")})
         assert r.json() is None
-        assert client.post("/run_script").status_code == 400  # no script part
+        r = client.post("/run_script")  # no script part
+        assert (r.status_code, r.json()["error"]) == (400, "Invalid parameters")
+        assert "script" in r.json()["message"]
+        r = client.post(
+            "/run_script", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data"}
+        )
+        assert (r.status_code, r.json()["error"]) == (400, "Invalid parameters")
 
 
 def test_run_script_needs_the_token_too(transport):

@@ -1,6 +1,7 @@
 """The internal API server itself: addresses, roles, sockets, discovery, errors, the token."""
 
 import dataclasses
+import logging
 import os
 import socket
 import stat
@@ -187,15 +188,16 @@ def test_unknown_path_and_bad_parameters_have_json_error_bodies(transport):
         r = client.get("/no/such/path")
         assert r.status_code == 404
         assert set(r.json()) == {"error", "message"}
-        r = client.post("/run_script")  # the required multipart part is missing
+        r = client.post("/loglevel", json={"level": "DEBUG"})  # logger_name is missing
         assert r.status_code == 400
         assert r.json()["error"] == "Invalid parameters"
-        assert "script" in r.json()["message"]
+        assert "logger_name" in r.json()["message"]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_token_guards_every_mutating_call(transport):
     cfg = api_config(internal_api_server_token="s3cret")
+    logging.getLogger("kvplane.t").setLevel(logging.WARNING)
     with serving(transport, cfg) as (service, client):
         assert client.get("/conf").status_code == 200  # reads stay open
         r = client.post("/conf", json={"min_retrieve_tokens": 5})
@@ -203,11 +205,23 @@ def test_token_guards_every_mutating_call(transport):
         assert r.json()["error"] == "Unauthorized"
         assert r.headers["www-authenticate"] == "Bearer"
         assert service.config.min_retrieve_tokens == 0
-        for wrong in ("Bearer nope", "Basic s3cret", "s3cret", "Bearer s3cr\u00e9t"):
-            headers = {"Authorization": wrong.encode("utf-8")}
-            assert client.post("/conf", json={}, headers=headers).status_code == 401, wrong
+        # No bearer token: 401; a bearer token that is not this server's: 403.
+        for given, status in (
+            ("Basic s3cret", 401),
+            ("s3cret", 401),
+            ("Bearer", 401),
+            ("Bearer nope", 403),
+            ("Bearer s3cret2", 403),
+            ("Bearer s3cr\u00e9t", 403),
+        ):
+            headers = {"Authorization": given.encode("utf-8")}
+            r = client.post("/conf", json={}, headers=headers)
+            assert (r.status_code, set(r.json())) == (status, {"error", "message"}), given
         r = client.get("/loglevel", params={"logger_name": "kvplane.t", "level": "DEBUG"})
         assert r.status_code == 401
+        r = client.post("/loglevel", json={"logger_name": "kvplane.t", "level": "DEBUG"})
+        assert r.status_code == 401
+        assert logging.getLogger("kvplane.t").level == logging.WARNING
         good = {"Authorization": "Bearer s3cret"}
         r = client.post("/conf", json={"min_retrieve_tokens": 5}, headers=good)
         assert r.status_code == 200

@@ -147,3 +147,5 @@ def test_the_controller_and_the_shared_web_layer_stay_off_the_engine():
     above = ["engine", "api", "worker", "serve", "process", "integrations"]
     assert violations(["controller", "web"], above) == []
     assert violations(["web"], ["controller", "keys", "protocol"]) == []
+    # CURVE keys and ZAP are shared by the controller and the worker, below both
+    assert violations(["curve"], [*above, "controller", "web"]) == []

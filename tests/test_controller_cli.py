@@ -55,6 +55,10 @@ def test_flags_help_and_checks_come_from_the_table() -> None:
         "worker_timeout",
         "command_timeout",
         "log_level",
+        "api_token",
+        "protect_reads",
+        "curve_secret_key_file",
+        "curve_allowed_keys_dir",
     ]
     for spec in flagged:
         assert " ".join(spec.help.rstrip(".").split()) in text
@@ -73,6 +77,10 @@ def test_flags_help_and_checks_come_from_the_table() -> None:
             "worker_timeout",
             "command_timeout",
             "log_level",
+            "api_token",
+            "protect_reads",
+            "curve_secret_key_file",
+            "curve_allowed_keys_dir",
         ]
     )  # the shape of GET /conf
     assert settings_from_args(parse("--log-level", "debug")).log_level == "DEBUG"
@@ -213,3 +221,26 @@ def test_sigterm_stops_the_controller_cleanly_with_exit_0(tmp_path: Path) -> Non
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert "Traceback" not in log.read_text()
+
+
+def test_token_from_file_then_environment_then_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvplane.controller.settings import TOKEN_ENV
+
+    cfg = tmp_path / "controller.yaml"
+    cfg.write_text("api_token: from-file\nprotect_reads: true\n")
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    s = settings_from_args(parse("--config", str(cfg)))
+    assert (s.api_token, s.protect_reads) == ("from-file", True)
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert settings_from_args(parse("--config", str(cfg))).api_token == "from-env"
+    s = settings_from_args(parse("--config", str(cfg), "--api-token", "from-flag"))
+    assert s.api_token == "from-flag"
+    assert "from-flag" not in repr(s) and s.to_dict()["api_token"] == "***"
+    # --protect-reads alone switches it on; "--protect-reads false" spells it out.
+    assert settings_from_args(parse("--protect-reads")).protect_reads is True
+    assert settings_from_args(parse("--protect-reads", "false")).protect_reads is False
+    assert settings_from_args(parse()).protect_reads is False
+    with pytest.raises(SystemExit):
+        parse("--protect-reads", "maybe")

@@ -424,8 +424,13 @@ def test_ops_endpoints(controller: ControllerProc) -> None:
     threads = httpx.get(controller.url + "/threads").json()
     assert threads["count"] == len(threads["threads"])
     assert "kvplane-ingest" in [t["name"] for t in threads["threads"]]
+    # Levels are set by POST (open here: no api_token); a GET with level= is refused.
     resp = httpx.get(
         controller.url + "/loglevel", params={"logger_name": "kvplane", "level": "DEBUG"}
+    )
+    assert (resp.status_code, resp.json()["error"]) == (400, "Use POST")
+    resp = httpx.post(
+        controller.url + "/loglevel", json={"logger_name": "kvplane", "level": "DEBUG"}
     )
     assert resp.json() == {
         "status": "success",
@@ -433,7 +438,7 @@ def test_ops_endpoints(controller: ControllerProc) -> None:
         "level": "DEBUG",
         "effective_level": "DEBUG",
     }
-    resp = httpx.get(controller.url + "/loglevel", params={"logger_name": "x", "level": "LOUD"})
+    resp = httpx.post(controller.url + "/loglevel", json={"logger_name": "x", "level": "LOUD"})
     assert (resp.status_code, resp.json()["error"]) == (400, "Bad level")
     resp = httpx.get(controller.url + "/loglevel", params={"logger_name": "no.such.logger"})
     assert (resp.status_code, resp.json()["error"]) == (404, "Unknown logger")
@@ -441,7 +446,12 @@ def test_ops_endpoints(controller: ControllerProc) -> None:
     resp = httpx.get(controller.url + "/no/such/path")
     assert resp.status_code == 404 and resp.json()["error"] == "Not Found"
     assert httpx.get(controller.url + "/docs").status_code == 200
-    assert "/lookup" in httpx.get(controller.url + "/openapi.json").json()["paths"]
+    schema = httpx.get(controller.url + "/openapi.json").json()
+    assert "/lookup" in schema["paths"]
+    # No api_token: nothing is guarded, and the document says so.
+    assert httpx.get(controller.url + "/conf").json()["api_token"] is None
+    assert "securitySchemes" not in schema.get("components", {})
+    assert "401" not in schema["paths"]["/clear"]["post"]["responses"]
 
 
 def test_lookups_are_not_starved_by_an_admit_burst(

@@ -16,7 +16,8 @@ __all__ = ["build_app"]
 
 
 def build_app(ctx: ApiContext, categories: tuple[str, ...] = CATEGORIES) -> FastAPI:
-    """A fresh app for ``ctx``: discovered routers, the token guard, the error handlers."""
+    """A fresh app for ``ctx``: discovered routers, the token guard (declared in the
+    OpenAPI document when a token is set), the error handlers."""
     app = FastAPI(
         title=f"kvplane internal API ({ctx.role})",
         version=kvplane.__version__,

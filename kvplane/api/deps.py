@@ -6,7 +6,6 @@ one process can serve several apps (scheduler and worker roles) without globals.
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -17,10 +16,10 @@ from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.cache_engine import CacheEngine
 from kvplane.engine.engine import Engine as EngineHandle
 from kvplane.engine.storage_manager import StorageManager
-from kvplane.errors import BadRequest, Unauthorized, Unavailable
+from kvplane.errors import BadRequest, Unavailable
+from kvplane.web.auth import SAFE_METHODS, check_bearer
 
 __all__ = [
-    "SAFE_METHODS",
     "Config",
     "ConfigStoreDep",
     "CpuTier",
@@ -33,8 +32,6 @@ __all__ = [
     "engine_of",
     "require_token",
 ]
-
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def get_context(request: Request) -> ApiContext:
@@ -99,15 +96,11 @@ SlotRecordingDep = Annotated[SlotRecording, Depends(get_slot_recording)]
 
 
 def require_token(request: Request, config: Config) -> None:
-    """Refuse the call with 401 unless it carries the configured bearer token (if any)."""
+    """Refuse the call unless it carries the configured bearer token (if any): 401 without
+    one, 403 with another (:func:`kvplane.web.auth.check_bearer`)."""
     token = config.internal_api_server_token
-    if not token:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
-        raise Unauthorized("This endpoint requires 'Authorization: Bearer <token>'")
+    if token:
+        check_bearer(request.headers.get("authorization"), token)
 
 
 def check_token(request: Request, config: Config) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from kvplane.api.common.meta_api import server_metadata
 from kvplane.api.context import ApiContext
-from kvplane.api.deps import SAFE_METHODS
+from kvplane.web.auth import SAFE_METHODS, declare_bearer
 from kvplane.web.openapi import CHOICES, NAMES, ErrorBody, OpenApi, operations
 
 __all__ = ["describe_process", "names_pattern"]
@@ -56,12 +56,9 @@ def describe_process(ctx: ApiContext) -> Callable[[OpenApi], None]:
 
     def refine(document: OpenApi) -> None:
         values = _values(ctx)
-        guarded = bool(ctx.config.internal_api_server_token)
-        if guarded:
-            document["components"]["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer"}
-            }
-        for _, method, operation in operations(document):
+        if ctx.config.internal_api_server_token:
+            declare_bearer(document, lambda method, path: method not in SAFE_METHODS)
+        for _, _, operation in operations(document):
             for parameter in operation.get("parameters", []):
                 schema = parameter.get("schema", {})
                 choices = schema.pop(CHOICES, None)
@@ -72,9 +69,6 @@ def describe_process(ctx: ApiContext) -> Callable[[OpenApi], None]:
                     if names is not None:
                         string["pattern"] = names_pattern(values[names])
             responses = operation["responses"]
-            if guarded and method.upper() not in SAFE_METHODS:
-                operation["security"] = [{"bearer": []}]
-                responses.setdefault("401", _error("A bearer token is required"))
             if ctx.engine is None and "engine" in operation.get("tags", ()):
                 responses.setdefault("503", _error("This process has no cache engine"))
 

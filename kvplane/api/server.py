@@ -10,7 +10,6 @@ worker i. A server listens on ``internal_api_server_host:port_start + index`` or
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
@@ -32,6 +31,7 @@ from kvplane.engine.chunk_statistics import AutoExit, ChunkStatistics
 from kvplane.engine.engine import Engine
 from kvplane.engine.facts import EngineFacts
 from kvplane.errors import ConfigError, Conflict, Unavailable
+from kvplane.web.auth import is_loopback
 
 __all__ = [
     "Address",
@@ -295,11 +295,7 @@ def exposure_warning(config: EngineConfig) -> str | None:
     host = config.internal_api_server_host
     if config.internal_api_server_socket_path_prefix or config.internal_api_server_token:
         return None
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if loopback:
+    if is_loopback(host):
         return None
     return (
         f"internal API server binds {host} without internal_api_server_token: anyone who "

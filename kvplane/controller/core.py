@@ -63,6 +63,7 @@ class Counters:
     deregistrations: int = 0
     reaped_workers: int = 0
     chunks_dropped: int = 0
+    auth_failures: int = 0  # failed CURVE handshakes on the worker ports
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

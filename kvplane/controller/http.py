@@ -25,10 +25,11 @@ from kvplane.controller.status_api import build_status_router
 from kvplane.errors import KvplaneError
 from kvplane.keys import MAX_TOKEN_ID, TOKEN_ID_RANGE
 from kvplane.protocol import COMPRESSION_METHODS
+from kvplane.web.auth import SAFE_METHODS, BearerGuard, bearer_refinement, check_bearer
 from kvplane.web.errors import error_body, install_error_handlers
 from kvplane.web.openapi import JSON_INTEGER, JsonInt, OneOf, error_responses, install_openapi, pair
 
-__all__ = ["create_app"]
+__all__ = ["ALWAYS_OPEN", "READ_POSTS", "Access", "create_app"]
 
 
 # --- models --------------------------------------------------------------------------------
@@ -348,9 +349,54 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
 # --- the app -------------------------------------------------------------------------------
 
 
+#: POST routes that only read: the seeds' API posts its queries.
+READ_POSTS = frozenset(
+    {
+        "/lookup",
+        "/health",
+        "/check_finish",
+        "/query_worker_info",
+        "/query_chunks",
+        "/query_instance",
+    }
+)
+#: Open even with ``protect_reads`` (as is the dashboard's shell): liveness probes and the
+#: API's own description.
+ALWAYS_OPEN = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+def _dashboard_shell(path: str) -> bool:
+    """The dashboard's page and static files: no cluster data (that is /dashboard/data,
+    which the page fetches with the token from its URL fragment, ``#token=...``)."""
+    if path in ("/", "/dashboard"):
+        return True
+    return path.startswith("/dashboard/") and path != "/dashboard/data"
+
+
+class Access:
+    """Who may call what, from ``api_token`` and ``protect_reads``: with a token, every call
+    that may change state (any method but GET/HEAD/OPTIONS, except :data:`READ_POSTS`)
+    needs it; with ``protect_reads`` every other call too, but :data:`ALWAYS_OPEN`."""
+
+    def __init__(self, token: str | None, protect_reads: bool) -> None:
+        self.token = token
+        self.protect_reads = protect_reads
+
+    def needs_token(self, method: str, path: str) -> bool:
+        if self.token is None or path in ALWAYS_OPEN or _dashboard_shell(path):
+            return False
+        return self.protect_reads or (method not in SAFE_METHODS and path not in READ_POSTS)
+
+    def check(self, method: str, path: str, authorization: str | None) -> None:
+        """Raise Unauthorized/Forbidden unless the call may go ahead."""
+        if self.token is not None and self.needs_token(method, path):
+            check_bearer(authorization, self.token)
+
+
 def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
     """The controller's FastAPI app over a running cluster (OpenAPI at /docs)."""
     dashboard = Dashboard(cluster)
+    access = Access(settings.api_token, settings.protect_reads)
     app = FastAPI(
         title="kvplane controller",
         description="KV-aware routing lookups and cluster operations over kvplane workers; "
@@ -366,6 +412,9 @@ def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
     app.include_router(build_status_router(cluster))
     app.include_router(dashboard.router)
     app.add_middleware(LookupRoute, answer=lookup_answer)
+    # Added last, so outermost: a refused call is answered before any body is read.
+    app.add_middleware(BearerGuard, check=access.check)
     install_error_handlers(app, "controller")
-    install_openapi(app)
+    guarded = [bearer_refinement(access.needs_token)] if settings.api_token is not None else []
+    install_openapi(app, *guarded)
     return app

@@ -6,14 +6,20 @@ import argparse
 import dataclasses
 import gc
 import logging
+import os
 import sys
 from typing import Any
 
-from kvplane.controller.settings import ControllerConfig, controller_keys, parse_monitor_ports
+from kvplane.controller.settings import (
+    TOKEN_ENV,
+    ControllerConfig,
+    controller_keys,
+    parse_monitor_ports,
+)
 from kvplane.errors import ConfigError, KvplaneError
 from kvplane.settings_table import add_flags, flag_values
 
-__all__ = ["add_parser", "run", "settings_from_args"]
+__all__ = ["add_parser", "exposure_warnings", "run", "settings_from_args"]
 
 log = logging.getLogger("kvplane.controller")
 
@@ -64,9 +70,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> ControllerConfig:
-    """The file's settings (``--config``), then the flags given on top. Raises
-    ConfigError."""
+    """The file's settings (``--config``), then ``$KVPLANE_CONTROLLER_TOKEN``, then the
+    flags given on top. Raises ConfigError."""
     base = ControllerConfig.from_file(args.config) if args.config else ControllerConfig()
+    env_token = os.environ.get(TOKEN_ENV)
+    if env_token:
+        base = dataclasses.replace(base, api_token=env_token)
     ports: dict[str, Any] = {}
     if args.monitor_ports:
         ports = args.monitor_ports
@@ -79,6 +88,28 @@ def settings_from_args(args: argparse.Namespace) -> ControllerConfig:
         ports = {"pull_port": args.monitor_port, "reply_port": None, "heartbeat_port": None}
     # Replaced, not merged: "--monitor-port N" means pull N and no reply port at all.
     return dataclasses.replace(base, **flag_values(args, controller_keys()), **ports)
+
+
+def exposure_warnings(settings: ControllerConfig) -> list[str]:
+    """What is open to anyone who can reach a controller bound beyond loopback."""
+    from kvplane.web.auth import is_loopback
+
+    if is_loopback(settings.host):
+        return []
+    out = []
+    if not settings.api_token:
+        out.append(
+            f"controller binds {settings.host} without an API token: anyone who can reach "
+            f"port {settings.port} can clear, pin, compress or move caches (set --api-token "
+            f"or ${TOKEN_ENV})"
+        )
+    if not settings.curve:
+        out.append(
+            f"controller binds {settings.host} without CURVE on its worker ports: anyone who "
+            "can reach them can register a worker and report chunks that steer lookups "
+            "(set --curve-secret-key-file and --curve-allowed-keys-dir)"
+        )
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     logging.getLogger().setLevel(settings.log_level)
+    for warning in exposure_warnings(settings):
+        log.warning("%s", warning)
     # Short GIL hand-offs: HTTP lookups get the interpreter quickly during an ingest burst.
     sys.setswitchinterval(0.0005)
     service = ControllerService(settings)
@@ -104,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         service.start()
     except KvplaneError as exc:
         log.error("%s", exc)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     log.info("controller HTTP API at %s:%d", settings.host, settings.port)
     app = create_app(service.cluster, settings)
     # Start-up objects (FastAPI, pydantic schemas) never die: keep them out of every

@@ -1,4 +1,5 @@
-"""Operational endpoints of the controller: /metrics, /healthz, /conf, /threads, /loglevel."""
+"""Operational endpoints of the controller: /metrics, /healthz, /conf, /threads, /loglevel
+(levels are set by ``POST /loglevel``; a GET never changes them here)."""
 
 from __future__ import annotations
 

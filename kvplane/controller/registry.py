@@ -46,6 +46,7 @@ class WorkerRecord:
     next_seq: int = 1
     needs_resync: bool = False
     chunk_bytes: int | None = None  # one full uncompressed chunk, if the worker said
+    curve_key: str | None = None  # the command port's CURVE public key (z85); None: plain
 
     @property
     def key(self) -> WorkerKey:
@@ -121,6 +122,7 @@ class Registry:
             registration_time=now,
             last_heartbeat_time=now,
             chunk_bytes=req.chunk_bytes,
+            curve_key=req.curve_key,
         )
         return RegisterOutcome(True, "", replaced)
 

@@ -5,6 +5,12 @@ One ingest thread owns the PULL and REP sockets. Each round it answers pending w
 requests first (registrations and heartbeats are never queued behind a report burst), then
 applies a bounded number of reports, taking the cluster lock once per message so HTTP
 lookups interleave. Reaping runs on the same thread every ``health_check_interval``.
+
+With ``curve_secret_key_file`` the PULL and REP sockets are CURVE servers that take only
+the workers whose public keys are in ``curve_allowed_keys_dir`` (:mod:`kvplane.curve`); the
+ingest thread also reads their monitor sockets and counts each failed handshake
+(``kvplane_controller_auth_failures_total``). Commands reach a worker that registered a
+CURVE key over CURVE too.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kvplane.controller.cluster import Cluster
 from kvplane.controller.core import ControllerCore
@@ -23,6 +30,15 @@ from kvplane.controller.executor import Executor
 from kvplane.controller.index import DroppedChunks
 from kvplane.controller.registry import WorkerRecord
 from kvplane.controller.settings import ControllerConfig
+from kvplane.curve import (
+    HANDSHAKE_FAILURES,
+    CurveAuth,
+    KeyPair,
+    load_key_pair,
+    load_public_keys,
+    make_client,
+    make_server,
+)
 from kvplane.errors import BadRequest, Unavailable
 from kvplane.protocol import (
     Command,
@@ -59,13 +75,24 @@ class ControllerService:
         self._thread: threading.Thread | None = None
         self._pull: zmq.Socket[bytes] | None = None
         self._reps: list[zmq.Socket[bytes]] = []
+        self._keys: KeyPair | None = None
+        self._auth: CurveAuth | None = None
+        self._monitors: list[zmq.Socket[bytes]] = []
+        self._failures_logged = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind the sockets (raises Unavailable if a port is taken) and start ingesting."""
+        """Bind the sockets and start ingesting. Raises Unavailable if a port is taken,
+        ConfigError if a CURVE key file cannot be used."""
         s = self.settings
         host = f"[{s.host}]" if ":" in s.host else s.host
+        if s.curve_secret_key_file is not None and s.curve_allowed_keys_dir is not None:
+            self._keys = load_key_pair(s.curve_secret_key_file, "curve_secret_key_file")
+            allowed = load_public_keys(s.curve_allowed_keys_dir, "curve_allowed_keys_dir")
+            self._auth = CurveAuth(self._ctx, allowed)
+            self._auth.start()
+            log.info("worker ports require CURVE: %d allowed worker key(s)", len(allowed))
         try:
             self._pull = self._bind(zmq.PULL, f"tcp://{host}:{s.pull_port}")
             for port in (s.reply_port, s.heartbeat_port):
@@ -73,6 +100,8 @@ class ControllerService:
                     self._reps.append(self._bind(zmq.REP, f"tcp://{host}:{port}"))
         except zmq.ZMQError as exc:
             self._close_sockets()
+            if self._auth is not None:
+                self._auth.stop()
             raise Unavailable(f"controller cannot bind its worker ports: {exc}") from None
         self._thread = threading.Thread(target=self._run, name="kvplane-ingest", daemon=True)
         self._thread.start()
@@ -89,6 +118,8 @@ class ControllerService:
             self._thread.join(timeout=5)
         self.cluster.executor.close()
         self._close_sockets()
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
 
     def _bind(self, kind: int, url: str) -> zmq.Socket[bytes]:
@@ -97,14 +128,21 @@ class ControllerService:
         if ":" in url.rsplit(":", 1)[0]:
             sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        if self._keys is not None:
+            make_server(sock, self._keys)
+            self._monitors.append(sock.get_monitor_socket(HANDSHAKE_FAILURES))
         sock.bind(url)
         return sock
 
     def _close_sockets(self) -> None:
         for sock in [self._pull, *self._reps]:
             if sock is not None:
+                if self._keys is not None:
+                    sock.disable_monitor()
                 sock.close(linger=0)
-        self._pull, self._reps = None, []
+        for monitor in self._monitors:
+            monitor.close(linger=0)
+        self._pull, self._reps, self._monitors = None, [], []
 
     # --- ingest thread -----------------------------------------------------------------------
 
@@ -112,8 +150,8 @@ class ControllerService:
         assert self._pull is not None  # set by start()
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
-        for rep in self._reps:
-            poller.register(rep, zmq.POLLIN)
+        for sock in [*self._reps, *self._monitors]:
+            poller.register(sock, zmq.POLLIN)
         next_reap = time.monotonic() + self.settings.health_check_interval
         while not self._stop.is_set():
             try:
@@ -123,6 +161,9 @@ class ControllerService:
                         self._answer(rep)
                 if self._pull in ready:
                     self._ingest(self._pull)
+                for monitor in self._monitors:
+                    if monitor in ready:
+                        self._count_refusals(monitor)
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + self.settings.health_check_interval
                     self._reap()
@@ -145,6 +186,27 @@ class ControllerService:
                 reply = CommandReply(error_code=ErrorCode.BAD_REQUEST, message="no reply")
             rep.send(encode(reply))
             _free(dropped)  # after the reply: a deregistering worker is not kept waiting
+
+    def _count_refusals(self, monitor: zmq.Socket[bytes]) -> None:
+        """Count the failed CURVE handshakes ``monitor`` reports (a refused client retries
+        every 100 ms or so: the first is logged at WARNING, then every 100th)."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            with self.cluster.lock:
+                self.cluster.core.counters.auth_failures += 1
+            if self._failures_logged % 100 == 0:
+                log.warning(
+                    "refused a worker connection on %s: CURVE handshake failed (%s, code %s); "
+                    "%d refused so far",
+                    event["endpoint"].decode(errors="replace"),
+                    zmq.Event(event["event"]).name,
+                    event["value"],
+                    self._failures_logged + 1,
+                )
+            self._failures_logged += 1
 
     def _ingest(self, pull: zmq.Socket[bytes]) -> None:
         busy_since = time.perf_counter()
@@ -201,6 +263,7 @@ class ControllerService:
             epoch=heartbeat.epoch,
             registration_time=now,
             last_heartbeat_time=now,
+            curve_key=heartbeat.curve_key,
         )
         command = ResyncCommand(event_id=self.cluster.events.start("resync", finished=True))
         self.cluster.executor.submit(target, command)
@@ -221,6 +284,8 @@ class ControllerService:
             sock.setsockopt(zmq.LINGER, 0)
             if ":" in worker.ip:
                 sock.setsockopt(zmq.IPV6, 1)
+            if self._keys is not None and worker.curve_key:
+                make_client(sock, self._keys, worker.curve_key.encode())
             sock.connect(worker.address)
             sock.send(encode(command))
             if not sock.poll(int(timeout * 1000), zmq.POLLIN):

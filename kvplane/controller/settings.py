@@ -19,11 +19,13 @@ from typing import Any
 
 from kvplane.errors import ConfigError
 from kvplane.settings_table import (
+    BOOL,
     FLOAT,
     INT,
     LOG_LEVEL,
     LOG_LEVELS,
     OPT_INT,
+    OPT_STR,
     STR,
     KeySpec,
     check_known,
@@ -33,10 +35,18 @@ from kvplane.settings_table import (
     validate_fields,
 )
 
-__all__ = ["MONITOR_PORT_NAMES", "ControllerConfig", "controller_keys", "parse_monitor_ports"]
+__all__ = [
+    "MONITOR_PORT_NAMES",
+    "TOKEN_ENV",
+    "ControllerConfig",
+    "controller_keys",
+    "parse_monitor_ports",
+]
 
 #: The ``--monitor-ports`` JSON's names; each sets the key ``<name>_port``.
 MONITOR_PORT_NAMES = ("pull", "reply", "heartbeat")
+#: The environment variable that sets ``api_token`` (between the file and the flags).
+TOKEN_ENV = "KVPLANE_CONTROLLER_TOKEN"
 
 
 @dataclass(frozen=True, repr=False)
@@ -95,17 +105,61 @@ class ControllerConfig:
     log_level: str = key(
         "INFO", "Log level.", kind=LOG_LEVEL, choices=LOG_LEVELS, flags=("--log-level",)
     )
+    api_token: str | None = key(
+        None,
+        "Bearer token every mutating HTTP call must carry (Authorization: Bearer <token>); "
+        f"also read from ${TOKEN_ENV}. null: the HTTP API is open.",
+        kind=OPT_STR,
+        secret=True,
+        flags=("--api-token",),
+    )
+    protect_reads: bool = key(
+        False,
+        "With api_token, reads need the token too (/lookup, /query_*, /health, /check_finish, "
+        "/metrics, /conf, ...); /healthz and the OpenAPI document stay open.",
+        kind=BOOL,
+        flags=("--protect-reads",),
+    )
+    curve_secret_key_file: str | None = key(
+        None,
+        "The controller's CURVE secret key file (kvplane keygen); with "
+        "curve_allowed_keys_dir, the worker ports take only workers with an allowed key. "
+        "null: the worker ports are open.",
+        kind=OPT_STR,
+        flags=("--curve-secret-key-file",),
+    )
+    curve_allowed_keys_dir: str | None = key(
+        None,
+        "Directory of the allowed workers' CURVE public key files (*.key).",
+        kind=OPT_STR,
+        flags=("--curve-allowed-keys-dir",),
+    )
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if (self.curve_secret_key_file is None) != (self.curve_allowed_keys_dir is None):
+            raise ConfigError(
+                "curve_secret_key_file and curve_allowed_keys_dir go together: set both "
+                "(CURVE on the worker ports) or neither"
+            )
+
+    @property
+    def curve(self) -> bool:
+        """Whether the worker ports require CURVE."""
+        return self.curve_secret_key_file is not None
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
         return f"ControllerConfig({fields})"
 
     def to_dict(self) -> dict[str, Any]:
-        """Every key and its value (what ``GET /conf`` answers)."""
-        return {s.name: getattr(self, s.name) for s in controller_keys()}
+        """Every key and its value, a secret's shown as ``***`` (what ``GET /conf``
+        answers)."""
+        out = {s.name: getattr(self, s.name) for s in controller_keys()}
+        for s in controller_keys():
+            if s.secret and out[s.name] is not None:
+                out[s.name] = "***"
+        return out
 
     @classmethod
     def from_file(cls, path: str | Path) -> ControllerConfig:

@@ -1,11 +1,15 @@
-"""``GET /threads`` and ``GET /loglevel``, the same on every kvplane HTTP server.
+"""``GET /threads`` and ``/loglevel``, the same on every kvplane HTTP server.
 
 ``/threads``: ``{"count", "threads": [{name, ident, native_id, daemon, alive, stack}]}``,
-sorted by name (for hang diagnosis). ``/loglevel``: without parameters every logger's
+sorted by name (for hang diagnosis). ``GET /loglevel``: without parameters every logger's
 effective level (``{"loggers": {name: level}}``); with ``logger_name`` that logger's
-``{logger_name, level, effective_level}`` (404 "Unknown logger" for a name never used);
-with ``level`` too, set it (``{"status": "success", ...}``; 400 "Bad level" for an unknown
-one). Setting mutates the process although the seed uses GET, so a server may guard it.
+``{logger_name, level, effective_level}`` (404 "Unknown logger" for a name never used).
+``POST /loglevel`` with ``{"logger_name", "level"}`` sets a level (``{"status": "success",
+...}``; 400 "Bad level" for an unknown one); a server that guards mutating calls guards it.
+
+Only the internal API server also sets a level on ``GET /loglevel?logger_name=..&level=..``
+(the seeds document it there), behind its own token when it has one; elsewhere a GET never
+changes state, and one with ``level`` is refused naming ``POST /loglevel``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from kvplane.errors import BadRequest, NotFound
 from kvplane.web.openapi import case_insensitive_pattern, error_responses
@@ -27,6 +31,7 @@ from kvplane.web.openapi import case_insensitive_pattern, error_responses
 __all__ = [
     "LEVELS",
     "LEVEL_PATTERN",
+    "SetLevelRequest",
     "ThreadInfo",
     "ThreadsResponse",
     "loglevel_router",
@@ -96,41 +101,41 @@ def _describe(name: str, logger: logging.Logger) -> dict[str, str]:
     }
 
 
-def loglevel_router(guard: Callable[[Request], None] | None = None) -> APIRouter:
-    """``guard(request)`` runs before a level is set and raises to refuse it (the internal
-    API's bearer token); None: anyone may set levels."""
-    router = APIRouter()
-    codes = (400, 401, 404) if guard is not None else (400, 404)
+LoggerName = Annotated[str | None, Query(description="a logger's name; 'root' for the root logger")]
 
-    @router.get("/loglevel", responses=error_responses(*codes))
-    def loglevel(
-        request: Request,
-        logger_name: Annotated[
-            str | None, Query(description="a logger's name; 'root' for the root logger")
-        ] = None,
-        level: Annotated[
-            str | None,
-            Query(
-                description=f"set this level (needs logger_name): one of {list(LEVELS)}, any case",
-                json_schema_extra={"pattern": LEVEL_PATTERN},
-            ),
-        ] = None,
-    ) -> dict[str, Any]:
-        if level is not None:
-            if guard is not None:
-                guard(request)
-            if re.fullmatch(LEVEL_PATTERN, level) is None:
-                raise BadRequest(
-                    f"Unknown level {level!r}; valid: {list(LEVELS)}", title="Bad level"
-                )
-            if not logger_name:  # logging.getLogger("") would be the root logger in disguise
-                raise BadRequest(
-                    "Setting a level needs logger_name (use 'root' for the root logger)"
-                )
-            wanted = level.upper()
-            logger = logging.getLogger(None if logger_name == "root" else logger_name)
-            logger.setLevel(wanted)
-            return {"status": "success", **_describe(logger_name, logger)}
+
+class SetLevelRequest(BaseModel):
+    logger_name: str = Field(description="a logger's name; 'root' for the root logger")
+    level: str = Field(
+        description=f"one of {list(LEVELS)}, any case",
+        json_schema_extra={"pattern": LEVEL_PATTERN},
+    )
+
+
+def _set_level(logger_name: str | None, level: str) -> dict[str, Any]:
+    """Set a level; 400 "Bad level" for an unknown one (checked by the pattern the
+    documents declare), 400 without ``logger_name``."""
+    if re.fullmatch(LEVEL_PATTERN, level) is None:
+        raise BadRequest(f"Unknown level {level!r}; valid: {list(LEVELS)}", title="Bad level")
+    if not logger_name:  # logging.getLogger("") would be the root logger in disguise
+        raise BadRequest("Setting a level needs logger_name (use 'root' for the root logger)")
+    wanted = level.upper()
+    logger = logging.getLogger(None if logger_name == "root" else logger_name)
+    logger.setLevel(wanted)
+    return {"status": "success", **_describe(logger_name, logger)}
+
+
+def loglevel_router(get_sets: Callable[[Request], None] | None = None) -> APIRouter:
+    """``GET`` and ``POST /loglevel``. ``get_sets``: None, a GET with ``level`` is refused;
+    else the guard (raising to refuse) under which a GET with ``level`` sets it (the
+    internal API's seed-compatible form)."""
+    router = APIRouter()
+
+    @router.post("/loglevel", responses=error_responses(400))
+    def set_loglevel(body: SetLevelRequest) -> dict[str, Any]:
+        return _set_level(body.logger_name, body.level)
+
+    def read(logger_name: str | None) -> dict[str, Any]:
         loggers = _known_loggers()
         if logger_name is None:
             return {
@@ -142,5 +147,37 @@ def loglevel_router(guard: Callable[[Request], None] | None = None) -> APIRouter
         if logger_name not in loggers:
             raise NotFound(f"No logger named {logger_name!r}", title="Unknown logger")
         return _describe(logger_name, loggers[logger_name])
+
+    if get_sets is None:
+        # ``level`` is no parameter here, so the document offers no GET that would set one;
+        # a client that sends it anyway is told where to go, not silently ignored.
+        @router.get("/loglevel", responses=error_responses(400, 404))
+        def loglevel_read(request: Request, logger_name: LoggerName = None) -> dict[str, Any]:
+            if "level" in request.query_params:
+                raise BadRequest(
+                    "GET /loglevel does not change levels here; send POST /loglevel with "
+                    '{"logger_name": ..., "level": ...}',
+                    title="Use POST",
+                )
+            return read(logger_name)
+
+        return router
+
+    @router.get("/loglevel", responses=error_responses(400, 401, 403, 404))
+    def loglevel(
+        request: Request,
+        logger_name: LoggerName = None,
+        level: Annotated[
+            str | None,
+            Query(
+                description=f"set this level (needs logger_name): one of {list(LEVELS)}, any case",
+                json_schema_extra={"pattern": LEVEL_PATTERN},
+            ),
+        ] = None,
+    ) -> dict[str, Any]:
+        if level is None:
+            return read(logger_name)
+        get_sets(request)
+        return _set_level(logger_name, level)
 
     return router

@@ -3,23 +3,40 @@
 :class:`ControllerLink` sends one request and waits for its reply under a deadline, on a
 fresh REQ socket each time (a lost reply never wedges the next request), so any thread may
 use it: the control thread for registrations and heartbeats, engine threads for peer
-lookups. Without a reply URL (the seeds' pull-only mode) nothing can be asked.
+lookups. Without a reply URL (the seeds' pull-only mode) nothing can be asked. With
+:class:`ClientCurve` keys every socket towards the controller is a CURVE client.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import zmq
 
+from kvplane.curve import KeyPair, load_key_pair, load_public_key, make_client
 from kvplane.protocol import decode, encode
 
-__all__ = ["ControllerLink", "local_ip_towards", "zmq_url"]
+__all__ = ["ClientCurve", "ControllerLink", "local_ip_towards", "zmq_url"]
 
 log = logging.getLogger(__name__)
+
+
+class ClientCurve(NamedTuple):
+    """A worker's CURVE keys and the controller's public key (z85)."""
+
+    keys: KeyPair
+    controller: bytes
+
+    @classmethod
+    def from_files(cls, secret_key_file: str, controller_key_file: str) -> ClientCurve:
+        """Raises ConfigError naming the config key of a file that cannot be used."""
+        return cls(
+            load_key_pair(secret_key_file, "controller_curve_secret_key_file"),
+            load_public_key(controller_key_file, "controller_curve_public_key_file"),
+        )
 
 
 def zmq_url(address: str) -> str:
@@ -43,13 +60,28 @@ class ControllerLink:
     """Request/reply with the controller's REP socket at ``reply_url`` (None: none)."""
 
     def __init__(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], reply_url: str | None, *, who: str = "worker"
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        reply_url: str | None,
+        *,
+        who: str = "worker",
+        curve: ClientCurve | None = None,
     ) -> None:
-        """``who`` names the worker in log lines (``worker inst/0``)."""
+        """``who`` names the worker in log lines (``worker inst/0``); ``curve``: this
+        worker's keys and the controller's public key, to talk CURVE (None: plain)."""
         self._ctx = ctx
         self.reply_url = reply_url
         self._who = who
+        self.curve = curve
         self._unanswered: set[str] = set()  # request kinds the controller left unanswered
+
+    def socket(self, kind: int) -> zmq.Socket[bytes]:
+        """A socket towards the controller (LINGER 0; a CURVE client when configured)."""
+        sock: zmq.Socket[bytes] = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            make_client(sock, self.curve.keys, self.curve.controller)
+        return sock
 
     @property
     def answers(self) -> bool:
@@ -61,8 +93,7 @@ class ControllerLink:
         the controller did not answer within ``timeout_s``, or the exchange failed."""
         if self.reply_url is None:
             return None
-        sock: zmq.Socket[bytes] = self._ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = self.socket(zmq.REQ)
         try:
             sock.connect(self.reply_url)
             sock.send(encode(msg))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from kvplane.config import rank_port
+from kvplane.curve import CurveAuth, make_server
 from kvplane.engine.events import ChunkAdmitted
 from kvplane.errors import ConfigError
 from kvplane.keys import key_scheme_fingerprint
@@ -40,7 +41,7 @@ from kvplane.protocol import (
     encode,
 )
 from kvplane.worker.commands import CommandHandlers
-from kvplane.worker.link import ControllerLink, local_ip_towards, zmq_url
+from kvplane.worker.link import ClientCurve, ControllerLink, local_ip_towards, zmq_url
 from kvplane.worker.metrics import WorkerStatsCollector
 from kvplane.worker.peers import PeerDirectory
 from kvplane.worker.reports import ReportBuffer, ResyncProgress
@@ -95,9 +96,11 @@ class ControllerWorker:
         self._resync_requested = threading.Event()
         self.handlers = CommandHandlers(engine.cache_engine, self._resync_requested.set)
         self.stats = dict.fromkeys(WORKER_COUNTERS, 0)  # written by the control thread only
+        curve = _client_curve(config)  # before anything that needs closing is made
         self._ctx = zmq.Context()
         self._who = f"worker {self.instance_id}/{self.worker_id}"
-        self.link = ControllerLink(self._ctx, reply_url, who=self._who)
+        self._auth: CurveAuth | None = None
+        self.link = ControllerLink(self._ctx, reply_url, who=self._who, curve=curve)
         self.peers = PeerDirectory(
             self.link,
             instance_id=self.instance_id,
@@ -135,6 +138,11 @@ class ControllerWorker:
         sock.setsockopt(zmq.LINGER, 0)
         if ":" in self.ip:
             sock.setsockopt(zmq.IPV6, 1)
+        curve = self.link.curve
+        if curve is not None:  # only the controller may send commands
+            self._auth = CurveAuth(self._ctx, {curve.controller})
+            self._auth.start()
+            make_server(sock, curve.keys)
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
         try:
             if self.port is None:
@@ -143,6 +151,8 @@ class ControllerWorker:
                 sock.bind(f"tcp://{host}:{self.port}")
         except zmq.ZMQError as exc:
             sock.close()
+            if self._auth is not None:
+                self._auth.stop()
             raise ConfigError(f"worker command port {host}:{self.port}: {exc}") from None
         self._cmd_sock = sock
         c = self.config
@@ -156,6 +166,7 @@ class ControllerWorker:
             chunk_size=c.chunk_size,
             epoch=0,
             chunk_bytes=self.engine.layout.chunk_nbytes(c.chunk_size),
+            curve_key=curve.keys.public.decode() if curve is not None else None,
         )
         self.session = WorkerSession(
             hello,
@@ -187,6 +198,8 @@ class ControllerWorker:
             thread.join(timeout=self.config.controller_timeout_s + 5)
         self._threads = []
         self.events.close()
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
 
     # --- events from the engine --------------------------------------------------------------
@@ -209,8 +222,7 @@ class ControllerWorker:
     def _control_loop(self) -> None:
         session = self.session
         assert session is not None  # built by start()
-        push: zmq.Socket[bytes] = self._ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
+        push = self.link.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 10_000)
         push.connect(self.pull_url)
         try:
@@ -331,3 +343,20 @@ class ControllerWorker:
                 sock.send(encode(reply))
         finally:
             sock.close(linger=0)
+
+
+def _client_curve(config: EngineConfig) -> ClientCurve | None:
+    """The worker's CURVE keys from its two key files (both or neither); ConfigError
+    naming the key of a missing or unusable one."""
+    secret, controller = (
+        config.controller_curve_secret_key_file,
+        config.controller_curve_public_key_file,
+    )
+    if secret is None and controller is None:
+        return None
+    if secret is None or controller is None:
+        raise ConfigError(
+            "controller_curve_secret_key_file and controller_curve_public_key_file go "
+            "together: set both (CURVE to the controller) or neither"
+        )
+    return ClientCurve.from_files(secret, controller)

@@ -123,6 +123,7 @@ class WorkerSession:
                 epoch=self.epoch,
                 ip=self.hello.ip,
                 port=self.hello.port or None,
+                curve_key=self.hello.curve_key,
             )
             self._awaiting = beat
             return Outgoing(beat, min(self.timeout_s, self.heartbeat_s))

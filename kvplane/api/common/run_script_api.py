@@ -1,7 +1,8 @@
 """POST /run_script: run an uploaded Python script inside the engine process.
 
 Refused (403) unless ``internal_api_server_allow_run_script`` is true, and it needs the
-bearer token when one is configured. The script sees ``app`` (the FastAPI app: the engine
+bearer token when one is configured; both are checked before the body is read (the route
+parses its multipart form itself), so a disabled endpoint answers 403 whatever is sent. The script sees ``app`` (the FastAPI app: the engine
 handle is ``app.state.ctx.engine``); the value it leaves in ``result`` is the JSON answer.
 """
 
@@ -10,10 +11,12 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
-from fastapi import APIRouter, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from kvplane.api.deps import Config
 from kvplane.errors import BadRequest, Forbidden
@@ -36,13 +39,44 @@ def run_script_source(source: str, filename: str, scope: dict[str, Any]) -> Any:
     return namespace.get("result")
 
 
-@router.post("/run_script", responses=error_responses(400, 403))
-async def run_script(request: Request, config: Config, script: UploadFile) -> JSONResponse:
+_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"script": {"type": "string", "format": "binary"}},
+                "required": ["script"],
+            }
+        }
+    },
+}
+
+
+async def _script_part(request: Request) -> UploadFile:
+    """The uploaded ``script`` part; 400 "Invalid parameters" naming it when it is not."""
+    try:
+        form = await request.form()
+    except HTTPException as exc:  # starlette's answer to a malformed multipart body
+        raise BadRequest(f"body: {exc.detail}", title="Invalid parameters") from None
+    script = form.get("script")
+    if not isinstance(script, UploadFile):
+        raise BadRequest(
+            "body.script: a file part named 'script' is required", title="Invalid parameters"
+        )
+    return script
+
+
+@router.post(
+    "/run_script", openapi_extra={"requestBody": _BODY}, responses=error_responses(400, 403)
+)
+async def run_script(request: Request, config: Config) -> JSONResponse:
     if not config.internal_api_server_allow_run_script:
         raise Forbidden(
             "/run_script is disabled; set internal_api_server_allow_run_script: true to allow it",
             title="Run script disabled",
         )
+    script = await _script_part(request)
     raw = await script.read()
     try:
         source = raw.decode("utf-8")

@@ -288,9 +288,14 @@ function render(d) {
   document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
 }
 
+// A controller run with --protect-reads wants its token on /dashboard/data: open the page as
+// /dashboard#token=... (a fragment never leaves the browser, so it is in no server log).
+const TOKEN = new URLSearchParams(window.location.hash.slice(1)).get("token");
+const DATA_HEADERS = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
+
 async function poll() {
   try {
-    const resp = await fetch("/dashboard/data", { cache: "no-store" });
+    const resp = await fetch("/dashboard/data", { cache: "no-store", headers: DATA_HEADERS });
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
     render(await resp.json());
     setStatus("live", "live");
