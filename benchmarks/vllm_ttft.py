@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvplane.demo.processes import free_ports  # noqa: E402
+from kvplane.demo.processes import consecutive_free_ports, free_ports  # noqa: E402
 from kvplane.integrations.vllm.launch import (  # noqa: E402
     build_model,
     controller_process,
@@ -110,7 +110,9 @@ def config(path: Path, **keys: Any) -> Path:
 @contextlib.contextmanager
 def cluster(model: Path, folder: Path) -> Iterator[tuple[Any, Any, str]]:
     """A controller and two kvplane-connected vLLM instances: A (CPU and disk tiers) and B."""
-    http, pull, reply, api_a, api_b = free_ports(5)
+    http, pull, reply = free_ports(3)
+    api_a = consecutive_free_ports(4)  # A: scheduler, rank 0; B: the next two
+    api_b = api_a + 2
     common = {
         "chunk_size": 256,
         "max_local_cpu_size": 2,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from kvplane.demo.processes import free_ports
+from kvplane.demo.processes import consecutive_free_ports, free_ports
 
 __all__ = [
     "REPO_ROOT",
@@ -39,22 +39,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def consecutive_free_ports(n: int, host: str = "127.0.0.1", tries: int = 50) -> int:
-    """The first of ``n`` consecutive ports free on ``host`` right now (an internal API
-    serves index i on ``port_start + i``)."""
-    for _ in range(tries):
-        first = free_port(host)
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(first + 1, first + n):
-                    s = stack.enter_context(socket.socket())
-                    s.bind((host, port))
-            return first
-        except OSError:
-            continue
-    raise RuntimeError(f"no {n} consecutive free ports on {host}")
 
 
 def wait_until(

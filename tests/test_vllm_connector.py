@@ -29,7 +29,7 @@ import zmq
 from kvplane.api.slot_syntax import format_ranges, parse_slot_mapping, to_ranges
 from tests.controller_client import ControllerProc, controller_args, wait_controller_up
 from tests.redis_support import RedisServer, redis_available
-from tests.support import free_ports, kvplane_process, wait_until
+from tests.support import consecutive_free_ports, free_ports, kvplane_process, wait_until
 from tests.vllm_support import VllmServer, build_vllm_model, vllm_server, worker_thread_cpus
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
@@ -180,7 +180,8 @@ def instance_a(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[VllmServer, int, EventSubscriber]]:
     folder = tmp_path_factory.mktemp("vllm-a")
-    api_start, events_port = free_ports(2)
+    api_start = consecutive_free_ports(2)  # the scheduler's API, then rank 0's
+    (events_port,) = free_ports(1)
     config = write_config(
         folder / "a.yaml",
         chunk_size=CHUNK,
@@ -339,7 +340,7 @@ def test_a_peer_loads_over_p2p_then_its_chunks_leave_lookups_when_killed(
         timeout=30,
         what="A's chunks in the controller",
     )
-    (api_start,) = free_ports(1)
+    api_start = consecutive_free_ports(2)
     config = write_config(
         tmp_path / "b.yaml",
         chunk_size=CHUNK,
@@ -386,7 +387,8 @@ def test_a_peer_loads_over_p2p_then_its_chunks_leave_lookups_when_killed(
 def test_disk_tier_serves_after_restart_while_controller_and_redis_are_down(
     model: Path, controller: ControllerProc, tmp_path: Path
 ) -> None:
-    dead_pull, dead_reply, dead_redis, api_start = free_ports(4)
+    dead_pull, dead_reply, dead_redis = free_ports(3)
+    api_start = consecutive_free_ports(2)
     keys: dict[str, Any] = {
         "chunk_size": CHUNK,
         "max_local_cpu_size": 1,

@@ -6,7 +6,9 @@ be explained by pointing at its log; stopping is SIGTERM, a bounded wait, then S
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,7 +21,7 @@ from typing import NamedTuple
 import kvplane
 from kvplane.errors import Unavailable
 
-__all__ = ["Child", "Children", "free_ports"]
+__all__ = ["Child", "Children", "consecutive_free_ports", "free_ports"]
 
 #: The directory holding the ``kvplane`` package: children import the same code as the demo.
 _PACKAGE_ROOT = str(Path(kvplane.__file__).resolve().parent.parent)
@@ -37,6 +39,33 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def consecutive_free_ports(n: int, host: str = "127.0.0.1", tries: int = 200) -> int:
+    """The first of ``n`` consecutive ports free on ``host`` now, for a server that takes
+    ``port_start + i`` (an internal API serves index i there). Drawn below the kernel's
+    ephemeral range: a port from it may be handed to any outgoing connection (ZMQ, HTTP
+    clients) between this check and the server's bind, so a free-port check there races."""
+    low = _ephemeral_low() - n
+    for _ in range(tries):
+        first = random.randrange(10000, low)
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(first, first + n):
+                    s = held.enter_context(socket.socket())
+                    s.bind((host, port))
+            return first
+        except OSError:
+            continue
+    raise Unavailable(f"no {n} consecutive free ports on {host}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(11000, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class Child(NamedTuple):

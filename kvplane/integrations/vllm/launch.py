@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 import kvplane
-from kvplane.demo.processes import free_ports
+from kvplane.demo.processes import consecutive_free_ports
 from kvplane.errors import Unavailable
 
 __all__ = [
@@ -270,7 +270,7 @@ def vllm_server(
     is not up within ``startup_timeout`` seconds.
     """
     python = _vllm_python()
-    port = port or free_ports(1)[0]
+    port = port or consecutive_free_ports(1)  # vLLM binds it a minute later
     home_dir = Path(home) if home is not None else _session_dir("home")
     home_dir.mkdir(parents=True, exist_ok=True)
     if log_path is None:
