@@ -175,8 +175,12 @@ def test_redis_killed_mid_store_keeps_every_acknowledged_chunk(tmp_path: Path) -
     refused: list[tuple[int, float]] = []
     in_put: list[tuple[int, float]] = []  # the put under way: (index, start)
 
+    stopped = threading.Event()  # the fifth put waits for the stop: never too late for it
+
     def writer() -> None:
         for i, (key, chunk) in enumerate(items):
+            if i == 4:
+                stopped.wait(30)
             start = time.monotonic()
             in_put[:] = [(i, start)]
             ok = remote.put(key, chunk)
@@ -186,9 +190,10 @@ def test_redis_killed_mid_store_keeps_every_acknowledged_chunk(tmp_path: Path) -
     thread = threading.Thread(target=writer, daemon=True)
     try:
         thread.start()
-        wait_until(lambda: len(acked) >= 4, timeout=30, what="four acknowledged puts")
+        wait_until(lambda: len(acked) == 4, timeout=30, what="four acknowledged puts")
         assert server.proc is not None
         server.proc.send_signal(signal.SIGSTOP)
+        stopped.set()
         # a put blocked on the stopped server: its SET is on its way, unanswered
         wait_until(
             lambda: in_put and time.monotonic() - in_put[0][1] > 0.2, timeout=10, what="a put"

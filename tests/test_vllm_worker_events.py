@@ -53,7 +53,7 @@ def test_stores_and_clears_reach_the_scheduler_index_through_the_pump(sides):
     slots = side._slots(list(range(6)), len(tokens))
     assert side.process.cache_engine.store(tokens, side.caches, slots).num_chunks == 3
     wait_until(lambda: held_prefix(scheduler, hashes) == 3, timeout=10, what="admits")
-    assert side.process.storage.clear() == 3
+    assert side.process.storage.clear().num_chunks == 3
     wait_until(lambda: held_prefix(scheduler, hashes) == 0, timeout=10, what="evicts")
     events = side._events
     side.shutdown()

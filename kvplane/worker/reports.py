@@ -85,20 +85,20 @@ class ReportBuffer:
 
 class ResyncProgress:
     """How far a resync's key set has gone out, as log lines for a person watching a large
-    one: a line each time another ``step`` of it (a tenth) is sent, and one at the end. A
+    one: a line each time another of its ``steps`` parts (a tenth) is sent, and one at the end. A
     resync of at most ``min_batches`` reports logs nothing more than its start.
 
     The snapshot leads the stream after :meth:`ReportBuffer.restart`, so the first ``total``
     hashes drained are the resync's; :meth:`sent` is told each report's size in order.
     """
 
-    def __init__(self, total: int, batch: int, *, step: float = 0.1, min_batches: int = 2) -> None:
+    def __init__(self, total: int, batch: int, *, steps: int = 10, min_batches: int = 2) -> None:
         self.total = total
         self.done = 0
         self.reports = 0
         self._quiet = total <= batch * min_batches
-        self._step = max(1, int(total * step))
-        self._next = self._step
+        self._steps = steps
+        self._shown = 0  # steps (tenths) reported so far
 
     @property
     def finished(self) -> bool:
@@ -114,9 +114,9 @@ class ResyncProgress:
             return None
         if self.finished:
             return f"resync sent: {self.total} chunks in {self.reports} reports"
-        if self.done < self._next:
+        reached = self._steps * self.done // self.total
+        if reached <= self._shown:
             return None
-        while self._next <= self.done:
-            self._next += self._step
+        self._shown = reached
         pct = 100 * self.done // self.total
         return f"resync {pct}%: {self.done} of {self.total} chunks sent in {self.reports} reports"
