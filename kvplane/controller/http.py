@@ -125,6 +125,8 @@ class QueryWorkerInfoRequest(BaseModel):
 
 
 class WorkerInfo(BaseModel):
+    """The seeds' fields of a registered worker, read off its registry record."""
+
     instance_id: str
     worker_id: int
     ip: str
@@ -306,18 +308,7 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
     )
     def query_worker_info(body: QueryWorkerInfoRequest) -> QueryWorkerInfoResponse:
         workers = cluster.workers(body.instance_id, body.worker_ids)
-        infos = [
-            WorkerInfo(
-                instance_id=w.instance_id,
-                worker_id=w.worker_id,
-                ip=w.ip,
-                port=w.port,
-                peer_init_url=w.peer_init_url,
-                registration_time=w.registration_time,
-                last_heartbeat_time=w.last_heartbeat_time,
-            )
-            for w in workers
-        ]
+        infos = [WorkerInfo.model_validate(w, from_attributes=True) for w in workers]
         event_id = cluster.events.start("query_worker_info", finished=True)
         return QueryWorkerInfoResponse(event_id=event_id, worker_infos=infos)
 
