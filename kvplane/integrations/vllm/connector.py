@@ -81,7 +81,12 @@ def _log_to_stderr() -> None:
     root = logging.getLogger("kvplane")
     if not root.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("kvplane %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter(
+                "kvplane %(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+                datefmt="%m-%d %H:%M:%S",
+            )
+        )
         root.addHandler(handler)
         root.propagate = False
 

@@ -163,6 +163,9 @@ class SchedulerSide:
             self._probes[req_id] = _Probe(now + self.config.p2p_timeout_s, found.chunk_tokens, now)
             self.channel.request_prefetch(req_id, list(tokens))
             self.counters.probes += 1
+            log.debug(
+                "probe %s: %d tokens, index holds %d", req_id, len(tokens), found.chunk_tokens
+            )
             return None
         if probe is not None and not probe.answered:
             answers = self.channel.prefetch_answers(req_id)
@@ -223,6 +226,8 @@ class SchedulerSide:
         )
         for req_id in step.finished:
             self.forget(req_id)
+        if plan.loads or plan.saves:
+            log.debug("step: %d loads, %d saves", len(plan.loads), len(plan.saves))
         self.counters.loads_planned += len(plan.loads)
         self.counters.stores_planned += len(plan.saves)
         if self.publish_events and block_hashes_of is not None:

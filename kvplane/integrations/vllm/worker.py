@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -180,6 +181,7 @@ class WorkerSide:
     def _load(self, spec: LoadSpec) -> None:
         engine = self.process.cache_engine
         want = len(spec.token_ids)
+        start = time.perf_counter()
         try:
             got = engine.retrieve(
                 spec.token_ids,
@@ -191,6 +193,13 @@ class WorkerSide:
             log.exception("kvplane: load of %s failed", spec.req_id)
             got = spec.skip_tokens
         self._count("load_tokens", max(0, got - spec.skip_tokens))
+        log.debug(
+            "load %s: %d of %d tokens in %.1f ms",
+            spec.req_id,
+            got - spec.skip_tokens,
+            want - spec.skip_tokens,
+            (time.perf_counter() - start) * 1e3,
+        )
         if got < want:
             first_bad = max(got, spec.skip_tokens) // self.block_size
             bad = spec.block_ids[first_bad:]
@@ -212,6 +221,7 @@ class WorkerSide:
             self.channel.yield_to_prefetch(_IDLE_STEP_WAIT_S)
 
     def _save(self, spec: SaveSpec) -> None:
+        start = time.perf_counter()
         try:
             result = self.process.cache_engine.store(
                 spec.token_ids, self.caches, self._slots(spec.block_ids, len(spec.token_ids))
@@ -219,6 +229,12 @@ class WorkerSide:
         except Exception:  # a failed store is a future miss, never an error in vLLM
             log.exception("kvplane: store of %s failed", spec.req_id)
             return
+        log.debug(
+            "store %s: %d chunks in %.1f ms",
+            spec.req_id,
+            result.num_chunks,
+            (time.perf_counter() - start) * 1e3,
+        )
         self._count("stored_chunks", result.num_chunks)
 
     def _slots(self, block_ids: Sequence[int], num_tokens: int) -> torch.Tensor:
