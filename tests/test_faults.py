@@ -414,6 +414,7 @@ def test_p2p_peer_killed_mid_transfer_is_a_miss_never_a_partial_chunk(tmp_path: 
     received = client.sockets[0].received
     assert 3 << 19 <= received < total, (received, total)  # the kill cut the transfer
     assert held == [0] and cpu.keys() == []  # the chunks that did arrive are not kept either
+    assert cpu.pool.free_pages == 64  # nor the pages they were received into
     assert p2p.fetch_errors == 1
     assert storage.get(keys[0]) is None and p2p.fetch_errors == 2  # a dead peer: a miss
 

@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from kvplane.engine import serde
+from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.backends.p2p import P2PBackend
 from kvplane.engine.chunk import KVChunk
+from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.p2p import ChunkServer, P2PClient, parse_peer_url, wire
+from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import BadRequest, Unavailable
 from kvplane.keys import CacheKey
 from tests.support import free_port
@@ -57,6 +60,103 @@ def test_fetch_across_two_servers(peers: tuple[Peer, Peer]) -> None:
     got = client.fetch(b.server.url, [make_key(2)])
     assert same_kv(got[0], make_chunk(2))
     assert client.fetch(a.server.url, []) == []
+
+
+def test_fetch_receives_payloads_into_the_buffers_a_landing_gives(
+    peers: tuple[Peer, Peer],
+) -> None:
+    a, _ = peers
+    for i in range(3):
+        a.store[make_key(i)] = make_chunk(i)
+    given: dict[CacheKey, torch.Tensor] = {}
+    asked: list[CacheKey] = []
+
+    def into(key: CacheKey, nbytes: int) -> memoryview | None:
+        asked.append(key)
+        if key == make_key(1):
+            return None  # a buffer of the client's own
+        if key == make_key(2):
+            return memoryview(bytearray(nbytes - 1))  # too small: not used
+        given[key] = torch.empty(nbytes + 7, dtype=torch.uint8)
+        return given[key].numpy().data
+
+    keys = [make_key(0), make_key(1), make_key(2), make_key(9)]
+    got = P2PClient(timeout_s=2).fetch(a.server.url, keys, into=into)
+    assert [same_kv(got[i], make_chunk(i)) for i in range(3)] == [True] * 3 and got[3] is None
+    assert asked == keys[:3]  # a miss (size 0) asks for no buffer
+    first = got[0]
+    assert first is not None and first.payload.data_ptr() == given[make_key(0)].data_ptr()
+
+
+class RawPeer:
+    """A chunk server that answers one fetch with the sizes and bytes it is given."""
+
+    def __init__(self, sizes: list[int], data: bytes) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, args=(sizes, data), daemon=True)
+        self.thread.start()
+
+    def _serve(self, sizes: list[int], data: bytes) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            deadline = wire.Deadline(5)
+            wire.recv_message(conn, deadline)
+            wire.send_message(conn, wire.FetchReply(sizes), deadline)
+            wire.send_all(conn, data, deadline)
+            conn.recv(1)  # until the client hangs up
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("landing", [False, True])
+def test_a_corrupt_frame_is_a_miss_and_the_frames_after_it_still_read(landing: bool) -> None:
+    """A flipped payload bit fails the checksum; a frame whose header does not add up to
+    its announced size is read off the socket whole, so the next frame still lines up."""
+    flipped = bytearray(serde.encode(make_key(0), make_chunk(0)))
+    flipped[-1] ^= 0xFF
+    padded = serde.encode(make_key(1), make_chunk(1)) + b"\0" * 10
+    good = serde.encode(make_key(2), make_chunk(2))
+    peer = RawPeer([len(flipped), len(padded), len(good)], bytes(flipped) + padded + good)
+    into = (lambda key, n: torch.empty(n, dtype=torch.uint8).numpy().data) if landing else None
+    try:
+        keys = [make_key(0), make_key(1), make_key(2)]
+        got = P2PClient(timeout_s=5).fetch(peer.url, keys, into=into)
+    finally:
+        peer.close()
+    assert got[0] is None and got[1] is None and same_kv(got[2], make_chunk(2))
+
+
+class CountingCPU(LocalCPUBackend):
+    puts = 0
+
+    def put(self, key: CacheKey, chunk: KVChunk) -> bool:
+        self.puts += 1
+        return super().put(key, chunk)
+
+
+def test_prefetch_receives_into_cpu_pages_and_returns_every_page_it_did_not_keep() -> None:
+    """Fetched chunks land in the CPU tier's own pages (no copy through ``put``); pages
+    handed to a transfer that then failed go back to the pool."""
+    items = {make_key(i): make_chunk(i) for i in range(4)}
+    server = ChunkServer("127.0.0.1", 0, lambda key: contextlib.nullcontext(items.get(key)))
+    server.start()
+    cpu = CountingCPU(HostMemoryPool(make_chunk(0).nbytes, 8, pin=False))
+    locate = [server.url]
+    storage = StorageManager([cpu, P2PBackend(P2PClient(timeout_s=2), lambda _k: locate[0])])
+    try:
+        keys = [make_key(i) for i in range(6)]  # the peer holds the first four
+        assert storage.prefetch(keys) == 4
+        assert cpu.puts == 0 and sorted(cpu.keys()) == sorted(keys[:4])
+        assert all(same_kv(cpu.get(k), items[k]) for k in keys[:4])
+        assert cpu.pool.free_pages == 8 - 4
+        locate[0] = f"127.0.0.1:{free_port()}"  # nobody there: the fetch fails
+        assert storage.prefetch(keys) == 4 and cpu.pool.free_pages == 8 - 4
+    finally:
+        server.close()
+        storage.close()
 
 
 def test_push_moves_chunks_into_the_peer(peers: tuple[Peer, Peer]) -> None:

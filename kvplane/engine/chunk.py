@@ -9,13 +9,21 @@ the CPU tier, or a tensor over bytes read from disk, Redis or a peer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
 import torch
 
-__all__ = ["ChunkMeta", "KVChunk", "dtype_from_name", "dtype_name"]
+from kvplane.keys import CacheKey
+
+__all__ = ["ChunkMeta", "KVChunk", "Landing", "dtype_from_name", "dtype_name"]
+
+#: ``(key, payload bytes) -> buffer``: where a tier that receives chunks (the peer tier)
+#: puts one's payload, a writable byte view of at least that size, or None for a buffer
+#: of its own. The chunk returned for the key then views that buffer.
+Landing = Callable[[CacheKey, int], memoryview | None]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from kvplane.engine.backends.base import StorageBackend
 from kvplane.engine.backends.cpu import LocalCPUBackend
-from kvplane.engine.chunk import KVChunk
+from kvplane.engine.chunk import KVChunk, Landing
 from kvplane.engine.compression import CompressResult, compress, get_codec
 from kvplane.engine.events import (
     DEFAULT_CAPACITY,
@@ -327,15 +327,21 @@ class StorageManager:
             if not backend.fetch_only or held == len(keys):
                 continue
             missing = keys[held:]
-            for key, chunk in zip(missing, backend.get_many(missing), strict=True):
-                if chunk is None:
-                    self.metrics.tier_misses.labels(backend.name).inc()
-                    break
-                self.metrics.tier_hits.labels(backend.name).inc()
-                self.metrics.tier_bytes_read.labels(backend.name).inc(chunk.nbytes)
-                if not cpu.put(key, chunk):
-                    return held
-                held += 1
+            with _landing_in(cpu) as (into, landed):
+                for key, chunk in zip(missing, backend.get_many(missing, into), strict=True):
+                    if chunk is None:
+                        self.metrics.tier_misses.labels(backend.name).inc()
+                        break
+                    self.metrics.tier_hits.labels(backend.name).inc()
+                    self.metrics.tier_bytes_read.labels(backend.name).inc(chunk.nbytes)
+                    page = landed.pop(key, None)
+                    if page is None:
+                        stored = cpu.put(key, chunk)
+                    else:
+                        stored = cpu.commit(key, chunk.meta, page, chunk.nbytes)
+                    if not stored:
+                        return held
+                    held += 1
         return held
 
     def compress(
@@ -407,3 +413,27 @@ class StorageManager:
             writer.close()
         for backend in self.backends.values():
             backend.close()
+
+
+@contextmanager
+def _landing_in(
+    cpu: LocalCPUBackend,
+) -> Iterator[tuple[Landing, dict[CacheKey, MemoryPage]]]:
+    """A landing that receives fetched payloads straight into free CPU-tier pages, and the
+    pages it handed out by key; a page not committed by the end of the block is freed."""
+    landed: dict[CacheKey, MemoryPage] = {}
+
+    def into(key: CacheKey, nbytes: int) -> memoryview | None:
+        if nbytes > cpu.pool.page_nbytes or key in landed:
+            return None
+        page = cpu.allocate()
+        if page is None:
+            return None
+        landed[key] = page
+        return page.data[:nbytes].numpy().data
+
+    try:
+        yield into, landed
+    finally:
+        for page in landed.values():
+            page.release()

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import ClassVar
 
-from kvplane.engine.chunk import KVChunk
+from kvplane.engine.chunk import KVChunk, Landing
 from kvplane.engine.events import EventSink, StorageEvent
 from kvplane.keys import CacheKey
 
@@ -55,8 +55,14 @@ class StorageBackend(ABC):
     def get(self, key: CacheKey) -> KVChunk | None:
         """The chunk, or None on a miss. The payload stays valid after later puts/evictions."""
 
-    def get_many(self, keys: Sequence[CacheKey]) -> list[KVChunk | None]:
-        """``get`` for several keys; tiers with a cheaper batch path override it."""
+    def get_many(
+        self,
+        keys: Sequence[CacheKey],
+        into: Landing | None = None,
+    ) -> list[KVChunk | None]:
+        """``get`` for several keys; tiers with a cheaper batch path override it. A tier
+        that receives payloads (the peer tier) may take each one's buffer from ``into``
+        (see :data:`~kvplane.engine.chunk.Landing`); the others ignore it."""
         return [self.get(k) for k in keys]
 
     @contextmanager

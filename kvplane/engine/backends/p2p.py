@@ -11,10 +11,11 @@ is a miss within the transfer deadline. Chunks move to peers on purpose with
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from kvplane.engine.backends.base import StorageBackend, register_backend
-from kvplane.engine.chunk import KVChunk
+from kvplane.engine.chunk import KVChunk, Landing
 from kvplane.engine.p2p.client import P2PClient
 from kvplane.errors import KvplaneError
 from kvplane.keys import CacheKey
@@ -57,17 +58,32 @@ class P2PBackend(StorageBackend):
     def get(self, key: CacheKey) -> KVChunk | None:
         return self.get_many([key])[0]
 
-    def get_many(self, keys: Sequence[CacheKey]) -> list[KVChunk | None]:
+    def get_many(
+        self, keys: Sequence[CacheKey], into: Landing | None = None
+    ) -> list[KVChunk | None]:
         """Fetch several chunks from the one peer the locator names, in one transfer."""
+        start = time.perf_counter()
         peer = self._locate(keys)
         if peer is None:
             return [None] * len(keys)
+        located = time.perf_counter()
         try:
-            return self.client.fetch(peer, keys)
+            chunks = self.client.fetch(peer, keys, into=into)
         except KvplaneError as exc:
             self.fetch_errors += 1
             log.info("p2p tier: fetch from %s failed: %s", peer, exc)
             return [None] * len(keys)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "p2p tier: %s located in %.1f ms; %d of %d chunks, %d bytes, in %.1f ms",
+                peer,
+                (located - start) * 1e3,
+                sum(c is not None for c in chunks),
+                len(keys),
+                sum(c.nbytes for c in chunks if c is not None),
+                (time.perf_counter() - located) * 1e3,
+            )
+        return chunks
 
     def remove(self, key: CacheKey) -> bool:
         return False

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Sequence
 
 from kvplane.engine import serde
-from kvplane.engine.chunk import KVChunk
+from kvplane.engine.chunk import KVChunk, Landing
 from kvplane.engine.p2p import wire
 from kvplane.errors import BadRequest, CorruptChunk, Unavailable
 from kvplane.keys import CacheKey
@@ -33,9 +33,13 @@ class P2PClient:
         self.timeout_s = timeout_s
         self.max_transfer_bytes = max_transfer_bytes
 
-    def fetch(self, peer_url: str, keys: Sequence[CacheKey]) -> list[KVChunk | None]:
-        """The peer's chunk for each key (None: the peer does not have it, or it did not fit
-        in one transfer). Raises Unavailable when the peer cannot be reached in time."""
+    def fetch(
+        self, peer_url: str, keys: Sequence[CacheKey], *, into: Landing | None = None
+    ) -> list[KVChunk | None]:
+        """The peer's chunk for each key (None: the peer does not have it, it did not fit in
+        one transfer, or it failed its checksum). With ``into``, each payload is received
+        straight into the buffer it supplies (no copy after the socket's). Raises
+        Unavailable when the peer cannot be reached in time."""
         if not keys:
             return []
         deadline = wire.Deadline(self.timeout_s)
@@ -55,11 +59,10 @@ class P2PClient:
                 if size == 0:
                     out.append(None)
                     continue
-                frame = wire.recv_exact(sock, size, deadline)
-                try:
-                    out.append(serde.decode(frame, expected_key=key)[1])
-                except CorruptChunk:
-                    out.append(None)
+                if into is None:
+                    out.append(_decoded(wire.recv_exact(sock, size, deadline), key))
+                else:
+                    out.append(_landed(sock, key, size, into, deadline))
             return out
 
     def push(
@@ -131,6 +134,47 @@ class P2PClient:
             raise Unavailable(f"peer {peer_url} is unreachable: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
+
+
+def _decoded(frame: memoryview, key: CacheKey) -> KVChunk | None:
+    try:
+        return serde.decode(frame, expected_key=key)[1]
+    except CorruptChunk:
+        return None
+
+
+def _landed(
+    sock: socket.socket, key: CacheKey, size: int, into: Landing, deadline: wire.Deadline
+) -> KVChunk | None:
+    """Receive one ``size``-byte frame: its header first, then its payload into the
+    buffer ``into`` supplies. A header that does not add up to ``size`` is a miss, its
+    bytes read off the socket so the next frame starts where it should."""
+    got = min(size, serde.PREFIX_SIZE)
+    head = wire.recv_exact(sock, got, deadline)
+    try:
+        header_len = serde.header_size(head)
+        if header_len > size:
+            raise CorruptChunk(f"header of {header_len} bytes in a {size}-byte frame")
+        rest = wire.recv_exact(sock, header_len - got, deadline)
+        got = header_len
+        header_bytes = bytes(head) + bytes(rest)
+        header = serde.decode_header(header_bytes)
+        if header.frame_len != size:
+            raise CorruptChunk(f"frame of {size} bytes, its header says {header.frame_len}")
+    except CorruptChunk:
+        if size > got:
+            wire.recv_exact(sock, size - got, deadline)
+        return None
+    payload = into(key, header.payload_len)
+    if payload is None or payload.nbytes < header.payload_len:
+        payload = wire.recv_exact(sock, header.payload_len, deadline)
+    else:
+        payload = payload[: header.payload_len]
+        wire.recv_into(sock, payload, deadline)
+    try:
+        return serde.decode_parts(header_bytes, payload, expected_key=key)[1]
+    except CorruptChunk:
+        return None
 
 
 def _answer_if_any(sock: socket.socket, deadline: wire.Deadline) -> wire.Message | None:

@@ -102,6 +102,13 @@ def recv_exact(sock: socket.socket, n: int, deadline: Deadline) -> memoryview:
     """Exactly ``n`` bytes, in a writable buffer of their own (not zeroed first: a chunk
     frame is megabytes, and every byte is overwritten)."""
     view = np.empty(n, dtype=np.uint8).data
+    recv_into(sock, view, deadline)
+    return view
+
+
+def recv_into(sock: socket.socket, view: memoryview, deadline: Deadline) -> None:
+    """Fill all of the writable byte buffer ``view`` from ``sock``."""
+    n = view.nbytes
     got = 0
     while got < n:
         sock.settimeout(deadline.remaining())
@@ -114,7 +121,6 @@ def recv_exact(sock: socket.socket, n: int, deadline: Deadline) -> memoryview:
         if k == 0:
             raise Unavailable(f"peer closed the connection after {got} of {n} bytes")
         got += k
-    return view
 
 
 def recv_message(sock: socket.socket, deadline: Deadline) -> Message:
