@@ -15,7 +15,7 @@ from kvplane.engine.tiers import remote_backend
 from kvplane.errors import ConfigError
 from tests.redis_support import RedisServer, make_tls_files, needs_redis
 from tests.support import wait_until
-from tests.tier_cases import make_chunk, make_key, same_kv
+from tests.tier_cases import CHUNK_SHAPE, make_chunk, make_key, same_kv
 
 pytestmark = needs_redis
 
@@ -194,3 +194,58 @@ def test_tls_ca_file_mistakes_are_config_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.pem").write_text("not a certificate\n")
     with pytest.raises(ConfigError, match="no usable CA certificate"):
         RemoteBackend("rediss://127.0.0.1:1", tls_ca_file=str(tmp_path / "junk.pem"))
+
+
+def _bytes_sent(raw: redis.Redis) -> int:
+    """The server's ``total_net_output_bytes``: every byte it has written to any client."""
+    return int(raw.info("stats")["total_net_output_bytes"])
+
+
+def test_chunk_tokens_reads_the_header_not_the_payload(server: RedisServer) -> None:
+    """The count comes from a GETRANGE of the header: the server sends a small fraction of
+    the payload (a plain GET, measured the same way, sends all of it)."""
+    import torch
+
+    from kvplane.engine import serde
+    from kvplane.engine.chunk import KVChunk
+
+    big = KVChunk.from_kv(torch.ones(2, 2, 48, 8, 128, dtype=torch.bfloat16), 45)  # 384 KiB
+    long_key = make_key(2, model="org/" + "m" * 700)  # a header longer than the first read
+    remote = RemoteBackend(server.url, timeout_s=2)
+    assert remote.put(make_key(1), big) and remote.put(long_key, make_chunk(2))
+    payload = big.payload.numel()
+    raw = redis.Redis.from_url(server.url)
+    before = _bytes_sent(raw)
+    assert remote.chunk_tokens(make_key(1)) == 45
+    header_read = _bytes_sent(raw) - before
+    before = _bytes_sent(raw)
+    assert remote.get(make_key(1)) is not None
+    whole_read = _bytes_sent(raw) - before
+    # each difference also holds one INFO reply (a few KiB), far below the payload
+    assert whole_read > payload > 16 * header_read
+    assert remote.chunk_tokens(long_key) == CHUNK_SHAPE[2]
+    assert serde.header_size(raw.getrange(KEY_PREFIX + long_key.to_str(), 0, 31)) > 700
+    raw.close()
+    remote.close()
+
+
+def test_chunk_tokens_of_a_missing_corrupt_or_misfiled_value_is_zero(
+    server: RedisServer,
+) -> None:
+    remote = RemoteBackend(server.url, timeout_s=0.5, breaker=fast_breaker())
+    raw = redis.Redis.from_url(server.url)
+    assert remote.chunk_tokens(make_key(1)) == 0  # absent
+    for i, value in enumerate((b"x", b"not a kvplane frame at all" * 4, b"KVPC" + bytes(28))):
+        raw.set(KEY_PREFIX + make_key(10 + i).to_str(), value)
+        assert remote.chunk_tokens(make_key(10 + i)) == 0
+    assert remote.put(make_key(3), make_chunk(3))
+    frame = raw.get(KEY_PREFIX + make_key(3).to_str())
+    raw.set(KEY_PREFIX + make_key(4).to_str(), frame)  # another key's frame
+    assert remote.chunk_tokens(make_key(4)) == 0
+    assert remote.chunk_tokens(make_key(3)) == CHUNK_SHAPE[2]
+    assert remote.stats().errors == 0  # bad values are not server failures
+    server.stop()
+    assert remote.chunk_tokens(make_key(3)) == 0  # the server is gone: 0, counted
+    assert remote.stats().errors == 1
+    raw.close()
+    remote.close()

@@ -11,7 +11,8 @@ redis-py's own retries are off so a deadline means one deadline. A circuit break
 front: after a few failures in a row the tier stops calling the server (puts are dropped
 and counted, gets miss at once) and lets one probe through every ``reset_after_s``; the
 first probe that succeeds closes it, so the tier recovers by itself when the server returns.
-Eviction is the server's (``maxmemory-policy``); this tier never evicts.
+Eviction is the server's (``maxmemory-policy``); this tier never evicts. A chunk's token
+count is read from its header with GETRANGE, never with the payload.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ __all__ = ["KEY_PREFIX", "RemoteBackend", "RemoteStats"]
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = "kvplane:"
+#: Bytes a header read asks for first: the fixed prefix plus room for a typical key and
+#: metadata, so one GETRANGE usually covers the whole header.
+_HEAD_READ = 512
 T = TypeVar("T")
 
 
@@ -126,6 +130,23 @@ class RemoteBackend(StorageBackend):
             return None
         return chunk
 
+    def chunk_tokens(self, key: CacheKey) -> int:
+        """The token count in the value's header, read with GETRANGE (the payload never
+        crosses the wire): 0 when absent, unreadable, another key's, or the server fails."""
+        name = _rkey(key)
+        head = self._getrange(name, 0, _HEAD_READ)
+        if not head:
+            return 0
+        try:
+            size = serde.header_size(head)
+            if size > len(head):  # a long key or metadata: fetch the rest of the header
+                head += self._getrange(name, len(head), size - len(head))
+            parsed = serde.decode_header(head)
+        except CorruptChunk as exc:
+            log.debug("remote tier: unreadable header for %s: %s", key.to_str(), exc)
+            return 0
+        return parsed.meta.num_tokens if parsed.key == key else 0
+
     def remove(self, key: CacheKey) -> bool:
         removed = self._call(lambda: bool(self._client.delete(_rkey(key))), False)
         if removed:
@@ -194,6 +215,11 @@ class RemoteBackend(StorageBackend):
         finally:
             pool.release(conn)
         return reply in (b"OK", "OK", True)
+
+    def _getrange(self, name: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes of the value from ``start`` (b"" when absent or failed)."""
+        data = self._call(lambda: self._client.getrange(name, start, start + length - 1), None)
+        return data if isinstance(data, bytes) else b""
 
     def _call(self, fn: Callable[[], T], fallback: T) -> T:
         """Run one Redis call behind the breaker; ``fallback`` when refused or failed."""
