@@ -274,6 +274,46 @@ def test_deregistration_drops_the_workers_chunks_at_once(
     assert controller.metric("chunks_dropped") == 50_003
 
 
+def test_deregistered_workers_leave_nothing_in_metrics_or_status(
+    controller: ControllerProc,
+) -> None:
+    """Several instances, ranks and tiers over the real wire, all deregistered: the
+    controller's own gauges and /status count no chunk, worker or instance of theirs
+    (that the memory comes back too: test_controller_memory.py)."""
+    ranks = [("a", 0), ("a", 1), ("b", 0), ("c", 0)]
+    workers = [ProtoWorker(controller.pull, controller.reply, i, w) for i, w in ranks]
+    try:
+        for n, w in enumerate(workers):
+            assert w.register().ok
+            w.report(range(n * 100_000 + 1, n * 100_000 + 20_001))
+            w.report(range(n * 100_000 + 1, n * 100_000 + 5_001), location="LocalDiskBackend")
+        wait_until(
+            lambda: controller.metric("index_chunks") == 4 * 25_000, timeout=60, what="admits"
+        )
+        status = httpx.get(controller.url + "/status", timeout=10).json()
+        assert status["totals"] == {
+            "instances": 3,
+            "workers": 4,
+            "chunks": 100_000,
+            "chunks_by_tier": {"LocalCPUBackend": 80_000, "LocalDiskBackend": 20_000},
+        }
+        text = httpx.get(controller.url + "/metrics", timeout=10).text
+        assert 'kvplane_controller_instance_chunks{instance_id="a",' in text
+        for w in workers:
+            assert w.deregister()
+    finally:
+        for w in workers:
+            w.close()
+    for name in ("index_chunks", "workers", "instances"):
+        assert controller.metric(name) == 0, name
+    assert controller.metric("chunks_dropped") == 100_000
+    status = httpx.get(controller.url + "/status", timeout=10).json()
+    assert status["instances"] == []
+    assert status["totals"] == {"instances": 0, "workers": 0, "chunks": 0, "chunks_by_tier": {}}
+    text = httpx.get(controller.url + "/metrics", timeout=10).text
+    assert "kvplane_controller_instance_chunks{" not in text
+
+
 def test_sequence_gap_asks_for_resync(controller: ControllerProc, worker: ProtoWorker) -> None:
     assert worker.register().ok
     worker.report([1])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -66,11 +67,13 @@ _READER_WAIT_S = 0.005
 class ControllerService:
     """Binds the worker-facing sockets and runs the ingest thread (:meth:`start`/:meth:`stop`)."""
 
-    def __init__(self, settings: ControllerConfig) -> None:
+    def __init__(self, settings: ControllerConfig, clock: Callable[[], float] = time.time) -> None:
+        """``clock``: the time registrations, heartbeats and the reaper read (tests move it)."""
         self.settings = settings
         self._ctx = zmq.Context()
         core = ControllerCore(settings.worker_timeout)
-        self.cluster = Cluster(core, Executor(self._send_command, settings.command_timeout))
+        executor = Executor(self._send_command, settings.command_timeout)
+        self.cluster = Cluster(core, executor, clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pull: zmq.Socket[bytes] | None = None
