@@ -43,6 +43,7 @@ from kvplane.keys import chunk_hashes, key_scheme_fingerprint  # noqa: E402
 from kvplane.protocol import (  # noqa: E402
     ChunkReport,
     DeregisterRequest,
+    HeartbeatRequest,
     RegisterRequest,
     Segment,
     decode,
@@ -427,17 +428,37 @@ def run_benchmark(
         f"lookup p99 {burst_p99:.2f} ms"
     )
 
-    # Deregistering a worker that holds args.large chunks.
-    epoch = random.getrandbits(62)
-    client.register("dereg", epoch)
-    hashes = rng.integers(1, 2**63, args.large, dtype=np.uint64)
-    before = metric(http, "chunk_events_applied")
-    send_in_process(pull, reports("dereg", epoch, 1, hashes))[0].join(120)
-    wait_applied(http, before + args.large)
-    start = time.perf_counter()
-    client.request(DeregisterRequest(instance_id="dereg", worker_id=0, epoch=epoch))
-    dereg_ms = (time.perf_counter() - start) * 1000
-    print(f"deregister a worker with {args.large} chunks: {dereg_ms:.2f} ms (request round trip)")
+    # Deregistering a worker that holds args.large chunks, and the memory that comes back;
+    # twice, so a second round shows whether what stayed is reused or lost.
+    controller = psutil.Process(pid)
+    rss_rounds: list[tuple[int, int, int]] = []
+    for _ in range(2):
+        rss_before = controller.memory_info().rss
+        epoch = random.getrandbits(62)
+        client.register("dereg", epoch)
+        hashes = rng.integers(1, 2**63, args.large, dtype=np.uint64)
+        before = metric(http, "chunk_events_applied")
+        send_in_process(pull, reports("dereg", epoch, 1, hashes))[0].join(120)
+        wait_applied(http, before + args.large)
+        rss_loaded = controller.memory_info().rss
+        start = time.perf_counter()
+        client.request(DeregisterRequest(instance_id="dereg", worker_id=0, epoch=epoch))
+        dereg_ms = (time.perf_counter() - start) * 1000
+        # The maps are freed after the reply; a later request answered means that is done.
+        client.request(HeartbeatRequest(instance_id="dereg", worker_id=0, epoch=epoch))
+        rss_rounds.append((rss_before, rss_loaded, controller.memory_info().rss))
+        print(
+            f"deregister a worker with {args.large} chunks: {dereg_ms:.2f} ms (request round trip)"
+        )
+    for n, (rss_before, rss_loaded, rss_after) in enumerate(rss_rounds, 1):
+        print(
+            f"round {n}: controller RSS {rss_before / 2**20:.0f} MB before that worker's admits, "
+            f"{rss_loaded / 2**20:.0f} MB holding them, {rss_after / 2**20:.0f} MB after its "
+            f"deregistration: {(rss_loaded - rss_after) / 2**20:.0f} of "
+            f"{(rss_loaded - rss_before) / 2**20:.0f} MB returned"
+        )
+    held, back = rss_rounds[0][1] - rss_rounds[0][0], rss_rounds[0][1] - rss_rounds[0][2]
+    kept_after_round_2 = rss_rounds[1][2] - rss_rounds[0][2]
 
     out.update(
         ingest_events_per_s=round(ingest_rate),
@@ -447,6 +468,9 @@ def run_benchmark(
         lookup_rps_controller_busy=round(tp.server_busy, 2),
         lookup_p99_during_burst_ms=round(burst_p99, 3),
         deregister_ms=round(dereg_ms, 3),
+        deregister_rss_held_mb=round(held / 2**20, 1),
+        deregister_rss_returned_mb=round(back / 2**20, 1),
+        deregister_rss_growth_round_2_mb=round(kept_after_round_2 / 2**20, 1),
         rss_mb=round(rss, 1),
         index_chunks=int(chunks),
         instances=len(instances),
