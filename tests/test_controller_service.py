@@ -103,7 +103,9 @@ def test_lookup_of_a_long_prompt_and_its_other_methods(
     assert chunked.status_code == 200
     assert chunked.json()["layout_info"] == full
     assert chunked.headers["content-type"] == "application/json"
-    assert httpx.get(controller.url + "/lookup").status_code == 405
+    other = httpx.get(controller.url + "/lookup")
+    assert (other.status_code, other.headers["allow"]) == (405, "POST")
+    assert other.json()["error"] == "Method Not Allowed"
     assert "/lookup" in httpx.get(controller.url + "/openapi.json").json()["paths"]
 
 

@@ -10,17 +10,25 @@ route or method keeps its status; anything else is a logged 500 "Internal error"
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from kvplane.errors import KvplaneError, Unauthorized
 
-__all__ = ["allowed_methods", "error_body", "install_error_handlers", "validation_message"]
+__all__ = [
+    "HTTP_METHODS",
+    "allowed_methods",
+    "error_body",
+    "install_error_handlers",
+    "serves",
+    "validation_message",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +47,23 @@ def validation_message(exc: RequestValidationError) -> str:
     return problems or "invalid request"
 
 
+#: The methods a 405's ``Allow`` can name.
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
+def serves(routes: Sequence[BaseRoute], method: str, path: str) -> bool:
+    """Whether one of ``routes`` serves ``method`` on ``path``. Asked of each route's own
+    ``matches``, which sees into included routers (FastAPI keeps those as one route each,
+    with no ``methods`` of their own)."""
+    scope = {"type": "http", "method": method, "path": path}
+    return any(route.matches(scope)[0] is Match.FULL for route in routes)
+
+
 def allowed_methods(request: Request) -> list[str]:
     """Every method some route of the app serves on the request's path. Starlette's 405 names
     only the first route that matched the path, so ``GET /conf`` hid ``POST /conf``."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods.update(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    routes = request.app.router.routes
+    return [m for m in HTTP_METHODS if serves(routes, m, request.url.path)]
 
 
 def install_error_handlers(app: FastAPI, what: str) -> None:
