@@ -159,6 +159,13 @@ def test_protect_reads_guards_reads_but_healthz(tmp_path: Path) -> None:
             assert call(c, method, path, GOOD, json=body).status_code in (200, 404), path
         r = call(c, "POST", "/lookup", GOOD, json={"tokens": TOKENS})
         assert r.json()["layout_info"] == {}
+        # A call that no route serves runs nothing, so it is answered as such, token or not:
+        # a method the path lacks is a 405 naming the ones it has, a path none has a 404.
+        for headers in (None, GOOD):
+            for method, path, allow in (("TRACE", "/status", "GET"), ("PUT", "/conf", "GET")):
+                r = call(c, method, path, headers)
+                assert (r.status_code, r.headers["allow"]) == (405, allow), (method, path)
+            assert call(c, "POST", "/no-such-path", headers, json={}).status_code == 404
         assert call(c, "GET", "/healthz").status_code == 200  # liveness probes stay open
         assert call(c, "GET", "/conf", GOOD).json()["protect_reads"] is True
         lookup = call(c, "GET", "/openapi.json").json()["paths"]["/lookup"]["post"]

@@ -1,12 +1,14 @@
 """Both HTTP APIs against their own OpenAPI documents: the documents validate, and
 schemathesis, with all its checks and phases, finds nothing on running processes.
 
-One controller and one ``kvplane engine`` dedicated to this module: the engine registers
-with the controller (so the cluster operations reach a real worker and engine) and serves
-both internal API roles (scheduler, worker 0) over TCP, guarded by a bearer token, with
-every kind of tier it can have at once (CPU, disk, FSConnector, P2P). Schemathesis runs as
-its CLI would for a user (``python -m schemathesis.cli run``) with the settings in
-``tests/fuzz/*.toml``; what those relax, and why, is written there and in
+Processes dedicated to this module: a controller with a bearer token (``--api-token``: its
+mutating calls need it) and one ``kvplane engine`` that registers with it (so the cluster
+operations reach a real worker and engine) and serves both internal API roles (scheduler,
+worker 0) over TCP, guarded by a bearer token, with every kind of tier it can have at once
+(CPU, disk, FSConnector, P2P); and a second controller, with ``--protect-reads`` too, that
+no engine registers with. Schemathesis runs as its CLI would for a user (``python -m
+schemathesis.cli run``) with the settings in ``tests/fuzz/*.toml``, on each controller with
+the token and without it; what those settings relax, and why, is written there and in
 docs/verification.md.
 """
 
@@ -15,14 +17,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
 from openapi_spec_validator import validate
 
+from kvplane.controller.http import ALWAYS_OPEN, READ_POSTS
+from kvplane.web.openapi import operations
 from tests.controller_client import controller_args, wait_controller_up
 from tests.support import (
     consecutive_free_ports,
@@ -35,15 +40,17 @@ from tests.support import (
 pytestmark = pytest.mark.slow
 
 TOKEN = "fuzz-token"
+AUTH = f"Authorization: Bearer {TOKEN}"
 # Fixed, so that a run is repeatable; schemathesis prints the seed of a failing run too.
 SEED = "20261201"
 MAX_EXAMPLES = 20  # per operation in the fuzzing phase (coverage and examples: all theirs)
-FUZZ_TIMEOUT = 240  # seconds for one schemathesis run; the three take ~60 s on 2 cores
+FUZZ_TIMEOUT = 240  # seconds for one schemathesis run; the six take ~2 min on 2 cores
 FUZZ_DIR = Path(__file__).resolve().parent / "fuzz"
 
 
 class Apis(NamedTuple):
-    controller: str
+    controller: str  # --api-token; the engine's instance "inst-a" is registered
+    reads_guarded: str  # --api-token --protect-reads; no instance
     scheduler: str
     worker: str
 
@@ -51,7 +58,7 @@ class Apis(NamedTuple):
 @pytest.fixture(scope="module")
 def apis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apis]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    http, pull, reply, worker_port, p2p_port = free_ports(5)
+    http, pull, reply, worker_port, p2p_port, *guarded = free_ports(8)
     api_port = consecutive_free_ports(2)
     (tmp / "fs").mkdir()
     cfg = {
@@ -71,11 +78,19 @@ def apis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apis]:
     config_path.write_text(json.dumps(cfg))  # JSON is YAML
     apis = Apis(
         f"http://127.0.0.1:{http}",
+        f"http://127.0.0.1:{guarded[0]}",
         f"http://127.0.0.1:{api_port}",
         f"http://127.0.0.1:{api_port + 1}",
     )
-    with kvplane_process(controller_args(http, pull, reply), log_path=tmp / "controller.log"):
+    token = ["--api-token", TOKEN]
+    with (
+        kvplane_process([*controller_args(http, pull, reply), *token], log_path=tmp / "c.log"),
+        kvplane_process(
+            [*controller_args(*guarded), *token, "--protect-reads"], log_path=tmp / "rg.log"
+        ),
+    ):
         wait_controller_up(apis.controller)
+        wait_controller_up(apis.reads_guarded)
         engine = ["engine", "--config", str(config_path)]
         with kvplane_process(engine, log_path=tmp / "engine.log"):
             for url in (apis.scheduler, apis.worker):
@@ -117,6 +132,37 @@ def test_the_worker_document_names_this_engines_tiers_and_its_token(apis: Apis) 
     assert "security" not in document["paths"]["/meta"]["get"]  # type: ignore[index]
 
 
+def _body_fields(document: dict[str, Any], operation: dict[str, Any]) -> set[str]:
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    if "$ref" in schema:
+        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return set(schema["properties"])
+
+
+def test_the_controller_documents_declare_links_and_who_needs_the_token(apis: Apis) -> None:
+    """Each link names an operation of the document and only fields of its body; the token
+    is declared (security, 401, 403) on exactly the operations that need it."""
+    for url, reads_guarded in ((apis.controller, False), (apis.reads_guarded, True)):
+        document = _document(url)
+        by_id = {op["operationId"]: op for _, _, op in operations(document)}
+        links = 0
+        for path, method, op in operations(document):
+            for answer in op["responses"].values():
+                for name, link in answer.get("links", {}).items():
+                    target = by_id[link["operationId"]]
+                    assert set(link["requestBody"]) <= _body_fields(document, target), name
+                    links += 1
+            guarded = path not in ALWAYS_OPEN and (
+                reads_guarded or (method == "post" and path not in READ_POSTS)
+            )
+            declared = "security" in op and {"401", "403"} <= set(op["responses"])
+            assert declared == guarded, (url, method, path)
+            assert guarded or not {"401", "403"} & set(op["responses"]), (method, path)
+        assert links >= 20, links
+        status = document["paths"]["/status"]["get"]["responses"]["200"]["links"]
+        assert {"QueryWorkerInfo", "Health", "Clear", "Pin", "Move"} <= set(status)
+
+
 def _schemathesis(
     url: str, config: str, *headers: str, tmp: Path
 ) -> subprocess.CompletedProcess[str]:
@@ -124,7 +170,7 @@ def _schemathesis(
     args += ["--config-file", str(FUZZ_DIR / config), "run", url + "/openapi.json"]
     args += ["--checks", "all", "--phases", "examples,coverage,fuzzing,stateful"]
     args += ["--max-examples", str(MAX_EXAMPLES), "--seed", SEED, "--workers", "1"]
-    args += ["--request-timeout", "30", "--report", "junit", "--report-dir", str(tmp)]
+    args += ["--request-timeout", "30", "--report", "ndjson", "--report-dir", str(tmp)]
     for header in headers:
         args += ["-H", header]
     return subprocess.run(
@@ -144,8 +190,45 @@ def _assert_clean(run: subprocess.CompletedProcess[str]) -> None:
     assert "No issues found" in out or " passed" in out, out[-4000:]
 
 
-def test_schemathesis_finds_nothing_on_the_controller(apis: Apis, tmp_path: Path) -> None:
-    _assert_clean(_schemathesis(apis.controller, "controller.toml", tmp=tmp_path))
+def _link_answers(report_dir: Path) -> dict[str, Counter[int]]:
+    """From schemathesis's NDJSON report: for each link (``GET /status -> [200] Health ->
+    POST /health``), how often the stateful phase followed it, putting the values it carries
+    into the request, answered by each status code."""
+    answers: dict[str, Counter[int]] = defaultdict(Counter)
+    (report,) = report_dir.glob("*.ndjson")
+    for line in report.read_text().splitlines():
+        scenario = json.loads(line).get("ScenarioFinished")
+        if scenario is None or scenario.get("phase") != "stateful":
+            continue
+        recorder = scenario["recorder"]
+        for case_id, node in recorder["cases"].items():
+            if "transition" in node and node.get("is_transition_applied"):
+                response = recorder["interactions"][case_id]["response"]
+                answers[node["transition"]["id"]][response["status_code"]] += 1
+    return answers
+
+
+@pytest.mark.parametrize("auth", [AUTH, None], ids=["token", "no-token"])
+@pytest.mark.parametrize("which", ["controller", "reads_guarded"])
+def test_schemathesis_finds_nothing_on_the_controller(
+    apis: Apis, which: str, auth: str | None, tmp_path: Path
+) -> None:
+    """Every check holds with the token and without it: the document declares the 401/403
+    of each operation that needs it. On the controller with an instance the stateful phase
+    carries real ids along the document's links (from ``/status`` and ``/query_worker_info``
+    to the calls that name an instance, from each answer's ``event_id`` to
+    ``/check_finish``), and some call that names an instance is answered 2xx that way."""
+    url = getattr(apis, which)
+    _assert_clean(_schemathesis(url, "controller.toml", *([auth] if auth else []), tmp=tmp_path))
+    if which == "controller":
+        answers = _link_answers(tmp_path)
+        succeeded = {
+            link
+            for link, codes in answers.items()
+            if any(200 <= code < 300 for code in codes)
+            and not link.endswith("-> POST /check_finish")  # 200 for any event id
+        }
+        assert succeeded, f"no link to an instance answered 2xx: {dict(answers)}"
 
 
 @pytest.mark.parametrize("role", ["scheduler", "worker"])
@@ -153,8 +236,7 @@ def test_schemathesis_finds_nothing_on_the_internal_api(
     apis: Apis, role: str, tmp_path: Path
 ) -> None:
     url = getattr(apis, role)
-    auth = f"Authorization: Bearer {TOKEN}"
-    _assert_clean(_schemathesis(url, "internal_api.toml", auth, tmp=tmp_path))
+    _assert_clean(_schemathesis(url, "internal_api.toml", AUTH, tmp=tmp_path))
 
 
 def test_the_fuzzed_processes_still_serve(apis: Apis) -> None:

@@ -6,13 +6,16 @@ uses (:mod:`kvplane.web.errors`).
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import msgspec
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from pydantic import AliasChoices, BaseModel, Field, StrictBool
+from starlette.routing import BaseRoute
 
 import kvplane
 from kvplane.controller.cluster import Cluster
@@ -26,8 +29,17 @@ from kvplane.errors import KvplaneError
 from kvplane.keys import MAX_TOKEN_ID, TOKEN_ID_RANGE
 from kvplane.protocol import COMPRESSION_METHODS
 from kvplane.web.auth import SAFE_METHODS, BearerGuard, bearer_refinement, check_bearer
-from kvplane.web.errors import error_body, install_error_handlers
-from kvplane.web.openapi import JSON_INTEGER, JsonInt, OneOf, error_responses, install_openapi, pair
+from kvplane.web.errors import error_body, install_error_handlers, serves
+from kvplane.web.openapi import (
+    JSON_INTEGER,
+    JsonInt,
+    OneOf,
+    error_responses,
+    install_openapi,
+    link,
+    linked,
+    pair,
+)
 
 __all__ = ["ALWAYS_OPEN", "READ_POSTS", "Access", "create_app"]
 
@@ -193,14 +205,21 @@ def build_lookup(cluster: Cluster, latency: Any) -> LookupAnswer:
     return answer
 
 
-def _check_finish_link(kind: str) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI link from an operation's answer to ``/check_finish`` of its event."""
-    link = {
-        "operationId": "check_finish",
-        "requestBody": {"event_id": "$response.body#/event_id"},
-        "description": f"the state of this {kind}",
-    }
-    return {200: {"description": "Successful Response", "links": {"CheckFinish": link}}}
+# Where the links of the documented answers take their values from (OpenAPI runtime
+# expressions): the event an answer names, the instance of a worker it lists, the instance a
+# request named.
+_EVENT = "$response.body#/event_id"
+_LISTED_INSTANCE = "$response.body#/worker_infos/0/instance_id"
+_ASKED_INSTANCE = "$request.body#/instance_id"
+
+
+def _check_finish(kind: str) -> dict[str, Any]:
+    """The link from an answer that names an event to ``/check_finish`` of that event."""
+    return link("check_finish", f"the state of this {kind}", event_id=_EVENT)
+
+
+def _then_check_finish(kind: str) -> dict[int | str, dict[str, Any]]:
+    return linked(CheckFinish=_check_finish(kind))
 
 
 # Commands fan out to an instance's workers: unknown instance 404, a worker's refusal of a
@@ -214,7 +233,7 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
     @router.post(
         "/lookup",
         response_model=LookupResponse,
-        responses=error_responses(400),
+        responses={**error_responses(400), **_then_check_finish("lookup")},
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -229,7 +248,7 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
     @router.post(
         "/clear",
         response_model=NumTokensResponse,
-        responses={**_COMMAND_ERRORS, **_check_finish_link("clear")},
+        responses={**_COMMAND_ERRORS, **_then_check_finish("clear")},
     )
     def clear(body: ClearRequest) -> NumTokensResponse:
         return NumTokensResponse(**cluster.clear(body.instance_id, body.location)._asdict())
@@ -237,7 +256,7 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
     @router.post(
         "/pin",
         response_model=NumTokensResponse,
-        responses={**_COMMAND_ERRORS, **_check_finish_link("pin")},
+        responses={**_COMMAND_ERRORS, **_then_check_finish("pin")},
     )
     def pin(body: PinRequest) -> NumTokensResponse:
         done = cluster.pin(body.instance_id, body.location, body.tokens)
@@ -246,7 +265,7 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
     @router.post(
         "/compress",
         response_model=NumTokensResponse,
-        responses={**_COMMAND_ERRORS, **_check_finish_link("compression")},
+        responses={**_COMMAND_ERRORS, **_then_check_finish("compression")},
     )
     def compress(body: CompressRequest) -> NumTokensResponse:
         done = cluster.compress(body.instance_id, body.method, body.location, body.tokens)
@@ -255,7 +274,7 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
     @router.post(
         "/decompress",
         response_model=NumTokensResponse,
-        responses={**_COMMAND_ERRORS, **_check_finish_link("decompression")},
+        responses={**_COMMAND_ERRORS, **_then_check_finish("decompression")},
     )
     def decompress(body: CompressRequest) -> NumTokensResponse:
         done = cluster.compress(
@@ -266,7 +285,7 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
     @router.post(
         "/move",
         response_model=NumTokensResponse,
-        responses={**_COMMAND_ERRORS, **_check_finish_link("move")},
+        responses={**_COMMAND_ERRORS, **_then_check_finish("move")},
     )
     def move(body: MoveRequest) -> NumTokensResponse:
         done = cluster.move(body.old_position, body.new_position, body.tokens, body.should_copy)
@@ -275,7 +294,17 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
     @router.post(
         "/health",
         response_model=HealthResponse,
-        responses={**error_responses(400, 404), **_check_finish_link("health check")},
+        responses={
+            **error_responses(400, 404),
+            **linked(
+                CheckFinish=_check_finish("health check"),
+                QueryWorkerInfo=link(
+                    "query_worker_info",
+                    "the workers of the instance checked",
+                    instance_id=_ASKED_INSTANCE,
+                ),
+            ),
+        },
     )
     def health(body: HealthRequest) -> HealthResponse:
         event_id, codes = cluster.health(body.instance_id)
@@ -287,23 +316,26 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
     def check_finish(body: CheckFinishRequest) -> CheckFinishResponse:
         return CheckFinishResponse(status=cluster.check_finish(body.event_id))
 
-    worker_links = {
-        "Health": {
-            "operationId": "health",
-            "requestBody": {"instance_id": "$response.body#/worker_infos/0/instance_id"},
-        },
-        "QueryInstance": {
-            "operationId": "query_instance",
-            "requestBody": {"ip": "$response.body#/worker_infos/0/ip"},
-        },
-    }
-
     @router.post(
         "/query_worker_info",
         response_model=QueryWorkerInfoResponse,
         responses={
             **error_responses(400, 404),
-            200: {"description": "Successful Response", "links": worker_links},
+            **linked(
+                CheckFinish=_check_finish("query"),
+                Health=link("health", "the health of this instance", instance_id=_LISTED_INSTANCE),
+                QueryChunks=link(
+                    "query_chunks",
+                    "the chunks the index credits to the first worker listed",
+                    instance_id=_LISTED_INSTANCE,
+                    worker_ids=["$response.body#/worker_infos/0/worker_id"],
+                ),
+                QueryInstance=link(
+                    "query_instance",
+                    "the instance at the first worker's ip",
+                    ip="$response.body#/worker_infos/0/ip",
+                ),
+            ),
         },
     )
     def query_worker_info(body: QueryWorkerInfoRequest) -> QueryWorkerInfoResponse:
@@ -315,7 +347,7 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
     @router.post(
         "/query_chunks",
         response_model=QueryChunksResponse,
-        responses=error_responses(400, 404),
+        responses={**error_responses(400, 404), **_then_check_finish("query")},
     )
     def query_chunks(body: QueryChunksRequest) -> QueryChunksResponse:
         """The index's chunk hashes per worker and tier, to audit it against the engines'
@@ -327,7 +359,17 @@ def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRo
     @router.post(
         "/query_instance",
         response_model=QueryInstanceResponse,
-        responses=error_responses(400, 404),
+        responses={
+            **error_responses(400, 404),
+            **linked(
+                CheckFinish=_check_finish("query"),
+                QueryWorkerInfo=link(
+                    "query_worker_info",
+                    "the workers of this instance",
+                    instance_id="$response.body#/res",
+                ),
+            ),
+        },
     )
     def query_instance(body: QueryInstanceRequest) -> QueryInstanceResponse:
         instance_id = cluster.instance_by_ip(body.ip)
@@ -367,16 +409,25 @@ def _dashboard_shell(path: str) -> bool:
 class Access:
     """Who may call what, from ``api_token`` and ``protect_reads``: with a token, every call
     that may change state (any method but GET/HEAD/OPTIONS, except :data:`READ_POSTS`)
-    needs it; with ``protect_reads`` every other call too, but :data:`ALWAYS_OPEN`."""
+    needs it; with ``protect_reads`` every other call too, but :data:`ALWAYS_OPEN`.
 
-    def __init__(self, token: str | None, protect_reads: bool) -> None:
+    Only calls that one of ``routes`` serves are guarded: any other (an unknown path, a
+    method its path lacks) runs nothing, and the app answers it 404 or 405 (with ``Allow``)
+    with or without the token, as the OpenAPI document says."""
+
+    def __init__(self, token: str | None, protect_reads: bool, routes: Sequence[BaseRoute]) -> None:
         self.token = token
         self.protect_reads = protect_reads
+        # Matching walks every route (~0.2 ms): remembered for the few calls clients make,
+        # bounded against clients that make up paths.
+        self._served = functools.lru_cache(maxsize=1024)(functools.partial(serves, routes))
 
     def needs_token(self, method: str, path: str) -> bool:
         if self.token is None or path in ALWAYS_OPEN or _dashboard_shell(path):
             return False
-        return self.protect_reads or (method not in SAFE_METHODS and path not in READ_POSTS)
+        if not self.protect_reads and (method in SAFE_METHODS or path in READ_POSTS):
+            return False
+        return self._served(method, path)
 
     def check(self, method: str, path: str, authorization: str | None) -> None:
         """Raise Unauthorized/Forbidden unless the call may go ahead."""
@@ -387,7 +438,6 @@ class Access:
 def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
     """The controller's FastAPI app over a running cluster (OpenAPI at /docs)."""
     dashboard = Dashboard(cluster)
-    access = Access(settings.api_token, settings.protect_reads)
     app = FastAPI(
         title="kvplane controller",
         description="KV-aware routing lookups and cluster operations over kvplane workers; "
@@ -403,6 +453,7 @@ def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
     app.include_router(build_status_router(cluster))
     app.include_router(dashboard.router)
     app.add_middleware(LookupRoute, answer=lookup_answer)
+    access = Access(settings.api_token, settings.protect_reads, app.router.routes)
     # Added last, so outermost: a refused call is answered before any body is read.
     app.add_middleware(BearerGuard, check=access.check)
     install_error_handlers(app, "controller")

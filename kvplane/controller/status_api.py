@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from kvplane.controller.cluster import Cluster
 from kvplane.controller.overview import by_instance, chunks_by_tier, copy_workers, heartbeat_age_s
 from kvplane.controller.registry import WorkerKey, WorkerRecord
+from kvplane.web.openapi import link, linked
 
 __all__ = [
     "ClusterStatus",
@@ -95,10 +96,32 @@ def snapshot(
     )
 
 
+_FIRST_INSTANCE = "$response.body#/instances/0/instance_id"
+#: From the cluster's first instance to the seeds' calls that name one (a position's first
+#: element is its instance; the rest of each body is the caller's): with these the fuzzing's
+#: stateful phase (tests/test_openapi_fuzz.py) calls them with an instance that exists,
+#: where its own random ids would all be 404s.
+_LINKS = linked(
+    QueryWorkerInfo=link("query_worker_info", "its workers", instance_id=_FIRST_INSTANCE),
+    QueryChunks=link("query_chunks", "the chunks it holds", instance_id=_FIRST_INSTANCE),
+    Health=link("health", "its health", instance_id=_FIRST_INSTANCE),
+    Clear=link("clear", "clear its caches", instance_id=_FIRST_INSTANCE),
+    Pin=link("pin", "pin a prefix on it", instance_id=_FIRST_INSTANCE),
+    Compress=link("compress", "compress a tier of it", instance_id=_FIRST_INSTANCE),
+    Decompress=link("decompress", "decompress a tier of it", instance_id=_FIRST_INSTANCE),
+    Move=link(
+        "move",
+        "move chunks between its tiers",
+        old_position=[_FIRST_INSTANCE],
+        new_position=[_FIRST_INSTANCE],
+    ),
+)
+
+
 def build_status_router(cluster: Cluster) -> APIRouter:
     router = APIRouter(tags=["ops"])
 
-    @router.get("/status", response_model=ClusterStatus)
+    @router.get("/status", response_model=ClusterStatus, responses=_LINKS)
     def status() -> ClusterStatus:
         with cluster.lock:
             copied = copy_workers(cluster.core)

@@ -38,6 +38,8 @@ __all__ = [
     "case_insensitive_pattern",
     "error_responses",
     "install_openapi",
+    "link",
+    "linked",
     "operations",
     "pair",
 ]
@@ -78,6 +80,20 @@ _DESCRIPTIONS = {
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """``responses=`` entries declaring that a route answers ``codes`` with the error body."""
     return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+def link(operation_id: str, description: str, **body: Any) -> dict[str, Any]:
+    """An OpenAPI link to ``operation_id`` whose request body takes ``body``: the target's
+    fields, each a runtime expression (``"$response.body#/event_id"``, or a list of them for
+    an array) naming where in this call's answer, or its request, the value comes from.
+    Schemathesis follows these in its stateful phase, so a link is also what lets the fuzzing
+    reach an operation with an id that exists."""
+    return {"operationId": operation_id, "requestBody": body, "description": description}
+
+
+def linked(**links: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """A ``responses=`` entry: the 200 answer, with ``links`` (each made by :func:`link`)."""
+    return {200: {"description": "Successful Response", "links": links}}
 
 
 def _json_integer(value: Any) -> Any:
