@@ -86,3 +86,37 @@ def test_header_is_readable_from_its_prefix() -> None:
     size = serde.header_size(frame[: serde.PREFIX_SIZE])
     header = serde.decode_header(frame[:size])
     assert (header.key, header.meta, header.frame_len) == (key, chunk.meta, len(frame))
+
+
+@settings(max_examples=50, deadline=None)
+@given(keys, shapes, dtypes, st.integers(0, 1000), st.lists(st.integers(1, 5000), max_size=8))
+def test_a_payload_checked_piece_by_piece_is_the_frame_decode_reads(
+    key, shape, dtype, seed, cuts
+) -> None:
+    """A receiver that hashes the payload as its pieces land (PayloadCheck) gets the chunk
+    ``decode`` gets, whatever the pieces; ``frame_len`` is the frame's length unhashed."""
+    chunk = chunk_of(shape, dtype, seed)
+    header, payload = serde.encode_parts(key, chunk)
+    assert serde.frame_len(key, chunk) == len(header) + payload.nbytes
+    check = serde.PayloadCheck(header)
+    landed = memoryview(bytearray(payload.nbytes))
+    at = 0
+    for cut in [*cuts, payload.nbytes]:
+        end = min(payload.nbytes, at + cut)
+        landed[at:end] = payload[at:end]
+        check.update(landed[at:end])
+        at = end
+    got = check.chunk(landed, expected_key=key)
+    assert torch.equal(got.payload, serde.decode(header + bytes(payload))[1].payload)
+    assert got.meta == chunk.meta
+    if payload.nbytes:
+        flipped = memoryview(bytearray(payload))
+        flipped[-1] ^= 1
+        bad = serde.PayloadCheck(header)
+        bad.update(flipped)
+        with pytest.raises(CorruptChunk, match="checksum"):
+            bad.chunk(flipped)
+    with pytest.raises(CorruptChunk, match="expected"):
+        serde.PayloadCheck(header).chunk(
+            landed, expected_key=key._replace(chunk_hash=key.chunk_hash ^ 1)
+        )

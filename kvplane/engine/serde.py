@@ -29,11 +29,13 @@ __all__ = [
     "MAGIC",
     "PREFIX_SIZE",
     "FrameHeader",
+    "PayloadCheck",
     "decode",
     "decode_header",
     "decode_parts",
     "encode",
     "encode_parts",
+    "frame_len",
     "header_size",
     "payload_view",
 ]
@@ -97,6 +99,13 @@ def encode_parts(key: CacheKey, chunk: KVChunk) -> tuple[bytes, memoryview]:
     return prefix + key_bytes + meta_bytes, payload
 
 
+def frame_len(key: CacheKey, chunk: KVChunk) -> int:
+    """The bytes :func:`encode_parts` will produce, without hashing the payload (a server
+    announces sizes before it encodes each frame)."""
+    meta_bytes = _meta_encoder.encode(chunk.meta)
+    return PREFIX_SIZE + len(key.to_str().encode()) + len(meta_bytes) + chunk.nbytes
+
+
 def encode(key: CacheKey, chunk: KVChunk) -> bytes:
     """The whole frame as one bytes object (one copy of the payload)."""
     header, payload = encode_parts(key, chunk)
@@ -135,6 +144,43 @@ def decode_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
     except (ValueError, UnicodeDecodeError, msgspec.DecodeError) as exc:
         raise CorruptChunk(f"unreadable frame header: {exc}") from None
     return FrameHeader(key, meta, payload_len, checksum, key_len, end)
+
+
+class PayloadCheck:
+    """The checksum of one frame computed while its payload arrives piece by piece (each
+    piece hashed while still in cache), then the chunk; for receivers that land payloads
+    in buffers of their own choosing."""
+
+    def __init__(self, header_buf: bytes | bytearray | memoryview) -> None:
+        head = memoryview(header_buf).cast("B")
+        self.header = decode_header(head)
+        if head.nbytes != self.header.header_len:
+            raise CorruptChunk(f"header is {head.nbytes} bytes, it says {self.header.header_len}")
+        key_end = PREFIX_SIZE + self.header.key_len
+        self._hash = xxhash.xxh3_64()
+        self._hash.update(head[PREFIX_SIZE:key_end])
+        self._hash.update(head[key_end:])
+
+    def update(self, piece: memoryview) -> None:
+        self._hash.update(piece)
+
+    def chunk(self, payload: memoryview, expected_key: CacheKey | None = None) -> KVChunk:
+        """The chunk over ``payload`` (writable, every piece passed to :meth:`update`).
+        Raises CorruptChunk for a checksum mismatch, a short payload or another key."""
+        header = self.header
+        if payload.nbytes != header.payload_len:
+            raise CorruptChunk(
+                f"payload is {payload.nbytes} bytes, header says {header.payload_len}"
+            )
+        if expected_key is not None and header.key != expected_key:
+            raise CorruptChunk(
+                f"frame holds {header.key.to_str()}, expected {expected_key.to_str()}"
+            )
+        if self._hash.intdigest() != header.checksum:
+            raise CorruptChunk(f"checksum mismatch for {header.key.to_str()}")
+        if not payload.nbytes:
+            return KVChunk(header.meta, torch.empty(0, dtype=torch.uint8))
+        return KVChunk(header.meta, torch.frombuffer(payload, dtype=torch.uint8))
 
 
 def decode(

@@ -59,10 +59,7 @@ class P2PClient:
                 if size == 0:
                     out.append(None)
                     continue
-                if into is None:
-                    out.append(_decoded(wire.recv_exact(sock, size, deadline), key))
-                else:
-                    out.append(_landed(sock, key, size, into, deadline))
+                out.append(_received(sock, key, size, into, deadline))
             return out
 
     def push(
@@ -136,19 +133,16 @@ class P2PClient:
         return sock
 
 
-def _decoded(frame: memoryview, key: CacheKey) -> KVChunk | None:
-    try:
-        return serde.decode(frame, expected_key=key)[1]
-    except CorruptChunk:
-        return None
-
-
-def _landed(
-    sock: socket.socket, key: CacheKey, size: int, into: Landing, deadline: wire.Deadline
+def _received(
+    sock: socket.socket,
+    key: CacheKey,
+    size: int,
+    into: Landing | None,
+    deadline: wire.Deadline,
 ) -> KVChunk | None:
     """Receive one ``size``-byte frame: its header first, then its payload into the
-    buffer ``into`` supplies. A header that does not add up to ``size`` is a miss, its
-    bytes read off the socket so the next frame starts where it should."""
+    buffer ``into`` supplies (else one of its own), each piece hashed as it lands. A header that does not add up
+    to ``size`` is a miss, its bytes read off the socket so the next frame lines up."""
     got = min(size, serde.PREFIX_SIZE)
     head = wire.recv_exact(sock, got, deadline)
     try:
@@ -157,22 +151,21 @@ def _landed(
             raise CorruptChunk(f"header of {header_len} bytes in a {size}-byte frame")
         rest = wire.recv_exact(sock, header_len - got, deadline)
         got = header_len
-        header_bytes = bytes(head) + bytes(rest)
-        header = serde.decode_header(header_bytes)
-        if header.frame_len != size:
-            raise CorruptChunk(f"frame of {size} bytes, its header says {header.frame_len}")
+        check = serde.PayloadCheck(bytes(head) + bytes(rest))
+        if check.header.frame_len != size:
+            raise CorruptChunk(f"frame of {size} bytes, its header says {check.header.frame_len}")
     except CorruptChunk:
         if size > got:
             wire.recv_exact(sock, size - got, deadline)
         return None
-    payload = into(key, header.payload_len)
-    if payload is None or payload.nbytes < header.payload_len:
-        payload = wire.recv_exact(sock, header.payload_len, deadline)
-    else:
-        payload = payload[: header.payload_len]
-        wire.recv_into(sock, payload, deadline)
+    n = check.header.payload_len
+    buf = None if into is None else into(key, n)
+    if buf is None or buf.nbytes < n:
+        buf = wire.new_buffer(n)
+    payload = buf[:n]
+    wire.recv_into(sock, payload, deadline, check.update)
     try:
-        return serde.decode_parts(header_bytes, payload, expected_key=key)[1]
+        return check.chunk(payload, expected_key=key)
     except CorruptChunk:
         return None
 

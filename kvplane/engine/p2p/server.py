@@ -136,27 +136,29 @@ class ChunkServer:
         self, sock: socket.socket, req: wire.FetchRequest, deadline: wire.Deadline
     ) -> None:
         with contextlib.ExitStack() as reads:  # the chunks stay put until they are sent
-            parts: list[tuple[bytes, memoryview] | None] = []
+            parts: list[tuple[CacheKey, KVChunk] | None] = []
+            sizes: list[int] = []
             budget = self.max_transfer_bytes
             for text in req.keys:
-                part = None
+                part, size = None, 0
                 try:
                     key = CacheKey.from_str(text)
                     chunk = reads.enter_context(self.read(key))
-                    if chunk is not None:
-                        header, payload = serde.encode_parts(key, chunk)
-                        if len(header) + payload.nbytes <= budget:
-                            part = (header, payload)
-                            budget -= len(header) + payload.nbytes
+                    if chunk is not None and serde.frame_len(key, chunk) <= budget:
+                        part, size = (key, chunk), serde.frame_len(key, chunk)
+                        budget -= size
                 except (ValueError, KvplaneError) as exc:
                     log.debug("p2p server: cannot serve %s: %s", text, exc)
                 parts.append(part)
-            sizes = [0 if p is None else len(p[0]) + p[1].nbytes for p in parts]
+                sizes.append(size)
+            # Sizes first, each frame's checksum just before it goes: the client receives
+            # one frame while the next is hashed.
             wire.send_message(sock, wire.FetchReply(sizes), deadline)
-            for p in parts:
-                if p is not None:
-                    wire.send_all(sock, p[0], deadline)
-                    wire.send_all(sock, p[1], deadline)
+            for part in parts:
+                if part is not None:
+                    header, payload = serde.encode_parts(*part)
+                    wire.send_all(sock, header, deadline)
+                    wire.send_all(sock, payload, deadline)
 
     def handle_push(
         self, sock: socket.socket, req: wire.PushRequest, deadline: wire.Deadline

@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 import msgspec
 import numpy as np
@@ -101,13 +102,24 @@ def send_all(sock: socket.socket, data: bytes | memoryview, deadline: Deadline) 
 def recv_exact(sock: socket.socket, n: int, deadline: Deadline) -> memoryview:
     """Exactly ``n`` bytes, in a writable buffer of their own (not zeroed first: a chunk
     frame is megabytes, and every byte is overwritten)."""
-    view = np.empty(n, dtype=np.uint8).data
+    view = new_buffer(n)
     recv_into(sock, view, deadline)
     return view
 
 
-def recv_into(sock: socket.socket, view: memoryview, deadline: Deadline) -> None:
-    """Fill all of the writable byte buffer ``view`` from ``sock``."""
+def new_buffer(n: int) -> memoryview:
+    """A writable ``n``-byte buffer, not zeroed (every byte is about to be overwritten)."""
+    return np.empty(n, dtype=np.uint8).data
+
+
+def recv_into(
+    sock: socket.socket,
+    view: memoryview,
+    deadline: Deadline,
+    on_piece: Callable[[memoryview], None] | None = None,
+) -> None:
+    """Fill all of the writable byte buffer ``view`` from ``sock``; ``on_piece`` sees each
+    received piece as it lands."""
     n = view.nbytes
     got = 0
     while got < n:
@@ -120,6 +132,8 @@ def recv_into(sock: socket.socket, view: memoryview, deadline: Deadline) -> None
             raise Unavailable(f"peer connection failed while receiving: {exc}") from None
         if k == 0:
             raise Unavailable(f"peer closed the connection after {got} of {n} bytes")
+        if on_piece is not None:
+            on_piece(view[got : got + k])
         got += k
 
 
