@@ -4,6 +4,7 @@ kvplane (no vLLM import): vLLM's per-layer KV views are plain CPU tensors here."
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,3 +59,24 @@ def test_stores_and_clears_reach_the_scheduler_index_through_the_pump(sides):
     events = side._events
     side.shutdown()
     assert events is not None and events.closed
+
+
+def test_a_probe_waiter_wakes_when_the_ranks_prefetch_answer_lands(sides):
+    """The scheduler's wait for a probe ends when the rank's answer arrives (a condition
+    the channel thread signals), not at its timeout; the answer is the held prefix."""
+    side, scheduler = sides
+    tokens = list(range(2 * CHUNK))
+    slots = side._slots(list(range(4)), len(tokens))
+    assert side.process.cache_engine.store(tokens, side.caches, slots).num_chunks == 2
+    assert scheduler.wait_answers("nobody-asked", 1, 0.01) == 0
+    for attempt in range(40):  # a PUB/SUB subscription may join after the first requests
+        scheduler.request_prefetch(f"warm-{attempt}", tokens)
+        if scheduler.wait_answers(f"warm-{attempt}", 1, 0.5):
+            break
+    else:
+        pytest.fail("the rank never answered a prefetch")
+    scheduler.request_prefetch("r1", tokens)
+    start = time.monotonic()
+    assert scheduler.wait_answers("r1", 1, 120.0) == 1
+    assert time.monotonic() - start < 60  # woken by the answer: a missed wake-up waits 120 s
+    assert scheduler.probed_tokens("r1", 1) == 2 * CHUNK

@@ -51,6 +51,7 @@ class SchedulerChannel:
     def __init__(self, events_url: str, prefetch_url: str, held: HeldChunks) -> None:
         self.held = held
         self.lock = threading.Lock()
+        self._answered = threading.Condition(self.lock)
         self._changes: list[TierChange] = []
         self._prefetch_done: dict[str, dict[int, int]] = {}
         self._ctx = zmq.Context()
@@ -93,6 +94,7 @@ class SchedulerChannel:
                 self._changes += self.held.admit(message.rank, location, hashes)
         else:
             self._prefetch_done.setdefault(message.req_id, {})[message.rank] = message.held_tokens
+            self._answered.notify_all()
 
     def take_changes(self) -> list[TierChange]:
         with self.lock:
@@ -106,6 +108,17 @@ class SchedulerChannel:
     def prefetch_answers(self, req_id: str) -> int:
         """How many ranks reported the prefetch of ``req_id`` done."""
         with self.lock:
+            return len(self._prefetch_done.get(req_id, {}))
+
+    def wait_answers(self, req_id: str, world_size: int, timeout: float) -> int:
+        """:meth:`prefetch_answers`, once all ``world_size`` ranks answered or ``timeout``
+        passed. The wait releases the GIL and ends as the last answer lands, so this
+        process's channel thread gets the GIL at once instead of after vLLM's loop gives it
+        up (one switch interval, 5 ms, per message)."""
+        with self._answered:
+            self._answered.wait_for(
+                lambda: len(self._prefetch_done.get(req_id, {})) >= world_size, timeout
+            )
             return len(self._prefetch_done.get(req_id, {}))
 
     def probed_tokens(self, req_id: str, world_size: int) -> int:

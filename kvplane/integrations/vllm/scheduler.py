@@ -168,12 +168,11 @@ class SchedulerSide:
             )
             return None
         if probe is not None and not probe.answered:
-            answers = self.channel.prefetch_answers(req_id)
+            # vLLM steps again at once while we answer None; a short wait (GIL released,
+            # ended by the last answer) lets this process's channel thread and the ranks'
+            # prefetch threads run instead of losing every GIL hand-off to idle steps.
+            answers = self.channel.wait_answers(req_id, self.facts.world_size, _PROBE_WAIT_S)
             if answers < self.facts.world_size and time.monotonic() < probe.deadline:
-                # vLLM steps again at once while we answer None; a short sleep (GIL
-                # released) lets this process's channel thread and the ranks' prefetch
-                # threads run instead of losing every GIL hand-off to idle steps.
-                time.sleep(_PROBE_WAIT_S)
                 return None
             probe.answered = True
             probe.probed_tokens = self.channel.probed_tokens(req_id, self.facts.world_size)
