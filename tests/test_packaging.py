@@ -44,5 +44,8 @@ def test_pyproject_metadata_applies_without_setuptools_warnings():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dist = apply_configuration(Distribution(), str(ROOT / "pyproject.toml"))
-    assert [str(w.message) for w in caught] == []
+    # Only setuptools' own: the window also records what other threads or the garbage
+    # collector warn about meanwhile (an earlier test's unclosed socket, in a full run).
+    ours = [w for w in caught if "setuptools" in w.filename or "Setuptools" in w.category.__name__]
+    assert [str(w.message) for w in ours] == []
     assert dist.metadata.license_expression == "Apache-2.0"
