@@ -144,8 +144,9 @@ class ChunkServer:
                 try:
                     key = CacheKey.from_str(text)
                     chunk = reads.enter_context(self.read(key))
-                    if chunk is not None and serde.frame_len(key, chunk) <= budget:
-                        part, size = (key, chunk), serde.frame_len(key, chunk)
+                    length = 0 if chunk is None else serde.frame_len(key, chunk)
+                    if chunk is not None and length <= budget:
+                        part, size = (key, chunk), length
                         budget -= size
                 except (ValueError, KvplaneError) as exc:
                     log.debug("p2p server: cannot serve %s: %s", text, exc)
