@@ -12,8 +12,9 @@ token ids, medians over ``--prompts`` distinct prompts:
 
 Plus the bytes per second of kvplane's block copies inside vLLM (``kvplane_copied_bytes``
 over ``kvplane_copy_seconds`` from the worker's own metrics, CPU-tier hits only) against a
-plain copy of the same number of bytes in this process, between random offsets of two
-touched 1 GiB buffers (the copy in cache is printed too). Every server runs with
+plain copy of the same number of bytes in this process (libc ``memcpy`` on one thread, as
+the worker's copies run on its one compute thread), between random offsets of two touched
+1 GiB buffers (the copy in cache is printed too). Every server runs with
 ``VLLM_CPU_NUM_OF_RESERVED_CPU=1`` (the same compute threads with and without a connector).
 
 Each measured request waits ``SETTLE_S`` first. vLLM's worker polls its step queue in a
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import platform
 import random
@@ -107,8 +109,8 @@ def metric(url: str, name: str) -> float:
 
 
 def plain_copy_gbps(nbytes: int, repeat: int = 30) -> tuple[float, float]:
-    """(cold, hot) GB/s of ``copy_`` of ``nbytes``: cold between random offsets of two
-    pre-touched 1 GiB buffers (as cold as vLLM's KV blocks and kvplane's pages), hot
+    """(cold, hot) GB/s of one libc ``memcpy`` of ``nbytes``: cold between random offsets of
+    two pre-touched 1 GiB buffers (as cold as vLLM's KV blocks and kvplane's pages), hot
     between two small buffers that stay in cache."""
     gen = random.Random(0)
     size = 1 << 30
@@ -120,10 +122,10 @@ def plain_copy_gbps(nbytes: int, repeat: int = 30) -> tuple[float, float]:
     for _ in range(repeat):
         a, b = gen.randrange(size - nbytes), gen.randrange(size - nbytes)
         start = time.perf_counter()
-        big_dst[b : b + nbytes].copy_(big_src[a : a + nbytes])
+        ctypes.memmove(big_dst.data_ptr() + b, big_src.data_ptr() + a, nbytes)
         cold.append(time.perf_counter() - start)
         start = time.perf_counter()
-        dst.copy_(src)
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
         hot.append(time.perf_counter() - start)
     return nbytes / statistics.median(cold) / 1e9, nbytes / statistics.median(hot) / 1e9
 

@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from kvplane.config import ConfigStore, EngineConfig
 from kvplane.engine.cache_engine import CacheEngine
 from kvplane.engine.facts import EngineFacts
-from kvplane.engine.kv_layout import KVLayout, kv_checksums, packed_view
+from kvplane.engine.kv_layout import (
+    KVLayout,
+    SlotIndex,
+    gather_many,
+    kv_checksums,
+    packed_view,
+    scatter_many,
+)
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.engine.tiers import build_backends
@@ -128,3 +135,50 @@ def test_packed_view_refuses_a_block_that_is_not_dense() -> None:
     t = torch.zeros(4, 2, 8)[:, :, ::2]
     with pytest.raises(ValueError, match="not dense"):
         packed_view(t)
+
+
+def spaced_caches(layers: int, blocks: int, elems: int, pad: int) -> list[torch.Tensor]:
+    """Packed caches whose rows lie ``pad`` elements apart (``pad`` 0: dense rows)."""
+    raw = torch.randint(-(2**15), 2**15, (layers, blocks, elems + pad), dtype=torch.int16)
+    return [packed_view(layer[:, :elems]) for layer in raw]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, B - 1), min_size=1, max_size=B, unique=True),
+    pad=st.sampled_from([0, 3]),
+    data=st.data(),
+)
+def test_block_copies_match_indexing(ids: list[int], pad: int, data: st.DataObject) -> None:
+    """Each chunk's blocks land in exactly the cache rows its index names, and a gather reads
+    them back: consecutive ids copy as one run, rows apart in the cache one by one."""
+    caches = spaced_caches(L, B, 10, pad)
+    cut = data.draw(st.integers(1, len(ids)))
+    chunks = [ids[:cut], ids[cut:]] if cut < len(ids) else [ids]
+    items = [
+        (SlotIndex(torch.tensor(c), True, c), torch.randint(0, 99, (L, len(c), 10)).short())
+        for c in chunks
+    ]
+    before = [c.clone() for c in caches]
+    scatter_many(caches, items)
+    for layer, cache in enumerate(caches):
+        expected = before[layer].clone()
+        for index, kv in items:
+            expected[index.host_ids] = kv[layer]
+        assert torch.equal(cache, expected)
+    outs = [(index, torch.empty_like(kv)) for index, kv in items]
+    gather_many(caches, outs)
+    assert all(torch.equal(out, kv) for (_, out), (_, kv) in zip(outs, items, strict=True))
+
+
+def test_block_copies_refuse_a_block_outside_the_cache_and_write_nothing() -> None:
+    caches = spaced_caches(L, B, 10, 0)
+    before = [c.clone() for c in caches]
+    for bad in ([B], [-1]):
+        item = (SlotIndex(torch.tensor(bad), True, bad), torch.ones(L, 1, 10, dtype=torch.int16))
+        with pytest.raises(ValueError, match="block ids"):
+            scatter_many(caches, [item])
+    wrong_width = (SlotIndex(torch.tensor([0]), True, [0]), torch.ones(L, 1, 9, dtype=torch.int16))
+    with pytest.raises(ValueError, match="dense"):
+        scatter_many(caches, [wrong_width])
+    assert all(torch.equal(c, b) for c, b in zip(caches, before, strict=True))

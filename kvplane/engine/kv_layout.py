@@ -19,6 +19,7 @@ item size, so every dtype (fp8 included) round-trips byte-exactly and NaN payloa
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -463,23 +464,79 @@ def _cpu_block_copies(
     *,
     to_caches: bool,
 ) -> None:
-    """Packed CPU caches: every chunk's blocks copied row by row as numpy slices (memcpy),
-    a run of consecutive blocks in one slice. Per call, not per chunk and layer, the views
-    are made: with 2-block chunks the Python around each copy costs as much as the copy."""
-    caches = [_bits(c).numpy() for c in kv_caches]
+    """Packed CPU caches: every chunk's blocks copied as byte slices of memoryviews, a run
+    of consecutive blocks in one slice assignment, which CPython does with libc's
+    ``memcpy``. That moves cold memory with ``rep movsb``, writing whole lines without
+    reading them first, where numpy's and torch's vector loops read each destination line
+    before writing it (measured here: 0.80-0.87 of one plain memcpy of the same bytes with
+    numpy slices, 0.9-0.95 with memcpy). A slice assignment also costs a third of a ctypes
+    call, and with 2-block chunks the Python per piece costs as much as the copy.
+    Memoryview slices never reach outside their buffer: a bad index raises."""
+    if not kv_caches:
+        return
+    views, row_bytes, stride, num_rows = _cpu_rows(kv_caches)
+    layers, itemsize = len(views), kv_caches[0].dtype.itemsize
     for index, chunk in items:
         if not index.by_block:
             raise BadRequest("a packed-block cache moves whole blocks only")
-        rows = _bits(chunk).numpy()  # [num_layers, blocks, block_elems]
+        shape = chunk.shape
+        if (
+            len(shape) != 3
+            or shape[0] != layers
+            or shape[2] * itemsize != row_bytes
+            or chunk.dtype.itemsize != itemsize
+            or not chunk.is_contiguous()
+        ):
+            raise ValueError(
+                f"a packed chunk is a dense [{layers}, blocks, {row_bytes} bytes]; got "
+                f"{list(shape)} of {chunk.dtype}"
+            )
+        blocks = shape[1]
         ids = index.host_ids
-        runs = _block_runs(ids)
-        for layer, cache in enumerate(caches):
-            src = rows[layer]
-            for start, first, count in runs:
+        if len(ids) > blocks or (ids and (min(ids) < 0 or max(ids) >= num_rows)):
+            raise ValueError(f"block ids {ids} for a chunk of {blocks} in a cache of {num_rows}")
+        data = _raw_bytes(chunk.data_ptr(), blocks * layers * row_bytes)
+        layer_bytes = blocks * row_bytes
+        for start, first, count in _block_runs(ids):
+            at = start * row_bytes
+            if stride != row_bytes:  # blocks lie apart in the cache: a slice per block
+                for view in views:
+                    for i in range(count):
+                        c, p = (first + i) * stride, at + i * row_bytes
+                        if to_caches:
+                            view[c : c + row_bytes] = data[p : p + row_bytes]
+                        else:
+                            data[p : p + row_bytes] = view[c : c + row_bytes]
+                    at += layer_bytes
+                continue
+            c, nbytes = first * row_bytes, count * row_bytes
+            for view in views:
                 if to_caches:
-                    cache[first : first + count] = src[start : start + count]
+                    view[c : c + nbytes] = data[at : at + nbytes]
                 else:
-                    src[start : start + count] = cache[first : first + count]
+                    data[at : at + nbytes] = view[c : c + nbytes]
+                at += layer_bytes
+
+
+def _raw_bytes(address: int, nbytes: int) -> memoryview:
+    """The ``nbytes`` at ``address`` as a writable byte view (no copy; the owner must outlive
+    it)."""
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+
+
+def _cpu_rows(kv_caches: Sequence[torch.Tensor]) -> tuple[list[memoryview], int, int, int]:
+    """(each layer's bytes from its first block to the end of its last, bytes per block,
+    bytes between blocks, blocks) of packed CPU caches, which must all be alike."""
+    first = kv_caches[0]
+    shape, strides, dtype = first.shape, first.stride(), first.dtype
+    if len(shape) != 2 or strides[1] != 1:
+        raise ValueError(f"a packed cache is [blocks, block_elems] dense rows; got {shape}")
+    for cache in kv_caches:
+        if cache.shape != shape or cache.stride() != strides or cache.dtype != dtype:
+            raise ValueError(f"packed caches are alike; got {list(cache.shape)} and {shape}")
+    row_bytes, stride_bytes = shape[1] * dtype.itemsize, strides[0] * dtype.itemsize
+    span = (shape[0] - 1) * stride_bytes + row_bytes if shape[0] else 0
+    return [_raw_bytes(c.data_ptr(), span) for c in kv_caches], row_bytes, stride_bytes, shape[0]
 
 
 def _block_runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
