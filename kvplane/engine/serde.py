@@ -32,7 +32,6 @@ __all__ = [
     "PayloadCheck",
     "decode",
     "decode_header",
-    "decode_parts",
     "encode",
     "encode_parts",
     "frame_len",
@@ -189,37 +188,12 @@ def decode(
     """Verify and unpack one frame. The payload is a view of ``buf`` when it is writable
     (a bytearray read from a file), else a copy. Raises CorruptChunk."""
     view = memoryview(buf).cast("B")
-    header = decode_header(view)
+    check = PayloadCheck(view[: header_size(view)])
+    header = check.header
     if view.nbytes != header.frame_len:
         raise CorruptChunk(f"frame is {view.nbytes} bytes, its header says {header.frame_len}")
-    return decode_parts(view[: header.header_len], view[header.header_len :], expected_key)
-
-
-def decode_parts(
-    header_buf: bytes | bytearray | memoryview,
-    payload_buf: bytes | bytearray | memoryview,
-    expected_key: CacheKey | None = None,
-) -> tuple[CacheKey, KVChunk]:
-    """Like :func:`decode` for a frame kept as two buffers (header, payload), as the
-    remote tier stores it. Raises CorruptChunk."""
-    head = memoryview(header_buf).cast("B")
-    payload = memoryview(payload_buf).cast("B")
-    header = decode_header(head)
-    if head.nbytes != header.header_len or payload.nbytes != header.payload_len:
-        raise CorruptChunk(
-            f"frame parts are {head.nbytes}+{payload.nbytes} bytes, "
-            f"the header says {header.header_len}+{header.payload_len}"
-        )
-    if expected_key is not None and header.key != expected_key:
-        raise CorruptChunk(f"frame holds {header.key.to_str()}, expected {expected_key.to_str()}")
-    key_end = PREFIX_SIZE + header.key_len
-    key_bytes, meta_bytes = bytes(head[PREFIX_SIZE:key_end]), bytes(head[key_end:])
-    if _checksum(key_bytes, meta_bytes, payload) != header.checksum:
-        raise CorruptChunk(f"checksum mismatch for {header.key.to_str()}")
-    if header.payload_len == 0:
-        tensor = torch.empty(0, dtype=torch.uint8)
-    elif payload.readonly:
-        tensor = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    else:
-        tensor = torch.frombuffer(payload, dtype=torch.uint8)
-    return header.key, KVChunk(header.meta, tensor)
+    payload = view[header.header_len :]
+    check.update(payload)
+    if payload.readonly:  # checked first, then copied: the copy is what the chunk owns
+        payload = memoryview(bytearray(payload))
+    return header.key, check.chunk(payload, expected_key)
