@@ -26,7 +26,7 @@ layers). Two engines on one core is an artefact of this machine, so every row wa
 The block copies are medians of per-request rates. The share of CPU time the hypervisor
 stole during the run (``/proc/stat``) is printed: it is noise no median removes.
 
-    make vllm-setup && .venv/bin/python benchmarks/vllm_ttft.py [--prompts 5]
+    make vllm-setup && .venv/bin/python benchmarks/vllm_ttft.py [--prompts 9]
 
 The last line is one JSON object with every median and ratio.
 """
@@ -240,7 +240,7 @@ def bench_model(layers: int, hidden: int, prompts: int, folder: Path) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=9)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     cpu = platform.processor() or platform.machine()
