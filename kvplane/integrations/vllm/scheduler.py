@@ -5,7 +5,8 @@ the worker ranks hold that their own tier events keep current: no round trip per
 the config has tiers that index cannot see (peers, a shared remote store), a request the
 index does not fully cover is first *probed*: the workers are asked to look up (and fetch
 from peers into their CPU tier) its chunks, and vLLM is told "ask again" (``None``) until
-every rank answered or ``p2p_timeout_s`` passed. A chunk evicted between the answer and the
+every rank answered or ``p2p_timeout_s`` passed; with no request running, the scheduling
+call waits for the answer itself instead. A chunk evicted between the answer and the
 load makes the load fall short; the worker reports those blocks and vLLM recomputes them
 (the connector sets ``kv_load_failure_policy`` to ``recompute``).
 
@@ -33,8 +34,17 @@ __all__ = ["TIER_ORDER", "BlockLink", "SchedulerSide", "StepInput"]
 
 log = logging.getLogger(__name__)
 
-#: How long a scheduling call waits for an outstanding probe before answering "ask again".
+#: How long a scheduling call waits for an outstanding probe before answering "ask again"
+#: while other requests run. vLLM steps again at once on "ask again"; the short wait (GIL
+#: released, ended by the last answer) lets this process's channel thread and the ranks'
+#: prefetch threads run instead of losing every GIL hand-off to those steps.
 _PROBE_WAIT_S = 0.001
+#: The same wait when no request runs, so nothing else can be held up: the call that sends
+#: the probe waits for its answer. An empty step instead would wake the worker, whose main
+#: thread then polls its step queue in a ``sched_yield`` loop for a second, while the engine
+#: core polls for the worker's reply (docs/vllm-facts.md §i); on a 2-core machine those two
+#: loops made the peer transfer they wait for 3-4x slower.
+_IDLE_PROBE_WAIT_S = 0.25
 
 TIER_ORDER = ("LocalCPUBackend", "LocalDiskBackend", "FSConnector", "RemoteBackend")
 
@@ -166,12 +176,13 @@ class SchedulerSide:
             log.debug(
                 "probe %s: %d tokens, index holds %d", req_id, len(tokens), found.chunk_tokens
             )
-            return None
+            if len(self.planner):  # requests are running: never hold their steps for it
+                return None
+            probe = self._probes[req_id]
         if probe is not None and not probe.answered:
-            # vLLM steps again at once while we answer None; a short wait (GIL released,
-            # ended by the last answer) lets this process's channel thread and the ranks'
-            # prefetch threads run instead of losing every GIL hand-off to idle steps.
-            answers = self.channel.wait_answers(req_id, self.facts.world_size, _PROBE_WAIT_S)
+            wait = _PROBE_WAIT_S if len(self.planner) else _IDLE_PROBE_WAIT_S
+            left = max(0.0, probe.deadline - time.monotonic())
+            answers = self.channel.wait_answers(req_id, self.facts.world_size, min(wait, left))
             if answers < self.facts.world_size and time.monotonic() < probe.deadline:
                 return None
             probe.answered = True
