@@ -4,7 +4,8 @@ For a 4-layer (hidden 256) and a 16-layer (hidden 512) random Llama, prompts of 
 token ids, medians over ``--prompts`` distinct prompts:
 
 * recompute: the prompt's first request (a full prefill; kvplane stores it afterwards);
-* vLLM's own prefix-cache hit: the same request again;
+* vLLM's own prefix-cache hit: the same request again (vLLM caches full blocks only, so
+  the last, partial block of the prompt is kvplane's: 1.4-2.8 ms of this row);
 * kvplane CPU-tier hit: after ``POST /reset_prefix_cache`` (vLLM's cache empty);
 * kvplane P2P hit: a second vLLM instance's first request for the prompt, loaded from the
   first instance through the controller;
