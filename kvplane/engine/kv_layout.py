@@ -497,19 +497,10 @@ def _cpu_block_copies(
             raise ValueError(f"block ids {ids} for a chunk of {blocks} in a cache of {num_rows}")
         data = _raw_bytes(chunk.data_ptr(), blocks * layers * row_bytes)
         layer_bytes = blocks * row_bytes
-        for start, first, count in _block_runs(ids):
-            at = start * row_bytes
-            if stride != row_bytes:  # blocks lie apart in the cache: a slice per block
-                for view in views:
-                    for i in range(count):
-                        c, p = (first + i) * stride, at + i * row_bytes
-                        if to_caches:
-                            view[c : c + row_bytes] = data[p : p + row_bytes]
-                        else:
-                            data[p : p + row_bytes] = view[c : c + row_bytes]
-                    at += layer_bytes
-                continue
-            c, nbytes = first * row_bytes, count * row_bytes
+        # consecutive blocks are one run where the cache's rows are dense, else one each
+        runs = _block_runs(ids) if stride == row_bytes else [(p, b, 1) for p, b in enumerate(ids)]
+        for start, first, count in runs:
+            at, c, nbytes = start * row_bytes, first * stride, count * row_bytes
             for view in views:
                 if to_caches:
                     view[c : c + nbytes] = data[at : at + nbytes]

@@ -170,7 +170,9 @@ class SchedulerSide:
             found = self.planner.match(req_id, tokens, num_computed, probed=_probed(probe))
         if self.probing and probe is None and found.chunk_tokens < _covered(tokens, self.policy):
             now = time.monotonic()
-            self._probes[req_id] = _Probe(now + self.config.p2p_timeout_s, found.chunk_tokens, now)
+            probe = self._probes[req_id] = _Probe(
+                now + self.config.p2p_timeout_s, found.chunk_tokens, now
+            )
             self.channel.request_prefetch(req_id, list(tokens))
             self.counters.probes += 1
             log.debug(
@@ -178,7 +180,6 @@ class SchedulerSide:
             )
             if len(self.planner):  # requests are running: never hold their steps for it
                 return None
-            probe = self._probes[req_id]
         if probe is not None and not probe.answered:
             wait = _PROBE_WAIT_S if len(self.planner) else _IDLE_PROBE_WAIT_S
             left = max(0.0, probe.deadline - time.monotonic())
