@@ -179,6 +179,22 @@ def test_block_copies_refuse_a_block_outside_the_cache_and_write_nothing() -> No
         with pytest.raises(ValueError, match="block ids"):
             scatter_many(caches, [item])
     wrong_width = (SlotIndex(torch.tensor([0]), True, [0]), torch.ones(L, 1, 9, dtype=torch.int16))
-    with pytest.raises(ValueError, match="dense"):
-        scatter_many(caches, [wrong_width])
+    wrong_dtype = (SlotIndex(torch.tensor([0]), True, [0]), torch.ones(L, 1, 10).half())
+    for item in (wrong_width, wrong_dtype):
+        with pytest.raises(ValueError, match="dense"):
+            scatter_many(caches, [item])
     assert all(torch.equal(c, b) for c, b in zip(caches, before, strict=True))
+
+
+def test_block_copies_follow_the_caches_they_are_given() -> None:
+    """The byte views of the last caches are kept between calls; other caches, of the same
+    shape or not, get their own (and the first ones theirs again)."""
+    first, second = spaced_caches(L, B, 10, 0), spaced_caches(L, B, 10, 0)
+    narrow = spaced_caches(L, B, 6, 2)
+    for caches, fill in ((first, 1), (second, 2), (narrow, 3), (first, 4)):
+        width = caches[0].shape[1]
+        chunk = torch.full((L, 1, width), fill, dtype=torch.int16)
+        scatter_many(caches, [(SlotIndex(torch.tensor([fill]), True, [fill]), chunk)])
+        assert all(torch.equal(c[fill], chunk[0, 0]) for c in caches)
+    assert all(torch.equal(c[1], torch.ones(10, dtype=torch.int16)) for c in first)
+    assert not any(torch.equal(c[2], torch.full((10,), 2, dtype=torch.int16)) for c in first)
