@@ -15,9 +15,11 @@ from kvplane.engine.facts import EngineFacts
 from kvplane.engine.kv_layout import (
     KVLayout,
     SlotIndex,
+    gather_chunks,
     gather_many,
     kv_checksums,
     packed_view,
+    scatter_chunks,
     scatter_many,
 )
 from kvplane.engine.memory_pool import HostMemoryPool
@@ -198,3 +200,43 @@ def test_block_copies_follow_the_caches_they_are_given() -> None:
         assert all(torch.equal(c[fill], chunk[0, 0]) for c in caches)
     assert all(torch.equal(c[1], torch.ones(10, dtype=torch.int16)) for c in first)
     assert not any(torch.equal(c[2], torch.full((10,), 2, dtype=torch.int16)) for c in first)
+
+
+@pytest.mark.parametrize("order", ["LBHNC", "LBNHC"])
+def test_batched_kernel_copies_move_the_blocks_bytes(order: str, device: str) -> None:
+    """The batched index-kernel copies that CUDA caches take (two kernels per layer for a
+    run of chunks) move exactly each named block, in either layout, on any device; on CPU
+    they agree with the memcpy path."""
+    views = vllm_views(order, device)
+    caches = [packed_view(v) for v in views]
+    chunks = [[7, 2], [9, 4], [0, 11]]
+    indices = [SlotIndex(torch.tensor(c, device=device), True, c) for c in chunks]
+    width = caches[0].shape[1]
+    pinned = device == "cuda"
+    outs = [torch.empty(L, 2, width, dtype=torch.bfloat16, pin_memory=pinned) for _ in chunks]
+    gather_chunks(caches, indices, outs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    for ids, out in zip(chunks, outs, strict=True):
+        for layer in range(L):
+            got = [out[layer, j].view(torch.int16).numpy().tobytes() for j in range(2)]
+            assert got == [block_bytes(views, b)[layer] for b in ids]
+    if device == "cpu":
+        by_memcpy = [
+            (index, torch.empty_like(out)) for index, out in zip(indices, outs, strict=True)
+        ]
+        gather_many(caches, by_memcpy)
+        assert all(
+            torch.equal(a.view(torch.int16), b.view(torch.int16))
+            for (_, a), b in zip(by_memcpy, outs, strict=True)
+        )
+    targets = vllm_views(order, device, seed=1)
+    for v in targets:
+        v.zero_()
+    scatter_chunks([packed_view(v) for v in targets], indices, [o.to(device) for o in outs])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    named = [b for ids in chunks for b in ids]
+    assert all(block_bytes(targets, b) == block_bytes(views, b) for b in named)
+    others = [b for b in range(B) if b not in named]
+    assert all(set(packed_view(v)[others].view(-1).tolist()) == {0.0} for v in targets)
