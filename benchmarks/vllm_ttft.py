@@ -15,8 +15,11 @@ Plus the bytes per second of kvplane's block copies inside vLLM (``kvplane_copie
 over ``kvplane_copy_seconds`` from the worker's own metrics, CPU-tier hits only) against a
 plain copy of the same number of bytes in this process (libc ``memcpy`` on one thread, as
 the worker's copies run on its one compute thread), between random offsets of two touched
-1 GiB buffers (the copy in cache is printed too). Every server runs with
-``VLLM_CPU_NUM_OF_RESERVED_CPU=1`` (the same compute threads with and without a connector).
+1 GiB buffers (the copy in cache is printed too), measured after each CPU-tier hit once
+vLLM is idle again, so each ratio pairs two copies made under the same conditions (the
+machine's speed drifts during a run: the plain copy alone spread 4.0-5.8 GB/s between
+runs). Every server runs with ``VLLM_CPU_NUM_OF_RESERVED_CPU=1`` (the same compute
+threads with and without a connector).
 
 Each measured request waits ``SETTLE_S`` first. vLLM's worker polls its step queue in a
 ``sched_yield`` loop for a second after every step (``MessageQueue.wait``, ``busy_loop_s``),
@@ -24,8 +27,8 @@ and on a 2-core machine both instances compute on core 0: without the pause, the
 request on B shares its core with A's polling worker, and the disk request on A with B's,
 which doubles their time to first token (measured: 800 ms instead of 150 ms for P2P at 16
 layers). Two engines on one core is an artefact of this machine, so every row waits alike.
-The block copies are medians of per-request rates. The share of CPU time the hypervisor
-stole during the run (``/proc/stat``) is printed: it is noise no median removes.
+The block-copy ratio is the median of the per-request ratios. The share of CPU time the
+hypervisor stole during the run (``/proc/stat``) is printed: it is noise no median removes.
 
     make vllm-setup && .venv/bin/python benchmarks/vllm_ttft.py [--prompts 9]
 
@@ -109,26 +112,33 @@ def metric(url: str, name: str) -> float:
     return 0.0
 
 
-def plain_copy_gbps(nbytes: int, repeat: int = 30) -> tuple[float, float]:
-    """(cold, hot) GB/s of one libc ``memcpy`` of ``nbytes``: cold between random offsets of
-    two pre-touched 1 GiB buffers (as cold as vLLM's KV blocks and kvplane's pages), hot
+class PlainCopy:
+    """One libc ``memcpy`` of a given number of bytes, measured cold, between random offsets
+    of two touched 1 GiB buffers (as cold as vLLM's KV blocks and kvplane's pages), and hot,
     between two small buffers that stay in cache."""
-    gen = random.Random(0)
-    size = 1 << 30
-    big_src = torch.ones(size, dtype=torch.uint8)
-    big_dst = torch.ones(size, dtype=torch.uint8)
-    cold, hot = [], []
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.ones(nbytes, dtype=torch.uint8)
-    for _ in range(repeat):
-        a, b = gen.randrange(size - nbytes), gen.randrange(size - nbytes)
-        start = time.perf_counter()
-        ctypes.memmove(big_dst.data_ptr() + b, big_src.data_ptr() + a, nbytes)
-        cold.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
-        hot.append(time.perf_counter() - start)
-    return nbytes / statistics.median(cold) / 1e9, nbytes / statistics.median(hot) / 1e9
+
+    SIZE = 1 << 30
+
+    def __init__(self) -> None:
+        self.src = torch.ones(self.SIZE, dtype=torch.uint8)
+        self.dst = torch.ones(self.SIZE, dtype=torch.uint8)
+        self.rng = random.Random(0)
+
+    def gbps(self, nbytes: int, repeat: int = 9) -> tuple[float, float]:
+        """(cold, hot) GB/s, medians of ``repeat`` copies each."""
+        cold, hot = [], []
+        src = torch.ones(nbytes, dtype=torch.uint8)
+        dst = torch.ones(nbytes, dtype=torch.uint8)
+        for _ in range(repeat):
+            a = self.rng.randrange(self.SIZE - nbytes)
+            b = self.rng.randrange(self.SIZE - nbytes)
+            start = time.perf_counter()
+            ctypes.memmove(self.dst.data_ptr() + b, self.src.data_ptr() + a, nbytes)
+            cold.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
+            hot.append(time.perf_counter() - start)
+        return nbytes / statistics.median(cold) / 1e9, nbytes / statistics.median(hot) / 1e9
 
 
 def config(path: Path, **keys: Any) -> Path:
@@ -195,7 +205,9 @@ def bench_model(layers: int, hidden: int, prompts: int, folder: Path) -> dict[st
         for k in ("recompute", "vllm_prefix_hit", "kvplane_cpu", "kvplane_p2p", "kvplane_disk")
     }
     copy_rates: list[float] = []
+    plain_rates: list[tuple[float, float]] = []
     copy_bytes = 0.0
+    plain = PlainCopy()
     with cluster(model, folder) as (a, b, worker_a):
         name = a.model
         for server in (a, b):  # first requests pay one-off costs; not measured
@@ -214,6 +226,8 @@ def bench_model(layers: int, hidden: int, prompts: int, folder: Path) -> dict[st
             copy_bytes += copied
             if seconds > 0:
                 copy_rates.append(copied / seconds / 1e9)
+                time.sleep(SETTLE_S)  # vLLM's worker stops its busy poll first
+                plain_rates.append(plain.gbps(int(copied)))
             samples["kvplane_p2p"].append(settled_ttft(b.base_url, name, prompt))
             httpx.post(f"{a.base_url}/reset_prefix_cache", timeout=30).raise_for_status()
             httpx.delete(
@@ -225,16 +239,18 @@ def bench_model(layers: int, hidden: int, prompts: int, folder: Path) -> dict[st
     medians = {k: statistics.median(v) for k, v in samples.items()}
     per_request = copy_bytes / prompts
     inside = statistics.median(copy_rates) if copy_rates else 0.0
-    plain, hot = plain_copy_gbps(int(per_request))
+    ratios = [rate / cold for rate, (cold, _) in zip(copy_rates, plain_rates, strict=True)]
+    cold = statistics.median(c for c, _ in plain_rates) if plain_rates else 0.0
+    hot = statistics.median(h for _, h in plain_rates) if plain_rates else 0.0
     base = medians["vllm_prefix_hit"]
     return {
         "ttft_s": medians,
         "vs_vllm_prefix_hit": {k: v / base for k, v in medians.items()},
         "kv_bytes_per_request": per_request,
         "block_copy_gbps": inside,
-        "plain_copy_gbps": plain,
+        "plain_copy_gbps": cold,
         "plain_copy_hot_gbps": hot,
-        "block_copy_vs_plain": inside / plain if plain else 0.0,
+        "block_copy_vs_plain": statistics.median(ratios) if ratios else 0.0,
         "cpu_time_stolen": stolen,
     }
 
@@ -264,7 +280,8 @@ def main() -> None:
             print(
                 f"  block copies {r['block_copy_gbps']:.2f} GB/s vs a plain copy of the same "
                 f"bytes {r['plain_copy_gbps']:.2f} GB/s (cold), {r['plain_copy_hot_gbps']:.2f} "
-                f"GB/s (in cache): {r['block_copy_vs_plain']:.2f} of the cold copy"
+                f"GB/s (in cache): {r['block_copy_vs_plain']:.2f} of the cold copy (median of "
+                "each request's ratio)"
             )
             print(f"  CPU time stolen by the hypervisor during the run: {r['cpu_time_stolen']:.0%}")
     print(json.dumps({"machine": cpu, "prompt_tokens": 1800, "results": results}))
