@@ -505,13 +505,12 @@ def _cpu_block_copies(
         # consecutive blocks are one run where the cache's rows are dense, else one each
         runs = _block_runs(ids) if rows.dense else [(p, b, 1) for p, b in enumerate(ids)]
         for start, first, count in runs:
-            at, c = start * row_bytes, first * rows.stride
-            end = c + count * row_bytes
+            at, c, nbytes = start * row_bytes, first * rows.stride, count * row_bytes
             for view in views:
                 if to_caches:
-                    view[c:end] = data[at : at + end - c]
+                    view[c : c + nbytes] = data[at : at + nbytes]
                 else:
-                    data[at : at + end - c] = view[c:end]
+                    data[at : at + nbytes] = view[c : c + nbytes]
                 at += layer_bytes
 
 
