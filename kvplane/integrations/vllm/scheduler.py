@@ -26,7 +26,7 @@ from kvplane.config import EngineConfig
 from kvplane.engine.facts import EngineFacts
 from kvplane.integrations.vllm.channel import SchedulerChannel
 from kvplane.integrations.vllm.held import HeldChunks, TierChange
-from kvplane.integrations.vllm.messages import endpoints
+from kvplane.integrations.vllm.messages import endpoint
 from kvplane.integrations.vllm.plan import Match, Planner, PlannerPolicy, StepPlan
 from kvplane.keys import chunk_spans
 
@@ -124,7 +124,7 @@ class SchedulerSide:
             skip_save=kv_consumer_only,
         )
         held = HeldChunks(facts.world_size, TIER_ORDER)
-        self.channel = SchedulerChannel(*endpoints(engine_id, dp_rank), held)
+        self.channel = SchedulerChannel(endpoint(engine_id, dp_rank), held)
         self.planner = Planner(self.policy, held)
         self.probing = bool(config.enable_p2p or config.remote_url)
         self.publish_events = publish_events

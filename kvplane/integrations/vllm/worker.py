@@ -23,7 +23,7 @@ from kvplane.engine.kv_layout import KVLayout, packed_view
 from kvplane.errors import ConfigError
 from kvplane.integrations.vllm.channel import WorkerChannel
 from kvplane.integrations.vllm.cpus import unpinned
-from kvplane.integrations.vllm.messages import endpoints
+from kvplane.integrations.vllm.messages import endpoint
 from kvplane.integrations.vllm.plan import LoadSpec, SaveSpec, StepPlan
 from kvplane.integrations.vllm.settings import VllmFacts
 
@@ -66,7 +66,7 @@ class WorkerSide:
         self.rank = facts.rank
         self.block_size = facts.block_size
         self.use_mla = facts.use_mla
-        self._urls = endpoints(facts.engine_id, facts.dp_rank)
+        self._url = endpoint(facts.engine_id, facts.dp_rank)
         self.process: Any = None
         self.caches: list[torch.Tensor] = []
         self.channel: WorkerChannel | None = None
@@ -103,7 +103,7 @@ class WorkerSide:
                 self.config, facts, layout=layout, kv_caches=packed, scheduler_api=False
             )
             self.caches = packed
-            self.channel = WorkerChannel(self.rank, *self._urls, self._prefetch)
+            self.channel = WorkerChannel(self.rank, self._url, self._prefetch)
             events = process.storage.subscribe("vllm scheduler")
             process.start()
             self.process = process
