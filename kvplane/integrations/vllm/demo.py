@@ -37,12 +37,53 @@ CONNECTOR = {
 PROMPT = " ".join(f"The quick brown fox {i} jumps over the lazy dog." for i in range(120))
 
 
-def _completion(base: str, model: str) -> tuple[float, dict[str, Any]]:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "logprobs": 3}
+MAX_TOKENS = 4
+
+
+class ServerError(KvplaneError):
+    """A request the server refused; the message carries the server's own error body."""
+
+
+def _post(url: str, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    resp = httpx.post(url, json=body, timeout=timeout)
+    if resp.status_code >= 400:
+        raise ServerError(f"{resp.status_code} from {url}: {resp.text.strip()[:2000]}")
+    out: dict[str, Any] = resp.json() if resp.content else {}
+    return out
+
+
+def _fit_prompt(base: str, model: str) -> list[int]:
+    """The demo's prompt as the served model's tokens, cut to fit its ``max_model_len``
+    (from ``/v1/models``) with room for the answer."""
+    tokens: list[int] = _post(f"{base}/tokenize", {"model": model, "prompt": PROMPT})["tokens"]
+    cards = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]
+    limit = int(next(c for c in cards if c["id"] == model)["max_model_len"])
+    return tokens[: limit - MAX_TOKENS]
+
+
+def _completion(base: str, model: str, prompt: list[int]) -> tuple[float, dict[str, Any]]:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "logprobs": 3,
+    }
     start = time.perf_counter()
-    resp = httpx.post(f"{base}/v1/completions", json=body, timeout=600)
-    resp.raise_for_status()
-    return time.perf_counter() - start, resp.json()["choices"][0]
+    choice = _post(f"{base}/v1/completions", body)["choices"][0]
+    return time.perf_counter() - start, choice
+
+
+def _stored_lookup(ctl: str, tokens: list[int], timeout: float = 30.0) -> dict[str, Any]:
+    """The controller's ``/lookup`` once the worker's admit report for ``tokens`` landed
+    (it is sent after the step that stored them), or its last answer after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lookup = _post(f"{ctl}/lookup", {"tokens": tokens}, timeout=30)
+        held = lookup["layout_info"].get("lmcache_default_instance", [None, 0])[1]
+        if held >= len(tokens) or time.monotonic() > deadline:
+            return lookup
+        time.sleep(0.1)
 
 
 def run(out: Printer, work: Path) -> int:
@@ -67,30 +108,26 @@ def run(out: Printer, work: Path) -> int:
             log_path=work / "vllm.log",
         ) as server:
             base, name = server.base_url, server.model
-            first_s, _ = _completion(base, name)
-            out.step(f"completion 1 (full prefill): {first_s * 1e3:.0f} ms")
-            tokens = httpx.post(
-                f"{base}/tokenize", json={"model": name, "prompt": PROMPT}, timeout=30
-            ).json()["tokens"]
-            time.sleep(0.5)  # the worker's admit report reaches the controller
-            lookup = httpx.post(f"{ctl}/lookup", json={"tokens": tokens}, timeout=30).json()
-            out.step(
-                f"/tokenize: {len(tokens)} tokens; controller /lookup: {lookup['layout_info']}"
-            )
-            workers = httpx.post(
-                f"{ctl}/query_worker_info", json={"instance_id": "lmcache_default_instance"}
-            ).json()["worker_infos"]
+            tokens = _fit_prompt(base, name)
+            first_s, _ = _completion(base, name, tokens)
+            out.step(f"completion 1 (full prefill of {len(tokens)} tokens): {first_s * 1e3:.0f} ms")
+            lookup = _stored_lookup(ctl, tokens)
+            out.step(f"/tokenize, cut to the model's limit: {len(tokens)} tokens")
+            out.step(f"controller /lookup: {lookup['layout_info']}")
+            workers = _post(
+                f"{ctl}/query_worker_info", {"instance_id": "lmcache_default_instance"}
+            )["worker_infos"]
             out.step(
                 f"/query_worker_info: {[(w['worker_id'], w['ip'], w['port']) for w in workers]}"
             )
-            vllm_s, vllm_hit = _completion(base, name)
-            httpx.post(f"{base}/reset_prefix_cache", timeout=30).raise_for_status()
-            kv_s, kv_hit = _completion(base, name)
+            vllm_s, vllm_hit = _completion(base, name, tokens)
+            _post(f"{base}/reset_prefix_cache", {})
+            kv_s, kv_hit = _completion(base, name, tokens)
             same = kv_hit["logprobs"] == vllm_hit["logprobs"] and kv_hit["text"] == vllm_hit["text"]
-            cleared = httpx.post(
+            cleared = _post(
                 f"{ctl}/clear",
-                json={"instance_id": "lmcache_default_instance", "location": "LocalCPUBackend"},
-            ).json()
+                {"instance_id": "lmcache_default_instance", "location": "LocalCPUBackend"},
+            )
             out.block(
                 format_table(
                     ["request", "latency", "note"],
