@@ -44,7 +44,7 @@ def test_a_refused_request_shows_the_servers_own_error_body() -> None:
     body = b'{"error": {"message": "This model\'s maximum context length is 2048 tokens"}}'
 
     class Refuse(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+        def do_POST(self) -> None:
             self.send_response(400)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
