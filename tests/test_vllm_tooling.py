@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +77,29 @@ def test_model_dir_is_built_once_and_deterministic(tmp_path):
     ids = tok("def main(argv):\n    return 0").input_ids
     assert ids[0] == tok.bos_token_id == 1 and max(ids) < 600
     assert tok.decode(ids, skip_special_tokens=True) == "def main(argv):\n    return 0"
+
+
+VLLM_STARTERS = (
+    "vllm_server(",
+    "vllm_python(",
+    "build_vllm_model(",
+    "kvplane.integrations.vllm.demo",
+)
+
+
+def test_every_module_that_runs_vllm_is_marked_vllm_and_slow():
+    """The same marks everywhere: ``-m 'not slow'`` leaves out every test that starts vLLM,
+    ``-m vllm`` selects them all."""
+    tests = Path(__file__).parent
+    unmarked, checked = [], []
+    for path in sorted(tests.glob("test_*.py")):
+        text = path.read_text()
+        if path.name == Path(__file__).name or not any(s in text for s in VLLM_STARTERS):
+            continue
+        checked.append(path.name)
+        mark = re.search(r"^pytestmark = \[(.*?)\]$", text, re.M | re.S)
+        marks = set(re.findall(r"pytest\.mark\.(\w+)", mark.group(1))) if mark else set()
+        if not {"vllm", "slow"} <= marks:
+            unmarked.append(f"{path.name}: {sorted(marks)}")
+    assert {"test_vllm_connector.py", "test_vllm_demo.py", "test_vllm_smoke.py"} <= set(checked)
+    assert unmarked == []
