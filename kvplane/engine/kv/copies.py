@@ -18,11 +18,16 @@ import torch
 
 from kvplane.engine.kv.cpu_blocks import block_copies
 from kvplane.engine.kv.layout import KVLayout, as_bits
-from kvplane.engine.kv.slots import SlotIndex, check_chunk, prepare
+from kvplane.engine.kv.slots import Copies, SlotIndex, check_chunk, prepare
 
-__all__ = ["gather", "gather_chunks", "gather_many", "scatter", "scatter_chunks", "scatter_many"]
-
-Copies = Sequence[tuple[SlotIndex, torch.Tensor]]
+__all__ = [
+    "gather",
+    "gather_chunks",
+    "gather_many",
+    "scatter",
+    "scatter_chunks",
+    "scatter_many",
+]
 
 _BATCH_CHUNKS = 16  # chunks per batched copy: bounds the device staging buffer
 

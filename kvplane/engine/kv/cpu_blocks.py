@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from kvplane.engine.kv.layout import KVLayout
-from kvplane.engine.kv.slots import SlotIndex, check_chunk
+from kvplane.engine.kv.slots import Copies, SlotIndex, check_chunk
 from kvplane.errors import BadRequest
 
 __all__ = ["block_copies"]
@@ -27,7 +27,7 @@ __all__ = ["block_copies"]
 def block_copies(
     layout: KVLayout,
     kv_caches: Sequence[torch.Tensor],
-    items: Sequence[tuple[SlotIndex, torch.Tensor]],
+    items: Copies,
     *,
     to_caches: bool,
 ) -> None:

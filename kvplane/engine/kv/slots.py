@@ -15,7 +15,15 @@ import torch
 from kvplane.engine.kv.layout import KVLayout
 from kvplane.errors import BadRequest
 
-__all__ = ["SlotIndex", "check_chunk", "prepare", "slot_index", "slot_indices", "without_head"]
+__all__ = [
+    "Copies",
+    "SlotIndex",
+    "check_chunk",
+    "prepare",
+    "slot_index",
+    "slot_indices",
+    "without_head",
+]
 
 
 class SlotIndex(NamedTuple):
@@ -29,6 +37,10 @@ class SlotIndex(NamedTuple):
     def num_slots(self, block_size: int) -> int:
         """Slots addressed: a block id stands for all ``block_size`` slots of its block."""
         return len(self.host_ids) * (block_size if self.by_block else 1)
+
+
+#: ``(index, chunk)`` pairs, one per chunk to copy
+Copies = Sequence[tuple[SlotIndex, torch.Tensor]]
 
 
 def slot_index(layout: KVLayout, slots: torch.Tensor, device: torch.device) -> SlotIndex:

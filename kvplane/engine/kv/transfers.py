@@ -16,8 +16,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from kvplane.engine.kv.copies import Copies, gather_many, scatter_many
+from kvplane.engine.kv.copies import gather_many, scatter_many
 from kvplane.engine.kv.layout import KVLayout
+from kvplane.engine.kv.slots import Copies
 from kvplane.engine.metrics import EngineMetrics
 
 __all__ = ["Transfers"]
