@@ -36,7 +36,7 @@ from kvplane.config import ConfigStore, EngineConfig
 from kvplane.engine.cache_engine import CacheEngine
 from kvplane.engine.engine import Engine, build_engine
 from kvplane.engine.facts import EngineFacts
-from kvplane.engine.kv_layout import KVLayout
+from kvplane.engine.kv.layout import KVLayout
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.engine.tiers import GB, P2PNode

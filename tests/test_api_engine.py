@@ -7,7 +7,7 @@ import torch
 
 from kvplane.engine.engine import Engine
 from kvplane.engine.events import ChunkAdmitted
-from kvplane.engine.kv_layout import gather
+from kvplane.engine.kv.copies import gather
 from tests.api_client import TRANSPORTS, engine_serving
 
 
@@ -93,8 +93,13 @@ def test_kvcache_check_equal_for_stored_and_retrieved_kv(engine):
     assert got.json()["chunk_checksums"] == stored["chunk_checksums"]
     a = torch.arange(0, 40)
     b = torch.arange(100, 140)
-    assert torch.equal(gather(runtime.kv_caches, a), torch.zeros_like(gather(runtime.kv_caches, a)))
-    assert not torch.equal(gather(runtime.kv_caches, b), gather(runtime.kv_caches, a))
+    assert torch.equal(
+        gather(runtime.layout, runtime.kv_caches, a),
+        torch.zeros_like(gather(runtime.layout, runtime.kv_caches, a)),
+    )
+    assert not torch.equal(
+        gather(runtime.layout, runtime.kv_caches, b), gather(runtime.layout, runtime.kv_caches, a)
+    )
 
 
 def test_kvcache_check_layerwise_and_errors(engine):

@@ -3,7 +3,8 @@ import torch
 
 from kvplane.config import EngineConfig
 from kvplane.engine.events import ChunkAdmitted, ChunkEvicted
-from kvplane.engine.kv_layout import allocate_kv_caches, gather
+from kvplane.engine.kv.copies import gather
+from kvplane.engine.kv.layout import allocate_kv_caches
 from kvplane.errors import BadRequest
 from kvplane.process import EngineProcess
 from tests.support import run_threads
@@ -29,8 +30,8 @@ def random_slots(rt, n, seed):
     return torch.randperm(rt.layout.num_slots, generator=gen)[:n]
 
 
-def kv_at(caches, slots):
-    return gather(caches, slots).cpu().view(torch.uint8)
+def kv_at(layout, caches, slots):
+    return gather(layout, caches, slots).cpu().view(torch.uint8)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ def test_store_clear_retrieve_round_trip(device, shape):
     engine = rt.cache_engine
     tokens = list(range(1000, 1000 + 45))  # 2 full chunks + a partial one
     slots = random_slots(rt, 45, 1)
-    expected = kv_at(rt.kv_caches, slots)
+    expected = kv_at(rt.layout, rt.kv_caches, slots)
     result = engine.store(tokens, rt.kv_caches, slots)
     assert (result.num_tokens, result.num_chunks) == (45, 3)
     assert engine.lookup(tokens) == 45
@@ -50,7 +51,7 @@ def test_store_clear_retrieve_round_trip(device, shape):
     new_slots = random_slots(rt, 45, 2)
     got = engine.retrieve(tokens, rt.kv_caches, new_slots)
     assert got.num_tokens == 45 and got.num_chunks == 3
-    assert torch.equal(kv_at(rt.kv_caches, new_slots), expected)
+    assert torch.equal(kv_at(rt.layout, rt.kv_caches, new_slots), expected)
     rt.stop()
 
 
@@ -65,8 +66,10 @@ def test_retrieve_stops_at_missing_middle_chunk(device):
     assert engine.lookup(tokens) == 32
     dst = allocate_kv_caches(rt.layout, device)
     assert engine.retrieve(tokens, dst, slots).num_tokens == 32
-    assert torch.equal(kv_at(dst, slots[:32]), kv_at(rt.kv_caches, slots[:32]))
-    assert not kv_at(dst, slots[32:]).any()
+    assert torch.equal(
+        kv_at(rt.layout, dst, slots[:32]), kv_at(rt.layout, rt.kv_caches, slots[:32])
+    )
+    assert not kv_at(rt.layout, dst, slots[32:]).any()
 
 
 def test_shared_prefix_hits_partially_and_store_skips_held_chunks():
@@ -180,7 +183,7 @@ def test_four_threads_store_and_retrieve_concurrently(device):
     # Every thread reads the same source slots, so a chunk's bytes do not depend on which
     # thread stored it first, and each retrieve must reproduce the source exactly.
     slots = random_slots(rt, 48, 10)
-    expected = kv_at(rt.kv_caches, slots)
+    expected = kv_at(rt.layout, rt.kv_caches, slots)
 
     def worker(i):
         try:
@@ -190,7 +193,7 @@ def test_four_threads_store_and_retrieve_concurrently(device):
                 got = engine.retrieve(prompts[i], dst, slots).num_tokens
                 if got != 48:
                     errors.append(f"thread {i} retrieved {got} tokens")
-                elif not torch.equal(kv_at(dst, slots), expected):
+                elif not torch.equal(kv_at(rt.layout, dst, slots), expected):
                     errors.append(f"thread {i} read corrupted KV")
                 for cache in dst:
                     cache.zero_()
@@ -252,7 +255,7 @@ def test_four_threads_under_eviction_pressure_read_only_exact_prefixes(device):
                 got = engine.retrieve(prompt, dst, slots).num_tokens
                 retrieved.append(got)
                 if got % 16 or not torch.equal(
-                    kv_at(dst, slots[:got]), kv_at(rt.kv_caches, slots[:got])
+                    kv_at(rt.layout, dst, slots[:got]), kv_at(rt.layout, rt.kv_caches, slots[:got])
                 ):
                     errors.append(f"thread {i}: {got} tokens, corrupted or not chunk-aligned")
                 for cache in dst:
@@ -298,11 +301,11 @@ def test_a_failing_copy_gives_its_pages_back(monkeypatch):
     rt = make_runtime()
     engine = rt.cache_engine
 
-    def broken_copy(kv_caches, items, copy_stream=None):
+    def broken_copy(layout, kv_caches, items, copy_stream=None):
         raise RuntimeError("device lost")
 
     # Fault injection at the copy step of the real engine.
-    monkeypatch.setattr("kvplane.engine.cache_engine.gather_many", broken_copy)
+    monkeypatch.setattr("kvplane.engine.kv.transfers.gather_many", broken_copy)
     with pytest.raises(RuntimeError, match="device lost"):
         engine.store(list(range(40)), rt.kv_caches, torch.arange(40))
     assert rt.storage.cpu.pool.free_pages == rt.storage.cpu.pool.num_pages

@@ -4,6 +4,8 @@ whole blocks of bytes, so what comes back is exactly what was stored, whatever t
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,22 +14,17 @@ from hypothesis import strategies as st
 from kvplane.config import ConfigStore, EngineConfig
 from kvplane.engine.cache_engine import CacheEngine
 from kvplane.engine.facts import EngineFacts
-from kvplane.engine.kv_layout import (
-    KVLayout,
-    SlotIndex,
-    gather_chunks,
-    gather_many,
-    kv_checksums,
-    packed_view,
-    scatter_chunks,
-    scatter_many,
-)
+from kvplane.engine.kv.checksums import kv_checksums
+from kvplane.engine.kv.copies import gather_chunks, gather_many, scatter_chunks, scatter_many
+from kvplane.engine.kv.layout import KVLayout, packed_view
+from kvplane.engine.kv.slots import SlotIndex
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.engine.tiers import build_backends
 from kvplane.errors import BadRequest
 
 L, B, H, N, D = 3, 12, 2, 4, 8  # layers, blocks, kv heads, tokens per block, head size
+VIEWS = KVLayout(L, H, D, N, B, torch.bfloat16, packed=True)  # the layout of vllm_views()
 
 
 def vllm_views(order: str, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
@@ -53,11 +50,10 @@ def block_bytes(views: list[torch.Tensor], block: int) -> list[bytes]:
 
 def engine_over(views: list[torch.Tensor], **overrides: object) -> tuple[CacheEngine, list]:
     config = EngineConfig(chunk_size=2 * N, max_local_cpu_size=0.01, **overrides)  # type: ignore[arg-type]
-    layout = KVLayout(L, H, D, N, B, torch.bfloat16, packed=True)
-    pool = HostMemoryPool.for_capacity(int(0.01 * (1 << 30)), layout.chunk_nbytes(2 * N))
+    pool = HostMemoryPool.for_capacity(int(0.01 * (1 << 30)), VIEWS.chunk_nbytes(2 * N))
     storage = StorageManager(build_backends(config, pool))
-    facts = EngineFacts("m", 1, 0, layout.kv_shape())
-    return CacheEngine(ConfigStore(config), facts, layout, storage), [packed_view(v) for v in views]
+    facts = EngineFacts("m", 1, 0, VIEWS.kv_shape())
+    return CacheEngine(ConfigStore(config), facts, VIEWS, storage), [packed_view(v) for v in views]
 
 
 def slots_of(blocks: list[int], num_tokens: int) -> torch.Tensor:
@@ -113,12 +109,12 @@ def test_checksums_digest_whole_blocks() -> None:
     views = vllm_views("LBNHC")
     engine, caches = engine_over(views)
     slots = slots_of([4, 8], 2 * N)
-    sums = kv_checksums(caches, slots, 2 * N, layout=engine.layout)
+    sums = kv_checksums(engine.layout, caches, slots, 2 * N)
     assert isinstance(sums, list) and len(sums) == 1
     packed_view(views[0])[8, 0] += 1
-    assert kv_checksums(caches, slots, 2 * N, layout=engine.layout) != sums
+    assert kv_checksums(engine.layout, caches, slots, 2 * N) != sums
     with pytest.raises(BadRequest):
-        kv_checksums(caches, slots[1:], 2 * N, layout=engine.layout)
+        kv_checksums(engine.layout, caches, slots[1:], 2 * N)
 
 
 @settings(max_examples=40, deadline=None)
@@ -140,9 +136,14 @@ def test_packed_view_refuses_a_block_that_is_not_dense() -> None:
 
 
 def spaced_caches(layers: int, blocks: int, elems: int, pad: int) -> list[torch.Tensor]:
-    """Packed caches whose rows lie ``pad`` elements apart (``pad`` 0: dense rows)."""
+    """Packed int16 caches whose rows lie ``pad`` elements apart (``pad`` 0: dense rows)."""
     raw = torch.randint(-(2**15), 2**15, (layers, blocks, elems + pad), dtype=torch.int16)
     return [packed_view(layer[:, :elems]) for layer in raw]
+
+
+def rows_of(elems: int) -> KVLayout:
+    """The layout of ``spaced_caches(L, B, elems, pad)``: blocks of one token's K and V."""
+    return KVLayout(L, 1, elems // 2, 1, B, torch.int16, packed=True)
 
 
 @settings(max_examples=60, deadline=None)
@@ -162,14 +163,14 @@ def test_block_copies_match_indexing(ids: list[int], pad: int, data: st.DataObje
         for c in chunks
     ]
     before = [c.clone() for c in caches]
-    scatter_many(caches, items)
+    scatter_many(rows_of(10), caches, items)
     for layer, cache in enumerate(caches):
         expected = before[layer].clone()
         for index, kv in items:
             expected[index.host_ids] = kv[layer]
         assert torch.equal(cache, expected)
     outs = [(index, torch.empty_like(kv)) for index, kv in items]
-    gather_many(caches, outs)
+    gather_many(rows_of(10), caches, outs)
     assert all(torch.equal(out, kv) for (_, out), (_, kv) in zip(outs, items, strict=True))
 
 
@@ -179,13 +180,61 @@ def test_block_copies_refuse_a_block_outside_the_cache_and_write_nothing() -> No
     for bad in ([B], [-1]):
         item = (SlotIndex(torch.tensor(bad), True, bad), torch.ones(L, 1, 10, dtype=torch.int16))
         with pytest.raises(ValueError, match="block ids"):
-            scatter_many(caches, [item])
+            scatter_many(rows_of(10), caches, [item])
     wrong_width = (SlotIndex(torch.tensor([0]), True, [0]), torch.ones(L, 1, 9, dtype=torch.int16))
     wrong_dtype = (SlotIndex(torch.tensor([0]), True, [0]), torch.ones(L, 1, 10).half())
-    for item in (wrong_width, wrong_dtype):
-        with pytest.raises(ValueError, match="dense"):
-            scatter_many(caches, [item])
+    for item, match in ((wrong_width, r"\[3, 1, 10\] expected"), (wrong_dtype, "of torch.int16")):
+        with pytest.raises(ValueError, match=match):
+            scatter_many(rows_of(10), caches, [item])
+    blocks = SlotIndex(torch.tensor([4, 5]), True, [4, 5])
+    good = (blocks, torch.ones(L, 2, 10, dtype=torch.int16))
+    short = (SlotIndex(torch.tensor([6]), True, [6]), torch.ones(L, 2, 10, dtype=torch.int16))
+    for items in ([short], [good, short]):  # a good chunk beside a bad one is not moved either
+        with pytest.raises(ValueError, match="1 block ids for a chunk of 2 blocks"):
+            scatter_many(rows_of(10), caches, items)
     assert all(torch.equal(c, b) for c, b in zip(caches, before, strict=True))
+
+
+def shorten_every_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the engine's chunk indices each name one block fewer than the chunk."""
+    from kvplane.engine import cache_engine
+
+    prepare = cache_engine.slot_indices
+
+    def short(layout: KVLayout, *args: Any) -> list[SlotIndex]:
+        return [SlotIndex(i.ids[:-1], True, i.host_ids[:-1]) for i in prepare(layout, *args)]
+
+    monkeypatch.setattr(cache_engine, "slot_indices", short)
+
+
+def test_a_short_block_id_list_is_refused_storing_and_loading(
+    device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storing, it would leave bytes of the stored page unset; loading, a block of the
+    caches unwritten though reported loaded. Either is refused: nothing is stored, no page
+    leaks, no block is written."""
+    views = vllm_views("LBNHC" if device == "cuda" else "LBHNC", device)
+    engine, caches = engine_over(views)
+    cpu = engine.storage.cpu
+    assert cpu is not None
+    pool = cpu.pool
+    tokens = list(range(2 * N))
+    slots = slots_of([3, 8], len(tokens))
+    with monkeypatch.context() as patch:
+        shorten_every_index(patch)
+        with pytest.raises(ValueError, match="1 block ids for a chunk of 2 blocks"):
+            engine.store(tokens, caches, slots)
+    assert engine.storage.locate(engine.keys_for(tokens)[0]) is None
+    assert cpu.keys() == [] and pool.free_pages == pool.num_pages
+    assert engine.store(tokens, caches, slots).num_chunks == 1
+    for v in views:
+        v.zero_()
+    with monkeypatch.context() as patch:
+        shorten_every_index(patch)
+        with pytest.raises(ValueError, match="1 block ids for a chunk of 2 blocks"):
+            engine.retrieve(tokens, caches, slots)
+    assert all(set(packed_view(v).view(-1).tolist()) == {0.0} for v in views)
+    assert pool.free_pages == pool.num_pages - 1  # the stored chunk's page; the read's is back
 
 
 def test_block_copies_follow_the_caches_they_are_given() -> None:
@@ -196,7 +245,8 @@ def test_block_copies_follow_the_caches_they_are_given() -> None:
     for caches, fill in ((first, 1), (second, 2), (narrow, 3), (first, 4)):
         width = caches[0].shape[1]
         chunk = torch.full((L, 1, width), fill, dtype=torch.int16)
-        scatter_many(caches, [(SlotIndex(torch.tensor([fill]), True, [fill]), chunk)])
+        index = SlotIndex(torch.tensor([fill]), True, [fill])
+        scatter_many(rows_of(width), caches, [(index, chunk)])
         assert all(torch.equal(c[fill], chunk[0, 0]) for c in caches)
     assert all(torch.equal(c[1], torch.ones(10, dtype=torch.int16)) for c in first)
     assert not any(torch.equal(c[2], torch.full((10,), 2, dtype=torch.int16)) for c in first)
@@ -214,7 +264,7 @@ def test_batched_kernel_copies_move_the_blocks_bytes(order: str, device: str) ->
     width = caches[0].shape[1]
     pinned = device == "cuda"
     outs = [torch.empty(L, 2, width, dtype=torch.bfloat16, pin_memory=pinned) for _ in chunks]
-    gather_chunks(caches, indices, outs)
+    gather_chunks(VIEWS, caches, indices, outs)
     if device == "cuda":
         torch.cuda.synchronize()
     for ids, out in zip(chunks, outs, strict=True):
@@ -225,7 +275,7 @@ def test_batched_kernel_copies_move_the_blocks_bytes(order: str, device: str) ->
         by_memcpy = [
             (index, torch.empty_like(out)) for index, out in zip(indices, outs, strict=True)
         ]
-        gather_many(caches, by_memcpy)
+        gather_many(VIEWS, caches, by_memcpy)
         assert all(
             torch.equal(a.view(torch.int16), b.view(torch.int16))
             for (_, a), b in zip(by_memcpy, outs, strict=True)
@@ -233,7 +283,7 @@ def test_batched_kernel_copies_move_the_blocks_bytes(order: str, device: str) ->
     targets = vllm_views(order, device, seed=1)
     for v in targets:
         v.zero_()
-    scatter_chunks([packed_view(v) for v in targets], indices, [o.to(device) for o in outs])
+    scatter_chunks(VIEWS, [packed_view(v) for v in targets], indices, [o.to(device) for o in outs])
     if device == "cuda":
         torch.cuda.synchronize()
     named = [b for ids in chunks for b in ids]

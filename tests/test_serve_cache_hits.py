@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvplane.engine.kv_layout import allocate_kv_caches
+from kvplane.engine.kv.layout import allocate_kv_caches
 from kvplane.serve.cli import build_instance
 from kvplane.serve.generator import Generator, SamplingParams
 from kvplane.serve.launch import ServeOptions

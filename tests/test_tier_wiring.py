@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvplane.config import EngineConfig
-from kvplane.engine.kv_layout import gather
+from kvplane.engine.kv.copies import gather
 from kvplane.engine.p2p.move import MoveRequest
 from kvplane.engine.tiers import build_backends
 from kvplane.errors import BadRequest, ConfigError, Conflict
@@ -31,7 +31,7 @@ def slots(rt: EngineProcess, seed: int, n: int = len(TOKENS)) -> torch.Tensor:
 
 
 def kv_at(rt: EngineProcess, s: torch.Tensor) -> torch.Tensor:
-    return gather(rt.kv_caches, s).float()
+    return gather(rt.layout, rt.kv_caches, s).float()
 
 
 def test_tiers_are_built_in_order_from_config(tmp_path: Path) -> None:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,6 +22,10 @@ from kvplane.config import ConfigStore, EngineConfig
 from kvplane.engine.chunk import ChunkMeta, KVChunk, dtype_name
 from kvplane.engine.compression import CompressResult
 from kvplane.engine.facts import EngineFacts
+from kvplane.engine.kv.copies import gather
+from kvplane.engine.kv.layout import KVLayout
+from kvplane.engine.kv.slots import SlotIndex, slot_indices, without_head
+from kvplane.engine.kv.transfers import Transfers
 from kvplane.engine.kv_api import (
     KVCaches,
     RetrieveResult,
@@ -30,14 +33,6 @@ from kvplane.engine.kv_api import (
     StorePolicy,
     StoreResult,
     TokenIds,
-)
-from kvplane.engine.kv_layout import (
-    KVLayout,
-    SlotIndex,
-    gather,
-    gather_many,
-    scatter_many,
-    slot_indices,
 )
 from kvplane.engine.memory_pool import MemoryPage
 from kvplane.engine.metrics import EngineMetrics
@@ -91,7 +86,7 @@ class CacheEngine:
         self._dtype_name = dtype_name(layout.dtype)
         # every key of this rank: model, world size, rank (the facts), dtype (the layout)
         self._key_prefix = (facts.model_name, facts.world_size, facts.worker_id, self._dtype_name)
-        self._cuda_lock = threading.Lock()
+        self._transfers = Transfers(layout, self.metrics)
         self._lookup_observers: list[Callable[[Sequence[int]], None]] = []
         self._transfer_observers: list[Callable[[str, torch.Tensor], None]] = []
 
@@ -167,8 +162,7 @@ class CacheEngine:
         def flush() -> None:
             """Start the queued copies; publish every batch whose copies have finished."""
             nonlocal copies, staged
-            with self._copying("store", kv_caches, copies):
-                gather_many(kv_caches, copies, copy_stream)
+            self._transfers.gather(kv_caches, copies, copy_stream)
             done = None
             if copy_stream is not None:
                 done = torch.cuda.Event()
@@ -178,7 +172,7 @@ class CacheEngine:
             self._publish(in_flight, wait=False)
 
         try:
-            with self._device_guard(kv_caches) as copy_stream:
+            with self._transfers.on_device(kv_caches) as copy_stream:
                 for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
                     n = end - start
                     if n < self.config.chunk_size and not self.config.save_unfull_chunk:
@@ -264,7 +258,7 @@ class CacheEngine:
         self, key: CacheKey, meta: ChunkMeta, kv_caches: Sequence[torch.Tensor], index: SlotIndex
     ) -> bool:
         """Without a writable CPU tier: gather into plain memory for the lower tiers."""
-        kv = gather(kv_caches, index).cpu()
+        kv = gather(self.layout, kv_caches, index).cpu()
         return self.storage.put(key, KVChunk.from_kv(kv, meta.num_tokens))
 
     def _indices(
@@ -273,13 +267,7 @@ class CacheEngine:
         slots: torch.Tensor,
         spans: Sequence[tuple[int, int]],
     ) -> list[SlotIndex]:
-        return slot_indices(
-            slots,
-            spans,
-            self.layout.block_size,
-            kv_caches[0].device,
-            whole_blocks=self.layout.packed,
-        )
+        return slot_indices(self.layout, slots, spans, kv_caches[0].device)
 
     def retrieve(
         self,
@@ -317,7 +305,8 @@ class CacheEngine:
         loaded_tokens = chunks = nbytes = 0
         copies: list[tuple[SlotIndex, torch.Tensor]] = []
         indices = self._indices(kv_caches, slots, spans)
-        with contextlib.ExitStack() as reads, self._device_guard(kv_caches) as copy_stream:
+        transfers = self._transfers
+        with contextlib.ExitStack() as reads, transfers.on_device(kv_caches) as copy_stream:
             for chunk_no, (key, (start, end)) in enumerate(zip(keys, spans, strict=True)):
                 if end <= skip_tokens:
                     loaded_tokens = end
@@ -331,36 +320,21 @@ class CacheEngine:
                     break  # a chunk of another layout under this key: treat as a miss
                 index = indices[chunk_no]
                 if start < skip_tokens:
-                    index, kv = self._without_head(index, kv, skip_tokens - start)
+                    index, kv = without_head(self.layout, index, kv, skip_tokens - start)
                 copies.append((index, kv))
                 if len(copies) == _FLUSH_CHUNKS:
-                    with self._copying("retrieve", kv_caches, copies):
-                        scatter_many(kv_caches, copies, copy_stream)
+                    transfers.scatter(kv_caches, copies, copy_stream)
                     copies = []
                 self.metrics.lookup_hits.inc()
                 loaded_tokens, chunks, nbytes = end, chunks + 1, nbytes + chunk.nbytes
-            with self._copying("retrieve", kv_caches, copies):
-                scatter_many(kv_caches, copies, copy_stream)
-            self._sync(kv_caches)  # pages must not be reused before the copies finished
+            transfers.scatter(kv_caches, copies, copy_stream)
+            transfers.wait(kv_caches)  # pages must not be reused before the copies finished
         if loaded_tokens:
             self._observe_transfer("retrieve", slots[:loaded_tokens])
         self.metrics.retrieved_tokens.inc(max(0, loaded_tokens - skip_tokens))
         self.metrics.retrieved_bytes.inc(nbytes)
         self.metrics.retrieve_seconds.observe(time.perf_counter() - start_time)
         return RetrieveResult(loaded_tokens, chunks, nbytes)
-
-    def _without_head(
-        self, index: SlotIndex, kv: torch.Tensor, head: int
-    ) -> tuple[SlotIndex, torch.Tensor]:
-        """A chunk's copy minus its first ``head`` tokens (a multiple of the block size)."""
-        bs = self.layout.block_size
-        rows = head // bs if index.by_block else head
-        index = SlotIndex(index.ids[rows:], index.by_block, index.host_ids[rows:])
-        if self.layout.packed:
-            return index, kv[:, head // bs :].contiguous()
-        if self.layout.use_mla:
-            return index, kv[:, head:].contiguous()
-        return index, kv[:, :, head:].contiguous()
 
     def lookup(self, tokens: TokenIds) -> int:
         """Leading tokens whose chunks are all held by an active tier. With a peer tier, the
@@ -466,46 +440,3 @@ class CacheEngine:
         if num_tokens and (int(slots.min()) < 0 or int(slots.max()) >= self.layout.num_slots):
             raise BadRequest(f"slot_mapping out of range [0, {self.layout.num_slots})")
         return slots
-
-    @contextlib.contextmanager
-    def _device_guard(
-        self, kv_caches: Sequence[torch.Tensor]
-    ) -> Iterator[torch.cuda.Stream | None]:
-        """Serialize GPU transfers of this engine on a side stream for kernels and one for
-        host<->device copies (yielded; None on CPU); both are synchronized on exit."""
-        if not kv_caches or kv_caches[0].device.type != "cuda":
-            yield None
-            return
-        device = kv_caches[0].device
-        with self._cuda_lock:
-            stream = torch.cuda.Stream(device=device)
-            copy_stream = torch.cuda.Stream(device=device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                yield copy_stream
-            stream.wait_stream(copy_stream)
-            stream.synchronize()
-
-    @contextlib.contextmanager
-    def _copying(
-        self,
-        op: str,
-        kv_caches: Sequence[torch.Tensor],
-        copies: Sequence[tuple[SlotIndex, torch.Tensor]],
-    ) -> Iterator[None]:
-        """Time the block copies themselves (CPU caches: the copies are synchronous; on CUDA
-        they are only queued here, so the transfer benchmark measures them instead)."""
-        if not copies or not kv_caches or kv_caches[0].device.type != "cpu":
-            yield
-            return
-        start = time.perf_counter()
-        yield
-        self.metrics.copy_seconds.labels(op).inc(time.perf_counter() - start)
-        self.metrics.copied_bytes.labels(op).inc(
-            sum(kv.numel() * kv.element_size() for _, kv in copies)
-        )
-
-    @staticmethod
-    def _sync(kv_caches: Sequence[torch.Tensor]) -> None:
-        if kv_caches and kv_caches[0].device.type == "cuda":
-            torch.cuda.current_stream(kv_caches[0].device).synchronize()

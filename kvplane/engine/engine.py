@@ -23,7 +23,7 @@ from kvplane.config import ConfigStore, EngineConfig
 from kvplane.engine.cache_engine import CacheEngine
 from kvplane.engine.compression import decompress
 from kvplane.engine.facts import EngineFacts
-from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
+from kvplane.engine.kv.layout import KVLayout, allocate_kv_caches
 from kvplane.engine.memory_pool import HostMemoryPool
 from kvplane.engine.metrics import EngineMetrics
 from kvplane.engine.storage_manager import StorageManager

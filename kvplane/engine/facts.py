@@ -29,7 +29,7 @@ __all__ = ["EngineFacts", "KVShape"]
 
 @dataclass(frozen=True)
 class KVShape:
-    """The per-layer paged KV caches' shape (see :class:`~kvplane.engine.kv_layout.KVLayout`,
+    """The per-layer paged KV caches' shape (see :class:`~kvplane.engine.kv.layout.KVLayout`,
     which adds how the caches are laid out in memory)."""
 
     num_layers: int

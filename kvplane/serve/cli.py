@@ -87,7 +87,7 @@ def build_instance(
     if steps is None:
         steps = StartupSteps(3, log)
     from kvplane.config import load_config
-    from kvplane.engine.kv_layout import KVLayout, allocate_kv_caches
+    from kvplane.engine.kv.layout import KVLayout, allocate_kv_caches
     from kvplane.process import EngineProcess
     from kvplane.serve.launch import load_model, make_served, served_facts
     from kvplane.serve.progress import mib

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from kvplane.api.deps import EngineDep, SlotRecordingDep
 from kvplane.api.responses import Success
 from kvplane.api.slot_syntax import SLOT_MAPPING_PATTERN, parse_slot_mapping, to_ranges
-from kvplane.engine.kv_layout import kv_checksums
+from kvplane.engine.kv.checksums import kv_checksums
 from kvplane.errors import BadRequest
 from kvplane.web.openapi import case_insensitive_pattern, error_responses, pair
 
@@ -71,11 +71,11 @@ def check(
     """MD5 of the KV at the slots, per chunk of ``chunk_size`` slots (per layer if asked)."""
     slots = parse_slot_mapping(slot_mapping, limit=engine.layout.num_slots)
     checksums = kv_checksums(
+        engine.layout,
         engine.kv_caches,
         torch.tensor(slots, dtype=torch.long),
         chunk_size,
         layerwise,
-        layout=engine.layout,
     )
     return CheckResponse(
         slot_mapping_ranges=to_ranges(slots),

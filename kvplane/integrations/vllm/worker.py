@@ -19,7 +19,7 @@ import torch
 
 from kvplane.config import EngineConfig
 from kvplane.engine.events import ChunkAdmitted, Subscription
-from kvplane.engine.kv_layout import KVLayout, packed_view
+from kvplane.engine.kv.layout import KVLayout, packed_view
 from kvplane.errors import ConfigError
 from kvplane.integrations.vllm.channel import WorkerChannel
 from kvplane.integrations.vllm.cpus import unpinned
