@@ -124,6 +124,7 @@ class StorageManager:
     ) -> None:
         self.metrics = metrics or EngineMetrics()
         self.backends: dict[str, StorageBackend] = {b.name: b for b in backends}
+        self.metrics.start_series("tier", self.backends)
         first = backends[0] if backends else None
         self.cpu: LocalCPUBackend | None = first if isinstance(first, LocalCPUBackend) else None
         self._writers = {
@@ -206,6 +207,7 @@ class StorageManager:
         ``kvplane_events_dropped_total``. The consumer closes it when done. Publishing never
         waits for it: on overflow its pending events are dropped and it is told to resync
         (:mod:`kvplane.engine.events`)."""
+        self.metrics.start_series("subscriber", [name])
         return self._events.subscribe(name, capacity=capacity)
 
     def _on_tier_event(self, event: StorageEvent) -> None:
