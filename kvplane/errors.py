@@ -8,7 +8,8 @@
     ├── Unauthorized     a mutating call without the configured bearer token (HTTP 401)
     ├── Forbidden        refused by policy, e.g. /run_script disabled (HTTP 403)
     ├── Unavailable      a peer, worker or store did not answer in time (HTTP 503)
-    ├── Unsupported      known operation this build or worker cannot do (HTTP 501)
+    ├── Unsupported      a known operation this instance cannot do, e.g. move without
+    │                    P2P (HTTP 409: understood, but not servable in this setup)
     └── CorruptChunk     stored or received chunk bytes fail their header or checksum check
 
 Third-party exceptions are translated at the boundary that meets them.
@@ -93,9 +94,11 @@ class Unavailable(KvplaneError):
 
 
 class Unsupported(KvplaneError):
-    """The operation exists in the API but this build or this worker cannot do it (HTTP 501)."""
+    """The operation exists in the API but this worker cannot do it as set up (HTTP 409, not
+    501: the server implements it; what refuses is this instance's state, named in the
+    message)."""
 
-    status_code = 501
+    status_code = 409
 
 
 class CorruptChunk(KvplaneError):

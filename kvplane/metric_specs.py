@@ -19,6 +19,7 @@ from enum import Enum
 __all__ = [
     "CONTROLLER_COUNTERS",
     "CONTROLLER_METRICS",
+    "COPY_OPS",
     "ENGINE_METRICS",
     "TIER_STATS",
     "WORKER_COUNTERS",
@@ -109,6 +110,9 @@ TIER_STATS = {
     "P2PBackend": {"fetch_errors": "fetches from a peer that failed"},
 }
 
+#: The ``op`` label values of ``kvplane_copy_seconds`` and ``kvplane_copied_bytes``.
+COPY_OPS = ("store", "retrieve")
+
 ENGINE_METRICS = (
     _c("kvplane_stored_tokens", "Tokens whose KV was stored"),
     _c("kvplane_stored_bytes", "KV bytes stored"),
@@ -128,7 +132,7 @@ ENGINE_METRICS = (
     _c(
         "kvplane_copy_seconds",
         "Seconds spent copying KV between the paged caches and chunk pages (CPU caches), "
-        "by op (store, retrieve)",
+        f"by op ({', '.join(COPY_OPS)})",
         "op",
     ),
     _c("kvplane_copied_bytes", "KV bytes copied by those copies, by op", "op"),

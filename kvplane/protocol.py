@@ -27,11 +27,12 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from kvplane.errors import BadRequest
+from kvplane.errors import BadRequest, Conflict, KvplaneError, NotFound, Unsupported
 
 __all__ = [
     "COMPRESSION_METHODS",
     "PROTOCOL_VERSION",
+    "REFUSALS",
     "CheckFinishCommand",
     "ChunkReport",
     "ClearCommand",
@@ -63,7 +64,7 @@ __all__ = [
     "unpack_hashes",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the error codes NOT_FOUND and CONFLICT
 
 
 class ErrorCode(IntEnum):
@@ -75,6 +76,20 @@ class ErrorCode(IntEnum):
     BAD_REQUEST = 3
     TIMEOUT = 4
     UNREACHABLE = 5
+    NOT_FOUND = 6
+    CONFLICT = 7
+
+
+#: The kvplane error each refusal code stands for, both ways: a worker answers a command
+#: that raised one of these errors with its code, and the controller, when every failing
+#: rank answered the same code, gives its client that error (a tier the instance lacks is a
+#: 404, a move without P2P a 409), not a 503.
+REFUSALS: dict[ErrorCode, type[KvplaneError]] = {
+    ErrorCode.BAD_REQUEST: BadRequest,
+    ErrorCode.NOT_FOUND: NotFound,
+    ErrorCode.CONFLICT: Conflict,
+    ErrorCode.UNSUPPORTED: Unsupported,
+}
 
 
 class HeartbeatStatus(IntEnum):

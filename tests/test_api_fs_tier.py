@@ -88,6 +88,8 @@ def test_load_fs_chunks_errors(fs_engine, tmp_path):
     r = client.post("/cache/load-fs-chunks", json={"config_path": str(bad_yaml)})
     assert r.status_code == 400 and "no_such_key" in r.json()["message"]
     assert client.post("/cache/load-fs-chunks", json={}).status_code == 400
+    r = client.post("/cache/load-fs-chunks", json={"config_path": ""})
+    assert r.status_code == 400 and r.json()["error"] == "Invalid parameters"
     r = client.post("/cache/load-fs-chunks", json={"config_path": missing, "max_chunks": -1})
     assert r.status_code == 400
     r = client.post(

@@ -8,6 +8,8 @@ worker error codes become HTTP statuses), and the event table's capacity.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -18,7 +20,7 @@ from kvplane.controller.http import create_app
 from kvplane.controller.index import Match
 from kvplane.controller.registry import WorkerRecord
 from kvplane.controller.settings import ControllerConfig
-from kvplane.errors import BadRequest, NotFound, Unavailable, Unsupported
+from kvplane.errors import BadRequest, Conflict, NotFound, Unavailable, Unsupported
 from kvplane.keys import chunk_hashes, key_scheme_fingerprint
 from kvplane.protocol import (
     ChunkReport,
@@ -222,8 +224,10 @@ def test_all_ok_is_the_minimum_over_ranks() -> None:
 
 
 ANSWERS: list[tuple[dict[int, CommandReply | Exception], type[Exception], int]] = [
-    ({0: reply(ErrorCode.UNSUPPORTED, "no codec"), 1: reply(ErrorCode.OK)}, Unsupported, 501),
-    ({0: reply(ErrorCode.BAD_REQUEST, "no tier"), 1: reply(ErrorCode.OK)}, BadRequest, 400),
+    ({0: reply(ErrorCode.UNSUPPORTED, "no p2p"), 1: reply(ErrorCode.OK)}, Unsupported, 409),
+    ({0: reply(ErrorCode.CONFLICT, "frozen"), 1: reply(ErrorCode.OK)}, Conflict, 409),
+    ({0: reply(ErrorCode.NOT_FOUND, "no tier"), 1: reply(ErrorCode.OK)}, NotFound, 404),
+    ({0: reply(ErrorCode.BAD_REQUEST, "no codec"), 1: reply(ErrorCode.OK)}, BadRequest, 400),
     (
         {0: reply(ErrorCode.UNSUPPORTED, "no codec"), 1: reply(ErrorCode.BAD_REQUEST, "no")},
         CommandFailed,
@@ -238,8 +242,9 @@ ANSWERS: list[tuple[dict[int, CommandReply | Exception], type[Exception], int]] 
 def test_worker_error_codes_map_to_one_error_and_its_http_status(
     answers: dict[int, CommandReply | Exception], error: type[Exception], status: int
 ) -> None:
-    """Every failing rank UNSUPPORTED: 501; every failing rank BAD_REQUEST: 400; anything
-    else (mixed codes, a failure, a timeout): 503 with each rank's code and the event id."""
+    """Every failing rank refusing alike: that refusal's error (UNSUPPORTED or CONFLICT 409,
+    NOT_FOUND 404, BAD_REQUEST 400); anything else (mixed codes, a failure, a timeout): 503
+    with each rank's code and the event id."""
     cluster, _ = cluster_with(answers)
     with pytest.raises(error) as caught:
         cluster.clear("A", CPU)
@@ -269,6 +274,32 @@ def test_an_unknown_instance_is_404_before_any_command() -> None:
         assert (resp.status_code, resp.json()["error"]) == (400, "Invalid parameters")
         assert "instance_id" in resp.json()["message"]
     assert transport.sent == []
+    cluster.executor.close()
+
+
+EMPTY_TIERS = [
+    ("/clear", {"instance_id": "A", "location": ""}),
+    ("/pin", {"instance_id": "A", "location": "", "tokens": [1]}),
+    ("/compress", {"instance_id": "A", "method": "zstd", "location": ""}),
+    ("/move", {"old_position": ["A", ""], "new_position": ["A", CPU]}),
+    ("/move", {"old_position": ["A", CPU], "new_position": ["", CPU]}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), EMPTY_TIERS)
+def test_an_empty_tier_or_instance_name_is_refused_by_the_schema(
+    path: str, body: dict[str, object]
+) -> None:
+    """The document says ``minLength: 1``, and the server refuses what it refuses: a 400
+    naming the field, no command sent."""
+    cluster, transport = cluster_with({0: reply(ErrorCode.OK)})
+    with TestClient(create_app(cluster, ControllerConfig())) as client:
+        resp = client.post(path, json=body)
+        assert (resp.status_code, resp.json()["error"]) == (400, "Invalid parameters")
+        assert "at least 1 character" in resp.json()["message"], resp.text
+        schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert transport.sent == []
+    assert '"minLength": 1' in json.dumps(schemas[path.title().strip("/") + "Request"])
     cluster.executor.close()
 
 

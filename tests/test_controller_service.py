@@ -439,7 +439,7 @@ def test_an_instance_of_two_ranks_fans_out_and_answers_for_all(
             w.close()
 
 
-def test_hung_worker_times_out_and_unsupported_maps_to_501(
+def test_hung_worker_times_out_and_unsupported_maps_to_409(
     controller: ControllerProc, worker: ProtoWorker
 ) -> None:
     worker.serve_commands(lambda cmd: None)  # receives, never answers
@@ -455,7 +455,7 @@ def test_hung_worker_times_out_and_unsupported_maps_to_501(
         assert other.register().ok
         body = {"instance_id": "B", "method": "zstd", "location": "LocalCPUBackend"}
         resp = controller.post("/compress", body)
-        assert resp.status_code == 501 and "no codec" in resp.json()["message"]
+        assert resp.status_code == 409 and "no codec" in resp.json()["message"]
     finally:
         other.close()
 

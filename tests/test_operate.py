@@ -10,12 +10,20 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvplane.metric_specs import CONTROLLER_METRICS, ENGINE_METRICS, TIER_STATS, MetricSpec
+from kvplane.metric_specs import (
+    CONTROLLER_METRICS,
+    COPY_OPS,
+    ENGINE_METRICS,
+    TIER_STATS,
+    MetricKind,
+    MetricSpec,
+)
 from tests.support import REPO_ROOT, free_port, kvplane_env, run_kvplane, stop_process, wait_until
 from tests.test_controller_integration import CHUNK, Cluster, Engine, new_cluster
 
@@ -25,17 +33,25 @@ DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "kvplane.json"
 STORED_CHUNKS = 5
 
 
+class Running(NamedTuple):
+    cluster: Cluster
+    engine: Engine
+    fresh_scrape: str  # the engine's /metrics before it stored anything
+
+
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Engine]]:
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     c = new_cluster(tmp_path_factory.mktemp("operate"))
     with c.controller("controller.log"):
         c.wait_up()
         with c.engine("inst-a") as a:
+            fresh = a.api.get("/metrics")
+            assert fresh.status_code == 200, fresh.text
             n = STORED_CHUNKS * CHUNK
             assert a.store(0, n)["num_stored_tokens"] == n
             wait_until(lambda: c.lookup(0, n), timeout=10, what="admits reach the controller")
             c.lookup(0, 2 * n)  # half of these tokens are cached: the hit ratio moves
-            yield c, a
+            yield Running(c, a, fresh.text)
 
 
 def _families(text: str) -> dict[str, str]:
@@ -58,8 +74,8 @@ def _declared(specs: tuple[MetricSpec, ...]) -> dict[str, str]:
     return {s.name: s.kind.value for s in specs}
 
 
-def test_both_processes_export_exactly_the_declared_metrics(running: tuple[Cluster, Engine]):
-    c, a = running
+def test_both_processes_export_exactly_the_declared_metrics(running: Running):
+    c, a, _ = running
     ctl, eng = _scrapes(c, a)
     assert _families(ctl) == _declared(CONTROLLER_METRICS)
     assert _families(eng) == _declared(ENGINE_METRICS)
@@ -83,6 +99,31 @@ def test_both_processes_export_exactly_the_declared_metrics(running: tuple[Clust
     assert values["kvplane_controller_instance_chunks"] == STORED_CHUNKS
 
 
+def test_a_fresh_engine_exports_every_known_series_at_zero(running: Running):
+    """Every family labelled by a tier, a copy op or an event subscriber has a series for
+    each of them before any is used (a panel shows 0, not "No data")."""
+    _, a, fresh = running
+    tiers = a.api.get("/bypass/list").json()["all_backends"]
+    assert sorted(tiers) == ["LocalCPUBackend", "P2PBackend"]
+    known = {"tier": tiers, "op": list(COPY_OPS), "subscriber": ["controller worker"]}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(fresh)
+        for s in f.samples
+    }
+    checked = 0
+    for spec in ENGINE_METRICS:
+        if len(spec.labels) != 1 or spec.labels[0] not in known:
+            continue
+        assert spec.kind is not MetricKind.HISTOGRAM, spec.name
+        (label,) = spec.labels
+        for value in known[label]:
+            assert samples.get((spec.exposed[0], ((label, value),))) == 0, (spec.name, value)
+            checked += 1
+    # hits, misses, read/written bytes, errors, dropped writes, queue depth, evictions
+    assert checked >= 8 * len(tiers) + 2 * len(COPY_OPS) + 1, checked
+
+
 def _dashboard_exprs() -> list[str]:
     board = json.loads(DASHBOARD.read_text())
     exprs = []
@@ -93,13 +134,13 @@ def _dashboard_exprs() -> list[str]:
     return exprs
 
 
-def test_every_metric_the_grafana_dashboard_queries_exists(running: tuple[Cluster, Engine]):
+def test_every_metric_the_grafana_dashboard_queries_exists(running: Running):
     board = json.loads(DASHBOARD.read_text())
     assert [i["name"] for i in board["__inputs"]] == ["DS_PROMETHEUS"]
     assert board["__inputs"][0]["pluginId"] == "prometheus"
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
-    c, a = running
+    c, a, _ = running
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
     exported = {
         family.name + suffix
@@ -117,8 +158,8 @@ def test_every_metric_the_grafana_dashboard_queries_exists(running: tuple[Cluste
         assert topic in titles, topic
 
 
-def test_status_shows_the_instance_its_tiers_and_chunks(running: tuple[Cluster, Engine]):
-    c, _ = running
+def test_status_shows_the_instance_its_tiers_and_chunks(running: Running):
+    c, _, _ = running
     done = run_kvplane(["status", "--controller", c.url], timeout=60)
     assert done.returncode == 0, done.stdout
     lines = done.stdout.splitlines()
@@ -148,8 +189,8 @@ def test_status_shows_the_instance_its_tiers_and_chunks(running: tuple[Cluster, 
     assert 0 <= worker["heartbeat_age_s"] < status["worker_timeout_s"]
 
 
-def test_status_watch_refreshes_until_stopped(running: tuple[Cluster, Engine]):
-    c, _ = running
+def test_status_watch_refreshes_until_stopped(running: Running):
+    c, _, _ = running
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvplane", "status", "--controller", c.url, "--watch", "0.2"],
         cwd=REPO_ROOT,

@@ -14,7 +14,7 @@ from kvplane.config import EngineConfig
 from kvplane.engine.kv.copies import gather
 from kvplane.engine.p2p.move import MoveRequest
 from kvplane.engine.tiers import build_backends
-from kvplane.errors import BadRequest, ConfigError, Conflict
+from kvplane.errors import BadRequest, ConfigError, Conflict, NotFound
 from kvplane.process import EngineProcess
 from tests.api_client import ENGINE_DEFAULTS
 from tests.redis_support import RedisServer, needs_redis
@@ -187,7 +187,7 @@ def test_compress_in_place_and_retrieve_decodes(tmp_path: Path, location: str) -
     assert back.num_chunks == 3 and back.bytes_saved < 0
     with pytest.raises(BadRequest, match="valid methods"):
         engine.compress(tokens=TOKENS, method="lz4", location=location)
-    with pytest.raises(BadRequest, match="not found"):
+    with pytest.raises(NotFound, match="not found"):
         engine.compress(tokens=TOKENS, method="zstd", location="NoSuchBackend")
     engine.frozen = True
     with pytest.raises(Conflict):

@@ -114,7 +114,7 @@ def test_store_lookup_partial_clear(ctl: ControllerProc, engines: list[EnginePro
     assert ctl.lookup(PROMPT) == {"inst-b": ["LocalCPUBackend", 2 * CHUNK]}
     assert a.cache_engine.lookup(PROMPT) == 0
     resp = ctl.post("/clear", {"instance_id": "inst-b", "location": "NoSuchBackend"})
-    assert resp.status_code == 400 and "NoSuchBackend" in resp.json()["message"]
+    assert resp.status_code == 404 and "NoSuchBackend" in resp.json()["message"]
 
 
 def test_pinned_chunks_survive_memory_pressure(ctl: ControllerProc) -> None:
@@ -155,7 +155,7 @@ def test_pin_acts_on_the_named_tier_and_refuses_an_unknown_one(
         assert all(disk.is_pinned(k) for k in keys)  # type: ignore[attr-defined]
         assert not any(rt.storage.cpu.is_pinned(k) for k in keys)  # type: ignore[union-attr]
         resp = ctl.post("/pin", {**body, "location": "NoSuchBackend"})
-        assert resp.status_code == 400 and "NoSuchBackend" in resp.json()["message"]
+        assert resp.status_code == 404 and "NoSuchBackend" in resp.json()["message"]
         assert "LocalDiskBackend" in resp.json()["message"]  # the tiers there are
         resp = ctl.post("/pin", {**body, "location": None})  # no location: the CPU tier
         assert resp.status_code == 200 and all(rt.storage.cpu.is_pinned(k) for k in keys)  # type: ignore[union-attr]
@@ -197,8 +197,10 @@ def test_health_check_finish_compress_and_move_without_p2p(
         "tokens": PROMPT,
         "copy": True,
     }
-    resp = ctl.post("/move", move)  # these engines run without enable_p2p
-    assert resp.status_code == 400 and "peer URL" in resp.json()["message"], resp.text
+    resp = ctl.post("/move", move)  # these engines run without enable_p2p: understood, not servable
+    body = resp.json()
+    assert resp.status_code == 409 and body["error"] == "Unsupported", resp.text
+    assert "peer URL" in body["message"] and "enable_p2p" in body["message"], resp.text
 
 
 def test_workers_info_heartbeats_advance_and_clean_stop_deregisters(ctl: ControllerProc) -> None:
@@ -475,4 +477,4 @@ def test_worker_refused_on_key_scheme_mismatch_logs_on_both_sides(
 
 
 def test_unknown_error_code_values_are_stable() -> None:
-    assert [int(c) for c in ErrorCode] == [0, 1, 2, 3, 4, 5]
+    assert [int(c) for c in ErrorCode] == [0, 1, 2, 3, 4, 5, 6, 7]

@@ -19,9 +19,10 @@ from kvplane.controller.core import ControllerCore
 from kvplane.controller.executor import EventStatus, EventTable, Executor, FanOutResult
 from kvplane.controller.index import Match
 from kvplane.controller.registry import WorkerKey, WorkerRecord
-from kvplane.errors import BadRequest, NotFound, Unavailable, Unsupported
+from kvplane.errors import Conflict, NotFound, Unavailable
 from kvplane.keys import chunk_hashes
 from kvplane.protocol import (
+    REFUSALS,
     ClearCommand,
     Command,
     CompressCommand,
@@ -218,7 +219,7 @@ class Cluster:
         src_ranks = self.workers(src[0])
         missing = [w.worker_id for w in src_ranks if w.worker_id not in dst_ranks]
         if missing:
-            raise BadRequest(f"destination instance {dst[0]!r} lacks rank(s) {missing}")
+            raise Conflict(f"destination instance {dst[0]!r} lacks rank(s) {missing}")
 
         def command(event_id: str, w: WorkerRecord) -> Command:
             return MoveCommand(
@@ -244,8 +245,7 @@ class Cluster:
         if result.ok:
             return Done(event_id, result.num_tokens)
         codes = {r.error_code for r in result.replies.values()} - {ErrorCode.OK}
-        if codes == {ErrorCode.UNSUPPORTED}:
-            raise Unsupported(f"{kind} on instance {instance_id!r}: {summary}")
-        if codes == {ErrorCode.BAD_REQUEST}:
-            raise BadRequest(f"{kind} on instance {instance_id!r}: {summary}")
+        refusal = REFUSALS.get(codes.pop()) if len(codes) == 1 else None
+        if refusal is not None:
+            raise refusal(f"{kind} on instance {instance_id!r}: {summary}")
         raise CommandFailed(f"{kind} on instance {instance_id!r}: {summary}", event_id, result)

@@ -50,16 +50,19 @@ TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), JSON_INTEGER]
 Tokens = Annotated[list[TokenId], Field(description=f"token ids, each in {TOKEN_ID_RANGE}")]
 Method = Annotated[str, OneOf(COMPRESSION_METHODS)]
 
-_STR = {"type": "string"}
+# An instance id or a tier name: never empty (an empty one names nothing).
+Name = Annotated[str, Field(min_length=1)]
+_NAME = {"type": "string", "minLength": 1}
+TierName = Annotated[str, Field(min_length=1, examples=["LocalCPUBackend"])]
 Position = Annotated[
-    tuple[str, str],
-    pair(_STR, _STR, "[instance_id, location]"),
+    tuple[Name, Name],
+    pair(_NAME, _NAME, "[instance_id, location]"),
     Field(examples=[["inst-a", "LocalCPUBackend"]]),
 ]
 Placement = Annotated[
     tuple[str, int],
     pair(
-        _STR,
+        _NAME,
         {"type": "integer", "minimum": 0},
         "[location, matched_prefix_len]: the tier holding the prefix, then its length in tokens",
     ),
@@ -82,19 +85,19 @@ class LookupResponse(BaseModel):
 
 class ClearRequest(BaseModel):
     instance_id: str = Field(examples=["inst-a"])
-    location: str | None = Field(None, description="a tier name; null clears every tier")
+    location: TierName | None = Field(None, description="a tier name; null clears every tier")
 
 
 class PinRequest(BaseModel):
     instance_id: str = Field(examples=["inst-a"])
-    location: str | None = None
+    location: TierName | None = Field(None, description="a tier name; null: the CPU tier")
     tokens: Tokens
 
 
 class CompressRequest(BaseModel):
     instance_id: str = Field(examples=["inst-a"])
     method: Method
-    location: str = Field(examples=["LocalCPUBackend"])
+    location: TierName
     tokens: Tokens | None = None
 
 
@@ -222,9 +225,10 @@ def _then_check_finish(kind: str) -> dict[int | str, dict[str, Any]]:
     return linked(CheckFinish=_check_finish(kind))
 
 
-# Commands fan out to an instance's workers: unknown instance 404, a worker's refusal of a
-# value (an unknown tier) 400, all workers unable 501, failed or silent ones 503.
-_COMMAND_ERRORS = error_responses(400, 404, 501, 503)
+# Commands fan out to an instance's workers: unknown instance 404, and each worker's refusal
+# (every failing rank alike) as the worker raised it: a value it cannot use 400, a tier the
+# instance lacks 404, a move it cannot do as set up (no P2P) 409; failed or silent ones 503.
+_COMMAND_ERRORS = error_responses(400, 404, 409, 503)
 
 
 def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRouter:

@@ -1,13 +1,18 @@
 """Prometheus metrics of one engine: a registry per engine, never the global one.
 
-Names, help and labels come from :mod:`kvplane.metric_specs` (docs/metrics.md).
+Names, help and labels come from :mod:`kvplane.metric_specs` (docs/metrics.md). A labelled
+series only appears once its labels are used, so each one whose label values are known
+ahead (every configured tier, each copy op, each event subscriber) is created at 0 when they
+become known: a dashboard then shows 0, not "No data", for a tier that has seen nothing yet.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kvplane.metric_specs import spec
+from kvplane.metric_specs import COPY_OPS, spec
 
 __all__ = ["EngineMetrics"]
 
@@ -18,10 +23,13 @@ class EngineMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._labelled: list[tuple[tuple[str, ...], Counter | Gauge]] = []
 
         def counter(name: str) -> Counter:
             s = spec(name)
-            return Counter(s.name, s.help, s.labels, registry=r)
+            family = Counter(s.name, s.help, s.labels, registry=r)
+            self._labelled.append((s.labels, family))
+            return family
 
         def histogram(name: str) -> Histogram:
             s = spec(name)
@@ -48,3 +56,14 @@ class EngineMetrics:
         self.tier_dropped_writes = counter("kvplane_tier_dropped_writes")
         queue = spec("kvplane_tier_queue_depth")
         self.tier_queue_depth = Gauge(queue.name, queue.help, queue.labels, registry=r)
+        self._labelled.append((queue.labels, self.tier_queue_depth))
+        self.start_series("op", COPY_OPS)
+
+    def start_series(self, label: str, values: Iterable[str]) -> None:
+        """Create, at 0, the series of ``values`` in every family labelled by ``label``
+        alone (a series that exists already keeps its value)."""
+        values = tuple(values)
+        for labels, family in self._labelled:
+            if labels == (label,):
+                for value in values:
+                    family.labels(value)

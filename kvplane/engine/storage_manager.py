@@ -38,7 +38,7 @@ from kvplane.engine.events import (
 )
 from kvplane.engine.memory_pool import MemoryPage
 from kvplane.engine.metrics import EngineMetrics
-from kvplane.errors import BadRequest, Conflict
+from kvplane.errors import Conflict, NotFound
 from kvplane.keys import CacheKey
 
 __all__ = ["Cleared", "StorageManager"]
@@ -124,6 +124,7 @@ class StorageManager:
     ) -> None:
         self.metrics = metrics or EngineMetrics()
         self.backends: dict[str, StorageBackend] = {b.name: b for b in backends}
+        self.metrics.start_series("tier", self.backends)
         first = backends[0] if backends else None
         self.cpu: LocalCPUBackend | None = first if isinstance(first, LocalCPUBackend) else None
         self._writers = {
@@ -177,13 +178,13 @@ class StorageManager:
         return was
 
     def backend(self, name: str) -> StorageBackend:
-        """The tier called ``name``; BadRequest naming the tiers there are otherwise."""
+        """The tier called ``name``; NotFound naming the tiers there are otherwise."""
         self._check_name(name)
         return self.backends[name]
 
     def _check_name(self, name: str) -> None:
         if name not in self.backends:
-            raise BadRequest(f"Backend {name!r} not found. Available: {list(self.backends)}")
+            raise NotFound(f"Backend {name!r} not found. Available: {list(self.backends)}")
 
     def _active(self) -> list[StorageBackend]:
         tiers = [b for name, b in self.backends.items() if name not in self._bypassed]
@@ -206,6 +207,7 @@ class StorageManager:
         ``kvplane_events_dropped_total``. The consumer closes it when done. Publishing never
         waits for it: on overflow its pending events are dropped and it is told to resync
         (:mod:`kvplane.engine.events`)."""
+        self.metrics.start_series("subscriber", [name])
         return self._events.subscribe(name, capacity=capacity)
 
     def _on_tier_event(self, event: StorageEvent) -> None:
@@ -355,8 +357,8 @@ class StorageManager:
         """Re-encode the chunks of tier ``location`` (all, or those of ``keys`` it holds)
         with ``method`` (``none`` decompresses); with ``only_from``, only those stored with
         that method now (the others are neither changed nor counted). A chunk a reader is
-        using right now is skipped. Raises BadRequest (unknown tier or method), Conflict
-        while frozen."""
+        using right now is skipped. Raises NotFound (unknown tier), BadRequest (unknown
+        method), Conflict while frozen."""
         get_codec(method)
         if only_from is not None:
             get_codec(only_from)

@@ -101,11 +101,12 @@ def _describe(name: str, logger: logging.Logger) -> dict[str, str]:
     }
 
 
-LoggerName = Annotated[str | None, Query(description="a logger's name; 'root' for the root logger")]
+_LOGGER_NAME = "a logger's name; 'root' for the root logger"
+LoggerName = Annotated[str | None, Query(min_length=1, description=_LOGGER_NAME)]
 
 
 class SetLevelRequest(BaseModel):
-    logger_name: str = Field(description="a logger's name; 'root' for the root logger")
+    logger_name: str = Field(min_length=1, description=_LOGGER_NAME)
     level: str = Field(
         description=f"one of {list(LEVELS)}, any case",
         json_schema_extra={"pattern": LEVEL_PATTERN},

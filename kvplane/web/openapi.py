@@ -71,8 +71,8 @@ _DESCRIPTIONS = {
     401: "A bearer token is configured and the call lacks it",
     403: "Refused by this server's policy",
     404: "Something the request names does not exist",
-    409: "The request contradicts the current state",
-    501: "The operation exists but this build or worker cannot do it",
+    409: "The request contradicts the current state, or this instance cannot serve it as set "
+    "up (the message says why)",
     503: "A worker, peer or store did not answer, or failed",
 }
 
@@ -91,8 +91,15 @@ def link(operation_id: str, description: str, **body: Any) -> dict[str, Any]:
     return {"operationId": operation_id, "requestBody": body, "description": description}
 
 
+def query_link(operation_id: str, description: str, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link to ``operation_id`` whose query ``parameters`` take runtime
+    expressions (``"$response.body#/backend_name"``, ``"$request.query.tokens_input"``)."""
+    return {"operationId": operation_id, "parameters": parameters, "description": description}
+
+
 def linked(**links: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
-    """A ``responses=`` entry: the 200 answer, with ``links`` (each made by :func:`link`)."""
+    """A ``responses=`` entry: the 200 answer, with ``links`` (each made by :func:`link` or
+    :func:`query_link`)."""
     return {200: {"description": "Successful Response", "links": links}}
 
 

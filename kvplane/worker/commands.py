@@ -1,8 +1,9 @@
 """What a worker does with each controller command: one handler per command type.
 
 Handlers run the command against the cache engine and return a :class:`CommandReply`;
-kvplane errors become error codes (BadRequest -> BAD_REQUEST, Unsupported -> UNSUPPORTED,
-anything else -> FAILED) with the error text, so the controller can say what went wrong.
+the kvplane errors of :data:`~kvplane.protocol.REFUSALS` become their error codes
+(BadRequest -> BAD_REQUEST, NotFound -> NOT_FOUND, ...), anything else FAILED, with the error
+text, so the controller can say what went wrong.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvplane.engine.p2p.move import MoveRequest
-from kvplane.errors import BadRequest, Unsupported
+from kvplane.errors import Unsupported
 from kvplane.protocol import (
+    REFUSALS,
     CheckFinishCommand,
     ClearCommand,
     Command,
@@ -35,11 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["CommandHandlers"]
 
 log = logging.getLogger(__name__)
-
-_ERROR_CODES: tuple[tuple[type[Exception], ErrorCode], ...] = (
-    (BadRequest, ErrorCode.BAD_REQUEST),
-    (Unsupported, ErrorCode.UNSUPPORTED),
-)
 
 
 class CommandHandlers:
@@ -78,7 +75,7 @@ class CommandHandlers:
         try:
             reply = handler(command)
         except Exception as exc:
-            code = next((c for t, c in _ERROR_CODES if isinstance(exc, t)), ErrorCode.FAILED)
+            code = next((c for c, t in REFUSALS.items() if isinstance(exc, t)), ErrorCode.FAILED)
             if code is ErrorCode.FAILED:
                 log.exception("command %s failed", type(command).__name__)
             reply = CommandReply(error_code=code, message=f"{type(exc).__name__}: {exc}")
@@ -110,7 +107,7 @@ class CommandHandlers:
 
     def _move(self, cmd: MoveCommand) -> CommandReply:
         if not cmd.dst_peer_url:
-            raise BadRequest(
+            raise Unsupported(
                 f"destination instance {cmd.dst_instance_id!r} has no peer URL (enable_p2p)"
             )
         request = MoveRequest(

@@ -10,7 +10,7 @@ from kvplane.api.deps import Storage
 from kvplane.api.responses import Success
 from kvplane.engine.storage_manager import StorageManager
 from kvplane.errors import BadRequest
-from kvplane.web.openapi import CHOICES, error_responses
+from kvplane.web.openapi import CHOICES, error_responses, linked, query_link
 
 __all__ = ["BypassChange", "BypassList", "router"]
 
@@ -39,7 +39,20 @@ def check_backend(storage: StorageManager, name: str) -> None:
         )
 
 
-@router.get("/bypass/list")
+# Links for schemathesis's stateful phase: from the tiers listed to bypassing one, from a
+# bypass to lifting it.
+_FIRST_TIER = "$response.body#/all_backends/0"
+
+
+@router.get(
+    "/bypass/list",
+    responses=linked(
+        BypassAdd=query_link("bypass_add", "bypass the first tier", backend_name=_FIRST_TIER),
+        BypassRemove=query_link(
+            "bypass_remove", "stop bypassing the first tier", backend_name=_FIRST_TIER
+        ),
+    ),
+)
 def bypass_list(storage: Storage) -> BypassList:
     return BypassList(bypassed_backends=storage.bypassed, all_backends=list(storage.backends))
 
@@ -49,7 +62,18 @@ BackendName = Annotated[
 ]
 
 
-@router.put("/bypass/add", response_model_exclude_none=True, responses=error_responses(400))
+@router.put(
+    "/bypass/add",
+    response_model_exclude_none=True,
+    responses={
+        **error_responses(400),
+        **linked(
+            BypassRemove=query_link(
+                "bypass_remove", "stop bypassing it", backend_name="$response.body#/backend_name"
+            )
+        ),
+    },
+)
 def bypass_add(storage: Storage, backend_name: BackendName) -> BypassChange:
     check_backend(storage, backend_name)
     was = storage.bypass(backend_name)

@@ -22,7 +22,7 @@ from kvplane.api.responses import Success
 from kvplane.api.slot_syntax import SLOT_MAPPING_PATTERN, parse_slot_mapping
 from kvplane.errors import BadRequest
 from kvplane.keys import MAX_TOKEN_ID, TOKEN_ID_RANGE
-from kvplane.web.openapi import CHOICES, error_responses
+from kvplane.web.openapi import CHOICES, error_responses, linked, query_link
 
 __all__ = [
     "ClearResponse",
@@ -160,7 +160,20 @@ def _request_tokens(
     return tokens, slots_for(ctx, slot_mapping, len(tokens))
 
 
-@router.post("/cache/store", responses=_RUN_ERRORS)
+@router.post(
+    "/cache/store",
+    responses={
+        **_RUN_ERRORS,
+        **linked(
+            Retrieve=query_link(
+                "retrieve",
+                "load the stored tokens back into the same slots",
+                tokens_input="$request.query.tokens_input",
+                slot_mapping="$request.query.slot_mapping",
+            )
+        ),
+    },
+)
 def store(
     ctx: Ctx,
     engine: EngineDep,

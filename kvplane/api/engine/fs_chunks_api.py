@@ -23,7 +23,7 @@ router = APIRouter()
 
 
 class LoadFsChunksRequest(BaseModel):
-    config_path: str
+    config_path: str = Field(min_length=1, description="an engine config with an fs:// remote_url")
     max_chunks: Annotated[int, Field(ge=0), JSON_INTEGER] | None = None
     max_failed_keys: Annotated[int, Field(ge=0), JSON_INTEGER] = 10
 

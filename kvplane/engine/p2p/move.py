@@ -15,7 +15,7 @@ from kvplane.engine.backends.base import StorageBackend
 from kvplane.engine.chunk import KVChunk
 from kvplane.engine.p2p.client import P2PClient
 from kvplane.engine.storage_manager import StorageManager
-from kvplane.errors import BadRequest
+from kvplane.errors import NotFound
 from kvplane.keys import CacheKey
 
 __all__ = ["MoveRequest", "MoveResult", "move_chunks"]
@@ -46,11 +46,11 @@ def move_chunks(
     """Push the chunks of ``keys`` (the keys of ``request.tokens``, which the caller
     computed; None: all) held in local tier ``request.source_location`` to the peer's tier
     ``request.target_location``; remove each accepted one from the source unless
-    ``request.copy``. Raises BadRequest for an unknown source tier and Unavailable when the
+    ``request.copy``. Raises NotFound for an unknown source tier and Unavailable when the
     peer cannot be reached (chunks already moved stay moved)."""
     source = storage.backends.get(request.source_location)
     if source is None:
-        raise BadRequest(
+        raise NotFound(
             f"Backend {request.source_location!r} not found. Available: {list(storage.backends)}"
         )
     moved = MoveResult(0, 0)
