@@ -364,7 +364,7 @@ class CacheEngine:
     def pin(self, tokens: TokenIds, location: str | None = None) -> int:
         """Exempt the prompt's chunks held in tier ``location`` (None: the CPU tier) from
         eviction; returns the tokens pinned. Tiers that never evict accept and count them.
-        Raises BadRequest naming the tiers for one this engine does not have."""
+        Raises NotFound naming the tiers for one this engine does not have."""
         return self._for_chunks_in(tokens, "pin", location)
 
     def unpin(self, tokens: TokenIds, location: str | None = None) -> int:
@@ -394,7 +394,8 @@ class CacheEngine:
         with ``method`` (see :mod:`kvplane.engine.compression`; ``none`` decompresses),
         with ``only_from`` only those now stored with that method; retrieve decodes them.
         What changed, with the bytes saved, comes back.
-        Raises BadRequest for an unknown tier or method, Conflict while frozen."""
+        Raises NotFound for an unknown tier, BadRequest for an unknown method, Conflict
+        while frozen."""
         keys = None if tokens is None else self.keys_for(tokens)
         result = self.storage.compress(method, location, keys, only_from=only_from)
         log.info(
@@ -424,7 +425,7 @@ class CacheEngine:
         """The controller's move: push the chunks of ``request.tokens`` (None: all) held in
         local tier ``request.source_location`` to the peer's tier; without ``request.copy``
         they leave here once the peer accepted them. Returns the tokens moved. Raises
-        Unsupported without a peer-to-peer transport (``enable_p2p``), BadRequest for an
+        Unsupported without a peer-to-peer transport (``enable_p2p``), NotFound for an
         unknown tier, Unavailable for a dead peer."""
         if self._mover is None:
             raise Unsupported("move needs the peer-to-peer transport (enable_p2p: true)")
