@@ -521,13 +521,19 @@ def test_a_hit_after_vllms_own_local_hit_equals_vllms_own_hit(
     assert 0 < loaded <= len(prompt) - 2 * CHUNK
 
 
-def test_the_redis_tier_serves_vllm_exactly(
+@pytest.fixture
+def a_with_redis(
     instance_a: tuple[VllmServer, int, EventSubscriber], redis: RedisServer | None
-) -> None:
+) -> tuple[VllmServer, str]:
+    """Instance A and its worker's API, where A has a Redis tier."""
     if redis is None:
         pytest.skip("no redis-server or valkey-server on this machine")
     server, api_start, _ = instance_a
-    worker_api = api_url(api_start, 1)
+    return server, api_url(api_start, 1)
+
+
+def test_the_redis_tier_serves_vllm_exactly(a_with_redis: tuple[VllmServer, str]) -> None:
+    server, worker_api = a_with_redis
     prompt = PROMPT + " zeta" * 30
     reference = computed_reference(server, worker_api, prompt)
     clear_tiers(worker_api, "LocalCPUBackend")
@@ -536,13 +542,10 @@ def test_the_redis_tier_serves_vllm_exactly(
 
 
 def test_a_hit_assembled_from_two_tiers_equals_vllms_own_hit(
-    instance_a: tuple[VllmServer, int, EventSubscriber], redis: RedisServer | None
+    a_with_redis: tuple[VllmServer, str],
 ) -> None:
     """The first chunks come from the CPU tier, the rest from Redis."""
-    if redis is None:
-        pytest.skip("no redis-server or valkey-server on this machine")
-    server, api_start, _ = instance_a
-    worker_api = api_url(api_start, 1)
+    server, worker_api = a_with_redis
     prompt = tokenize(server, PROMPT + " sigma" * 35)
     reference = computed_reference(server, worker_api, prompt)
     clear_tiers(worker_api, "LocalCPUBackend")
