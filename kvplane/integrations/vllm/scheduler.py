@@ -167,7 +167,7 @@ class SchedulerSide:
         probe = self._probes.get(req_id)
         with self.channel.lock:
             found = self.planner.match(req_id, tokens, num_computed, probed=_probed(probe))
-        if self.probing and probe is None and found.chunk_tokens < _covered(tokens, self.policy):
+        if self.probing and probe is None and found.chunk_tokens < _covered(tokens):
             now = time.monotonic()
             probe = self._probes[req_id] = _Probe(
                 now + self.config.p2p_timeout_s, found.chunk_tokens, now
@@ -280,7 +280,7 @@ def _probed(probe: _Probe | None) -> int:
     return probe.probed_tokens if probe is not None and probe.answered else 0
 
 
-def _covered(tokens: Sequence[int], policy: PlannerPolicy) -> int:
+def _covered(tokens: Sequence[int]) -> int:
     """The chunk prefix that would make the index's answer final: every chunk of the
     request, the partial last one included."""
     return len(tokens) if len(tokens) > 1 else 0
