@@ -57,7 +57,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvplane.demo.processes import consecutive_free_ports, free_ports  # noqa: E402
+from kvplane.children import consecutive_free_ports, free_ports  # noqa: E402
 from kvplane.integrations.vllm.launch import (  # noqa: E402
     build_model,
     controller_process,

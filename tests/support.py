@@ -1,21 +1,24 @@
-"""Shared test helpers: free loopback ports, child processes stopped by PID, bounded waits,
-threads joined with a deadline."""
+"""Shared test helpers: free loopback ports and child processes (:mod:`kvplane.children`),
+bounded waits, threads joined with a deadline."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from kvplane.demo.processes import consecutive_free_ports, free_ports
+from kvplane.children import (
+    child_env,
+    consecutive_free_ports,
+    free_ports,
+    kvplane_args,
+    start_child,
+    stop_process,
+)
 
 __all__ = [
     "REPO_ROOT",
@@ -35,10 +38,7 @@ T = TypeVar("T")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
 def wait_until(
@@ -48,7 +48,9 @@ def wait_until(
     interval: float = 0.05,
     what: str = "condition",
 ) -> T:
-    """Poll ``check`` until it returns a truthy value (returned) or time runs out."""
+    """Poll ``check`` until it returns a truthy value (returned) or time runs out. An
+    exception from ``check`` (the thing polled not up yet) is retried; a failed ``assert``
+    in it fails the test at once."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
@@ -56,7 +58,9 @@ def wait_until(
             result = check()
             if result:
                 return result
-        except Exception as exc:  # the thing polled may not be up yet
+        except AssertionError:
+            raise
+        except Exception as exc:
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last error: {last_exc!r}")
@@ -74,41 +78,27 @@ def run_threads(target: Callable[[int], object], n: int, *, timeout: float) -> N
 
 
 def kvplane_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    for name in ("KVPLANE_CONFIG_FILE", "LMCACHE_CONFIG_FILE"):
-        env.pop(name, None)
-    env.update(extra)
-    return env
+    return child_env(extra)
 
 
 @contextlib.contextmanager
 def kvplane_process(
-    args: Sequence[str], *, env: dict[str, str] | None = None, log_path: Path | None = None
+    args: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``python -m kvplane ARGS``; always stopped by PID (SIGTERM, then SIGKILL)."""
-    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvplane", *args],
-        cwd=REPO_ROOT,
-        env=env or kvplane_env(),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    """Run ``python -m kvplane ARGS`` in its own process group, output to ``log_path``;
+    always stopped with its group (SIGTERM, then SIGKILL)."""
+    child = start_child(args[0], kvplane_args(args), log_path, env=env, cwd=REPO_ROOT)
     try:
-        yield proc
+        yield child.proc
     finally:
-        stop_process(proc)
-        if log_path:
-            out.close()  # type: ignore[union-attr]
+        child.stop()
 
 
 def run_kvplane(args: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run ``python -m kvplane ARGS`` to its end, stdout and stderr together as text; one that
     does not end in ``timeout`` seconds (a server that starts anyway) is killed and raises."""
     return subprocess.run(
-        [sys.executable, "-m", "kvplane", *args],
+        kvplane_args(args),
         cwd=REPO_ROOT,
         env=kvplane_env(),
         stdout=subprocess.PIPE,
@@ -117,14 +107,3 @@ def run_kvplane(args: Sequence[str], *, timeout: float) -> subprocess.CompletedP
         timeout=timeout,
         check=False,
     )
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode

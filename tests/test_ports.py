@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from kvplane.demo.processes import consecutive_free_ports
+from kvplane.children import consecutive_free_ports
 
 
 def test_consecutive_free_ports_are_bindable_and_below_the_ephemeral_range() -> None:

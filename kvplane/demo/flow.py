@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+from kvplane.children import Children, free_ports
 from kvplane.demo.output import Printer
-from kvplane.demo.processes import Children, free_ports
 from kvplane.errors import Unavailable
 from kvplane.text_table import format_table
 

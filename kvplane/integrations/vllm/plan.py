@@ -156,9 +156,6 @@ class Planner:
         self._matches[req_id] = found
         return found
 
-    def last_match(self, req_id: str) -> Match | None:
-        return self._matches.get(req_id)
-
     def last_loaded(self, req_id: str) -> Match | None:
         """The match behind the request's planned load, if it has one."""
         return self._loaded.get(req_id)

@@ -28,9 +28,10 @@ from kvplane.integrations.vllm.channel import SchedulerChannel
 from kvplane.integrations.vllm.held import HeldChunks, TierChange
 from kvplane.integrations.vllm.messages import endpoint
 from kvplane.integrations.vllm.plan import Match, Planner, PlannerPolicy, StepPlan
+from kvplane.integrations.vllm.tiers import TIER_ORDER, hit_source
 from kvplane.keys import chunk_spans
 
-__all__ = ["TIER_ORDER", "BlockLink", "SchedulerSide", "StepInput"]
+__all__ = ["BlockLink", "SchedulerSide", "StepInput"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ _PROBE_WAIT_S = 0.001
 #: core polls for the worker's reply (docs/vllm-facts.md §i); on a 2-core machine those two
 #: loops made the peer transfer they wait for 3-4x slower.
 _IDLE_PROBE_WAIT_S = 0.25
-
-TIER_ORDER = ("LocalCPUBackend", "LocalDiskBackend", "FSConnector", "RemoteBackend")
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,7 @@ class SchedulerSide:
         probe = self._probes.get(req_id)
         with self.channel.lock:
             found = self.planner.match(req_id, tokens, num_computed, probed=_probed(probe))
-        if self.probing and probe is None and found.chunk_tokens < _covered(tokens, self.policy):
+        if self.probing and probe is None and found.chunk_tokens < _covered(tokens):
             now = time.monotonic()
             probe = self._probes[req_id] = _Probe(
                 now + self.config.p2p_timeout_s, found.chunk_tokens, now
@@ -281,7 +280,7 @@ def _probed(probe: _Probe | None) -> int:
     return probe.probed_tokens if probe is not None and probe.answered else 0
 
 
-def _covered(tokens: Sequence[int], policy: PlannerPolicy) -> int:
+def _covered(tokens: Sequence[int]) -> int:
     """The chunk prefix that would make the index's answer final: every chunk of the
     request, the partial last one included."""
     return len(tokens) if len(tokens) > 1 else 0
@@ -298,21 +297,10 @@ def _split_sources(
         n = max(0, min(hi, end) - max(lo, start))
         if not n:
             continue
-        if p2p_from is not None and lo >= p2p_from:
-            source = "p2p"
-        else:
-            source = _SOURCES.get(location, "external_unspecified")
+        source = "p2p" if p2p_from is not None and lo >= p2p_from else hit_source(location)
         out[source] = out.get(source, 0) + n
     rest = num_external - sum(out.values())
     if rest > 0:  # probed chunks beyond what the index knew of
         source = "p2p" if p2p_from is not None else "external_unspecified"
         out[source] = out.get(source, 0) + rest
     return out
-
-
-_SOURCES = {
-    "LocalCPUBackend": "host",
-    "LocalDiskBackend": "disk",
-    "FSConnector": "disk",
-    "RemoteBackend": "external_unspecified",
-}

@@ -108,7 +108,8 @@ class WorkerSide:
             process.start()
             self.process = process
             events.take_events()  # in the snapshot that follows
-            self.channel.snapshot(self._snapshot())
+            assert process.engine is not None  # a worker process always builds its engine
+            self.channel.snapshot(process.engine.own_chunks())
             self._events = events
             self._pump = threading.Thread(
                 target=self._forward_events,
@@ -130,19 +131,6 @@ class WorkerSide:
             sorted(compute_cpus),
         )
 
-    def _snapshot(self) -> dict[str, list[int]]:
-        model = self.facts.model_name
-        out: dict[str, list[int]] = {}
-        for name, backend in self.process.storage.backends.items():
-            if backend.fetch_only:
-                continue
-            out[name] = [
-                k.chunk_hash
-                for k in backend.keys()
-                if k.worker_id == self.rank and k.model_name == model
-            ]
-        return out
-
     def _forward_events(self, events: Subscription, channel: WorkerChannel) -> None:
         """The pump thread: this rank's tier events to the scheduler until the subscription
         is closed."""
@@ -157,12 +145,16 @@ class WorkerSide:
         """Queue the pending tier events of this rank on the channel, in order (one lock for
         every thread that forwards); after an overflow (events lost), a fresh snapshot first
         replaces what the scheduler knows of this rank."""
+        process = self.process
+        if process is None:
+            return
+        engine = process.engine
         with self._forward_lock:
             taken = events.take_events()
-            if events.take_resync() and self.process is not None:
-                channel.snapshot(self._snapshot())
+            if events.take_resync():
+                channel.snapshot(engine.own_chunks())
             for event in taken:
-                if event.key.worker_id == self.rank:
+                if engine.owns(event.key):
                     admitted = isinstance(event, ChunkAdmitted)
                     channel.changed(event.location, admitted, event.key.chunk_hash)
 
