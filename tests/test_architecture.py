@@ -147,12 +147,15 @@ def test_every_layer_has_a_row_in_the_table():
 
 
 def test_each_layer_imports_only_what_its_row_allows():
-    assert sorted(
-        f"{name} imports {dep}"
-        for name, deps in graph().items()
-        for dep in deps
-        if area(dep) != area(name) and area(dep) not in allowed()[area(name)]
-    ) == []
+    assert (
+        sorted(
+            f"{name} imports {dep}"
+            for name, deps in graph().items()
+            for dep in deps
+            if area(dep) != area(name) and area(dep) not in allowed()[area(name)]
+        )
+        == []
+    )
 
 
 def test_the_vllm_integration_is_library_code_apart_from_its_programs():
