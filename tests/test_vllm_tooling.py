@@ -79,12 +79,7 @@ def test_model_dir_is_built_once_and_deterministic(tmp_path):
     assert tok.decode(ids, skip_special_tokens=True) == "def main(argv):\n    return 0"
 
 
-VLLM_STARTERS = (
-    "vllm_server(",
-    "vllm_python(",
-    "build_vllm_model(",
-    "kvplane.integrations.vllm.demo",
-)
+VLLM_STARTERS = ("vllm_server(", "vllm_python(", "build_vllm_model(")
 
 
 def test_every_module_that_runs_vllm_is_marked_vllm_and_slow():
