@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 
+from kvplane.children import free_ports
 from kvplane.demo.output import Printer
-from kvplane.demo.processes import free_ports
 from kvplane.errors import KvplaneError
 from kvplane.integrations.vllm.launch import build_model, controller_process, vllm_server
 from kvplane.text_table import format_table
