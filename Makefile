@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-vllm test test-stress lint setup system-deps docs dashboard-screenshot bench bench-vllm soak clean vllm-setup vllm-clean
+.PHONY: demo demo-vllm test test-stress lint setup system-deps docs dashboard-screenshot bench bench-vllm bench-fleet soak clean vllm-setup vllm-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -100,6 +100,11 @@ bench: setup
 
 bench-vllm: setup vllm-setup
 	$(PY) benchmarks/vllm_ttft.py
+
+# Many users, multi-round QA over 4x vLLM's KV memory: vLLM alone, with kvplane (CPU tier,
+# disk tier) and with ExampleConnector; writes benchmarks/results/fleet-cpu-2core.{txt,png}.
+bench-fleet: setup vllm-setup
+	$(PY) benchmarks/fleet.py
 
 # Lookups, admits/evicts, workers joining and leaving and controller restarts on loopback,
 # then an exact audit of the controller's index; exits non-zero if a check fails.
