@@ -15,12 +15,13 @@ tokens) is at least 4x what vLLM's KV memory holds:
 
 * ``vllm``: vLLM alone;
 * ``kvplane-cpu``: kvplane with a CPU tier 3x the working set;
+* ``kvplane-async``: the same on vLLM's asynchronous load path (``enable_async_loading``);
 * ``kvplane-disk``: kvplane with a disk tier and a CPU tier of an eighth of the working set;
 * ``example``: vLLM's ExampleConnector (safetensors files in a folder; it hits only a prompt
   it saw whole, block-aligned).
 
-``vllm`` and ``kvplane-cpu`` also run a no-reuse workload first (every prompt unique from
-its first token): what kvplane costs when it cannot help.
+``vllm``, ``kvplane-cpu`` and ``kvplane-async`` also run a no-reuse workload first (every
+prompt unique from its first token): what kvplane costs when it cannot help.
 
 Per configuration: TTFT p50/p90/p99, inter-token latency p50/p99, output tokens/s and
 requests/s over the run's wall time, prompt tokens vLLM computed and its cache hits by
@@ -65,7 +66,7 @@ from benchmarks.workload import (  # noqa: E402
     poisson_arrivals,
     working_set_tokens,
 )
-from kvplane.demo.processes import consecutive_free_ports  # noqa: E402
+from kvplane.children import consecutive_free_ports  # noqa: E402
 from kvplane.integrations.vllm.launch import VllmServer, build_model, vllm_server  # noqa: E402
 
 VOCAB = 2000
@@ -78,8 +79,8 @@ KVPLANE = {
     "kv_connector_module_path": "kvplane.integrations.vllm",
     "kv_role": "kv_both",
 }
-CONFIGS = ("vllm", "kvplane-cpu", "kvplane-disk", "example")
-NO_REUSE_CONFIGS = ("vllm", "kvplane-cpu")
+CONFIGS = ("vllm", "kvplane-cpu", "kvplane-async", "kvplane-disk", "example")
+NO_REUSE_CONFIGS = ("vllm", "kvplane-cpu", "kvplane-async")
 VLLM_COUNTERS = {
     "prompt_tokens": ("vllm:prompt_tokens_total", ""),
     "computed": ("vllm:prompt_tokens_by_source_total", 'source="local_compute"'),
@@ -277,7 +278,8 @@ def serve(
         keys: dict[str, Any] = {
             "chunk_size": 256,
             "local_cpu": True,
-            "max_local_cpu_size": round(3 * gb if name == "kvplane-cpu" else gb / 8, 4),
+            "max_local_cpu_size": round(gb / 8 if name == "kvplane-disk" else 3 * gb, 4),
+            "enable_async_loading": name == "kvplane-async",
             "internal_api_server_enabled": True,
             "internal_api_server_port_start": api,
             "log_level": "WARNING",

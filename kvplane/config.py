@@ -98,6 +98,12 @@ class EngineConfig:
     save_decode_cache: bool = key(
         False, "Also store KV produced during decoding.", kind=BOOL, mutable=True
     )
+    enable_async_loading: bool = key(
+        False,
+        "Under vLLM: load hits on vLLM's asynchronous path (the request waits while the "
+        "running requests keep stepping) instead of before the step's forward pass.",
+        kind=BOOL,
+    )
     save_unfull_chunk: bool = key(
         True, "Store the last partial chunk of a prompt.", kind=BOOL, mutable=True
     )

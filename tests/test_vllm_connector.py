@@ -173,10 +173,13 @@ class SlotLog:
         self.mark = server.log_path.stat().st_size
 
     def all(self, op: str) -> list[list[int]]:
+        found = re.findall(rf"{op} slot_mapping=(\S+)", self.text())
+        return [parse_slot_mapping(m) for m in found]
+
+    def text(self) -> str:
         with open(self.server.log_path, "rb") as f:
             f.seek(self.mark)
-            text = f.read().decode(errors="replace")
-        return [parse_slot_mapping(m) for m in re.findall(rf"{op} slot_mapping=(\S+)", text)]
+            return f.read().decode(errors="replace")
 
     def last(self, op: str) -> list[int]:
         found = self.all(op)
@@ -198,6 +201,7 @@ class Reference:
 
     answer: dict[str, Any]
     checksums: list[str]
+    computed: dict[str, Any] | None = None  # the answer of the request that computed it
 
 
 def computed_reference(server: VllmServer, worker_api: str, prompt: Prompt) -> Reference:
@@ -208,7 +212,7 @@ def computed_reference(server: VllmServer, worker_api: str, prompt: Prompt) -> R
     stored = log.last("store")[: whole_chunks(prompt_len(server, prompt))]
     own = complete(server, prompt)
     assert own["text"] == first["text"]
-    return Reference(own, checksums(worker_api, stored))
+    return Reference(own, checksums(worker_api, stored), first)
 
 
 def held_to_vllms_own_hit(
@@ -699,6 +703,121 @@ def test_disk_tier_serves_after_restart_while_controller_and_redis_are_down(
     # a clean stop of vLLM shuts the connector down: the worker deregisters (no reaping)
     assert controller.metric("deregistrations") > deregistered
     assert "instance_d" not in controller.lookup(tokens)
+
+
+@pytest.fixture(scope="module")
+def instance_e(
+    model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[VllmServer, str, Path]]:
+    """vLLM's asynchronous load path: CPU and disk tiers, no controller."""
+    folder = tmp_path_factory.mktemp("vllm-e")
+    api_start = consecutive_free_ports(2)
+    config = write_config(
+        folder / "e.yaml",
+        chunk_size=CHUNK,
+        max_local_cpu_size=1,
+        local_disk=str(folder / "disk"),
+        max_local_disk_size=1,
+        lmcache_instance_id="instance_e",
+        enable_async_loading=True,
+        internal_api_server_enabled=True,
+        internal_api_server_port_start=api_start,
+    )
+    with serve(model, config, log=folder / "vllm.log") as server:
+        worker_api = api_url(api_start, 1)
+        record_slots(worker_api)
+        resp = httpx.post(
+            f"{worker_api}/loglevel",
+            json={"logger_name": "kvplane.integrations.vllm.worker", "level": "DEBUG"},
+            timeout=10,
+        )
+        assert resp.status_code == 200, resp.text
+        yield server, worker_api, folder / "disk"
+
+
+def test_an_async_hit_equals_vllms_own_hit(instance_e: tuple[VllmServer, str, Path]) -> None:
+    server, worker_api, _ = instance_e
+    prompt = PROMPT + " async" * 30
+    reference = computed_reference(server, worker_api, prompt)
+    reset_vllm(server)
+    log = SlotLog(server)
+    held_to_vllms_own_hit(server, worker_api, prompt, reference, ["LocalCPUBackend"])
+    assert "async load" in log.text()  # landed on the loader thread, not in a step
+
+
+def test_two_requests_sharing_a_prefix_load_it_once_on_the_async_path(
+    instance_e: tuple[VllmServer, str, Path],
+) -> None:
+    server, worker_api, _ = instance_e
+    prompt = PROMPT + " twice" * 30
+    reference = computed_reference(server, worker_api, prompt)
+    reset_vllm(server)
+    retrieved = metric(worker_api, "kvplane_retrieved_tokens_total")
+    local = metric(server.base_url, "vllm:prefix_cache_hits_total")
+    answers: list[dict[str, Any]] = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(complete(server, prompt))) for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert answers == [reference.answer, reference.answer]
+    # one load of the prompt's chunks; the other request found their whole blocks in
+    # vLLM's own cache and loaded only the last, partial block (vLLM caches whole blocks)
+    n = prompt_len(server, prompt)
+    loaded = metric(worker_api, "kvplane_retrieved_tokens_total") - retrieved
+    assert loaded == n + n % BLOCK
+    assert metric(server.base_url, "vllm:prefix_cache_hits_total") > local  # the second
+
+
+def test_chunks_gone_between_lookup_and_async_load_are_recomputed_exactly(
+    instance_e: tuple[VllmServer, str, Path],
+) -> None:
+    """The index still names the disk tier's chunks, their files are gone: the load falls
+    short, vLLM recomputes the blocks (kv_load_failure_policy=recompute), same answer."""
+    server, worker_api, disk = instance_e
+    prompt = " vanish" * 30 + PROMPT  # shares no chunk with the other tests' prompts
+    reference = computed_reference(server, worker_api, prompt)
+    wait_until(
+        lambda: metric(worker_api, "kvplane_tier_written_bytes_total", 'tier="LocalDiskBackend"'),
+        timeout=30,
+        what="the disk tier's writes",
+    )
+    clear_tiers(worker_api, "LocalCPUBackend")
+    for path in [p for p in disk.rglob("*") if p.is_file()]:
+        path.unlink()
+    reset_vllm(server)
+    log = SlotLog(server)
+    again = complete(server, prompt)
+    assert "blocks recomputed" in log.text()
+    assert again == reference.computed
+    clear_tiers(worker_api)  # the disk tier still lists the other files it lost
+
+
+def test_an_aborted_request_frees_its_blocks_and_the_next_hit_is_exact(
+    instance_e: tuple[VllmServer, str, Path],
+) -> None:
+    """A client that leaves while its request waits for its KV: vLLM aborts it, its blocks
+    are freed once the load lands, and the same prompt is then served exactly."""
+    server, worker_api, _ = instance_e
+    prompt = PROMPT + " abort" * 30
+    reference = computed_reference(server, worker_api, prompt)
+    reset_vllm(server)
+    body = {"model": server.model, "prompt": prompt, "max_tokens": 50, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+    wait_until(
+        lambda: (
+            metric(server.base_url, "vllm:num_requests_running") == 0
+            and metric(server.base_url, "vllm:num_requests_waiting") == 0
+        ),
+        timeout=60,
+        what="the aborted request to leave vLLM",
+    )
+    reset_vllm(server)  # refused while a request holds blocks; passes once they are free
+    assert metric(server.base_url, "vllm:kv_cache_usage_perc") == 0
+    held_to_vllms_own_hit(server, worker_api, prompt, reference, ["LocalCPUBackend"])
 
 
 def test_a_chunk_size_that_is_not_whole_blocks_fails_at_start(model: Path, tmp_path: Path) -> None:

@@ -97,6 +97,48 @@ def test_allocation_plans_one_load_that_skips_vllms_blocks() -> None:
     assert p.plan([("r", 31)]).loads == []  # a load happens once
 
 
+def test_an_async_load_starts_in_the_step_it_was_allocated_and_runs_once() -> None:
+    """vLLM's async path: the request waits (it is not scheduled) while its load runs;
+    when it lands vLLM admits it again (``num_external=0``) and schedules it: no second
+    load, no store of what was loaded, and the step that computed its rest is a step."""
+    p = planner(async_loads=True)
+    tokens = list(range(30))
+    hold(p, tokens, 2)
+    p.match("r", tokens, 4)
+    p.allocated("r", lambda: tokens, 30, [10, 11, 12, 13, 14, 15, 16, 17], 12)
+    waiting = p.plan([])
+    assert waiting.loads == [] and waiting.idle
+    assert waiting.async_loads == [LoadSpec("r", tokens[:16], [10, 11, 12, 13], 4)]
+    assert p.plan([]).async_loads == []  # started once
+    p.allocated("r", lambda: tokens, 30, [10, 11, 12, 13, 14, 15, 16, 17], 0)
+    running = p.plan([("r", 30)])
+    assert running.loads == [] and running.async_loads == [] and not running.idle
+    assert [s.token_ids for s in running.saves] == [tokens]  # past the loaded chunks
+
+
+def test_chunks_of_a_failed_load_are_stored_again_once_recomputed() -> None:
+    p = planner()
+    tokens = list(range(30))
+    hold(p, tokens, 3)
+    p.match("r", tokens, 0)
+    p.allocated("r", lambda: tokens, 30, [1, 2, 3, 4, 5, 6, 7, 8], 24)
+    assert p.plan([("r", 30)]).saves[0].token_ids == tokens  # only the partial chunk left
+    p.load_failed({4})  # the second chunk's second block: recomputed from there
+    assert [s.token_ids for s in p.plan([("r", 30)]).saves] == [tokens]
+    p.load_failed({99})  # another request's block: nothing changes
+    assert p.plan([("r", 30)]).saves == []
+
+
+def test_sync_loads_never_go_to_the_async_list() -> None:
+    p = planner()
+    tokens = list(range(30))
+    hold(p, tokens, 2)
+    p.match("r", tokens, 0)
+    p.allocated("r", lambda: tokens, 30, [1, 2, 3, 4, 5, 6, 7, 8], 16)
+    plan = p.plan([("r", 30)])
+    assert len(plan.loads) == 1 and plan.async_loads == []
+
+
 def test_no_load_when_vllm_allocated_no_external_tokens() -> None:
     p = planner()
     tokens = list(range(16))

@@ -193,3 +193,40 @@ def test_ipc_endpoints_are_short_and_a_path_that_cannot_fit_says_what_to_change(
     monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(deep))
     with pytest.raises(ConfigError, match="VLLM_RPC_BASE_PATH"):
         endpoint(engine_id, 0)
+
+
+def test_two_requests_sharing_a_prefix_load_it_once_on_the_async_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second request waits ("ask again") while the first one's async load of the same
+    chunks is in flight; once vLLM reports it landed, the second is answered."""
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))
+    facts = fake_facts(block_size=BLOCK, engine_id="async-test")
+    config = EngineConfig(**BASE, enable_async_loading=True)
+    scheduler = SchedulerSide(
+        config,
+        facts.engine_facts(config),
+        engine_id="async-test",
+        dp_rank=0,
+        block_size=BLOCK,
+        kv_consumer_only=False,
+        publish_events=False,
+    )
+    try:
+        scheduler.planner.warm = True
+        tokens = list(range(3 * CHUNK + 2))
+        with scheduler.channel.lock:
+            scheduler.channel.held.admit(0, CPU, chunk_hashes(tokens, CHUNK)[:3])
+        assert scheduler.load_async
+        first = scheduler.matched_tokens("a", tokens, 0)
+        assert first == 3 * CHUNK
+        scheduler.allocated("a", _Running(tokens), list(range(7)), first)
+        other = [*tokens[: 2 * CHUNK], 999, 998]  # shares two of the chunks being loaded
+        assert scheduler.matched_tokens("b", other, 0) is None
+        assert scheduler.matched_tokens("c", list(range(500, 520)), 0) == 0  # unrelated
+        assert scheduler.counters.load_waits == 1
+        scheduler.loads_finished(["a"], set())
+        assert scheduler.matched_tokens("b", other, 2 * CHUNK) == 0  # vLLM's own hit now
+        assert scheduler.matched_tokens("b", other, 0) == 2 * CHUNK
+    finally:
+        scheduler.shutdown()

@@ -128,7 +128,7 @@ class KvplaneConnector(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         side = self._require_scheduler()
         found = side.matched_tokens(request.request_id, request.all_token_ids, num_computed_tokens)
-        return (None, False) if found is None else (found, False)
+        return (None, False) if found is None else (found, side.load_async and found > 0)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int):
         side = self._require_scheduler()
@@ -170,6 +170,11 @@ class KvplaneConnector(KVConnectorBase_V1):
         )
         plan = side.plan(step, self._block_hashes_of if side.publish_events else None)
         return KvplaneMetadata(plan)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self._require_scheduler().loads_finished(
+            connector_output.finished_recving or (), set(connector_output.invalid_block_ids or ())
+        )
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         self._require_scheduler().forget(request.request_id)
@@ -242,8 +247,12 @@ class KvplaneConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()
-        if isinstance(metadata, KvplaneMetadata) and metadata.plan.loads:
+        if not isinstance(metadata, KvplaneMetadata):
+            return
+        if metadata.plan.loads:
             self._require_worker().load(metadata.plan)
+        if metadata.plan.async_loads:
+            self._require_worker().start_loads(metadata.plan.async_loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads complete inside :meth:`start_load_kv`."""
@@ -259,7 +268,9 @@ class KvplaneConnector(KVConnectorBase_V1):
             self._require_worker().save(metadata.plan)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None
+        """Nothing is sent asynchronously; received: the asynchronous loads that ended."""
+        landed = self._worker.take_landed() if self._worker is not None else set()
+        return None, landed or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         if self._worker is None:

@@ -53,9 +53,12 @@ class SaveSpec(msgspec.Struct, frozen=True):
 
 
 class StepPlan(msgspec.Struct, frozen=True):
-    loads: list[LoadSpec] = []
+    loads: list[LoadSpec] = []  # before this step's forward pass (vLLM's sync loads)
     saves: list[SaveSpec] = []
     preempted: list[str] = []
+    #: started this step, finished while other steps run; each request waits for its own
+    async_loads: list[LoadSpec] = []
+    idle: bool = False  # no request computes in this step
 
 
 class Match(msgspec.Struct, frozen=True):
@@ -75,6 +78,7 @@ class PlannerPolicy:
     save_decode_cache: bool = False
     min_retrieve_tokens: int = 0
     skip_save: bool = False  # kv_consumer: load only
+    async_loads: bool = False  # vLLM's asynchronous load path
 
     def __post_init__(self) -> None:
         # connector_config refuses such a config with advice; here it is an invariant
@@ -175,7 +179,8 @@ class Planner:
             request = self._requests[req_id] = _Request(tokens, num_prompt)
         request.block_ids = list(block_ids)
         found = self._matches.pop(req_id, None)
-        request.computed = (found.num_computed if found is not None else 0) + num_external
+        if found is not None:  # None: admitted again after an async load (or no lookup)
+            request.computed = found.num_computed + num_external
         if num_external == 0 or found is None:
             request.load = None
             self._loaded.pop(req_id, None)
@@ -243,7 +248,24 @@ class Planner:
             if request is not None:
                 request.block_ids = []
                 request.load = None
-        return StepPlan(loads, saves, list(preempted))
+        waiting: list[LoadSpec] = []
+        if self.policy.async_loads:  # allocated, waiting for their KV: not scheduled
+            for request in self._requests.values():
+                if request.load is not None:
+                    waiting.append(request.load)
+                    request.load = None
+        return StepPlan(loads, saves, list(preempted), waiting, idle=not scheduled)
+
+    def load_failed(self, block_ids: set[int]) -> None:
+        """vLLM's ``invalid_block_ids``: loads left these blocks unwritten, and vLLM
+        recomputes each request from its first one. Those chunks are stored again once
+        computed (the planner had counted them as stored when their load was planned)."""
+        per_chunk = self.policy.chunk_size // self.policy.block_size
+        for request in self._requests.values():
+            bad = [i for i, block in enumerate(request.block_ids) if block in block_ids]
+            if bad:
+                boundary = bad[0] // per_chunk * self.policy.chunk_size
+                request.saved = min(request.saved, boundary)
 
     def forget(self, req_id: str) -> None:
         self._requests.pop(req_id, None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,8 @@ class Counters:
     probes: int = 0
     stores_planned: int = 0
     loads_planned: int = 0
+    async_loads_planned: int = 0
+    load_waits: int = 0  # lookups that waited for another request's load
     by_source: dict[str, int] = field(default_factory=dict)
 
     def take(self) -> dict[str, int]:
@@ -121,6 +123,7 @@ class SchedulerSide:
             save_decode_cache=config.save_decode_cache,
             min_retrieve_tokens=config.min_retrieve_tokens,
             skip_save=kv_consumer_only,
+            async_loads=config.enable_async_loading,
         )
         held = HeldChunks(facts.world_size, TIER_ORDER)
         self.channel = SchedulerChannel(endpoint(engine_id, dp_rank), held)
@@ -130,6 +133,8 @@ class SchedulerSide:
         self.links: dict[int, BlockLink] = {}
         self.counters = Counters()
         self._probes: dict[str, _Probe] = {}
+        #: chunk hashes of each asynchronous load in flight, by request
+        self._loading: dict[str, frozenset[int]] = {}
         self._process: Any = None
 
     # --------------------------------------------------------------- lifecycle
@@ -197,8 +202,38 @@ class SchedulerSide:
             )
             with self.channel.lock:
                 found = self.planner.match(req_id, tokens, num_computed, probed=_probed(probe))
+        if found.external and self._behind_a_load(req_id, tokens, found):
+            self.counters.load_waits += 1
+            return None  # its chunks land in vLLM's own cache once that load ends
         self.counters.lookups += 1
         return found.external
+
+    @property
+    def load_async(self) -> bool:
+        return self.policy.async_loads
+
+    def _behind_a_load(self, req_id: str, tokens: Sequence[int], found: Match) -> bool:
+        """Whether another request's asynchronous load brings in chunks this hit would load
+        (two requests sharing a prefix load it once: the second waits, then hits vLLM's
+        own prefix cache)."""
+        if not self._loading:
+            return False
+        chunk = self.config.chunk_size
+        wanted = self.planner.hashes(req_id, tokens)[
+            found.num_computed // chunk : -(-found.chunk_tokens // chunk)
+        ]
+        return any(
+            other != req_id and not loading.isdisjoint(wanted)
+            for other, loading in self._loading.items()
+        )
+
+    def loads_finished(self, req_ids: Iterable[str], invalid_blocks: set[int]) -> None:
+        """vLLM's ``finished_recving`` (these requests' asynchronous loads ended) and
+        ``invalid_block_ids`` (blocks a load left unwritten, sync or async)."""
+        for req_id in req_ids:
+            self._loading.pop(req_id, None)
+        if invalid_blocks:
+            self.planner.load_failed(invalid_blocks)
 
     def hit_sources(self, req_id: str, num_external: int) -> dict[str, int]:
         """Tokens of the load by where they come from: ``host``, ``disk``, ``p2p`` or
@@ -220,6 +255,11 @@ class SchedulerSide:
             block_ids,
             num_external,
         )
+        loaded = self.planner.last_loaded(req_id) if num_external else None
+        if loaded is not None and self.load_async:
+            hashes = self.planner.hashes(req_id, request.all_token_ids)
+            chunks = -(-loaded.chunk_tokens // self.config.chunk_size)
+            self._loading[req_id] = frozenset(hashes[:chunks])
         if num_external:
             self.counters.hit_requests += 1
             self.counters.hit_tokens += num_external
@@ -239,6 +279,7 @@ class SchedulerSide:
         if plan.loads or plan.saves:
             log.debug("step: %d loads, %d saves", len(plan.loads), len(plan.saves))
         self.counters.loads_planned += len(plan.loads)
+        self.counters.async_loads_planned += len(plan.async_loads)
         self.counters.stores_planned += len(plan.saves)
         if self.publish_events and block_hashes_of is not None:
             for save in plan.saves:
@@ -248,6 +289,7 @@ class SchedulerSide:
     def forget(self, req_id: str) -> None:
         self.planner.forget(req_id)
         self._probes.pop(req_id, None)
+        self._loading.pop(req_id, None)
         self.channel.forget_prefetch(req_id)
 
     # --------------------------------------------------------------- events

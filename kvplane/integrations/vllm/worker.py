@@ -4,12 +4,14 @@
 layer's ``[B, H, N, C]`` view becomes ``[B, block_elems]`` rows over the same memory) and
 builds this rank's engine process around them: tiers, controller worker, p2p node, internal
 API server index ``rank + 1``. Loads run in ``start_load_kv`` (before the forward pass for
-vLLM's synchronous loads), stores in ``wait_for_save`` (after it); both move whole blocks.
+vLLM's synchronous loads; on the loader thread, reported through ``get_finished``, for its
+asynchronous ones), stores in ``wait_for_save`` (after it); both move whole blocks.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -76,6 +78,12 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
         self.stats: dict[str, int] = {}
+        #: asynchronous loads: queued to the loader thread, then reported done by request
+        self._loads: queue.SimpleQueue[LoadSpec | None] = queue.SimpleQueue()
+        self._loader: threading.Thread | None = None
+        self._in_flight = 0
+        self._landed: set[str] = set()
+        self._load_ended = threading.Condition(self._lock)
 
     # --------------------------------------------------------------- start-up
     def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
@@ -104,6 +112,11 @@ class WorkerSide:
             )
             self.caches = packed
             self.channel = WorkerChannel(self.rank, self._url, self._prefetch)
+            if self.config.enable_async_loading:
+                self._loader = threading.Thread(
+                    target=self._load_loop, name="kvplane-vllm-loader", daemon=True
+                )
+                self._loader.start()
             events = process.storage.subscribe("vllm scheduler")
             process.start()
             self.process = process
@@ -206,10 +219,41 @@ class WorkerSide:
             with self._lock:
                 self._load_errors.update(bad)
 
+    def start_loads(self, specs: Sequence[LoadSpec]) -> None:
+        """Hand asynchronous loads to the loader thread; :meth:`take_landed` reports each
+        request once its blocks are written (or its failed blocks are in the load errors)."""
+        if self._loader is None:
+            raise RuntimeError("asynchronous loads need enable_async_loading")
+        with self._lock:
+            self._in_flight += len(specs)
+        for spec in specs:
+            self._loads.put(spec)
+
+    def _load_loop(self) -> None:
+        while (spec := self._loads.get()) is not None:
+            self._load(spec)  # failed blocks are recorded before the request is reported
+            log.debug("async load %s landed", spec.req_id)
+            with self._lock:
+                self._in_flight -= 1
+                self._landed.add(spec.req_id)
+                self._load_ended.notify_all()
+
+    def take_landed(self) -> set[str]:
+        """The requests whose asynchronous loads ended since the last call (vLLM's
+        ``finished_recving``)."""
+        with self._lock:
+            landed, self._landed = self._landed, set()
+        return landed
+
     def save(self, plan: StepPlan) -> None:
         for spec in plan.saves:
             self._save(spec)
-        if not plan.loads and not plan.saves and self.channel is not None:
+        if plan.idle and self._in_flight:
+            # vLLM steps empty while requests wait for their KV: each step is Python on
+            # the GIL the loader needs; wait for a load to land instead (a few ms at most)
+            with self._load_ended:
+                self._load_ended.wait_for(lambda: bool(self._landed), _IDLE_STEP_WAIT_S)
+        elif not plan.loads and not plan.saves and self.channel is not None:
             self.channel.yield_to_prefetch(_IDLE_STEP_WAIT_S)
 
     def _save(self, spec: SaveSpec) -> None:
@@ -249,7 +293,12 @@ class WorkerSide:
             self.stats[name] = self.stats.get(name, 0) + n
 
     def shutdown(self) -> None:
-        """Stop the engine process (the controller worker deregisters) and the channel."""
+        """Stop the loader, the engine process (the controller worker deregisters) and the
+        channel."""
+        if self._loader is not None:
+            self._loads.put(None)
+            self._loader.join(timeout=30)
+            self._loader = None
         if self._events is not None:
             self._events.close()
             self._events = None
