@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from jsonschema import Draft202012Validator
 
 from kvplane.keys import chunk_hashes
 from kvplane.protocol import CommandReply, ErrorCode, HealthCommand, HeartbeatStatus
@@ -107,6 +108,72 @@ def test_lookup_of_a_long_prompt_and_its_other_methods(
     assert (other.status_code, other.headers["allow"]) == (405, "POST")
     assert other.json()["error"] == "Method Not Allowed"
     assert "/lookup" in httpx.get(controller.url + "/openapi.json").json()["paths"]
+
+
+def _documented(document: dict[str, Any], schema: dict[str, Any]) -> Draft202012Validator:
+    """A validator of ``schema``, a schema of ``document`` (its ``$ref``s into it)."""
+    return Draft202012Validator({**schema, "components": document["components"]})
+
+
+# Bodies either side of the documented request schema, each path of the parser among them.
+LOOKUP_BODIES = [
+    {"tokens": TOKENS},
+    {"tokens": [*TOKENS[:8], 50]},
+    {"tokens": [9, 9, 9, 9]},
+    {"tokens": []},
+    {"tokens": [1.0, 2, 3e2]},
+    {"tokens": TOKENS, "also": 1},
+    {"tokens": "abc"},
+    {"tokens": [-1]},
+    {"tokens": [2**31]},
+    {"tokens": [1.5]},
+    {"tokens": [True]},
+    {"tokens": [[1]]},
+    {"toks": [1]},
+    [1, 2],
+    None,
+]
+
+
+def test_lookup_answers_as_its_openapi_entry_says(
+    controller: ControllerProc, worker: ProtoWorker
+) -> None:
+    """No FastAPI route serves /lookup, so nothing but this test ties its answers to its
+    documented entry: a body the request schema takes is answered 200 with a body its
+    response schema takes, any other one 400 with the error body; other methods 405."""
+    assert worker.register().ok
+    worker.report(chunk_hashes(TOKENS, 4))
+    wait_until(lambda: controller.lookup(TOKENS), timeout=30, what="admits applied")
+    document = httpx.get(controller.url + "/openapi.json").json()
+    entry = document["paths"]["/lookup"]["post"]
+    assert entry["operationId"] == "lookup" and entry["requestBody"]["required"] is True
+    request = _documented(document, entry["requestBody"]["content"]["application/json"]["schema"])
+    answers = {
+        code: _documented(document, answer["content"]["application/json"]["schema"])
+        for code, answer in entry["responses"].items()
+    }
+    assert set(answers) == {"200", "400"}
+    hits = set()
+    for body in LOOKUP_BODIES:
+        resp = httpx.post(controller.url + "/lookup", json=body)
+        assert resp.status_code == (200 if request.is_valid(body) else 400), (body, resp.text)
+        answers[str(resp.status_code)].validate(resp.json())
+        assert resp.headers["content-type"] == "application/json"
+        if resp.status_code == 200:
+            hits.add(json.dumps(resp.json()["layout_info"]))
+        else:
+            assert resp.json()["error"] == "Invalid parameters", resp.text
+    assert len(hits) == 3  # a full match, a partial one, none
+    resp = httpx.post(controller.url + "/lookup", content=b"{not json")
+    assert resp.status_code == 400 and resp.json()["message"].startswith("body: Invalid JSON")
+    for method in ("GET", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        resp = httpx.request(method, controller.url + "/lookup")
+        assert (resp.status_code, resp.headers["allow"]) == (405, "POST"), method
+        assert resp.json() == {
+            "error": "Method Not Allowed",
+            "message": f"{method} /lookup: Method Not Allowed",
+        }
+    assert httpx.head(controller.url + "/lookup").status_code == 405
 
 
 def test_errors_are_4xx_json_naming_the_problem(controller: ControllerProc) -> None:

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -220,6 +221,18 @@ def _assert_clean(
     assert set(phases.split(",")) <= set(sent), sent
 
 
+def _answers_to(report_dir: Path, method: str, path: str) -> dict[str, Counter[int]]:
+    """From schemathesis's NDJSON report: per phase, how often ``method path`` was
+    answered by each status code."""
+    answers: dict[str, Counter[int]] = defaultdict(Counter)
+    for scenario in _scenarios(report_dir):
+        for interaction in scenario["recorder"].get("interactions", {}).values():
+            request, response = interaction["request"], interaction["response"]
+            if (request["method"], urlsplit(request["uri"]).path) == (method, path):
+                answers[scenario["phase"]][0 if response is None else response["status_code"]] += 1
+    return answers
+
+
 def _link_answers(report_dir: Path) -> dict[str, Counter[int]]:
     """From schemathesis's NDJSON report: for each link (``GET /status -> [200] Health ->
     POST /health``), how often the stateful phase followed it, putting the values it carries
@@ -255,7 +268,9 @@ def test_schemathesis_finds_nothing_on_the_controller(
     of each operation that needs it. On the controller with an instance the stateful phase
     carries real ids along the document's links (from ``/status`` and ``/query_worker_info``
     to the calls that name an instance, from each answer's ``event_id`` to
-    ``/check_finish``), and some call that names an instance is answered 2xx that way."""
+    ``/check_finish``), and some call that names an instance is answered 2xx that way.
+    ``/lookup``, which a middleware serves and its models document, is fuzzed like the
+    rest: every phase calls it, and where it is open it is answered both 200 and 400."""
     headers = [auth] if auth else []
     _assert_clean(
         _schemathesis(
@@ -264,6 +279,10 @@ def test_schemathesis_finds_nothing_on_the_controller(
         tmp_path,
         phases,
     )
+    lookup = _answers_to(tmp_path, "POST", "/lookup")
+    assert set(phases.split(",")) <= set(lookup), dict(lookup)
+    if which == "controller" or auth:
+        assert {200, 400} <= set(sum(lookup.values(), Counter())), dict(lookup)
     if which == "controller":
         answers = _link_answers(tmp_path)
         succeeded = {

@@ -7,31 +7,25 @@ uses (:mod:`kvplane.web.errors`).
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Annotated, Any
 
-import msgspec
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import Response
+from fastapi import APIRouter, FastAPI
 from pydantic import AliasChoices, BaseModel, Field, StrictBool
-from starlette.routing import BaseRoute
 
 import kvplane
 from kvplane.controller.cluster import Cluster
 from kvplane.controller.dashboard.routes import Dashboard
 from kvplane.controller.executor import EventStatus
-from kvplane.controller.fast_lookup import LookupAnswer, LookupRoute, TokenParser
+from kvplane.controller.fast_lookup import LookupRoute, Tokens, build_lookup, document_lookup
 from kvplane.controller.ops_api import build_ops_router
 from kvplane.controller.settings import ControllerConfig
 from kvplane.controller.status_api import build_status_router
-from kvplane.errors import KvplaneError
-from kvplane.keys import MAX_TOKEN_ID, TOKEN_ID_RANGE
 from kvplane.protocol import COMPRESSION_METHODS
 from kvplane.web.auth import SAFE_METHODS, BearerGuard, bearer_refinement, check_bearer
-from kvplane.web.errors import error_body, install_error_handlers, serves
+from kvplane.web.errors import install_error_handlers, serves
 from kvplane.web.openapi import (
-    JSON_INTEGER,
+    NONEMPTY_STRING,
     JsonInt,
     OneOf,
     error_responses,
@@ -44,43 +38,18 @@ from kvplane.web.openapi import (
 __all__ = ["ALWAYS_OPEN", "READ_POSTS", "Access", "create_app"]
 
 
-# --- models --------------------------------------------------------------------------------
+# --- models (/lookup's are kvplane.controller.fast_lookup's) --------------------------------
 
-TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), JSON_INTEGER]
-Tokens = Annotated[list[TokenId], Field(description=f"token ids, each in {TOKEN_ID_RANGE}")]
 Method = Annotated[str, OneOf(COMPRESSION_METHODS)]
 
 # An instance id or a tier name: never empty (an empty one names nothing).
 Name = Annotated[str, Field(min_length=1)]
-_NAME = {"type": "string", "minLength": 1}
 TierName = Annotated[str, Field(min_length=1, examples=["LocalCPUBackend"])]
 Position = Annotated[
     tuple[Name, Name],
-    pair(_NAME, _NAME, "[instance_id, location]"),
+    pair(NONEMPTY_STRING, NONEMPTY_STRING, "[instance_id, location]"),
     Field(examples=[["inst-a", "LocalCPUBackend"]]),
 ]
-Placement = Annotated[
-    tuple[str, int],
-    pair(
-        _NAME,
-        {"type": "integer", "minimum": 0},
-        "[location, matched_prefix_len]: the tier holding the prefix, then its length in tokens",
-    ),
-]
-
-
-class LookupRequest(BaseModel):
-    tokens: Tokens = Field(examples=[[1, 2, 3, 4]])
-
-
-_encoder = msgspec.json.Encoder()
-
-
-class LookupResponse(BaseModel):
-    event_id: str
-    layout_info: dict[str, Placement] = Field(
-        description="instance_id -> [location, matched_prefix_len in tokens]"
-    )
 
 
 class ClearRequest(BaseModel):
@@ -182,32 +151,6 @@ class QueryInstanceResponse(BaseModel):
 # --- routes --------------------------------------------------------------------------------
 
 
-def build_lookup(cluster: Cluster, latency: Any) -> LookupAnswer:
-    """The /lookup handler, shared by the lean ASGI route and the documented FastAPI one."""
-    parse_tokens = TokenParser().parse
-    stats = cluster.lookup_stats
-
-    def answer(body: bytes) -> tuple[int, bytes]:
-        # The probe runs on the event loop, holding the cluster lock only for the index
-        # walk; the gate asks the ingest thread to step aside meanwhile.
-        with cluster.gate.reading():
-            start = time.perf_counter()
-            try:
-                tokens = parse_tokens(body)
-            except KvplaneError as exc:
-                return exc.status_code, _encoder.encode(error_body(exc))
-            event_id, found = cluster.lookup(tokens)
-            seconds = time.perf_counter() - start
-            latency.observe(seconds)
-            stats.record(
-                len(tokens), max((m.num_tokens for m in found.values()), default=0), seconds
-            )
-            layout = {i: (m.location, m.num_tokens) for i, m in found.items()}
-            return 200, _encoder.encode({"event_id": event_id, "layout_info": layout})
-
-    return answer
-
-
 # Where the links of the documented answers take their values from (OpenAPI runtime
 # expressions): the event an answer names, the instance of a worker it lists, the instance a
 # request named.
@@ -231,23 +174,9 @@ def _then_check_finish(kind: str) -> dict[int | str, dict[str, Any]]:
 _COMMAND_ERRORS = error_responses(400, 404, 409, 503)
 
 
-def build_cluster_router(cluster: Cluster, lookup_answer: LookupAnswer) -> APIRouter:
+def build_cluster_router(cluster: Cluster) -> APIRouter:
+    """The seeds' cluster calls but /lookup, which :class:`LookupRoute` answers."""
     router = APIRouter(tags=["cluster"])
-
-    @router.post(
-        "/lookup",
-        response_model=LookupResponse,
-        responses={**error_responses(400), **_then_check_finish("lookup")},
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": LookupRequest.model_json_schema()}},
-            }
-        },
-    )
-    async def lookup(request: Request) -> Response:
-        status, payload = lookup_answer(await request.body())
-        return Response(payload, status_code=status, media_type="application/json")
 
     @router.post(
         "/clear",
@@ -415,16 +344,18 @@ class Access:
     that may change state (any method but GET/HEAD/OPTIONS, except :data:`READ_POSTS`)
     needs it; with ``protect_reads`` every other call too, but :data:`ALWAYS_OPEN`.
 
-    Only calls that one of ``routes`` serves are guarded: any other (an unknown path, a
-    method its path lacks) runs nothing, and the app answers it 404 or 405 (with ``Allow``)
-    with or without the token, as the OpenAPI document says."""
+    Only calls that ``served(method, path)`` says something serves are guarded: any other
+    (an unknown path, a method its path lacks) runs nothing, and the app answers it 404 or
+    405 (with ``Allow``) with or without the token, as the OpenAPI document says."""
 
-    def __init__(self, token: str | None, protect_reads: bool, routes: Sequence[BaseRoute]) -> None:
+    def __init__(
+        self, token: str | None, protect_reads: bool, served: Callable[[str, str], bool]
+    ) -> None:
         self.token = token
         self.protect_reads = protect_reads
         # Matching walks every route (~0.2 ms): remembered for the few calls clients make,
         # bounded against clients that make up paths.
-        self._served = functools.lru_cache(maxsize=1024)(functools.partial(serves, routes))
+        self._served = functools.lru_cache(maxsize=1024)(served)
 
     def needs_token(self, method: str, path: str) -> bool:
         if self.token is None or path in ALWAYS_OPEN or _dashboard_shell(path):
@@ -451,16 +382,20 @@ def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
         lifespan=lambda _app: dashboard.lifespan(),
     )
     ops_router, latency = build_ops_router(cluster, settings)
-    lookup_answer = build_lookup(cluster, latency)
-    app.include_router(build_cluster_router(cluster, lookup_answer))
+    app.include_router(build_cluster_router(cluster))
     app.include_router(ops_router)
     app.include_router(build_status_router(cluster))
     app.include_router(dashboard.router)
-    app.add_middleware(LookupRoute, answer=lookup_answer)
-    access = Access(settings.api_token, settings.protect_reads, app.router.routes)
+    app.add_middleware(LookupRoute, answer=build_lookup(cluster, latency))
+    routes = app.router.routes
+    access = Access(
+        settings.api_token,
+        settings.protect_reads,
+        lambda method, path: LookupRoute.serves(method, path) or serves(routes, method, path),
+    )
     # Added last, so outermost: a refused call is answered before any body is read.
     app.add_middleware(BearerGuard, check=access.check)
     install_error_handlers(app, "controller")
     guarded = [bearer_refinement(access.needs_token)] if settings.api_token is not None else []
-    install_openapi(app, *guarded)
+    install_openapi(app, document_lookup({"CheckFinish": _check_finish("lookup")}), *guarded)
     return app

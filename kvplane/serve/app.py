@@ -46,7 +46,7 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(400, "BadRequest", validation_message(exc))
+        return _error(400, "BadRequest", validation_message(exc.errors()))
 
     @app.get("/health")
     def health() -> Response:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 
 from kvplane.errors import Forbidden, KvplaneError, Unauthorized
 from kvplane.web.errors import error_body
-from kvplane.web.openapi import ErrorBody, operations
+from kvplane.web.openapi import error_answer, operations
 
 __all__ = [
     "SAFE_METHODS",
@@ -95,17 +95,12 @@ def declare_bearer(document: dict[str, Any], guarded: Callable[[str, str], bool]
             operation["security"] = [{SECURITY_SCHEME: []}]
             responses = operation.setdefault("responses", {})
             for code, description in _ANSWERS.items():
-                responses.setdefault(code, _error(description))
+                responses.setdefault(code, error_answer(description))
 
 
 def bearer_refinement(guarded: Callable[[str, str], bool]) -> Callable[[dict[str, Any]], None]:
     """:func:`declare_bearer` with ``guarded``, as a step for ``install_openapi``."""
     return lambda document: declare_bearer(document, guarded)
-
-
-def _error(description: str) -> dict[str, Any]:
-    schema = {"$ref": f"#/components/schemas/{ErrorBody.__name__}"}
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def is_loopback(host: str) -> bool:

@@ -10,7 +10,7 @@ route or method keeps its status; anything else is a logged 500 "Internal error"
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,9 +23,11 @@ from kvplane.errors import KvplaneError, Unauthorized
 
 __all__ = [
     "HTTP_METHODS",
+    "INVALID",
     "allowed_methods",
     "error_body",
     "install_error_handlers",
+    "route_error_body",
     "serves",
     "validation_message",
 ]
@@ -38,11 +40,21 @@ def error_body(exc: KvplaneError) -> dict[str, Any]:
     return {"error": exc.title, "message": str(exc), **exc.details}
 
 
-def validation_message(exc: RequestValidationError) -> str:
-    """Each problem as ``field.path: what is wrong``, joined by ``; ``."""
+def route_error_body(detail: str, method: str, path: str) -> dict[str, Any]:
+    """The error body of a call no route serves as asked (404, 405), ``detail`` its title."""
+    return {"error": detail, "message": f"{method} {path}: {detail}"}
+
+
+#: The title of a 400 for a request that does not validate.
+INVALID = "Invalid parameters"
+
+
+def validation_message(errors: Iterable[Mapping[str, Any]], within: tuple[str, ...] = ()) -> str:
+    """Each of pydantic's ``errors`` as ``field.path: what is wrong``, joined by ``; ``;
+    ``within`` goes before each path (``("body",)``, as FastAPI writes a body's)."""
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
-        for err in exc.errors()
+        f"{'.'.join(str(p) for p in (*within, *err.get('loc', ())))}: {err.get('msg', 'invalid')}"
+        for err in errors
     )
     return problems or "invalid request"
 
@@ -77,7 +89,7 @@ def install_error_handlers(app: FastAPI, what: str) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        body = {"error": "Invalid parameters", "message": validation_message(exc)}
+        body = {"error": INVALID, "message": validation_message(exc.errors())}
         return JSONResponse(body, status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -85,11 +97,8 @@ def install_error_handlers(app: FastAPI, what: str) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request))
-        return JSONResponse(
-            {"error": exc.detail, "message": f"{request.method} {request.url.path}: {exc.detail}"},
-            status_code=exc.status_code,
-            headers=headers,
-        )
+        body = route_error_body(exc.detail, request.method, request.url.path)
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:

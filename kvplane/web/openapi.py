@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Annotated, Any
 
 from fastapi import FastAPI
+from fastapi.encoders import jsonable_encoder
+from fastapi.openapi.models import Operation, Schema
 from fastapi.openapi.utils import get_openapi
 from pydantic import (
     BaseModel,
@@ -26,22 +28,27 @@ from pydantic import (
     GetJsonSchemaHandler,
     WithJsonSchema,
 )
+from pydantic.json_schema import JsonSchemaMode
 from pydantic_core import core_schema
 
 __all__ = [
     "CHOICES",
     "JSON_INTEGER",
     "NAMES",
+    "NONEMPTY_STRING",
     "ErrorBody",
     "JsonInt",
     "OneOf",
+    "Refine",
     "case_insensitive_pattern",
+    "error_answer",
     "error_responses",
     "install_openapi",
     "link",
     "linked",
     "operations",
     "pair",
+    "unrouted_operation",
 ]
 
 OpenApi = dict[str, Any]
@@ -54,7 +61,10 @@ NAMES = "x-kvplane-names"
 Refine = Callable[[OpenApi], None]
 
 _METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
-_ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+_COMPONENT = "#/components/schemas/{model}"
+
+#: A string that names something: never empty.
+NONEMPTY_STRING = {"type": "string", "minLength": 1}
 
 
 class ErrorBody(BaseModel):
@@ -80,6 +90,13 @@ _DESCRIPTIONS = {
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """``responses=`` entries declaring that a route answers ``codes`` with the error body."""
     return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+def error_answer(description: str) -> dict[str, Any]:
+    """A document's answer that carries the error body (what :func:`error_responses` has
+    FastAPI write), for the steps that edit a built document."""
+    schema = {"$ref": _COMPONENT.format(model=ErrorBody.__name__)}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def link(operation_id: str, description: str, **body: Any) -> dict[str, Any]:
@@ -188,12 +205,71 @@ def _validation_answers_400(document: OpenApi) -> None:
     for _, _, operation in operations(document):
         responses = operation.setdefault("responses", {})
         if responses.pop("422", None) is not None and "400" not in responses:
-            responses["400"] = {
-                "description": _DESCRIPTIONS[400],
-                "content": {"application/json": {"schema": _ERROR_REF}},
-            }
+            responses["400"] = error_answer(_DESCRIPTIONS[400])
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
+
+
+# How get_openapi() writes its document out: through FastAPI's OpenAPI models, which put
+# each object's keys in their order and write numbers of schemas as floats (``minimum: 0.0``).
+_AS_FASTAPI: dict[str, Any] = {"by_alias": True, "exclude_none": True}
+
+
+def _schema(
+    model: type[BaseModel], mode: JsonSchemaMode, schemas: dict[str, Any]
+) -> dict[str, Any]:
+    """``model``'s JSON schema as FastAPI writes it, the models it nests put among the
+    document's ``schemas``."""
+    schema = model.model_json_schema(mode=mode, ref_template=_COMPONENT)
+    for name, nested in schema.pop("$defs", {}).items():
+        schemas[name] = jsonable_encoder(Schema.model_validate(nested), **_AS_FASTAPI)
+    return schema
+
+
+def unrouted_operation(
+    path: str,
+    method: str,
+    *,
+    operation_id: str,
+    tag: str,
+    request: type[BaseModel],
+    response: type[BaseModel],
+    errors: Sequence[int],
+    links: dict[str, Any],
+) -> Refine:
+    """A step for :func:`install_openapi` documenting an operation that no FastAPI route
+    serves (an ASGI middleware answers it before routing) from its models: ``request``'s
+    schema as the required JSON body, ``response``'s among the components (kept in name
+    order) as the 200 answer with ``links``, the error body for each of ``errors``. The path
+    goes first in ``paths``; the entry is what FastAPI writes for a route so declared."""
+
+    def step(document: OpenApi) -> None:
+        components = document.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        body = _schema(request, "validation", schemas)
+        answer = _schema(response, "serialization", schemas)
+        schemas[response.__name__] = jsonable_encoder(Schema.model_validate(answer), **_AS_FASTAPI)
+        components["schemas"] = dict(sorted(schemas.items()))
+        media = "application/json"
+        ref = {"$ref": _COMPONENT.format(model=response.__name__)}
+        operation = {
+            "tags": [tag],
+            "summary": operation_id.replace("_", " ").title(),
+            "operationId": operation_id,
+            "requestBody": {"content": {media: {"schema": body}}, "required": True},
+            "responses": {
+                "200": {
+                    "description": "Successful Response",
+                    "content": {media: {"schema": ref}},
+                    "links": links,
+                },
+                **{str(code): error_answer(_DESCRIPTIONS[code]) for code in errors},
+            },
+        }
+        item = {method: jsonable_encoder(Operation.model_validate(operation), **_AS_FASTAPI)}
+        document["paths"] = {path: item, **document.get("paths", {})}
+
+    return step
 
 
 def install_openapi(app: FastAPI, *refine: Refine) -> None:
