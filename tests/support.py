@@ -4,6 +4,7 @@ bounded waits, threads joined with a deadline."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import threading
 import time
@@ -30,6 +31,7 @@ __all__ = [
     "run_kvplane",
     "run_threads",
     "stop_process",
+    "wait_for_unix_socket",
     "wait_until",
 ]
 
@@ -64,6 +66,24 @@ def wait_until(
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last error: {last_exc!r}")
+
+
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def wait_for_unix_socket(path: str, *, timeout: float = 60.0, what: str = "Unix socket") -> None:
+    """Wait until a server accepts connections on the Unix socket ``path``. Polled with a
+    socket closed after each try, not with httpx: httpcore leaves open the socket of a
+    failed Unix connect, and the error ``wait_until`` keeps holds it in a reference cycle, so
+    it is closed by some later garbage collection, with an "unclosed socket" ResourceWarning
+    in whatever test runs then."""
+    wait_until(lambda: _accepts(path), timeout=timeout, what=what)
 
 
 def run_threads(target: Callable[[int], object], n: int, *, timeout: float) -> None:

@@ -6,7 +6,12 @@ import os
 import httpx
 
 from tests.api_client import short_tmpdir
-from tests.support import consecutive_free_ports, kvplane_process, wait_until
+from tests.support import (
+    consecutive_free_ports,
+    kvplane_process,
+    wait_for_unix_socket,
+    wait_until,
+)
 
 BASE = """
 chunk_size: 16
@@ -50,12 +55,10 @@ def test_engine_process_over_unix_sockets(tmp_path):
         )
         with kvplane_process(["engine", "--config", str(cfg)], log_path=tmp_path / "log") as proc:
             for port, role in ((6999, "scheduler"), (7000, "worker_0")):
+                wait_for_unix_socket(f"{prefix}_{port}", what=f"{role} socket API")
                 transport = httpx.HTTPTransport(uds=f"{prefix}_{port}")
                 with httpx.Client(transport=transport, base_url="http://e", timeout=5) as client:
-                    meta = wait_until(
-                        lambda c=client: c.get("/meta").json(), timeout=60, what="socket API"
-                    )
-                    assert meta["role"] == role
+                    assert client.get("/meta").json()["role"] == role
             proc.terminate()
             proc.wait(20)
         assert not os.path.exists(f"{prefix}_6999")

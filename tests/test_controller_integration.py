@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.controller_client import controller_args, wait_controller_up
-from tests.support import free_ports, kvplane_process, stop_process, wait_until
+from tests.support import (
+    free_ports,
+    kvplane_process,
+    stop_process,
+    wait_for_unix_socket,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +92,7 @@ class Cluster(NamedTuple):
             started = [(i, *self._start_engine(stack, i)) for i in instance_ids]
             engines = []
             for instance_id, sock, proc in started:
-                wait_until(lambda s=sock: os.path.exists(s), timeout=60, what=f"{instance_id} API")
+                wait_for_unix_socket(sock, what=f"{instance_id} API")
                 api = stack.enter_context(
                     httpx.Client(
                         transport=httpx.HTTPTransport(uds=sock),

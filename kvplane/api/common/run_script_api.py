@@ -53,18 +53,21 @@ _BODY = {
 }
 
 
-async def _script_part(request: Request) -> UploadFile:
-    """The uploaded ``script`` part; 400 "Invalid parameters" naming it when it is not."""
+async def _script_part(request: Request) -> tuple[str, bytes]:
+    """The uploaded ``script`` part's file name and bytes; 400 "Invalid parameters" naming it
+    when there is none. The form is closed on the way out: FastAPI closes only the forms it
+    parses itself, and an unclosed upload's temporary file lingers until collected."""
     try:
-        form = await request.form()
+        async with request.form() as form:
+            script = form.get("script")
+            if not isinstance(script, UploadFile):
+                raise BadRequest(
+                    "body.script: a file part named 'script' is required",
+                    title="Invalid parameters",
+                )
+            return script.filename or "<script>", await script.read()
     except HTTPException as exc:  # starlette's answer to a malformed multipart body
         raise BadRequest(f"body: {exc.detail}", title="Invalid parameters") from None
-    script = form.get("script")
-    if not isinstance(script, UploadFile):
-        raise BadRequest(
-            "body.script: a file part named 'script' is required", title="Invalid parameters"
-        )
-    return script
 
 
 @router.post(
@@ -76,15 +79,12 @@ async def run_script(request: Request, config: Config) -> JSONResponse:
             "/run_script is disabled; set internal_api_server_allow_run_script: true to allow it",
             title="Run script disabled",
         )
-    script = await _script_part(request)
-    raw = await script.read()
+    filename, raw = await _script_part(request)
     try:
         source = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("The script is not UTF-8 text", title="Script failed") from None
-    result = await run_in_threadpool(
-        run_script_source, source, script.filename or "<script>", {"app": request.app}
-    )
+    result = await run_in_threadpool(run_script_source, source, filename, {"app": request.app})
     try:
         body = jsonable_encoder(result)
     except (TypeError, ValueError):
