@@ -244,6 +244,15 @@ def held_to_vllms_own_hit(
     return answer
 
 
+def written_to(worker_api: str, tier: str) -> None:
+    """Wait until ``tier`` has taken writes (lower tiers are written off the step)."""
+    wait_until(
+        lambda: metric(worker_api, "kvplane_tier_written_bytes_total", f'tier="{tier}"') > 0,
+        timeout=30,
+        what=f"the writes to {tier}",
+    )
+
+
 def settled(worker_api: str) -> None:
     """Wait until no tier has queued writes (a clear after them clears them too)."""
     wait_until(
@@ -610,11 +619,7 @@ def test_a_peer_loads_over_p2p_then_its_chunks_leave_lookups_when_killed(
         # the shared-FS tier under vLLM
         fs_prompt = PROMPT + " eta theta" * 15
         fs_reference = computed_reference(server_b, worker_b, fs_prompt)
-        wait_until(
-            lambda: metric(worker_b, "kvplane_tier_written_bytes_total", 'tier="FSConnector"'),
-            timeout=30,
-            what="the writes to the shared FS",
-        )
+        written_to(worker_b, "FSConnector")
         clear_tiers(worker_b, "LocalCPUBackend")
         reset_vllm(server_b)
         held_to_vllms_own_hit(server_b, worker_b, fs_prompt, fs_reference, ["FSConnector"])
@@ -672,11 +677,7 @@ def test_disk_tier_serves_after_restart_while_controller_and_redis_are_down(
         started = time.monotonic()
         reference = computed_reference(server, worker_api, PROMPT)
         assert time.monotonic() - started < 120  # neither the controller nor Redis hangs it
-        wait_until(
-            lambda: metric(worker_api, "kvplane_tier_written_bytes_total", "LocalDiskBackend") > 0,
-            timeout=30,
-            what="the disk tier's writes",
-        )
+        written_to(worker_api, "LocalDiskBackend")
         settled(worker_api)
         # Redis down: its circuit breaker opened; the controller down: the worker retries
         assert metric(worker_api, "kvplane_tier_stat", 'stat="breaker_times_opened"') >= 1
@@ -779,11 +780,7 @@ def test_chunks_gone_between_lookup_and_async_load_are_recomputed_exactly(
     server, worker_api, disk = instance_e
     prompt = " vanish" * 30 + PROMPT  # shares no chunk with the other tests' prompts
     reference = computed_reference(server, worker_api, prompt)
-    wait_until(
-        lambda: metric(worker_api, "kvplane_tier_written_bytes_total", 'tier="LocalDiskBackend"'),
-        timeout=30,
-        what="the disk tier's writes",
-    )
+    written_to(worker_api, "LocalDiskBackend")
     clear_tiers(worker_api, "LocalCPUBackend")
     for path in [p for p in disk.rglob("*") if p.is_file()]:
         path.unlink()

@@ -46,6 +46,20 @@ def sides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Wor
         scheduler.close()
 
 
+def scheduler_side(facts: Any, **config: Any) -> SchedulerSide:
+    """The scheduler side of engine ``facts.engine_id`` with ``BASE`` and ``config``."""
+    engine_config = EngineConfig(**BASE, **config)
+    return SchedulerSide(
+        engine_config,
+        facts.engine_facts(engine_config),
+        engine_id=facts.engine_id,
+        dp_rank=0,
+        block_size=BLOCK,
+        kv_consumer_only=False,
+        publish_events=False,
+    )
+
+
 def held_prefix(scheduler: SchedulerChannel, hashes: list[int]) -> int:
     with scheduler.lock:
         return scheduler.held.prefix(hashes).num_chunks
@@ -99,16 +113,7 @@ def test_an_idle_scheduler_waits_for_the_probe_it_sends_a_busy_one_asks_again(
     # an "ask again" on a busy machine: the call returns when the answer lands
     monkeypatch.setattr(scheduler_module, "_IDLE_PROBE_WAIT_S", 60.0)
     facts = fake_facts(block_size=BLOCK, engine_id="probe-test")
-    config = EngineConfig(**BASE, enable_p2p=True, p2p_timeout_s=60.0)
-    scheduler = SchedulerSide(
-        config,
-        facts.engine_facts(config),
-        engine_id="probe-test",
-        dp_rank=0,
-        block_size=BLOCK,
-        kv_consumer_only=False,
-        publish_events=False,
-    )
+    scheduler = scheduler_side(facts, enable_p2p=True, p2p_timeout_s=60.0)
     side = WorkerSide(EngineConfig(**BASE), facts)
     side.register({f"layer.{i}": torch.randn(BLOCKS, 2, BLOCK, 16) for i in range(2)})
     try:
@@ -201,16 +206,8 @@ def test_two_requests_sharing_a_prefix_load_it_once_on_the_async_path(
     """The second request waits ("ask again") while the first one's async load of the same
     chunks is in flight; once vLLM reports it landed, the second is answered."""
     monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))
-    facts = fake_facts(block_size=BLOCK, engine_id="async-test")
-    config = EngineConfig(**BASE, enable_async_loading=True)
-    scheduler = SchedulerSide(
-        config,
-        facts.engine_facts(config),
-        engine_id="async-test",
-        dp_rank=0,
-        block_size=BLOCK,
-        kv_consumer_only=False,
-        publish_events=False,
+    scheduler = scheduler_side(
+        fake_facts(block_size=BLOCK, engine_id="async-test"), enable_async_loading=True
     )
     try:
         scheduler.planner.warm = True

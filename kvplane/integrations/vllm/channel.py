@@ -146,15 +146,14 @@ class SchedulerChannel:
             except Exception:  # a bad frame must not stop the channel
                 log.exception("kvplane: undecodable message from a worker")
                 continue
+            hellos = [m.rank for m in messages if isinstance(m, Hello)]
             with self.lock:
                 for message in messages:
-                    if isinstance(message, Hello):
-                        self._ranks[message.rank] = peer
-                    else:
+                    if not isinstance(message, Hello):
                         self._apply(message)
-            for message in messages:
-                if isinstance(message, Hello):
-                    self._send_waiting(message.rank)
+            for rank in hellos:
+                self._ranks[rank] = peer
+                self._send_waiting(rank)
 
     def _send(self, rank: int, req_id: str, frame: bytes) -> None:
         peer = self._ranks.get(rank)
