@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: the pinned CPU build lies on this machine's disk; a bare `torch` would pull CUDA.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[engine,dev]'
+	$(PY) -m pip install -q -e '.[engine,dev,ha]'
 	touch $(STAMP)
 
 setup: $(STAMP)

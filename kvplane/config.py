@@ -147,6 +147,20 @@ class EngineConfig:
     controller_reply_url: str | None = key(
         None, "host:port of the controller's reply socket.", kind=OPT_STR
     )
+    controller_nats_url: str | None = key(
+        None,
+        "NATS server(s) of the replicated controller's event log, e.g. nats://127.0.0.1:4222 "
+        "(comma-separated for a cluster): the worker publishes there instead of to "
+        "controller_pull_url (docs/ha.md).",
+        kind=OPT_STR,
+    )
+    controller_nats_buffer: int = key(
+        4096,
+        "Messages the worker queues for the event log while NATS is away; past it they are "
+        "dropped (counted) and the worker resyncs once NATS is back.",
+        kind=INT,
+        minimum=16,
+    )
     lmcache_worker_ports: tuple[int, ...] | None = key(
         None, "Command port per rank (null: auto-assign).", kind=INT_LIST
     )

@@ -176,6 +176,7 @@ CONTROLLER_COUNTERS = {
     "unknown_heartbeats": "Heartbeats from workers the controller does not know",
     "unknown_messages": "Well-formed messages of a type the controller does not handle",
     "malformed_frames": "Frames that did not decode",
+    "foreign_messages": "Event-log messages skipped: a kind, or a subject, that does not belong there",
     "registrations": "Worker registrations accepted",
     "registrations_refused": "Worker registrations refused (protocol or key scheme mismatch)",
     "deregistrations": "Workers that deregistered",

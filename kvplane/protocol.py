@@ -9,6 +9,10 @@ Three wires, named by direction:
   :class:`HeartbeatRequest`, :class:`DeregisterRequest`, :class:`PeerLookupRequest`.
 * controller -> worker command port (worker REP): the ``*Command`` structs, each answered
   by a :class:`CommandReply`.
+* the replicated controller's own records (NATS mode, :mod:`kvplane.eventlog`): the lease
+  holder's :class:`ReapEvent` in the event log, the cluster operations it runs
+  (:class:`OperationRequest`) and their state (:class:`OperationRecord`) in a key-value
+  bucket.
 
 Every struct carries a ``type`` tag, so one decoder reads any frame and a receiver
 dispatches with ``dict[type, handler]``. A frame whose tag this build does not know (a
@@ -49,9 +53,12 @@ __all__ = [
     "HeartbeatStatus",
     "Message",
     "MoveCommand",
+    "OperationRecord",
+    "OperationRequest",
     "PeerLookupReply",
     "PeerLookupRequest",
     "PinCommand",
+    "ReapEvent",
     "RegisterReply",
     "RegisterRequest",
     "ResyncCommand",
@@ -258,6 +265,51 @@ class CommandReply(_Msg, tag="command_reply", kw_only=True):
     message: str = ""
 
 
+# --- the replicated controller's records -----------------------------------------------------
+
+
+class ReapEvent(_Msg, tag="reap", kw_only=True):
+    """The lease holder's decision that a worker is dead, applied by every replica at this
+    point of the log: the worker goes only if it is still the incarnation (``epoch``) whose
+    last heartbeat (``last_heartbeat_time``, a log timestamp) the decision saw, so a
+    heartbeat that landed before the decision keeps it."""
+
+    instance_id: str
+    worker_id: int
+    epoch: int
+    last_heartbeat_time: float
+
+
+class OperationRequest(_Msg, tag="operation", kw_only=True):
+    """A cluster operation a replica accepted, for the lease holder to run once. ``kind``
+    is one of clear, pin, compress, decompress, move, health; the fields it does not use
+    stay at their defaults."""
+
+    event_id: str
+    kind: str
+    instance_id: str
+    location: str | None = None
+    tokens: list[int] | None = None
+    method: str | None = None
+    dst_instance_id: str | None = None
+    dst_location: str | None = None
+    copy: bool = False
+
+
+class OperationRecord(_Msg, tag="operation_record", kw_only=True):
+    """An operation's state in the operations bucket (queued -> running -> finished or
+    failed). ``error_status`` is the HTTP status a failure answers with (0: none);
+    ``error_codes`` each worker's code (``health`` and fan-out failures)."""
+
+    request: OperationRequest
+    status: str = "queued"
+    owner: str = ""  # the replica that runs (or ran) it
+    num_tokens: int = 0
+    error: str = ""
+    error_status: int = 0
+    error_codes: dict[int, int] = {}
+
+
 class UnknownMessage(msgspec.Struct):
     """Stands for a frame of a type this build does not know; never encoded."""
 
@@ -289,6 +341,9 @@ Message = (
     | PeerLookupReply
     | Command
     | CommandReply
+    | ReapEvent
+    | OperationRequest
+    | OperationRecord
 )
 
 _encoder = msgspec.msgpack.Encoder()
@@ -350,6 +405,9 @@ _KNOWN_TAGS = frozenset(
         CheckFinishCommand,
         ResyncCommand,
         CommandReply,
+        ReapEvent,
+        OperationRequest,
+        OperationRecord,
     )
 )
 

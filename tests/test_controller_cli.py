@@ -24,6 +24,10 @@ from tests.support import (
 )
 
 
+#: The replicated controller's keys (docs/ha.md), each with a flag.
+NATS_KEYS = ["nats_url", "nats_replicas", "replica_id", "lease_ttl", "snapshot_interval"]
+
+
 def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
     """A controller that starts anyway is stopped by the timeout, failing the test."""
     return run_kvplane(args, timeout=15)
@@ -59,6 +63,7 @@ def test_flags_help_and_checks_come_from_the_table() -> None:
         "protect_reads",
         "curve_secret_key_file",
         "curve_allowed_keys_dir",
+        *NATS_KEYS,
     ]
     for spec in flagged:
         assert " ".join(spec.help.rstrip(".").split()) in text
@@ -81,6 +86,7 @@ def test_flags_help_and_checks_come_from_the_table() -> None:
             "protect_reads",
             "curve_secret_key_file",
             "curve_allowed_keys_dir",
+            *NATS_KEYS,
         ]
     )  # the shape of GET /conf
     assert settings_from_args(parse("--log-level", "debug")).log_level == "DEBUG"

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple, Protocol
 
+import msgspec
 import numpy as np
 
 from kvplane.controller.core import ControllerCore
-from kvplane.controller.executor import EventStatus, EventTable, Executor, FanOutResult
+from kvplane.controller.executor import EventStatus, EventTable, Executor
 from kvplane.controller.index import Match
+from kvplane.controller.log_apply import ReplicaView
 from kvplane.controller.registry import WorkerKey, WorkerRecord
-from kvplane.errors import Conflict, NotFound, Unavailable
+from kvplane.errors import BadRequest, Conflict, NotFound, Unavailable
 from kvplane.keys import chunk_hashes
 from kvplane.protocol import (
     REFUSALS,
@@ -30,10 +32,12 @@ from kvplane.protocol import (
     ErrorCode,
     HealthCommand,
     MoveCommand,
+    OperationRecord,
+    OperationRequest,
     PinCommand,
 )
 
-__all__ = ["Cluster", "CommandFailed", "Done", "LookupStats", "ReaderGate"]
+__all__ = ["Cluster", "CommandFailed", "Done", "LookupStats", "OperationBus", "ReaderGate"]
 
 
 class Done(NamedTuple):
@@ -45,9 +49,25 @@ class CommandFailed(Unavailable):
     """Some workers failed or did not answer; the ``event_id`` and each worker's error code
     are ``details`` of the JSON error body."""
 
-    def __init__(self, message: str, event_id: str, result: FanOutResult) -> None:
-        codes = {str(w): int(r.error_code) for w, r in result.replies.items()}
-        super().__init__(message, details={"event_id": event_id, "error_codes": codes})
+    def __init__(self, message: str, event_id: str, codes: Mapping[int, int]) -> None:
+        details = {"event_id": event_id, "error_codes": {str(w): c for w, c in codes.items()}}
+        super().__init__(message, details=details)
+        self.event_id = event_id
+        self.codes = dict(codes)
+
+
+class OperationBus(Protocol):
+    """Where a replica's operations go (:mod:`kvplane.controller.opbus`): run once by the
+    lease holder, their state readable on every replica."""
+
+    def submit(self, op: OperationRequest) -> OperationRecord:
+        """Queue ``op`` (its ``event_id`` filled in), wait for its outcome; raises as
+        :meth:`Cluster.execute`, or Unavailable when the outcome is not known in time."""
+        ...
+
+    def status(self, event_id: str) -> EventStatus | None:
+        """The operation's state as every replica sees it; None if not an operation's."""
+        ...
 
 
 class LookupStats:
@@ -119,6 +139,9 @@ class Cluster:
         self.executor = executor
         self.clock = clock
         self.lookup_stats = LookupStats()
+        self.bus: OperationBus | None = None  # set on a replica: operations go through it
+        # Set on a replica: where it stands in the event log, for /status.
+        self.log_position: Callable[[], ReplicaView] | None = None
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -166,29 +189,33 @@ class Cluster:
         return found
 
     def check_finish(self, event_id: str) -> EventStatus:
+        if self.bus is not None:
+            status = self.bus.status(event_id)
+            if status is not None:
+                return status
         rec = self.events.get(event_id)
         return EventStatus.NOT_FOUND if rec is None else rec.status
 
     # --- commands ----------------------------------------------------------------------------
+    #
+    # Each command is an OperationRequest: run here (:meth:`execute`), or, on a replica,
+    # handed to the operation bus, which has the lease holder run it once and waits for
+    # the record it leaves (the same errors come back either way).
 
     def health(self, instance_id: str) -> tuple[str, dict[int, int]]:
-        workers = self.workers(instance_id)
-        event_id = self.events.start("health")
-        result = self.executor.fan_out(workers, lambda w: HealthCommand(event_id=event_id))
-        self.events.finish(event_id, result.error_summary())
-        return event_id, {w: int(r.error_code) for w, r in result.replies.items()}
+        rec = self.submit(OperationRequest(event_id="", kind="health", instance_id=instance_id))
+        return rec.request.event_id, dict(rec.error_codes)
 
     def clear(self, instance_id: str, location: str | None) -> Done:
-        locations = [location] if location else None
-        return self._run(
-            "clear", instance_id, lambda e, w: ClearCommand(event_id=e, locations=locations)
+        return self._done(
+            OperationRequest(event_id="", kind="clear", instance_id=instance_id, location=location)
         )
 
     def pin(self, instance_id: str, location: str | None, tokens: list[int]) -> Done:
-        return self._run(
-            "pin",
-            instance_id,
-            lambda e, w: PinCommand(event_id=e, tokens=tokens, location=location),
+        return self._done(
+            OperationRequest(
+                event_id="", kind="pin", instance_id=instance_id, location=location, tokens=tokens
+            )
         )
 
     def compress(
@@ -200,11 +227,15 @@ class Cluster:
         *,
         decompress: bool = False,
     ) -> Done:
-        kind = DecompressCommand if decompress else CompressCommand
-        return self._run(
-            "decompress" if decompress else "compress",
-            instance_id,
-            lambda e, w: kind(event_id=e, method=method, location=location, tokens=tokens),
+        return self._done(
+            OperationRequest(
+                event_id="",
+                kind="decompress" if decompress else "compress",
+                instance_id=instance_id,
+                method=method,
+                location=location,
+                tokens=tokens,
+            )
         )
 
     def move(
@@ -215,37 +246,84 @@ class Cluster:
         copy: bool,
     ) -> Done:
         """Each source rank sends its chunks to the same rank of the destination instance."""
-        dst_ranks = {w.worker_id: w for w in self.workers(dst[0])}
-        src_ranks = self.workers(src[0])
-        missing = [w.worker_id for w in src_ranks if w.worker_id not in dst_ranks]
-        if missing:
-            raise Conflict(f"destination instance {dst[0]!r} lacks rank(s) {missing}")
-
-        def command(event_id: str, w: WorkerRecord) -> Command:
-            return MoveCommand(
-                event_id=event_id,
-                src_location=src[1],
+        return self._done(
+            OperationRequest(
+                event_id="",
+                kind="move",
+                instance_id=src[0],
+                location=src[1],
                 dst_instance_id=dst[0],
                 dst_location=dst[1],
-                dst_peer_url=dst_ranks[w.worker_id].peer_init_url,
                 tokens=tokens,
                 copy=copy,
             )
+        )
 
-        return self._run("move", src[0], command)
+    def submit(self, op: OperationRequest) -> OperationRecord:
+        """Run ``op`` here, or through the operation bus when there is one; its finished
+        record. Raises what the operation raised (NotFound, a refusal, CommandFailed)."""
+        if self.bus is None:
+            return self.execute(op)
+        return self.bus.submit(op)
 
-    def _run(
-        self, kind: str, instance_id: str, make: Callable[[str, WorkerRecord], Command]
-    ) -> Done:
-        workers = self.workers(instance_id)
-        event_id = self.events.start(kind)
+    def execute(self, op: OperationRequest) -> OperationRecord:
+        """Fan ``op`` out to its instance's workers here (an empty ``event_id`` gets a new
+        one); the finished record, or the error as :meth:`submit` says."""
+        workers = self.workers(op.instance_id)
+        make = self._commands(op, workers)
+        event_id = self.events.start(op.kind, event_id=op.event_id or None)
+        op = msgspec.structs.replace(op, event_id=event_id)
         result = self.executor.fan_out(workers, lambda w: make(event_id, w))
         summary = result.error_summary()
         self.events.finish(event_id, summary)
-        if result.ok:
-            return Done(event_id, result.num_tokens)
-        codes = {r.error_code for r in result.replies.values()} - {ErrorCode.OK}
-        refusal = REFUSALS.get(codes.pop()) if len(codes) == 1 else None
+        codes = {w: int(r.error_code) for w, r in result.replies.items()}
+        record = OperationRecord(
+            request=op, status="finished", num_tokens=result.num_tokens, error_codes=codes
+        )
+        if result.ok or op.kind == "health":  # health reports its codes, never raises
+            return record
+        failed = {r.error_code for r in result.replies.values()} - {ErrorCode.OK}
+        refusal = REFUSALS.get(failed.pop()) if len(failed) == 1 else None
         if refusal is not None:
-            raise refusal(f"{kind} on instance {instance_id!r}: {summary}")
-        raise CommandFailed(f"{kind} on instance {instance_id!r}: {summary}", event_id, result)
+            raise refusal(f"{op.kind} on instance {op.instance_id!r}: {summary}")
+        raise CommandFailed(f"{op.kind} on instance {op.instance_id!r}: {summary}", event_id, codes)
+
+    def _done(self, op: OperationRequest) -> Done:
+        rec = self.submit(op)
+        return Done(rec.request.event_id, rec.num_tokens)
+
+    def _commands(
+        self, op: OperationRequest, workers: Sequence[WorkerRecord]
+    ) -> Callable[[str, WorkerRecord], Command]:
+        """How to build ``op``'s command for each worker; raises Conflict for a move whose
+        destination lacks a source rank, BadRequest for an unknown kind."""
+        if op.kind == "health":
+            return lambda e, w: HealthCommand(event_id=e)
+        if op.kind == "clear":
+            locations = [op.location] if op.location else None
+            return lambda e, w: ClearCommand(event_id=e, locations=locations)
+        if op.kind == "pin":
+            tokens = op.tokens or []
+            return lambda e, w: PinCommand(event_id=e, tokens=tokens, location=op.location)
+        if op.kind in ("compress", "decompress"):
+            kind = DecompressCommand if op.kind == "decompress" else CompressCommand
+            method, location = op.method or "", op.location or ""
+            return lambda e, w: kind(event_id=e, method=method, location=location, tokens=op.tokens)
+        if op.kind == "move" and op.dst_instance_id is not None:
+            dst_ranks = {w.worker_id: w for w in self.workers(op.dst_instance_id)}
+            missing = [w.worker_id for w in workers if w.worker_id not in dst_ranks]
+            if missing:
+                raise Conflict(
+                    f"destination instance {op.dst_instance_id!r} lacks rank(s) {missing}"
+                )
+            dst_id, dst_location = op.dst_instance_id, op.dst_location or ""
+            return lambda e, w: MoveCommand(
+                event_id=e,
+                src_location=op.location or "",
+                dst_instance_id=dst_id,
+                dst_location=dst_location,
+                dst_peer_url=dst_ranks[w.worker_id].peer_init_url,
+                tokens=op.tokens,
+                copy=op.copy,
+            )
+        raise BadRequest(f"unknown operation kind {op.kind!r}")

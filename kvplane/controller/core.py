@@ -58,6 +58,7 @@ class Counters:
     unknown_heartbeats: int = 0
     unknown_messages: int = 0
     malformed_frames: int = 0
+    foreign_messages: int = 0  # event-log messages of a kind or subject that do not belong
     registrations: int = 0
     registrations_refused: int = 0
     deregistrations: int = 0
@@ -120,6 +121,17 @@ class ControllerCore:
                 now - rec.last_heartbeat_time,
             )
         return dead
+
+    def reap_one(self, key: WorkerKey, epoch: int, last_heartbeat_time: float) -> bool:
+        """Apply a reap decided elsewhere (the lease holder's, in the log): the worker goes
+        if it is still that incarnation with no newer heartbeat. Whether it went."""
+        rec = self.registry.remove_if_silent(key, epoch, last_heartbeat_time)
+        if rec is None:
+            return False
+        self._drop(key)
+        self.counters.reaped_workers += 1
+        log.warning("reaped worker %s/%d at %s (the lease holder's decision)", *key, rec.address)
+        return True
 
     def lookup(
         self, hashes_by_chunk_size: dict[int, list[int]], num_tokens: int

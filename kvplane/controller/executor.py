@@ -69,8 +69,14 @@ class EventTable:
         self._operations: OrderedDict[str, EventRecord] = OrderedDict()
         self._lock = threading.Lock()
 
-    def start(self, kind: str, *, finished: bool = False) -> str:
-        event_id = f"{kind}-{os.urandom(16).hex()}"  # uuid4 without its object: per lookup
+    @staticmethod
+    def new_id(kind: str) -> str:
+        return f"{kind}-{os.urandom(16).hex()}"  # uuid4 without its object: per lookup
+
+    def start(self, kind: str, *, finished: bool = False, event_id: str | None = None) -> str:
+        """Record a new event (``event_id``: one chosen elsewhere, e.g. by the replica that
+        accepted an operation); its id."""
+        event_id = event_id or self.new_id(kind)
         status = EventStatus.FINISHED if finished else EventStatus.RUNNING
         table = self._queries if kind in self.QUERIES else self._operations
         with self._lock:

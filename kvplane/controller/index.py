@@ -214,6 +214,19 @@ class ChunkIndex:
             return {}
         return {loc: list(chain.from_iterable(shards)) for loc, shards in worker.locations.items()}
 
+    def tier_arrays(self, key: WorkerKey) -> dict[str, np.ndarray]:
+        """The chunk hashes ``key`` holds per tier, in report order of the tiers, as uint64
+        arrays (what a snapshot stores: one C-level copy, no Python list per tier)."""
+        worker = self._instances.get(key.instance_id, {}).get(key.worker_id)
+        if worker is None:
+            return {}
+        return {
+            loc: np.fromiter(
+                chain.from_iterable(shards), dtype=np.uint64, count=sum(map(len, shards))
+            )
+            for loc, shards in worker.locations.items()
+        }
+
     def tier_counts(self, key: WorkerKey) -> dict[str, int]:
         """Chunks one worker holds per tier, in the order its tiers were first reported
         (a tier emptied by evictions stays, at 0); empty for an unknown worker."""

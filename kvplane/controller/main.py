@@ -19,7 +19,7 @@ from kvplane.controller.settings import (
 from kvplane.errors import ConfigError, KvplaneError
 from kvplane.settings_table import add_flags, flag_values
 
-__all__ = ["add_parser", "exposure_warnings", "run", "settings_from_args"]
+__all__ = ["add_parser", "bind_worker_ports", "exposure_warnings", "run", "settings_from_args"]
 
 log = logging.getLogger("kvplane.controller")
 
@@ -132,14 +132,32 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     # Short GIL hand-offs: HTTP lookups get the interpreter quickly during an ingest burst.
     sys.setswitchinterval(0.0005)
-    service = ControllerService(settings)
+    services: list[Any] = []
     try:
-        service.start()
+        if settings.nats_url:
+            if bind_worker_ports(args):
+                raise ConfigError(
+                    "--monitor-ports with --nats is not supported yet: a replica's workers "
+                    "publish to the event log (controller_nats_url), not to ZMQ ports"
+                )
+            from kvplane.controller.replica import ReplicaService
+
+            replica = ReplicaService(settings)
+            services.append(replica)
+            replica.start()
+            cluster = replica.cluster
+        else:
+            service = ControllerService(settings)
+            service.start()
+            services.append(service)
+            cluster = service.cluster
     except KvplaneError as exc:
         log.error("%s", exc)
+        for started in services:
+            started.stop()
         return 2 if isinstance(exc, ConfigError) else 1
     log.info("controller HTTP API at %s:%d", settings.host, settings.port)
-    app = create_app(service.cluster, settings)
+    app = create_app(cluster, settings)
     # Start-up objects (FastAPI, pydantic schemas) never die: keep them out of every
     # collection, and collect young objects less often; the index itself is untracked.
     gc.freeze()
@@ -147,5 +165,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_http(app, settings.host, settings.port, log_level=settings.log_level.lower())
     finally:
-        service.stop()
+        for started in services:
+            started.stop()
     return 0
+
+
+def bind_worker_ports(args: argparse.Namespace) -> bool:
+    """Whether the command line (or its ``--config`` file) names worker ports: a replica
+    binds none otherwise."""
+    if args.monitor_ports or args.monitor_port is not None:
+        return True
+    if args.config:
+        from kvplane.settings_table import read_yaml
+
+        return "monitor_ports" in read_yaml(args.config, "controller config")
+    return False

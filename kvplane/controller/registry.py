@@ -156,10 +156,28 @@ class Registry:
 
     def reap(self, now: float) -> list[WorkerRecord]:
         """Remove and return every worker whose last heartbeat is older than the timeout."""
-        dead = [r for r in self._workers.values() if now - r.last_heartbeat_time > self.timeout_s]
+        dead = self.silent(now)
         for rec in dead:
             del self._workers[rec.key]
         return dead
+
+    def remove_if_silent(
+        self, key: WorkerKey, epoch: int, last_heartbeat_time: float
+    ) -> WorkerRecord | None:
+        """Remove the worker if it is still incarnation ``epoch`` and has not heartbeat
+        since ``last_heartbeat_time`` (a reap decided elsewhere); the removed record or None."""
+        rec = self._workers.get(key)
+        if rec is None or rec.epoch != epoch or rec.last_heartbeat_time > last_heartbeat_time:
+            return None
+        return self._workers.pop(key)
+
+    def restore(self, rec: WorkerRecord) -> None:
+        """Put back a record as a snapshot holds it (sequence and resync state included)."""
+        self._workers[rec.key] = rec
+
+    def silent(self, now: float) -> list[WorkerRecord]:
+        """The workers :meth:`reap` would remove at ``now``, without removing them."""
+        return [r for r in self._workers.values() if now - r.last_heartbeat_time > self.timeout_s]
 
     def get(self, key: WorkerKey) -> WorkerRecord | None:
         return self._workers.get(key)

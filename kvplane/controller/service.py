@@ -29,20 +29,18 @@ from kvplane.controller.cluster import Cluster
 from kvplane.controller.core import ControllerCore
 from kvplane.controller.executor import Executor
 from kvplane.controller.index import DroppedChunks
-from kvplane.controller.registry import WorkerRecord
 from kvplane.controller.settings import ControllerConfig
+from kvplane.controller.transport import CommandSender, resync_target
 from kvplane.curve import (
     HANDSHAKE_FAILURES,
     CurveAuth,
     KeyPair,
     load_key_pair,
     load_public_keys,
-    make_client,
     make_server,
 )
 from kvplane.errors import BadRequest, Unavailable
 from kvplane.protocol import (
-    Command,
     CommandReply,
     ErrorCode,
     HeartbeatReply,
@@ -72,7 +70,8 @@ class ControllerService:
         self.settings = settings
         self._ctx = zmq.Context()
         core = ControllerCore(settings.worker_timeout)
-        executor = Executor(self._send_command, settings.command_timeout)
+        self._commands = CommandSender(self._ctx)
+        executor = Executor(self._commands, settings.command_timeout)
         self.cluster = Cluster(core, executor, clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -92,6 +91,7 @@ class ControllerService:
         host = f"[{s.host}]" if ":" in s.host else s.host
         if s.curve_secret_key_file is not None and s.curve_allowed_keys_dir is not None:
             self._keys = load_key_pair(s.curve_secret_key_file, "curve_secret_key_file")
+            self._commands.keys = self._keys
             allowed = load_public_keys(s.curve_allowed_keys_dir, "curve_allowed_keys_dir")
             self._auth = CurveAuth(self._ctx, allowed)
             self._auth.start()
@@ -252,22 +252,9 @@ class ControllerService:
     def _tell_to_resync(self, heartbeat: HeartbeatRequest) -> None:
         """A heartbeat that came over PULL cannot be answered; if it says where the worker
         listens, send it a ResyncCommand instead (off this thread, under the deadline)."""
-        if not heartbeat.ip or not heartbeat.port:
+        target = resync_target(heartbeat, self.cluster.clock())
+        if target is None:
             return
-        now = self.cluster.clock()
-        target = WorkerRecord(
-            instance_id=heartbeat.instance_id,
-            worker_id=heartbeat.worker_id,
-            ip=heartbeat.ip,
-            port=heartbeat.port,
-            peer_init_url=None,
-            chunk_size=0,
-            key_scheme="",
-            epoch=heartbeat.epoch,
-            registration_time=now,
-            last_heartbeat_time=now,
-            curve_key=heartbeat.curve_key,
-        )
         command = ResyncCommand(event_id=self.cluster.events.start("resync", finished=True))
         self.cluster.executor.submit(target, command)
 
@@ -277,33 +264,6 @@ class ControllerService:
             cluster.core.reap(cluster.clock())
             dropped = cluster.core.take_dropped()
         _free(dropped)
-
-    # --- commands to workers -----------------------------------------------------------------
-
-    def _send_command(self, worker: WorkerRecord, command: Command, timeout: float) -> CommandReply:
-        """One REQ socket per command, so a timed-out exchange never poisons the next."""
-        sock: zmq.Socket[bytes] = self._ctx.socket(zmq.REQ)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            if ":" in worker.ip:
-                sock.setsockopt(zmq.IPV6, 1)
-            if self._keys is not None and worker.curve_key:
-                make_client(sock, self._keys, worker.curve_key.encode())
-            sock.connect(worker.address)
-            sock.send(encode(command))
-            if not sock.poll(int(timeout * 1000), zmq.POLLIN):
-                raise Unavailable(
-                    f"worker {worker.instance_id}/{worker.worker_id} at {worker.address} "
-                    f"did not answer within {timeout:g}s"
-                )
-            reply = decode(sock.recv())
-        finally:
-            sock.close(linger=0)
-        if not isinstance(reply, CommandReply):
-            return CommandReply(
-                error_code=ErrorCode.FAILED, message=f"unexpected reply {type(reply).__name__}"
-            )
-        return reply
 
 
 def _free(dropped: list[DroppedChunks]) -> None:

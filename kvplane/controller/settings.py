@@ -135,6 +135,46 @@ class ControllerConfig:
         flags=("--curve-allowed-keys-dir",),
     )
 
+    nats_url: str | None = key(
+        None,
+        "NATS server(s) of the event log, e.g. nats://127.0.0.1:4222 (comma-separated for a "
+        "cluster): run as one replica of a replicated controller (docs/ha.md); the worker "
+        "ports are bound only with --monitor-ports. null: the single ZMQ controller.",
+        kind=OPT_STR,
+        flags=("--nats",),
+    )
+    nats_replicas: int = key(
+        1,
+        "Copies JetStream keeps of the log, the work queue and the buckets (3 on a 3-node "
+        "cluster); read when they are first created.",
+        kind=INT,
+        minimum=1,
+        maximum=5,
+        flags=("--nats-replicas",),
+    )
+    replica_id: str | None = key(
+        None,
+        "This replica's name in the lease and in /status; null: host name and process id.",
+        kind=OPT_STR,
+        flags=("--replica-id",),
+    )
+    lease_ttl: float = key(
+        5.0,
+        "Seconds the lease holder's lease lasts without renewal (it renews every third); "
+        "another replica takes over at most this long after the holder dies.",
+        kind=FLOAT,
+        minimum=0.5,
+        flags=("--lease-ttl",),
+    )
+    snapshot_interval: float = key(
+        30.0,
+        "Seconds between the lease holder's index snapshots (then the log is trimmed behind "
+        "the older of the two it keeps).",
+        kind=FLOAT,
+        minimum=0.1,
+        flags=("--snapshot-interval",),
+    )
+
     def __post_init__(self) -> None:
         validate_fields(self)
         if (self.curve_secret_key_file is None) != (self.curve_allowed_keys_dir is None):

@@ -20,6 +20,7 @@ __all__ = [
     "ClusterStatus",
     "ClusterTotals",
     "InstanceStatus",
+    "LogStatus",
     "WorkerStatus",
     "build_status_router",
     "snapshot",
@@ -49,11 +50,30 @@ class ClusterTotals(BaseModel):
     chunks_by_tier: dict[str, int]
 
 
+class LogStatus(BaseModel):
+    """A replica's place in the event log (docs/ha.md)."""
+
+    replica_id: str
+    leader: bool = Field(description="whether this replica holds the lease")
+    leader_id: str | None = Field(description="the lease holder, as last read")
+    connected: bool = Field(description="whether it has a connection to NATS")
+    stale: bool = Field(
+        description="no word from NATS lately: the index may lack what workers reported since"
+    )
+    applied_seq: int = Field(description="the last log sequence applied to the index")
+    stream_seq: int = Field(description="the log's last sequence, as last read")
+    lag: int = Field(description="stream_seq - applied_seq")
+    snapshot_seq: int = Field(description="the sequence of the latest snapshot it loaded or wrote")
+
+
 class ClusterStatus(BaseModel):
     time: float = Field(description="the controller's clock when the snapshot was taken")
     worker_timeout_s: float = Field(description="heartbeat age at which a worker is reaped")
     instances: list[InstanceStatus]
     totals: ClusterTotals
+    log: LogStatus | None = Field(
+        None, description="where this replica stands in the event log; null: ZMQ controller"
+    )
 
 
 def snapshot(
@@ -93,6 +113,7 @@ def snapshot(
             chunks=sum(by_tier.values()),
             chunks_by_tier=by_tier,
         ),
+        log=None,
     )
 
 
@@ -126,6 +147,9 @@ def build_status_router(cluster: Cluster) -> APIRouter:
         with cluster.lock:
             copied = copy_workers(cluster.core)
         timeout = cluster.core.registry.timeout_s
-        return snapshot(copied.workers, copied.tier_counts, cluster.clock(), timeout)
+        out = snapshot(copied.workers, copied.tier_counts, cluster.clock(), timeout)
+        if cluster.log_position is not None:
+            out.log = LogStatus(**cluster.log_position()._asdict())
+        return out
 
     return router

@@ -6,12 +6,21 @@ threads on a p2p miss.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from kvplane.keys import CacheKey
 from kvplane.protocol import PeerLookupReply, PeerLookupRequest, pack_hashes
-from kvplane.worker.link import ControllerLink
 
-__all__ = ["PeerDirectory"]
+__all__ = ["PeerDirectory", "Requester"]
+
+
+class Requester(Protocol):
+    """Request/reply with the controller: ZMQ's ControllerLink or NATS's NatsOutbox."""
+
+    @property
+    def answers(self) -> bool: ...
+
+    def request(self, msg: Any, timeout_s: float) -> Any: ...
 
 
 class PeerDirectory:
@@ -19,7 +28,7 @@ class PeerDirectory:
 
     def __init__(
         self,
-        link: ControllerLink,
+        link: Requester,
         *,
         instance_id: str,
         worker_id: int,

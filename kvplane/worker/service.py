@@ -32,6 +32,7 @@ from kvplane.errors import ConfigError
 from kvplane.keys import key_scheme_fingerprint
 from kvplane.metric_specs import WORKER_COUNTERS
 from kvplane.protocol import (
+    ChunkReport,
     CommandReply,
     ErrorCode,
     HeartbeatReply,
@@ -43,6 +44,7 @@ from kvplane.protocol import (
 from kvplane.worker.commands import CommandHandlers
 from kvplane.worker.link import ClientCurve, ControllerLink, local_ip_towards, zmq_url
 from kvplane.worker.metrics import WorkerStatsCollector
+from kvplane.worker.nats_link import NatsOutbox
 from kvplane.worker.peers import PeerDirectory
 from kvplane.worker.reports import ReportBuffer, ResyncProgress
 from kvplane.worker.session import Change, Outgoing, WorkerSession
@@ -78,15 +80,37 @@ class ControllerWorker:
         closes it on :meth:`stop`). ``p2p``: this process's peer node, if any: its URL is
         registered as the ``peer_init_url``; whoever builds the worker makes
         ``peers.locate`` the p2p tier's locator."""
-        if not config.controller_pull_url:
-            raise ConfigError("enable_controller needs controller_pull_url (host:port)")
+        if not config.controller_pull_url and not config.controller_nats_url:
+            raise ConfigError(
+                "enable_controller needs controller_pull_url (host:port) or controller_nats_url"
+            )
         self.config = config
         self.engine = engine
         self.instance_id = config.lmcache_instance_id
         self.worker_id = engine.facts.worker_id
-        self.pull_url = zmq_url(config.controller_pull_url)
-        reply_url = zmq_url(config.controller_reply_url) if config.controller_reply_url else None
-        self.ip = local_ip_towards(self.pull_url)
+        self._who = f"worker {self.instance_id}/{self.worker_id}"
+        # With controller_nats_url every message goes to the event log (no ZMQ towards a
+        # controller): registrations go unanswered, as in pull-only mode.
+        self.outbox: NatsOutbox | None = None
+        if config.controller_nats_url:
+            self.outbox = NatsOutbox(
+                config.controller_nats_url,
+                self.instance_id,
+                self.worker_id,
+                capacity=config.controller_nats_buffer,
+                who=self._who,
+                publish_timeout_s=config.controller_timeout_s,
+            )
+            self.pull_url = config.controller_nats_url
+            reply_url = None
+            self.ip = local_ip_towards(config.controller_nats_url.split(",")[0])
+        else:
+            assert config.controller_pull_url is not None  # checked above
+            self.pull_url = zmq_url(config.controller_pull_url)
+            reply_url = (
+                zmq_url(config.controller_reply_url) if config.controller_reply_url else None
+            )
+            self.ip = local_ip_towards(self.pull_url)
         self.p2p = p2p
         self.port = rank_port("lmcache_worker_ports", config.lmcache_worker_ports, self.worker_id)
         self.events = events
@@ -98,11 +122,10 @@ class ControllerWorker:
         self.stats = dict.fromkeys(WORKER_COUNTERS, 0)  # written by the control thread only
         curve = _client_curve(config)  # before anything that needs closing is made
         self._ctx = zmq.Context()
-        self._who = f"worker {self.instance_id}/{self.worker_id}"
         self._auth: CurveAuth | None = None
         self.link = ControllerLink(self._ctx, reply_url, who=self._who, curve=curve)
         self.peers = PeerDirectory(
-            self.link,
+            self.outbox or self.link,
             instance_id=self.instance_id,
             worker_id=self.worker_id,
             chunk_size=config.chunk_size,
@@ -175,6 +198,8 @@ class ControllerWorker:
             replies=self.link.answers,
             now=time.monotonic(),
         )
+        if self.outbox is not None:
+            self.outbox.start()
         for target, name in (
             (self._control_loop, "kvplane-worker"),
             (self._command_loop, "kvplane-worker-cmd"),
@@ -197,6 +222,8 @@ class ControllerWorker:
         for thread in self._threads:
             thread.join(timeout=self.config.controller_timeout_s + 5)
         self._threads = []
+        if self.outbox is not None:
+            self.outbox.stop()
         self.events.close()
         if self._auth is not None:
             self._auth.stop()
@@ -224,7 +251,8 @@ class ControllerWorker:
         assert session is not None  # built by start()
         push = self.link.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 10_000)
-        push.connect(self.pull_url)
+        if self.outbox is None:
+            push.connect(self.pull_url)
         try:
             while not self._stop.is_set():
                 try:
@@ -237,6 +265,8 @@ class ControllerWorker:
             bye = session.close()
             if bye is not None:
                 self._exchange(bye, push)
+            if self.outbox is not None:
+                self.outbox.drain(self.config.controller_timeout_s)
         except Exception:  # stopping: the engine goes on stopping all the same
             log.exception("%s: deregistering at stop failed", self._who)
         finally:
@@ -250,6 +280,9 @@ class ControllerWorker:
             reply = self._exchange(out, push)
             self._apply(session.on_reply(reply, now), reply)
         self._take_events()
+        if self.outbox is not None and self.outbox.take_loss():
+            log.warning("%s: messages to the event log were dropped; resyncing", self._who)
+            self._resync_requested.set()
         if self._resync_requested.is_set():  # by command (pull-only mode), overflow
             self._resync_requested.clear()
             self._apply(session.resync_requested(now), None)
@@ -302,6 +335,9 @@ class ControllerWorker:
     def _exchange(self, out: Outgoing, push: zmq.Socket[bytes]) -> Any:
         """Send a session request: over the reply port (its reply, None on timeout), or in
         pull-only mode over PUSH with no reply."""
+        if self.outbox is not None:
+            self.outbox.put(out.message)
+            return None
         if self.link.answers:
             return self.link.request(out.message, out.timeout_s)
         with contextlib.suppress(zmq.Again):
@@ -313,11 +349,10 @@ class ControllerWorker:
             return
         for segments in self.buffer.drain():
             report = session.next_report(segments)  # numbered even if dropped: a gap
-            try:
-                push.send(encode(report), zmq.NOBLOCK)
+            if self._send(report, push):
                 self.stats["reports_sent"] += 1
                 self.stats["events_sent"] += sum(len(s.hashes) // 8 for s in segments)
-            except zmq.Again:  # the numbered gap makes the controller ask for a resync
+            else:  # the numbered gap makes the controller ask for a resync
                 self.stats["reports_dropped"] += 1
             if self._resync is not None:
                 line = self._resync.sent(sum(len(s.hashes) // 8 for s in segments))
@@ -325,6 +360,16 @@ class ControllerWorker:
                     log.info("%s: %s", self._who, line)
                 if self._resync.finished:
                     self._resync = None
+
+    def _send(self, report: ChunkReport, push: zmq.Socket[bytes]) -> bool:
+        """Hand a report to the event log's outbox or the PUSH socket; False: dropped."""
+        if self.outbox is not None:
+            return self.outbox.put(report)
+        try:
+            push.send(encode(report), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
 
     # --- the command thread ------------------------------------------------------------------
 
