@@ -4,21 +4,41 @@ controller replicas started against them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import random
 import shutil
 import socket
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
+import zmq
 
 from kvplane.children import Child, kvplane_args, start_child
+from kvplane.eventlog import worker_subject
+from kvplane.keys import key_scheme_fingerprint
+from kvplane.protocol import (
+    ChunkReport,
+    CommandReply,
+    HeartbeatRequest,
+    RegisterRequest,
+    Segment,
+    decode,
+    encode,
+    pack_hashes,
+)
 from tests.engine_support import SMALL_KV
 from tests.support import free_ports, wait_until
 
 __all__ = [
+    "LogWorker",
     "NatsServer",
     "Replica",
     "engine_config",
@@ -117,6 +137,21 @@ class Replica:
         body: dict[str, Any] = resp.json()
         return body
 
+    def metric(self, name: str) -> float:
+        """``kvplane_controller_<name>_total`` (or the gauge ``..._<name>``) from /metrics."""
+        for line in self.http.get("/metrics").text.splitlines():
+            if line.split(" ")[0] in (
+                f"kvplane_controller_{name}_total",
+                f"kvplane_controller_{name}",
+            ):
+                return float(line.split()[-1])
+        raise KeyError(name)
+
+    def kill(self) -> None:
+        """SIGKILL, no goodbye (the lease stays until it expires)."""
+        self.child.proc.kill()
+        self.child.proc.wait(10)
+
     def applied(self) -> int:
         return int(self.status()["log"]["applied_seq"])
 
@@ -182,3 +217,103 @@ def wait_agree(
     wait_until(
         lambda: same_answers(replicas, calls), timeout=timeout, interval=0.2, what="replicas agree"
     )
+
+
+class LogWorker:
+    """A protocol-level worker on the event log: exact messages published on its subject
+    (its own loop thread, like the real worker's), commands answered on a ZMQ REP port."""
+
+    def __init__(self, nats_url: str, instance_id: str, *, chunk_size: int = 4) -> None:
+        self.instance_id = instance_id
+        self.chunk_size = chunk_size
+        self.subject = worker_subject(instance_id, 0)
+        self.port = free_ports(1)[0]
+        self.epoch = random.getrandbits(62)
+        self.seq = 0
+        self.commands: list[Any] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._nc: Any = self._call(nats.connect(nats_url))
+        self._js = self._nc.jetstream()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._ctx = zmq.Context()
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(15)
+
+    def publish(self, msg: Any, subject: str | None = None) -> None:
+        data = msg if isinstance(msg, bytes) else encode(msg)
+        self._call(self._js.publish(subject or self.subject, data))
+
+    def register(self) -> None:
+        self.epoch, self.seq = random.getrandbits(62), 0
+        self.publish(
+            RegisterRequest(
+                instance_id=self.instance_id,
+                worker_id=0,
+                ip="127.0.0.1",
+                port=self.port,
+                key_scheme=key_scheme_fingerprint(self.chunk_size),
+                chunk_size=self.chunk_size,
+                epoch=self.epoch,
+            )
+        )
+
+    def heartbeat(self) -> None:
+        beat = HeartbeatRequest(
+            instance_id=self.instance_id, worker_id=0, epoch=self.epoch, ip="127.0.0.1",
+            port=self.port,
+        )  # fmt: skip
+        self.publish(beat)
+
+    def report(self, hashes: list[int], admit: bool = True) -> None:
+        self.seq += 1
+        seg = Segment(admit, "LocalCPUBackend", pack_hashes(hashes))
+        self.publish(
+            ChunkReport(
+                instance_id=self.instance_id, worker_id=0, epoch=self.epoch, seq=self.seq,
+                segments=[seg],
+            )
+        )  # fmt: skip
+
+    def keep_alive(self, interval: float = 0.2) -> threading.Event:
+        """Heartbeat every ``interval`` until the returned event is set (or :meth:`close`)."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not (stop.wait(interval) or self._stop.is_set()):
+                with contextlib.suppress(Exception):
+                    self.heartbeat()
+
+        self._threads.append(threading.Thread(target=loop, daemon=True))
+        self._threads[-1].start()
+        return stop
+
+    def serve_commands(self, answer: Callable[[Any], CommandReply]) -> None:
+        """Answer commands on :attr:`port` (each recorded in :attr:`commands` first)."""
+        rep = self._ctx.socket(zmq.REP)
+        rep.setsockopt(zmq.LINGER, 0)
+        rep.bind(f"tcp://127.0.0.1:{self.port}")
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                if rep.poll(50):
+                    cmd = decode(rep.recv())
+                    self.commands.append(cmd)
+                    rep.send(encode(answer(cmd)))
+            rep.close()
+
+        self._threads.append(threading.Thread(target=loop, daemon=True))
+        self._threads[-1].start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        with contextlib.suppress(Exception):
+            self._call(self._nc.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._ctx.term()

@@ -23,7 +23,6 @@ from tests.support import (
     wait_until,
 )
 
-
 #: The replicated controller's keys (docs/ha.md), each with a flag.
 NATS_KEYS = ["nats_url", "nats_replicas", "replica_id", "lease_ttl", "snapshot_interval"]
 
