@@ -9,6 +9,11 @@ busy the controller was meanwhile, so a client-bound figure shows as one.
 
     python benchmarks/controller.py            # 100K and 1M chunks across 16 instances
     python benchmarks/controller.py --quick    # smaller, for a smoke run
+    python benchmarks/controller.py --no-ha    # without the replicas on NATS JetStream
+
+The same run then measures the replicated controller (benchmarks/replicas.py): admits/s
+through JetStream, a replica joining at ~1M chunks, /lookup on a replica against this
+run's ZMQ controller.
 
 The last line printed is one JSON object with the headline numbers.
 """
@@ -39,6 +44,7 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.vllm_ttft import cpu_times, steal_share  # noqa: E402
 from kvplane.keys import chunk_hashes, key_scheme_fingerprint  # noqa: E402
 from kvplane.protocol import (  # noqa: E402
     ChunkReport,
@@ -302,11 +308,17 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=300_000)
     parser.add_argument("--lookups", type=int, default=2000)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--no-ha",
+        action="store_true",
+        help="skip the replicas on NATS JetStream (benchmarks/replicas.py)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.small, args.large, args.burst, args.lookups = 20_000, 100_000, 50_000, 300
 
     print(f"machine: {machine()}")
+    cpu_before = cpu_times()
     http_port, pull, reply = free_ports(3)
     cmd = [
         sys.executable, "-m", "kvplane", "controller", "--host", "127.0.0.1",
@@ -329,11 +341,57 @@ def main() -> None:
                 raise TimeoutError("controller did not start")
             time.sleep(0.1)
         results = run_benchmark(args, http, http_port, pull, reply, proc.pid)
+        if not args.no_ha:
+            results |= run_ha(args, http_port)
     finally:
         http.close()
         proc.terminate()
         proc.wait(20)
+    stolen = steal_share(cpu_before, cpu_times())
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"CPU time stolen by the hypervisor during the run: {stolen:.0%}; load average at end {load}"
+    )
+    results["stolen"] = round(stolen, 3)
     print(json.dumps(results))
+
+
+def run_ha(args: argparse.Namespace, zmq_http_port: int) -> dict[str, object]:
+    """The replicas' figures (benchmarks/replicas.py), against this run's ZMQ controller."""
+    from benchmarks.replicas import run_replicas
+
+    prompt_hashes, bodies = make_prompts(np.random.default_rng(7))
+    clients: dict[int, LookupClient] = {}
+
+    def lookup(port: int, bodies: list[bytes], n: int) -> list[float]:
+        return timed_lookups(clients.setdefault(port, LookupClient(port)), bodies, n)
+
+    try:
+        return run_replicas(
+            ROOT,
+            free_ports=free_ports,
+            metric=metric,
+            instances=args.instances,
+            large=args.large,
+            prompt_hashes=prompt_hashes,
+            reports=reports,
+            lookup=lookup,
+            bodies=bodies,
+            zmq_http_port=zmq_http_port,
+            lookups=args.lookups,
+            percentile=percentile,
+        )
+    finally:
+        for c in clients.values():
+            c.close()
+
+
+def make_prompts(rng: np.random.Generator) -> tuple[list[list[int]], list[bytes]]:
+    """64 prompts of 8K tokens: their chunk hashes and /lookup bodies."""
+    prompts = [rng.integers(0, 128_000, PROMPT_TOKENS).tolist() for _ in range(64)]
+    return [chunk_hashes(p, CHUNK) for p in prompts], [
+        json.dumps({"tokens": p}).encode() for p in prompts
+    ]
 
 
 def run_benchmark(
@@ -348,9 +406,7 @@ def run_benchmark(
     seqs = dict.fromkeys(instances, 1)
 
     # Real prompts (cached prefixes of 1..32 chunks on one instance each) inside random bulk.
-    prompts = [rng.integers(0, 128_000, PROMPT_TOKENS).tolist() for _ in range(64)]
-    prompt_hashes = [chunk_hashes(p, CHUNK) for p in prompts]
-    bodies = [json.dumps({"tokens": p}).encode() for p in prompts]
+    prompt_hashes, bodies = make_prompts(rng)
 
     def fill(total: int) -> float:
         """Admit ``total`` chunks spread over the instances; seconds until all applied."""

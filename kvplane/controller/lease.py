@@ -48,6 +48,7 @@ __all__ = ["KEEP_SNAPSHOTS", "LeaseHolder", "snapshot_names"]
 log = logging.getLogger(__name__)
 
 KEEP_SNAPSHOTS = 2
+_PAUSE_S = 0.0005  # between workers of a snapshot copy: lookups run
 _EXECUTOR = "kvplane-executor"  # the work queue's one durable consumer
 
 
@@ -168,9 +169,11 @@ class LeaseHolder:
         cluster = r.cluster
         if r.applier.applied_seq <= r.snapshot_seq:
             return None
-        with cluster.lock:
-            seq = r.applier.applied_seq
-            snap = capture(cluster.core, seq)
+        # No lock: this thread is the only one that changes the core (it applies the log),
+        # so nothing moves while it copies, and lookups read on beside it; the pauses hand
+        # them the interpreter between workers.
+        seq = r.applier.applied_seq
+        snap = capture(cluster.core, seq, pause=lambda: time.sleep(_PAUSE_S))
         data = await asyncio.get_running_loop().run_in_executor(None, encode_snapshot, snap)
         obs = await r.js.object_store(SNAPSHOT_BUCKET)
         await obs.put(snapshot_name(seq), data)

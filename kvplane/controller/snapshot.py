@@ -10,6 +10,7 @@ index matches and ranks locations exactly as the original.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import msgspec
@@ -47,11 +48,17 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(IndexSnapshot)
 
 
-def capture(core: ControllerCore, seq: int) -> IndexSnapshot:
-    """The core's state after log sequence ``seq`` (call under the lock that serializes
-    it; about 30 ms per million chunks)."""
+def capture(
+    core: ControllerCore, seq: int, pause: Callable[[], None] | None = None
+) -> IndexSnapshot:
+    """The core's state after log sequence ``seq``, about 30 ms per million chunks. Call
+    it where nothing changes the core meanwhile (under its lock, or on the one thread that
+    applies the log); ``pause`` runs between workers (a replica lets lookup threads have
+    the interpreter there, so none waits for the whole copy)."""
     workers = []
     for rec in core.registry.all_workers():
+        if pause is not None:
+            pause()
         arrays = core.index.tier_arrays(rec.key)
         tiers = [(loc, arr.astype("<u8", copy=False).tobytes()) for loc, arr in arrays.items()]
         # A copy: later registry changes must not leak into a snapshot being written.
