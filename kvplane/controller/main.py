@@ -135,17 +135,9 @@ def run(args: argparse.Namespace) -> int:
     services: list[Any] = []
     try:
         if settings.nats_url:
-            if bind_worker_ports(args):
-                raise ConfigError(
-                    "--monitor-ports with --nats is not supported yet: a replica's workers "
-                    "publish to the event log (controller_nats_url), not to ZMQ ports"
-                )
-            from kvplane.controller.replica import ReplicaService
+            from kvplane.controller.replica import start_replica
 
-            replica = ReplicaService(settings)
-            services.append(replica)
-            replica.start()
-            cluster = replica.cluster
+            cluster = start_replica(settings, services, bridge=bind_worker_ports(args))
         else:
             service = ControllerService(settings)
             service.start()
@@ -153,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             cluster = service.cluster
     except KvplaneError as exc:
         log.error("%s", exc)
-        for started in services:
+        for started in reversed(services):
             started.stop()
         return 2 if isinstance(exc, ConfigError) else 1
     log.info("controller HTTP API at %s:%d", settings.host, settings.port)
@@ -165,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_http(app, settings.host, settings.port, log_level=settings.log_level.lower())
     finally:
-        for started in services:
+        for started in reversed(services):  # the worker ports before the log they feed
             started.stop()
     return 0
 

@@ -58,13 +58,14 @@ from kvplane.protocol import (
     encode,
 )
 
-__all__ = ["ReplicaService"]
+__all__ = ["ReplicaService", "start_replica"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _POLL_S = 0.25  # how often the stream's last sequence is read
 _STALE_S = 2.0  # no word from the server for this long: stale
+_BRIDGE_CAPACITY = 65_536  # frames from ZMQ workers waiting for the log
 
 
 class ReplicaService:
@@ -354,3 +355,30 @@ class ReplicaService:
             lag=stream - applied,
             snapshot_seq=self.snapshot_seq,
         )
+
+
+def start_replica(settings: ControllerConfig, started: list[Any], *, bridge: bool) -> Cluster:
+    """Start a replica (and, with ``bridge``, the ZMQ worker ports feeding its workers'
+    messages into the log through an outbox), appending each service to ``started`` as
+    it starts, so the caller stops them; the cluster the HTTP API serves."""
+    from kvplane.controller.service import ControllerService
+    from kvplane.eventlog import worker_subject
+    from kvplane.eventlog_outbox import NatsOutbox
+
+    replica = ReplicaService(settings)
+    started.append(replica)
+    replica.start()
+    if bridge:
+        outbox = NatsOutbox(
+            settings.nats_url or "", "kvplane.w._", capacity=_BRIDGE_CAPACITY, who="bridge"
+        )
+        outbox.start()
+        started.append(outbox)
+
+        def forward(msg: Any, frame: bytes) -> None:
+            outbox.put(frame, worker_subject(msg.instance_id, msg.worker_id))
+
+        zmq_ports = ControllerService(settings, bridge=forward, cluster=replica.cluster)
+        zmq_ports.start()
+        started.append(zmq_ports)
+    return replica.cluster

@@ -41,17 +41,22 @@ from kvplane.curve import (
 )
 from kvplane.errors import BadRequest, Unavailable
 from kvplane.protocol import (
+    ChunkReport,
     CommandReply,
+    DeregisterReply,
+    DeregisterRequest,
     ErrorCode,
     HeartbeatReply,
     HeartbeatRequest,
     HeartbeatStatus,
+    RegisterReply,
+    RegisterRequest,
     ResyncCommand,
     decode,
     encode,
 )
 
-__all__ = ["ControllerService"]
+__all__ = ["ControllerService", "bridge_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +70,26 @@ _READER_WAIT_S = 0.005
 class ControllerService:
     """Binds the worker-facing sockets and runs the ingest thread (:meth:`start`/:meth:`stop`)."""
 
-    def __init__(self, settings: ControllerConfig, clock: Callable[[], float] = time.time) -> None:
-        """``clock``: the time registrations, heartbeats and the reaper read (tests move it)."""
+    def __init__(
+        self,
+        settings: ControllerConfig,
+        clock: Callable[[], float] = time.time,
+        *,
+        bridge: Callable[[Any, bytes], None] | None = None,
+        cluster: Cluster | None = None,
+    ) -> None:
+        """``clock``: the time registrations, heartbeats and the reaper read (tests move it).
+        ``bridge`` (a replica's, with its ``cluster``): worker messages are handed to it
+        for the event log instead of applied here (:func:`bridge_reply` answers them), and
+        nothing is reaped here: the log's lease holder does that."""
         self.settings = settings
         self._ctx = zmq.Context()
-        core = ControllerCore(settings.worker_timeout)
         self._commands = CommandSender(self._ctx)
-        executor = Executor(self._commands, settings.command_timeout)
-        self.cluster = Cluster(core, executor, clock)
+        if cluster is None:
+            core = ControllerCore(settings.worker_timeout)
+            cluster = Cluster(core, Executor(self._commands, settings.command_timeout), clock)
+        self.cluster = cluster
+        self._bridge = bridge
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pull: zmq.Socket[bytes] | None = None
@@ -167,7 +184,7 @@ class ControllerService:
                 for monitor in self._monitors:
                     if monitor in ready:
                         self._count_refusals(monitor)
-                if time.monotonic() >= next_reap:
+                if self._bridge is None and time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + self.settings.health_check_interval
                     self._reap()
             except zmq.ZMQError as exc:
@@ -243,6 +260,9 @@ class ControllerService:
                 cluster.core.counters.malformed_frames += 1
             log.warning("skipped a malformed frame: %s", exc)
             return None, None, []
+        if self._bridge is not None and isinstance(msg, _WORKER_MESSAGES):
+            self._bridge(msg, bytes(frame))
+            return msg, bridge_reply(msg), []
         staged = cluster.core.stage(msg)
         with cluster.lock:
             reply = cluster.core.handle(staged, cluster.clock())
@@ -264,6 +284,22 @@ class ControllerService:
             cluster.core.reap(cluster.clock())
             dropped = cluster.core.take_dropped()
         _free(dropped)
+
+
+_WORKER_MESSAGES = (RegisterRequest, HeartbeatRequest, ChunkReport, DeregisterRequest)
+
+
+def bridge_reply(msg: Any) -> msgspec.Struct | None:
+    """What a bridging replica answers a worker at once, before the log has it: accepted
+    (a refusal can only show in the replicas' logs and counters), heartbeats OK (an unknown
+    worker hears from the lease holder, which asks it to resync)."""
+    if type(msg) is RegisterRequest:
+        return RegisterReply(ok=True)
+    if type(msg) is HeartbeatRequest:
+        return HeartbeatReply(status=HeartbeatStatus.OK)
+    if type(msg) is DeregisterRequest:
+        return DeregisterReply(ok=True)
+    return None
 
 
 def _free(dropped: list[DroppedChunks]) -> None:

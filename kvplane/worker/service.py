@@ -29,6 +29,8 @@ from kvplane.config import rank_port
 from kvplane.curve import CurveAuth, make_server
 from kvplane.engine.events import ChunkAdmitted
 from kvplane.errors import ConfigError
+from kvplane.eventlog import worker_subject
+from kvplane.eventlog_outbox import NatsOutbox
 from kvplane.keys import key_scheme_fingerprint
 from kvplane.metric_specs import WORKER_COUNTERS
 from kvplane.protocol import (
@@ -44,7 +46,6 @@ from kvplane.protocol import (
 from kvplane.worker.commands import CommandHandlers
 from kvplane.worker.link import ClientCurve, ControllerLink, local_ip_towards, zmq_url
 from kvplane.worker.metrics import WorkerStatsCollector
-from kvplane.worker.nats_link import NatsOutbox
 from kvplane.worker.peers import PeerDirectory
 from kvplane.worker.reports import ReportBuffer, ResyncProgress
 from kvplane.worker.session import Change, Outgoing, WorkerSession
@@ -95,8 +96,7 @@ class ControllerWorker:
         if config.controller_nats_url:
             self.outbox = NatsOutbox(
                 config.controller_nats_url,
-                self.instance_id,
-                self.worker_id,
+                worker_subject(self.instance_id, self.worker_id),
                 capacity=config.controller_nats_buffer,
                 who=self._who,
                 publish_timeout_s=config.controller_timeout_s,

@@ -1,10 +1,11 @@
-"""The worker's wire to the event log on NATS JetStream (``controller_nats_url``).
+"""An ordered, bounded outbox to the event log on NATS JetStream: the worker's wire
+(``controller_nats_url``), and a replica's bridge for workers on its ZMQ ports.
 
-The control thread :meth:`NatsOutbox.put`\\ s encoded messages (register, heartbeat,
-numbered reports, deregister); the ``kvplane-worker-nats`` thread publishes them in order
-on the worker's subject (:func:`kvplane.eventlog.worker_subject`), each acknowledged by
-JetStream before the next goes, so the log holds a worker's messages in the order it sent
-them. A publish that fails (no server, a lost ack) is retried with the same message id,
+The owner's thread :meth:`NatsOutbox.put`\\ s messages (register, heartbeat, numbered
+reports, deregister); the outbox's own thread publishes them in order, each on its
+subject (by default the worker's, :func:`kvplane.eventlog.worker_subject`), each
+acknowledged by JetStream before the next goes, so the log holds a worker's messages in
+the order it sent them. A publish that fails (no server, a lost ack) is retried with the same message id,
 which the stream's duplicate window stores once.
 
 While the server is away the outbox fills; it is bounded (``controller_nats_buffer``
@@ -28,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from kvplane.eventlog import PEER_LOOKUP_SUBJECT, STREAM, worker_subject
+from kvplane.eventlog import PEER_LOOKUP_SUBJECT, STREAM
 from kvplane.protocol import decode, encode
 
 __all__ = ["NatsOutbox"]
@@ -44,20 +45,20 @@ class NatsOutbox:
     def __init__(
         self,
         servers: str,
-        instance_id: str,
-        worker_id: int,
+        subject: str,
         *,
         capacity: int,
         who: str = "worker",
         publish_timeout_s: float = 5.0,
     ) -> None:
+        """``subject``: where :meth:`put` publishes unless told another."""
         self.servers = servers.split(",")
-        self.subject = worker_subject(instance_id, worker_id)
+        self.subject = subject
         self.capacity = capacity
         self.dropped = 0
         self._who = who
         self._timeout = publish_timeout_s
-        self._queue: deque[tuple[str, bytes]] = deque()
+        self._queue: deque[tuple[str, str, bytes]] = deque()  # (msg id, subject, data)
         self._lock = threading.Lock()
         self._lost = False
         self._boot = os.urandom(6).hex()  # message ids unique across restarts
@@ -80,15 +81,17 @@ class NatsOutbox:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def put(self, msg: msgspec.Struct) -> bool:
-        """Queue ``msg`` for the log; False (dropped, counted, a resync due) when full."""
+    def put(self, msg: msgspec.Struct | bytes, subject: str | None = None) -> bool:
+        """Queue ``msg`` (a message, or one already encoded) for the log on ``subject``
+        (default :attr:`subject`); False (dropped, counted, a resync due) when full."""
+        data = msg if isinstance(msg, bytes) else encode(msg)
         with self._lock:
             if len(self._queue) >= self.capacity:
                 self.dropped += 1
                 self._lost = True
                 return False
             self._count += 1
-            self._queue.append((f"{self._boot}-{self._count}", encode(msg)))
+            self._queue.append((f"{self._boot}-{self._count}", subject or self.subject, data))
         if self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
         return True
@@ -124,7 +127,7 @@ class NatsOutbox:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="kvplane-worker-nats", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="kvplane-outbox", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -185,9 +188,9 @@ class NatsOutbox:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            msg_id, data = self._queue[0]
+            msg_id, subject, data = self._queue[0]
             try:
-                await js.publish(self.subject, data, headers={"Nats-Msg-Id": msg_id})
+                await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
             except Exception as exc:  # no server or a lost ack: the same message again
                 log.debug("%s: publish failed (%s); retrying", self._who, exc)
                 await asyncio.sleep(_RETRY_S)
