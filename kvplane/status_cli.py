@@ -119,6 +119,13 @@ def render(status: ClusterStatus, controller: str) -> str:
         f"kvplane cluster at {controller} ({when}): {t.instances} instance(s), "
         f"{t.workers} worker(s), {t.chunks} chunk(s)"
     )
+    if status.log is not None:  # a replica: where it stands in the event log
+        g = status.log
+        role = "lease holder" if g.leader else f"lease holder {g.leader_id or 'none'}"
+        header += (
+            f"\n    replica {g.replica_id} ({role}): log applied {g.applied_seq} of "
+            f"{g.stream_seq}, lag {g.lag}{', STALE' if g.stale else ''}"
+        )
     if not status.instances:
         return header + "\n    no workers registered\n"
     tiers = sorted({tier for i in status.instances for w in i.workers for tier in w.chunks})

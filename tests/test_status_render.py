@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kvplane.controller.core import Counters
 from kvplane.controller.registry import WorkerKey, WorkerRecord
-from kvplane.controller.status_api import snapshot
+from kvplane.controller.status_api import LogStatus, snapshot
 from kvplane.docs import render_metrics_md
 from kvplane.errors import BadRequest
 from kvplane.metric_specs import CONTROLLER_COUNTERS, CONTROLLER_METRICS, ENGINE_METRICS
@@ -78,6 +78,17 @@ def test_render_has_a_row_per_worker_a_column_per_tier_and_totals() -> None:
     # 20 s without a heartbeat, past half the 30 s timeout: flagged
     assert lines[4].split() == ["b", "0", "tcp://10.0.0.1:5000", "20.0s", "LATE", "100.0s", "0", "7", "7"]  # fmt: skip
     assert lines[5].split() == ["total", "2", "3", "7", "10"]
+
+
+def test_render_of_a_replica_says_where_it_stands_in_the_log() -> None:
+    status = snapshot([record("a", 0, 1099.0)], {WorkerKey("a", 0): {CPU: 1}}, 1100.0, 30.0)
+    status.log = LogStatus(
+        replica_id="r2", leader=False, leader_id="r1", connected=False, stale=True,
+        applied_seq=40, stream_seq=42, lag=2, snapshot_seq=30,
+    )  # fmt: skip
+    line = render(status, "http://ctl:9000").splitlines()[1]
+    assert line.strip() == "replica r2 (lease holder r1): log applied 40 of 42, lag 2, STALE"
+    assert "replica" not in render(snapshot([], {}, 1100.0, 30.0), "u")
 
 
 def test_render_of_an_empty_cluster_says_so() -> None:
