@@ -46,7 +46,12 @@ class NatsOperationBus:
 
     def submit(self, op: OperationRequest) -> OperationRecord:
         op = msgspec.structs.replace(op, event_id=EventTable.new_id(op.kind))
-        rec = self.replica.call(self._submit(op), timeout=self.wait_s + 5.0)
+        try:
+            rec = self.replica.call(self._submit(op), timeout=self.wait_s + 5.0)
+        except KvplaneError:
+            raise
+        except Exception as exc:  # NATS's own errors: no connection, no stream, a timeout
+            raise Unavailable(f"the event log did not take the {op.kind}: {exc!r}") from None
         if rec.status == "finished":
             return rec
         if rec.status != "failed":
@@ -91,10 +96,14 @@ class NatsOperationBus:
         return None if rec is None else _STATUS.get(rec.status, EventStatus.RUNNING)
 
     async def _get(self, event_id: str) -> OperationRecord | None:
-        kv = await self.replica.js.key_value(OPS_BUCKET)
+        from nats.js.errors import InvalidKeyError, NotFoundError
+
         try:
+            kv = await self.replica.js.key_value(OPS_BUCKET)
             entry = await kv.get(event_id)
-        except Exception:  # no such key
+        except (NotFoundError, InvalidKeyError):  # not found, deleted, or not a key at all
             return None
+        except Exception as exc:  # no connection, or a timeout: not "no such operation"
+            raise Unavailable(f"the event log did not answer: {exc!r}") from None
         found = decode(entry.value)
         return found if type(found) is OperationRecord else None
