@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvplane.children import PACKAGE_ROOT, free_ports, kvplane_args, start_child
+import httpx
+
+from kvplane.children import PACKAGE_ROOT, Child, free_ports, kvplane_args, start_child
 
 __all__ = ["ROUTERS", "VLLM_ROUTER_POLICY", "Backend", "router_process"]
 
@@ -101,6 +104,28 @@ def router_process(
     url = f"http://127.0.0.1:{port}"
     try:
         child.wait_healthy(f"{url}/health", timeout=STARTUP_TIMEOUT, interval=0.2)
+        if name in ("sglang", "vllm-router"):
+            _wait_for_workers(child, url, backends)
         yield url
+    except Exception as exc:
+        raise RuntimeError(
+            f"router {name}: {exc}; last lines of {log_path}:\n{child.log_tail(30)}"
+        ) from exc
     finally:
         child.stop(10.0)
+
+
+def _wait_for_workers(child: Child, url: str, backends: Sequence[Backend]) -> None:
+    """Until the router's ``GET /workers`` lists every backend as healthy: both Rust routers
+    answer ``/health`` before they have registered their workers (a request sent then is
+    refused with 503 "no available workers")."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    want = {b.url for b in backends}
+    while time.monotonic() < deadline:
+        child.check_alive()
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            workers = httpx.get(f"{url}/workers", timeout=5).json().get("workers", [])
+            if want <= {w.get("url") for w in workers if w.get("is_healthy")}:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url}/workers did not list {sorted(want)} as healthy")
