@@ -18,6 +18,7 @@ from kvplane.controller.settings import controller_keys
 from kvplane.metric_specs import (
     CONTROLLER_METRICS,
     ENGINE_METRICS,
+    SERVE_METRICS,
     TIER_STATS,
     MetricKind,
     MetricSpec,
@@ -155,6 +156,16 @@ def render_metrics_md() -> str:
         "| metric | type | labels | meaning |",
         "|---|---|---|---|",
         *_metric_rows(CONTROLLER_METRICS),
+        "",
+        "## kvplane serve",
+        "",
+        "`GET /metrics` on the reference server's OpenAI port: its queue, named after vLLM's",
+        "`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`",
+        "(what `kvplane router` reads from each backend, of either kind).",
+        "",
+        "| metric | type | labels | meaning |",
+        "|---|---|---|---|",
+        *_metric_rows(SERVE_METRICS),
     ]
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,7 @@ __all__ = [
     "CONTROLLER_METRICS",
     "COPY_OPS",
     "ENGINE_METRICS",
+    "SERVE_METRICS",
     "TIER_STATS",
     "WORKER_COUNTERS",
     "MetricKind",
@@ -202,7 +203,17 @@ CONTROLLER_METRICS = (
     _h("kvplane_controller_lookup_seconds", "Time to answer /lookup (hashing + index probe)"),
 )
 
-_BY_NAME = {s.name: s for s in (*ENGINE_METRICS, *CONTROLLER_METRICS)}
+#: ``kvplane serve``'s own ``/metrics`` (on its OpenAI port): its queue, under names that
+#: mirror vLLM's ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+#: ``vllm:kv_cache_usage_perc`` and its aborted requests, so a router reads both alike.
+SERVE_METRICS = (
+    _g("kvplane_serve_num_requests_running", "Requests generating (the server runs one at a time)"),
+    _g("kvplane_serve_num_requests_waiting", "Requests queued behind the running one"),
+    _g("kvplane_serve_kv_cache_usage_perc", "Share of the paged KV cache's blocks in use, 0 to 1"),
+    _c("kvplane_serve_request_aborts", "Requests stopped because their client went away"),
+)
+
+_BY_NAME = {s.name: s for s in (*ENGINE_METRICS, *CONTROLLER_METRICS, *SERVE_METRICS)}
 
 
 def spec(name: str) -> MetricSpec:
