@@ -18,6 +18,7 @@ from kvplane.controller.settings import controller_keys
 from kvplane.metric_specs import (
     CONTROLLER_METRICS,
     ENGINE_METRICS,
+    ROUTER_METRICS,
     SERVE_METRICS,
     TIER_STATS,
     MetricKind,
@@ -166,6 +167,15 @@ def render_metrics_md() -> str:
         "| metric | type | labels | meaning |",
         "|---|---|---|---|",
         *_metric_rows(SERVE_METRICS),
+        "",
+        "## kvplane router",
+        "",
+        "`GET /metrics` on the router's port (see [router.md](router.md)). Every `reason`",
+        "series exists from start-up, at 0; `backend` is a backend's URL.",
+        "",
+        "| metric | type | labels | meaning |",
+        "|---|---|---|---|",
+        *_metric_rows(ROUTER_METRICS),
     ]
     return "\n".join(lines) + "\n"
 

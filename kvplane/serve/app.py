@@ -31,7 +31,7 @@ from kvplane.serve.protocol import (
 )
 from kvplane.serve.streaming import stream_completions
 from kvplane.serve.tokenizer import Tokenizer
-from kvplane.web.errors import validation_message
+from kvplane.web.errors import openai_error_body, validation_message
 
 __all__ = ["TTFT_HEADER", "create_app"]
 
@@ -45,11 +45,11 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.exception_handler(KvplaneError)
     def _domain_error(_: Request, exc: KvplaneError) -> JSONResponse:
-        return _error(exc.status_code, type(exc).__name__, str(exc))
+        return _error(exc.status_code, str(exc))
 
     @app.exception_handler(RequestValidationError)
     def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(400, "BadRequest", validation_message(exc.errors()))
+        return _error(400, validation_message(exc.errors()))
 
     @app.get("/health")
     def health() -> Response:
@@ -132,7 +132,5 @@ def _completion_response(
     )
 
 
-def _error(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": kind, "code": status}}
-    )
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content=openai_error_body(status, message))
