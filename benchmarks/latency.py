@@ -22,6 +22,9 @@ from benchmarks.fake_openai import read_body, read_head
 
 __all__ = ["LatencyRun", "measure_latency"]
 
+#: A request not answered within this many seconds counts as failed (a saturated router).
+TIMEOUT_S = 30.0
+
 
 @dataclass(frozen=True)
 class LatencyRun:
@@ -95,7 +98,8 @@ async def _run(
         due = origin + i / rate
         await asyncio.sleep(max(0.0, due - loop.time()))
         lag = max(lag, loop.time() - due)
-        tasks.append(asyncio.ensure_future(_one(pool, host, port, payload)))
+        one = asyncio.wait_for(_one(pool, host, port, payload), TIMEOUT_S)
+        tasks.append(asyncio.ensure_future(one))
     done = await asyncio.gather(*tasks, return_exceptions=True)
     for _, writer in pool:
         writer.close()
