@@ -8,6 +8,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,8 @@ def kvplane_fleet(
     extra_args: Sequence[str] = (),
 ) -> Iterator[tuple[str, list[Instance]]]:
     """The controller's URL and one instance per entry of ``specs`` (its name is its
-    ``lmcache_instance_id``), started one after the other; ``common`` keys go into every
-    config before the spec's own. Everything stops on exit, instances first."""
+    ``lmcache_instance_id``); ``common`` keys go into every config before the spec's own.
+    The instances start side by side; everything stops on exit, instances first."""
     http, pull, reply = free_ports(3)
     base = {
         **common,
@@ -77,17 +78,28 @@ def kvplane_fleet(
         controller = stack.enter_context(
             controller_process(http, pull, reply, log_path=folder / "controller.log")
         )
-        instances = []
+        starting = []
         for name, spec in specs.items():
             api = consecutive_free_ports(2)  # the scheduler's API, then rank 0's
             keys = {**base, "lmcache_instance_id": name, "internal_api_server_port_start": api}
             path = write_config(folder / f"{name}.yaml", **{**keys, **spec.keys})
             env = {"VLLM_SERVER_DEV_MODE": "1", "KVPLANE_CONFIG_FILE": str(path), **spec.env}
             args = ["--kv-transfer-config", json.dumps(CONNECTOR), *extra_args, *spec.args]
-            server = stack.enter_context(
-                vllm_server(model, env_extra=env, extra_args=args, log_path=folder / f"{name}.log")
-            )
-            instances.append(Instance(name, server, f"http://127.0.0.1:{api + 1}"))
+            log = folder / f"{name}.log"
+            server = vllm_server(model, env_extra=env, extra_args=args, log_path=log)
+            starting.append((name, api, server))
+        # Started side by side (a server mostly waits for its engine's start-up); each one
+        # that came up is stopped on exit even when another failed.
+        with ThreadPoolExecutor(len(starting)) as pool:
+            futures = [pool.submit(server.__enter__) for _, _, server in starting]
+        instances = []
+        for (name, api, server), future in zip(starting, futures, strict=True):
+            if future.exception() is None:
+                stack.push(server.__exit__)
+                instances.append(Instance(name, future.result(), f"http://127.0.0.1:{api + 1}"))
+        for future in futures:
+            if (error := future.exception()) is not None:
+                raise error
         yield controller, instances
 
 

@@ -67,6 +67,19 @@ CHUNK = 256
 WORKLOADS = ("shared-prefix", "hot-spot", "multi-turn")
 HOT_SHARE = 0.6
 LATENCY_RATE = 200.0
+#: What ``kvplane router`` says of its decisions (its ``/metrics``), per run.
+ROUTER_COUNTERS = {
+    **{
+        f"reason_{r}": ("kvplane_router_requests_total", f'reason="{r}"')
+        for r in ("prefix", "load", "affinity", "fallback", "retry")
+    },
+    "matched_tokens": ("kvplane_router_matched_tokens_total", ""),
+    "fetch_tokens": ("kvplane_router_fetch_tokens_total", ""),
+    "decision_s_sum": ("kvplane_router_decision_seconds_sum", ""),
+    "decision_count": ("kvplane_router_decision_seconds_count", ""),
+    "lookup_s_sum": ("kvplane_router_lookup_seconds_sum", ""),
+    "lookup_count": ("kvplane_router_lookup_seconds_count", ""),
+}
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,7 @@ def one_run(
     log = folder / f"router-{router}-{len(os.listdir(folder))}.log"
     with router_process(router, backends, log, controller=controller, model=model) as url:
         outcomes, wall = run_workload(url, model, requests, scale.concurrency, texts=texts)
+        decisions = counters(url, ROUTER_COUNTERS) if router == "kvplane" else {}
     time.sleep(1.0)  # vLLM logs its counters after the step that finished the last request
     grew: dict[str, float] = {}
     split = []
@@ -161,15 +175,14 @@ def one_run(
         for k in kv_now:
             grew[k] = grew.get(k, 0.0) + kv_now[k] - kb[k]
         split.append(int(now["requests"] - b["requests"]))
+    # The oracle's prefills take no time (a block is there from its first request's send):
+    # a lower bound that no placement beats, concurrent first requests of a prefix included.
     prompts = [oracle_prompts[r.index] for r in requests]
-    best = oracle_computed(
-        prompts,
-        [o.sent for o in outcomes],
-        [o.sent + o.ttft for o in outcomes],
-        block=BLOCK,
-    )
+    sent = [o.sent for o in outcomes]
+    best = oracle_computed(prompts, sent, sent, block=BLOCK)
+    grew["hit_kvplane"] = grew["prompt_tokens"] - grew["computed"] - grew["hit_device"]
     row = summary(outcomes, wall, grew)
-    row.update(split=split, oracle_computed=sum(best))
+    row.update(split=split, oracle_computed=sum(best), router=decisions)
     return row
 
 

@@ -115,11 +115,25 @@ def report(header: list[str], results: dict[str, Any]) -> list[str]:
             )
             lines.append(
                 f"{'':12s} prompt tokens {r['prompt_tokens']}, computed {r['computed']} "
-                f"(oracle {r['oracle_computed']}: {ratio:.2f}x); vLLM hits: device "
-                f"{r['hit_device']}, kvplane {r['hit_external']}; kvplane chunks from CPU "
-                f"{r['chunks_from_cpu']}, P2P {r['chunks_from_p2p']}; preemptions "
+                f"(oracle {r['oracle_computed']}: {ratio:.2f}x); hits: vLLM's own "
+                f"{r['hit_device']}, kvplane {r['hit_kvplane']} (chunks from CPU "
+                f"{r['chunks_from_cpu']}, P2P {r['chunks_from_p2p']}); preemptions "
                 f"{r['preemptions']}"
             )
+            d = r.get("router") or {}
+            if d.get("decision_count"):
+                reasons = ", ".join(
+                    f"{k.removeprefix('reason_')} {v:.0f}"
+                    for k, v in d.items()
+                    if k.startswith("reason_") and v
+                )
+                lookup = d["lookup_s_sum"] / d["lookup_count"] if d.get("lookup_count") else 0.0
+                lines.append(
+                    f"{'':12s} router: decisions by reason {reasons}; matched tokens "
+                    f"{d['matched_tokens']:.0f}, to fetch by P2P {d['fetch_tokens']:.0f}; mean "
+                    f"decision {d['decision_s_sum'] / d['decision_count'] * 1e3:.1f} ms "
+                    f"(lookup {lookup * 1e3:.1f} ms)"
+                )
         base = rows.get("round-robin")
         if base:
             lines.append("ratios against round robin of this run (TTFT p50, p99, requests/s):")

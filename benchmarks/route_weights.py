@@ -78,6 +78,9 @@ def calibrate(
     a, b = instances[0], instances[1]
     rng = random.Random(20)
     samples: dict[str, list[float]] = {k: [] for k in ("compute", "vllm_hit", *TIERS)}
+    for inst in instances:  # a server's first requests pay one-off costs
+        for _ in range(2):
+            ttft(inst.server.base_url, model, [rng.choice(alphabet) for _ in range(300)])
     for _ in range(prompts):
         empty_caches(instances, controller)
         prompt = [rng.choice(alphabet) for _ in range(TOKENS)]
