@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-ha ha-picture demo-vllm test test-stress lint setup system-deps docs dashboard-screenshot bench bench-vllm bench-fleet soak clean vllm-setup vllm-clean
+.PHONY: demo demo-ha ha-picture demo-vllm test test-stress lint setup system-deps docs dashboard-screenshot bench bench-vllm bench-fleet bench-route bench-route-quick soak clean vllm-setup vllm-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -114,6 +114,25 @@ bench-vllm: setup vllm-setup
 # disk tier) and with ExampleConnector; writes benchmarks/results/fleet-cpu-2core.{txt,png}.
 bench-fleet: setup vllm-setup
 	$(PY) benchmarks/fleet.py
+
+# The routers benchmarks/route.py compares kvplane's with (the `bench` extra), installed with
+# torch held at the pinned CPU build so that no dependency can pull a CUDA one.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	echo 'torch==2.13.0' > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e '.[engine,dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Round robin, sglang-router cache_aware, vllm-router kv_aware and `kvplane router` in front of
+# two vLLM instances with kvplane (one core each, P2P), on shared-prefix, hot-spot and
+# multi-turn workloads, plus each router's own latency against an instant fake backend;
+# writes benchmarks/results/route-cpu-2core.{txt,png} (about 15 minutes on 2 cores).
+bench-route: setup vllm-setup $(BENCH_STAMP)
+	$(PY) benchmarks/route.py
+
+# The same at a small scale (4-layer model, fewer requests; 3-4 minutes): a smoke run.
+bench-route-quick: setup vllm-setup $(BENCH_STAMP)
+	$(PY) benchmarks/route.py --quick
 
 # Lookups, admits/evicts, workers joining and leaving and controller restarts on loopback,
 # then an exact audit of the controller's index; exits non-zero if a check fails.

@@ -42,28 +42,32 @@ import datetime
 import json
 import os
 import platform
-import queue
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.vllm_ttft import config, cpu_times, steal_share  # noqa: E402
+from benchmarks.client import (  # noqa: E402
+    KVPLANE_COUNTERS,
+    VLLM_COUNTERS,
+    Outcome,
+    counters,
+    percentile,
+    run_workload,
+)
+from benchmarks.cluster import write_config  # noqa: E402
+from benchmarks.vllm_ttft import cpu_times, steal_share  # noqa: E402
 from benchmarks.workload import (  # noqa: E402
     Request,
     Shape,
     multi_round,
     no_reuse,
-    poisson_arrivals,
     working_set_tokens,
 )
 from kvplane.children import consecutive_free_ports  # noqa: E402
@@ -81,22 +85,6 @@ KVPLANE = {
 }
 CONFIGS = ("vllm", "kvplane-cpu", "kvplane-async", "kvplane-disk", "example")
 NO_REUSE_CONFIGS = ("vllm", "kvplane-cpu", "kvplane-async")
-VLLM_COUNTERS = {
-    "prompt_tokens": ("vllm:prompt_tokens_total", ""),
-    "computed": ("vllm:prompt_tokens_by_source_total", 'source="local_compute"'),
-    "hit_device": ("vllm:prompt_tokens_cached_by_source_total", 'source="device"'),
-    "hit_host": ("vllm:prompt_tokens_cached_by_source_total", 'source="host"'),
-    "hit_disk": ("vllm:prompt_tokens_cached_by_source_total", 'source="disk"'),
-    "hit_external": (
-        "vllm:prompt_tokens_cached_by_source_total",
-        'source="external_unspecified"',
-    ),
-    "preemptions": ("vllm:num_preemptions_total", ""),
-}
-KVPLANE_COUNTERS = {
-    "chunks_from_cpu": ("kvplane_tier_hits_total", 'tier="LocalCPUBackend"'),
-    "chunks_from_disk": ("kvplane_tier_hits_total", 'tier="LocalDiskBackend"'),
-}
 
 
 @dataclass(frozen=True)
@@ -109,132 +97,6 @@ class Scale:
 
 FULL = Scale(16, 512, Shape(12, 4, 256, 1024, 32, 32), 16)
 QUICK = Scale(4, 256, Shape(8, 2, 128, 1100, 32, 16), 6)
-
-
-@dataclass
-class Outcome:
-    """One request as the client saw it (seconds from the run's start)."""
-
-    index: int
-    round: int
-    sent: float = 0.0
-    ttft: float = 0.0
-    done: float = 0.0
-    gaps: list[float] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between the closest ranks; 0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def stream(client: httpx.Client, server: VllmServer, request: Request, out: Outcome) -> None:
-    """Send ``request`` and fill ``out`` from the streamed chunks."""
-    body = {
-        "model": server.model,
-        "prompt": list(request.prompt),
-        "max_tokens": request.max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "return_token_ids": True,
-    }
-    start = time.perf_counter()
-    last = start
-    with client.stream("POST", f"{server.base_url}/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data:") or line.endswith("[DONE]"):
-                continue
-            ids = json.loads(line[5:])["choices"][0].get("token_ids") or []
-            if not ids:
-                continue
-            now = time.perf_counter()
-            if out.tokens:
-                out.gaps += [(now - last) / len(ids)] * len(ids)
-            else:
-                out.ttft = now - start
-            out.tokens += ids
-            last = now
-    if len(out.tokens) != request.max_tokens:
-        raise RuntimeError(f"request {request.index}: {len(out.tokens)} tokens streamed")
-
-
-def run_workload(
-    server: VllmServer,
-    requests: Sequence[Request],
-    concurrency: int,
-    rate: float | None = None,
-    seed: int = 0,
-) -> tuple[list[Outcome], float]:
-    """Every request of ``requests`` (each after its ``after``), ``concurrency`` at a time
-    or arriving at ``rate`` per second; the outcomes and the wall time from the first send
-    to the last token."""
-    outcomes = [Outcome(r.index, r.round) for r in requests]
-    finished = {r.index: threading.Event() for r in requests}
-    errors: list[BaseException] = []
-    origin = time.perf_counter()
-
-    def one(client: httpx.Client, r: Request, at: float = 0.0) -> None:
-        if r.after is not None:
-            finished[r.after].wait()
-        time.sleep(max(0.0, at - (time.perf_counter() - origin)))
-        out = outcomes[r.index]
-        out.sent = time.perf_counter() - origin
-        try:
-            stream(client, server, r, out)
-        except BaseException as exc:
-            errors.append(exc)
-        out.done = time.perf_counter() - origin
-        finished[r.index].set()
-
-    def worker(client: httpx.Client, todo: queue.Queue[Request]) -> None:
-        with contextlib.suppress(queue.Empty):
-            while not errors:
-                one(client, todo.get_nowait())
-
-    with httpx.Client(timeout=900) as client:
-        if rate is None:
-            todo: queue.Queue[Request] = queue.Queue()
-            for r in requests:
-                todo.put(r)
-            threads = [
-                threading.Thread(target=worker, args=(client, todo)) for _ in range(concurrency)
-            ]
-        else:
-            times = poisson_arrivals(seed, len(requests), rate)
-            threads = [
-                threading.Thread(target=one, args=(client, r, t))
-                for r, t in zip(requests, times, strict=True)
-            ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
-    return outcomes, max(o.done for o in outcomes) - min(o.sent for o in outcomes)
-
-
-def counters(url: str, names: dict[str, tuple[str, str]]) -> dict[str, float]:
-    """Each named counter at ``url``: the sum of its samples whose labels hold the filter."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    values = dict.fromkeys(names, 0.0)
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        head, value = line.rsplit(" ", 1)
-        for key, (name, labels) in names.items():
-            if head.split("{")[0] == name and labels in head:
-                values[key] += float(value)
-    return values
 
 
 def summary(
@@ -286,7 +148,7 @@ def serve(
         }
         if name == "kvplane-disk":
             keys.update(local_disk=str(folder / "disk"), max_local_disk_size=round(3 * gb, 4))
-        env["KVPLANE_CONFIG_FILE"] = str(config(folder / f"{name}.yaml", **keys))
+        env["KVPLANE_CONFIG_FILE"] = str(write_config(folder / f"{name}.yaml", **keys))
         args += ["--kv-transfer-config", json.dumps(KVPLANE)]
         worker = f"http://127.0.0.1:{api + 1}"
     elif name == "example":
@@ -313,7 +175,9 @@ def measure(
 ) -> tuple[dict[str, Any], list[Outcome]]:
     before = counters(server.base_url, VLLM_COUNTERS)
     kv_before = counters(worker, KVPLANE_COUNTERS) if worker else {}
-    outcomes, wall = run_workload(server, requests, args.concurrency, args.rate, args.seed)
+    outcomes, wall = run_workload(
+        server.base_url, server.model, requests, args.concurrency, args.rate, args.seed
+    )
     time.sleep(1.0)  # vLLM logs its counters after the step that finished the last request
     grew = {k: v - before[k] for k, v in counters(server.base_url, VLLM_COUNTERS).items()}
     if worker:
@@ -468,7 +332,9 @@ def main() -> None:
             with serve(name, model, folder, blocks, kv_bytes) as (server, worker):
                 up = time.monotonic() - started
                 warm = no_reuse(args.seed + 2, 1, 300, 4, vocab=VOCAB)
-                run_workload(server, warm, 1, None)  # one-off costs of a first request
+                run_workload(
+                    server.base_url, server.model, warm, 1
+                )  # a first request's one-off costs
                 runs = [("no-reuse", unique, name), ("multi-round", requests, name)]
                 if name not in NO_REUSE_CONFIGS:
                     runs = runs[1:]

@@ -57,20 +57,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvplane.children import consecutive_free_ports, free_ports  # noqa: E402
-from kvplane.integrations.vllm.launch import (  # noqa: E402
-    build_model,
-    controller_process,
-    vllm_server,
-)
+from benchmarks.cluster import Spec, kvplane_fleet  # noqa: E402
+from kvplane.integrations.vllm.launch import build_model  # noqa: E402
 
-CONNECTOR = json.dumps(
-    {
-        "kv_connector": "KvplaneConnector",
-        "kv_connector_module_path": "kvplane.integrations.vllm",
-        "kv_role": "kv_both",
-    }
-)
 COPIED = 'kvplane_copied_bytes_total{op="retrieve"}'
 COPY_SECONDS = 'kvplane_copy_seconds_total{op="retrieve"}'
 MODELS = {"4 layers, hidden 256": (4, 256), "16 layers, hidden 512": (16, 512)}
@@ -141,60 +130,14 @@ class PlainCopy:
         return nbytes / statistics.median(cold) / 1e9, nbytes / statistics.median(hot) / 1e9
 
 
-def config(path: Path, **keys: Any) -> Path:
-    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()))
-    return path
-
-
 @contextlib.contextmanager
 def cluster(model: Path, folder: Path) -> Iterator[tuple[Any, Any, str]]:
     """A controller and two kvplane-connected vLLM instances: A (CPU and disk tiers) and B."""
-    http, pull, reply = free_ports(3)
-    api_a = consecutive_free_ports(4)  # A: scheduler, rank 0; B: the next two
-    api_b = api_a + 2
-    common = {
-        "chunk_size": 256,
-        "max_local_cpu_size": 2,
-        "enable_controller": True,
-        "controller_pull_url": f"127.0.0.1:{pull}",
-        "controller_reply_url": f"127.0.0.1:{reply}",
-        "enable_p2p": True,
-        "p2p_host": "127.0.0.1",
-        "internal_api_server_enabled": True,
-        "log_level": "WARNING",
-    }
-    a = config(
-        folder / "a.yaml",
-        **common,
-        lmcache_instance_id="bench_a",
-        local_disk=str(folder / "disk"),
-        max_local_disk_size=4,
-        internal_api_server_port_start=api_a,
-    )
-    b = config(
-        folder / "b.yaml",
-        **common,
-        lmcache_instance_id="bench_b",
-        internal_api_server_port_start=api_b,
-    )
-    args = ["--kv-transfer-config", CONNECTOR]
-    env = {"VLLM_SERVER_DEV_MODE": "1"}
-    with (
-        controller_process(http, pull, reply, log_path=folder / "controller.log"),
-        vllm_server(
-            model,
-            env_extra={**env, "KVPLANE_CONFIG_FILE": str(a)},
-            extra_args=args,
-            log_path=folder / "a.log",
-        ) as server_a,
-        vllm_server(
-            model,
-            env_extra={**env, "KVPLANE_CONFIG_FILE": str(b)},
-            extra_args=args,
-            log_path=folder / "b.log",
-        ) as server_b,
-    ):
-        yield server_a, server_b, f"http://127.0.0.1:{api_a + 1}"
+    disk = {"local_disk": str(folder / "disk"), "max_local_disk_size": 4}
+    specs = {"bench_a": Spec(keys=disk), "bench_b": Spec()}
+    common = {"chunk_size": 256, "max_local_cpu_size": 2, "log_level": "WARNING"}
+    with kvplane_fleet(model, folder, specs, common) as (_, (a, b)):
+        yield a.server, b.server, a.worker
 
 
 def bench_model(layers: int, hidden: int, prompts: int, folder: Path) -> dict[str, Any]:

@@ -10,8 +10,15 @@ Two workloads of token-id prompts:
   gets the same requests whatever it answered. Requests come round by round, users in
   order: the access pattern that makes an LRU cache smaller than the working set miss.
 * :func:`no_reuse`: every prompt unique from its first two tokens on.
+* :func:`shared_prefix`, in the shape of llm-d's shared-prefix benchmark: ``groups`` groups
+  of users, each group sharing one long system prompt, each request the prompt plus its own
+  question, in a seeded random order; with ``hot_share`` one group sends that share of all
+  requests (a hot spot).
 
-Prompts never hold ids below :data:`FIRST_ID` (the test model's pad, BOS and EOS).
+``vocab`` is either a number (ids ``FIRST_ID`` up to it) or the ids themselves: a list of
+ids that each decode to one word, so that the text of a prompt tokenizes back to exactly its
+ids (``benchmarks/route.py`` sends text, which every router can read). Prompts never hold
+ids below :data:`FIRST_ID` (the test model's pad, BOS and EOS).
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ __all__ = [
     "multi_round",
     "no_reuse",
     "poisson_arrivals",
+    "shared_prefix",
     "working_set_tokens",
 ]
 
 FIRST_ID = 3
+#: A vocabulary: ids ``FIRST_ID`` up to the number, or exactly the listed ids.
+Vocab = int | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -70,20 +80,23 @@ class Shape:
         return self.prompt_tokens(self.rounds - 1) + self.answer_tokens
 
 
-def _ids(rng: random.Random, n: int, vocab: int) -> tuple[int, ...]:
-    return tuple(rng.randrange(FIRST_ID, vocab) for _ in range(n))
+def _ids(rng: random.Random, n: int, vocab: Vocab) -> tuple[int, ...]:
+    if isinstance(vocab, int):
+        return tuple(rng.randrange(FIRST_ID, vocab) for _ in range(n))
+    return tuple(rng.choice(vocab) for _ in range(n))
 
 
-def _tag(i: int, vocab: int) -> tuple[int, int]:
-    """Two ids that differ for every ``i`` below ``(vocab - FIRST_ID) ** 2``, the first
-    already for every ``i`` below ``vocab - FIRST_ID``."""
-    span = vocab - FIRST_ID
+def _tag(i: int, vocab: Vocab) -> tuple[int, int]:
+    """Two ids that differ for every ``i`` below the vocabulary's size squared, the first
+    already for every ``i`` below its size."""
+    ids = range(FIRST_ID, vocab) if isinstance(vocab, int) else vocab
+    span = len(ids)
     if i >= span * span:
-        raise ValueError(f"at most {span * span} distinct tags with a vocab of {vocab}")
-    return FIRST_ID + i % span, FIRST_ID + i // span
+        raise ValueError(f"at most {span * span} distinct tags with a vocab of {span} ids")
+    return ids[i % span], ids[i // span]
 
 
-def multi_round(seed: int, shape: Shape, *, vocab: int, max_model_len: int) -> list[Request]:
+def multi_round(seed: int, shape: Shape, *, vocab: Vocab, max_model_len: int) -> list[Request]:
     """The requests of ``shape``, round by round. Raises ValueError when a request with its
     answer would not fit ``max_model_len`` or ``shape`` has an empty part."""
     if min(shape.users, shape.rounds, shape.question_tokens, shape.answer_tokens) < 1:
@@ -114,7 +127,7 @@ def multi_round(seed: int, shape: Shape, *, vocab: int, max_model_len: int) -> l
 
 
 def no_reuse(
-    seed: int, count: int, prompt_tokens: int, answer_tokens: int, *, vocab: int
+    seed: int, count: int, prompt_tokens: int, answer_tokens: int, *, vocab: Vocab
 ) -> list[Request]:
     """``count`` prompts of ``prompt_tokens`` ids; any two share at most their first id."""
     if prompt_tokens < 2 or answer_tokens < 1:
@@ -132,6 +145,45 @@ def no_reuse(
         )
         for i in range(count)
     ]
+
+
+def shared_prefix(
+    seed: int,
+    groups: int,
+    requests: int,
+    system_tokens: int,
+    question_tokens: int,
+    answer_tokens: int,
+    *,
+    vocab: Vocab,
+    hot_share: float | None = None,
+) -> list[Request]:
+    """``requests`` requests over ``groups`` groups (``user`` is the group, ``round`` the
+    question's number within it), shuffled by ``seed``: the group's system prompt then a
+    question of its own. Without ``hot_share`` the groups take turns evenly; with it, group 0
+    sends ``round(hot_share * requests)`` of them and the others share the rest evenly."""
+    if min(groups, requests, question_tokens, answer_tokens) < 1 or system_tokens < 2:
+        raise ValueError("groups, requests and lengths must be at least 1, a system prompt 2")
+    if hot_share is not None and not 0 < hot_share < 1:
+        raise ValueError(f"hot_share must lie between 0 and 1, not {hot_share}")
+    if hot_share is not None and groups < 2:
+        raise ValueError("a hot spot needs at least 2 groups")
+    rng = random.Random(seed)
+    systems = [_tag(g, vocab) + _ids(rng, system_tokens - 2, vocab) for g in range(groups)]
+    if hot_share is None:
+        owners = [i % groups for i in range(requests)]
+    else:
+        hot = round(hot_share * requests)
+        owners = [0] * hot + [1 + i % (groups - 1) for i in range(requests - hot)]
+    rng.shuffle(owners)
+    asked = [0] * groups
+    out: list[Request] = []
+    for i, g in enumerate(owners):
+        prompt = systems[g] + _ids(rng, question_tokens, vocab)
+        answer = _ids(rng, answer_tokens, vocab)
+        out.append(Request(i, g, asked[g], prompt, answer, answer_tokens, None))
+        asked[g] += 1
+    return out
 
 
 def poisson_arrivals(seed: int, count: int, rate: float) -> list[float]:

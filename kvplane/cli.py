@@ -22,6 +22,7 @@ SUBCOMMANDS = (
     "kvplane.engine_cli",
     "kvplane.controller.main",
     "kvplane.serve.cli",
+    "kvplane.router.cli",
     "kvplane.demo.cli",
     "kvplane.status_cli",
     "kvplane.keygen_cli",

@@ -55,6 +55,7 @@ __all__ = [
     "key_specs",
     "load_config",
     "rank_port",
+    "serving_url_of",
 ]
 
 CONFIG_FILE_ENV = ("KVPLANE_CONFIG_FILE", "LMCACHE_CONFIG_FILE")
@@ -169,6 +170,13 @@ class EngineConfig:
     )
     controller_timeout_s: float = key(
         5.0, "Deadline of each worker->controller request, seconds.", kind=FLOAT, minimum=0.05
+    )
+    serving_url: str | None = key(
+        None,
+        "The OpenAI URL this instance serves on (http://host:port), sent at registration so "
+        "that a router (kvplane router) finds the instance; null: kvplane serve and vLLM "
+        "fill it in from their --host and --port.",
+        kind=OPT_STR,
     )
     controller_curve_secret_key_file: str | None = key(
         None,
@@ -442,3 +450,16 @@ def rank_port(name: str, ports: Sequence[int] | None, worker_id: int) -> int | N
     if worker_id >= len(ports):
         raise ConfigError(f"{name}: {list(ports)} has no port for worker_id {worker_id}")
     return ports[worker_id]
+
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def serving_url_of(host: str | None, port: int, reach_host: str) -> str:
+    """The ``serving_url`` of a server bound to ``host:port``: a wildcard (or no) host is
+    replaced by ``reach_host`` (the config's ``p2p_host``, the name peers reach this
+    machine by), and an IPv6 address gets brackets."""
+    name = reach_host if host is None or host in _WILDCARDS else host
+    if ":" in name and not name.startswith("["):
+        name = f"[{name}]"
+    return f"http://{name}:{port}"

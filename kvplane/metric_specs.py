@@ -21,6 +21,9 @@ __all__ = [
     "CONTROLLER_METRICS",
     "COPY_OPS",
     "ENGINE_METRICS",
+    "ROUTER_METRICS",
+    "ROUTER_REASONS",
+    "SERVE_METRICS",
     "TIER_STATS",
     "WORKER_COUNTERS",
     "MetricKind",
@@ -203,7 +206,58 @@ CONTROLLER_METRICS = (
     _h("kvplane_controller_lookup_seconds", "Time to answer /lookup (hashing + index probe)"),
 )
 
-_BY_NAME = {s.name: s for s in (*ENGINE_METRICS, *CONTROLLER_METRICS)}
+#: ``kvplane serve``'s own ``/metrics`` (on its OpenAI port): its queue, under names that
+#: mirror vLLM's ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+#: ``vllm:kv_cache_usage_perc`` and its aborted requests, so a router reads both alike.
+SERVE_METRICS = (
+    _g("kvplane_serve_num_requests_running", "Requests generating (the server runs one at a time)"),
+    _g("kvplane_serve_num_requests_waiting", "Requests queued behind the running one"),
+    _g("kvplane_serve_kv_cache_usage_perc", "Share of the paged KV cache's blocks in use, 0 to 1"),
+    _c("kvplane_serve_request_aborts", "Requests stopped because their client went away"),
+)
+
+#: The ``reason`` label values of ``kvplane_router_requests`` (kvplane.router.scoring.Reason).
+ROUTER_REASONS = ("prefix", "load", "affinity", "fallback", "retry")
+
+#: ``kvplane router``'s ``/metrics``.
+ROUTER_METRICS = (
+    _c(
+        "kvplane_router_requests",
+        f"Requests routed, by why their backend was chosen ({', '.join(ROUTER_REASONS)})",
+        "reason",
+    ),
+    _c("kvplane_router_prompt_tokens", "Prompt tokens of the requests routed"),
+    _c(
+        "kvplane_router_matched_tokens",
+        "Prompt tokens the chosen backend held itself (the index's hit) when routed",
+    ),
+    _c(
+        "kvplane_router_fetch_tokens",
+        "Prompt tokens the chosen backend was expected to fetch from another instance by P2P",
+    ),
+    _h(
+        "kvplane_router_decision_seconds",
+        "Time from a request's body to its backend chosen (tokenize + /lookup + score)",
+    ),
+    _h("kvplane_router_lookup_seconds", "Time of the controller's /lookup, as the router sees it"),
+    _c(
+        "kvplane_router_errors",
+        "Requests that failed at a backend, by kind (connect, refused_503, mid_response, "
+        "no_backend)",
+        "kind",
+    ),
+    _g(
+        "kvplane_router_backend_in_flight",
+        "Requests the router has in flight, by backend",
+        "backend",
+    ),
+    _g("kvplane_router_backend_up", "1 while a backend is admitted, 0 while ejected", "backend"),
+    _c("kvplane_router_backend_requests", "Requests sent, by backend", "backend"),
+)
+
+_BY_NAME = {
+    s.name: s for s in (*ENGINE_METRICS, *CONTROLLER_METRICS, *SERVE_METRICS, *ROUTER_METRICS)
+}
 
 
 def spec(name: str) -> MetricSpec:

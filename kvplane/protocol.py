@@ -127,6 +127,10 @@ class RegisterRequest(_Msg, tag="register", kw_only=True):
     chunk_bytes: int | None = None
     # The command port's CURVE public key (z85 text) when it is a CURVE server; None: plain.
     curve_key: str | None = None
+    # The OpenAI URL the instance serves on (config key serving_url), for routers; None:
+    # not known. A field with a default: a controller of this protocol version that
+    # predates it ignores it, and one that knows it reads None from older workers.
+    serving_url: str | None = None
 
 
 class RegisterReply(_Msg, tag="register_reply", kw_only=True):

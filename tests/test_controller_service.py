@@ -219,6 +219,10 @@ def test_worker_info_instance_query_and_reregistration(
     assert worker.register().ok
     info3 = controller.post("/query_worker_info", body).json()["worker_infos"][0]
     assert info3["port"] == worker.port
+    assert info3["serving_url"] is None  # a worker that does not say
+    assert worker.register(serving_url="http://127.0.0.1:8123").ok
+    info4 = controller.post("/query_worker_info", body).json()["worker_infos"][0]
+    assert info4["serving_url"] == "http://127.0.0.1:8123"
 
 
 def test_the_heartbeat_monitor_port_is_a_second_reply_socket(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from kvplane.protocol import (
     ErrorCode,
     HeartbeatReply,
     HeartbeatStatus,
+    RegisterRequest,
     Segment,
     UnknownMessage,
     decode,
@@ -86,3 +87,19 @@ def test_controller_side_imports_no_torch() -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr.decode()
+
+
+def test_register_serving_url_is_optional_both_ways() -> None:
+    hello = RegisterRequest(
+        instance_id="a", worker_id=0, ip="127.0.0.1", port=1, key_scheme="k", chunk_size=4,
+        epoch=1, serving_url="http://127.0.0.1:8000",
+    )  # fmt: skip
+    assert decode(encode(hello)) == hello
+    # an older worker's frame has no such field: None
+    old = msgspec.msgpack.decode(encode(hello))
+    del old["serving_url"]
+    older = decode(msgspec.msgpack.encode(old))
+    assert isinstance(older, RegisterRequest) and older.serving_url is None
+    # a newer worker's extra field is ignored, not refused
+    newer = decode(msgspec.msgpack.encode({**old, "from_the_future": 1}))
+    assert isinstance(newer, RegisterRequest) and newer.instance_id == "a"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -145,7 +147,7 @@ def test_models_and_health(server):
         ({"prompt": "x", "max_tokens": 600}, "max_model_len"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 3}, "prompt"),
-        ({"prompt": "x", "stream": True}, "stream"),
+        ({"prompt": "x", "max_tokens": 600, "stream": True}, "max_model_len"),
         ({"prompt": []}, "empty"),
         ({"prompt": [1, 5, 100000]}, "token ids"),
     ],
@@ -166,3 +168,52 @@ def test_the_internal_api_server_sees_the_models_paged_caches(instance):
     assert info["layers"]["layer_0"]["dtype"] == "torch.float32"
     meta = httpx.get(f"http://127.0.0.1:{api_port}/meta", timeout=10).json()
     assert "kvplane/tiny-llama-random" in str(meta)
+
+
+def _metric(server, name: str) -> float:
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not on /metrics")
+
+
+def _events(lines: Iterator[str]) -> Iterator[str]:
+    """The data of each server-sent event, as it arrives."""
+    return (line.removeprefix("data: ") for line in lines if line.startswith("data: "))
+
+
+def test_streaming_sends_each_token_as_it_is_sampled(server):
+    body = {"prompt": "stream me", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    whole = server.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with server.stream("POST", "/v1/completions", json=stream) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        lines = reply.iter_lines()
+        events_in = _events(lines)
+        first = json.loads(next(events_in))
+        # the first event is here while the server is still generating the rest
+        assert _metric(server, "kvplane_serve_num_requests_running") == 1
+        events = [first, *(json.loads(e) if e != "[DONE]" else e for e in events_in)]
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 400
+    chunks = events[:-2]
+    assert all(c["object"] == "text_completion" and c["id"] == first["id"] for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_a_client_that_goes_away_stops_its_stream(server):
+    before = _metric(server, "kvplane_serve_request_aborts_total")
+    body = {"prompt": "abandon", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with server.stream("POST", "/v1/completions", json=body) as reply:
+        next(_events(reply.iter_lines()))
+    wait_until(
+        lambda: _metric(server, "kvplane_serve_request_aborts_total") == before + 1,
+        timeout=30,
+        what="the abandoned stream counted as an abort",
+    )
+    assert _metric(server, "kvplane_serve_num_requests_running") == 0
+    assert _metric(server, "kvplane_serve_kv_cache_usage_perc") == 0.0

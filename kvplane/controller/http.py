@@ -118,6 +118,9 @@ class WorkerInfo(BaseModel):
     peer_init_url: str | None
     registration_time: float
     last_heartbeat_time: float
+    serving_url: str | None = Field(
+        None, description="the OpenAI URL the instance serves on (config key serving_url)"
+    )
 
 
 class QueryWorkerInfoResponse(BaseModel):

@@ -47,6 +47,7 @@ class WorkerRecord:
     needs_resync: bool = False
     chunk_bytes: int | None = None  # one full uncompressed chunk, if the worker said
     curve_key: str | None = None  # the command port's CURVE public key (z85); None: plain
+    serving_url: str | None = None  # the instance's OpenAI URL, if the worker said
 
     @property
     def key(self) -> WorkerKey:
@@ -123,6 +124,7 @@ class Registry:
             last_heartbeat_time=now,
             chunk_bytes=req.chunk_bytes,
             curve_key=req.curve_key,
+            serving_url=req.serving_url,
         )
         return RegisterOutcome(True, "", replaced)
 

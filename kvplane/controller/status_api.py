@@ -31,6 +31,9 @@ class WorkerStatus(BaseModel):
     worker_id: int
     address: str = Field(description="the worker's command port, tcp://ip:port")
     peer_init_url: str | None
+    serving_url: str | None = Field(
+        None, description="the OpenAI URL the instance serves on (config key serving_url)"
+    )
     registration_time: float = Field(description="seconds since the epoch")
     last_heartbeat_time: float = Field(description="seconds since the epoch")
     heartbeat_age_s: float = Field(description="seconds since the last heartbeat")
@@ -96,6 +99,7 @@ def snapshot(
                         worker_id=w.worker_id,
                         address=w.address,
                         peer_init_url=w.peer_init_url,
+                        serving_url=w.serving_url,
                         registration_time=w.registration_time,
                         last_heartbeat_time=w.last_heartbeat_time,
                         heartbeat_age_s=heartbeat_age_s(w, now),

@@ -1,4 +1,5 @@
-"""The reference server's HTTP front: OpenAI completions, /tokenize, /v1/models, /health.
+"""The reference server's HTTP front: OpenAI completions (streamed too), /tokenize,
+/v1/models, /health, and /metrics (its queue, as vLLM's /metrics shows its own).
 
 Handlers are plain ``def``: FastAPI runs them on its thread pool, so a long prefill does not
 stall /health. The generator serializes requests itself (one at a time).
@@ -11,11 +12,12 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvplane.errors import BadRequest, KvplaneError
 from kvplane.serve.generator import Completion, SamplingParams
 from kvplane.serve.launch import ServedModel
+from kvplane.serve.load_metrics import METRICS_TYPE, render_load
 from kvplane.serve.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -27,8 +29,9 @@ from kvplane.serve.protocol import (
     TokenizeResponse,
     Usage,
 )
+from kvplane.serve.streaming import stream_completions
 from kvplane.serve.tokenizer import Tokenizer
-from kvplane.web.errors import validation_message
+from kvplane.web.errors import openai_error_body, validation_message
 
 __all__ = ["TTFT_HEADER", "create_app"]
 
@@ -42,11 +45,11 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.exception_handler(KvplaneError)
     def _domain_error(_: Request, exc: KvplaneError) -> JSONResponse:
-        return _error(exc.status_code, type(exc).__name__, str(exc))
+        return _error(exc.status_code, str(exc))
 
     @app.exception_handler(RequestValidationError)
     def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(400, "BadRequest", validation_message(exc.errors()))
+        return _error(400, validation_message(exc.errors()))
 
     @app.get("/health")
     def health() -> Response:
@@ -69,12 +72,21 @@ def create_app(served: ServedModel) -> FastAPI:
             count=len(tokens), max_model_len=served.max_model_len, tokens=tokens
         )
 
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(render_load(served.generator.load()), media_type=METRICS_TYPE)
+
     @app.post("/v1/completions")
-    def completions(body: CompletionRequest) -> JSONResponse:
-        if body.stream:
-            raise BadRequest("stream=true is not supported by the reference server")
+    def completions(body: CompletionRequest) -> Response:
         params = SamplingParams(body.max_tokens, body.temperature, body.seed, body.ignore_eos)
-        done = [served.generator.generate(p, params) for p in _prompts(served, body.prompt)]
+        prompts = _prompts(served, body.prompt)
+        if body.stream:
+            for prompt in prompts:
+                served.generator.check(prompt, params)  # refused before the first byte
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            events = stream_completions(served, prompts, params, include_usage=usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        done = [served.generator.generate(p, params) for p in prompts]
         reply = _completion_response(served.name, done, served.tokenizer)
         return JSONResponse(reply.model_dump(), headers={TTFT_HEADER: f"{done[0].ttft_s:.6f}"})
 
@@ -120,7 +132,5 @@ def _completion_response(
     )
 
 
-def _error(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": kind, "code": status}}
-    )
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content=openai_error_body(status, message))

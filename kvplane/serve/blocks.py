@@ -32,6 +32,10 @@ class BlockAllocator:
             )
         return [self._free.popleft() for _ in range(count)]
 
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
     def free(self, blocks: list[int]) -> None:
         self._free.extend(blocks)
 

@@ -10,6 +10,7 @@ p2p node) next to the HTTP front.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -86,13 +87,16 @@ def build_instance(
     nothing started yet."""
     if steps is None:
         steps = StartupSteps(3, log)
-    from kvplane.config import load_config
+    from kvplane.config import load_config, serving_url_of
     from kvplane.engine.kv.layout import KVLayout, allocate_kv_caches
     from kvplane.process import EngineProcess
     from kvplane.serve.launch import load_model, make_served, served_facts
     from kvplane.serve.progress import mib
 
     config = load_config(config_path, overrides=overrides)
+    if config.serving_url is None:
+        url = serving_url_of(options.host, options.port, config.p2p_host)
+        config = dataclasses.replace(config, serving_url=url)
     source = f"checkpoint {options.model_dir}" if options.model_dir else "random weights"
     with steps.step(f"loading model {options.model_name} ({source}, device {options.device})"):
         loaded = load_model(options)

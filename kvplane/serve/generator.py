@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -30,7 +31,11 @@ from kvplane.errors import BadRequest
 from kvplane.serve.blocks import BlockAllocator, slot_mapping
 from kvplane.serve.model import PagedLlama
 
-__all__ = ["Completion", "Generator", "SamplingParams"]
+__all__ = ["Completion", "Generator", "Load", "OnToken", "SamplingParams"]
+
+OnToken = Callable[[int], bool]
+"""Called with each sampled token on the generating thread; False stops the request
+(its client went away): it finishes as ``"abort"`` after that token."""
 
 
 class SamplingParams(NamedTuple):
@@ -43,10 +48,19 @@ class SamplingParams(NamedTuple):
 class Completion(NamedTuple):
     prompt_tokens: list[int]
     output_tokens: list[int]
-    finish_reason: str  # "length" or "stop"
+    finish_reason: str  # "length", "stop" or "abort"
     cached_tokens: int  # prompt tokens loaded from kvplane instead of computed
     ttft_s: float  # request start (lock held) to the first token sampled
     prompt_logits: torch.Tensor  # the prompt's last-position logits, float32 on the CPU
+
+
+class Load(NamedTuple):
+    """What the server's /metrics shows of its queue (vLLM's equivalents in brackets)."""
+
+    running: int  # requests generating (num_requests_running): 0 or 1
+    waiting: int  # requests queued behind it (num_requests_waiting)
+    kv_usage: float  # share of the paged cache's blocks in use (kv_cache_usage_perc), 0..1
+    aborts: int  # requests stopped because their client went away
 
 
 class Generator:
@@ -68,10 +82,20 @@ class Generator:
         self.cache = cache
         self._allocator = BlockAllocator(num_blocks)
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._waiting = 0
+        self._running = 0
+        self._aborts = 0
 
-    def generate(self, prompt: list[int], params: SamplingParams) -> Completion:
-        """Raises BadRequest for an empty or too long request, Unavailable when the paged
-        cache cannot hold it."""
+    def load(self) -> Load:
+        with self._count_lock:
+            used = 1.0 - self._allocator.num_free / self._allocator.num_blocks
+            return Load(self._running, self._waiting, used, self._aborts)
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raises BadRequest for an empty or too long request (what :meth:`generate`
+        refuses before it queues), so a streaming server can refuse it before its first
+        byte."""
         if not prompt:
             raise BadRequest("the prompt has no tokens")
         vocab = self.model.vocab_size
@@ -85,14 +109,39 @@ class Generator:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len {self.max_model_len}"
             )
-        with self._lock:
-            blocks = self._allocator.allocate(-(-total // self.block_size))
-            try:
-                return self._run(prompt, params, blocks)
-            finally:
-                self._allocator.free(blocks)
 
-    def _run(self, prompt: list[int], params: SamplingParams, blocks: list[int]) -> Completion:
+    def generate(
+        self, prompt: list[int], params: SamplingParams, on_token: OnToken | None = None
+    ) -> Completion:
+        """Raises BadRequest for an empty or too long request (:meth:`check`), Unavailable
+        when the paged cache cannot hold it. ``on_token`` sees each token as it is sampled."""
+        self.check(prompt, params)
+        total = len(prompt) + params.max_tokens
+        with self._count_lock:
+            self._waiting += 1
+        with self._lock:
+            with self._count_lock:
+                self._waiting -= 1
+                blocks = self._allocator.allocate(-(-total // self.block_size))
+                self._running += 1
+            try:
+                done = self._run(prompt, params, blocks, on_token)
+            finally:
+                with self._count_lock:
+                    self._allocator.free(blocks)
+                    self._running -= 1
+        if done.finish_reason == "abort":
+            with self._count_lock:
+                self._aborts += 1
+        return done
+
+    def _run(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        blocks: list[int],
+        on_token: OnToken | None,
+    ) -> Completion:
         device = self.model.device
         start_time = time.perf_counter()
         n = len(prompt)
@@ -115,6 +164,9 @@ class Generator:
         out = [token]
         finish = "length"
         while True:
+            if on_token is not None and not on_token(token):
+                finish = "abort"
+                break
             if not params.ignore_eos and token == self.eos_token_id:
                 finish = "stop"
                 break

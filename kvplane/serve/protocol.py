@@ -16,6 +16,7 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "PromptTokensDetails",
+    "StreamOptions",
     "TokenizeRequest",
     "TokenizeResponse",
     "Usage",
@@ -32,6 +33,11 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     ignore_eos: bool = False
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class CompletionChoice(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +28,7 @@ __all__ = [
     "allowed_methods",
     "error_body",
     "install_error_handlers",
+    "openai_error_body",
     "route_error_body",
     "serves",
     "validation_message",
@@ -38,6 +40,18 @@ log = logging.getLogger(__name__)
 def error_body(exc: KvplaneError) -> dict[str, Any]:
     """``{"error": title, "message": text, **details}``."""
     return {"error": exc.title, "message": str(exc), **exc.details}
+
+
+def openai_error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """The error body of the OpenAI-compatible servers (kvplane serve, kvplane router), as
+    vLLM writes it: ``{"error": {"message", "type", "param", "code"}}``, ``type`` named
+    after the status (``BadRequestError``, ``NotFoundError``, ``ServiceUnavailableError``)."""
+    try:
+        kind = HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    except ValueError:
+        kind = "Unknown"
+    kind = kind if kind.endswith("Error") else kind + "Error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 def route_error_body(detail: str, method: str, path: str) -> dict[str, Any]:

@@ -190,6 +190,7 @@ class ControllerWorker:
             epoch=0,
             chunk_bytes=self.engine.layout.chunk_nbytes(c.chunk_size),
             curve_key=curve.keys.public.decode() if curve is not None else None,
+            serving_url=c.serving_url,
         )
         self.session = WorkerSession(
             hello,

@@ -8,15 +8,16 @@ scheduler process uses it too."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvplane.config import EngineConfig, load_config
+from kvplane.config import EngineConfig, load_config, serving_url_of
 from kvplane.engine.facts import EngineFacts, KVShape
 from kvplane.errors import ConfigError
 
-__all__ = ["VllmFacts", "connector_config", "extra_overrides"]
+__all__ = ["VllmFacts", "connector_config", "extra_overrides", "serving_url_from_argv"]
 
 _PREFIXES = ("kvplane.", "lmcache.")
 
@@ -82,4 +83,32 @@ def connector_config(facts: VllmFacts, extra: Mapping[str, Any] | None) -> Engin
             f"{facts.block_size}: kvplane moves whole vLLM blocks, so set chunk_size to a "
             f"multiple of {facts.block_size} (e.g. {max(1, config.chunk_size // facts.block_size) * facts.block_size})"
         )
+    if config.serving_url is None:
+        url = serving_url_from_argv(sys.argv, config.p2p_host)
+        if url is not None:
+            config = dataclasses.replace(config, serving_url=url)
     return config
+
+
+def _flag(argv: Sequence[str], name: str) -> str | None:
+    """The value of ``--name V`` or ``--name=V`` in ``argv`` (the last one wins)."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith(name + "="):
+            found = arg[len(name) + 1 :]
+    return found
+
+
+def serving_url_from_argv(argv: Sequence[str], reach_host: str) -> str | None:
+    """The OpenAI URL of ``vllm serve ... [--host H] [--port P]`` (vLLM's default port
+    8000) from its command line, which vLLM's engine-core and worker processes inherit
+    (multiprocessing hands a spawned child its parent's ``sys.argv``); None for any other
+    command line (vLLM as a library), where only the config key can tell."""
+    if len(argv) < 2 or argv[1] != "serve":
+        return None
+    port = _flag(argv, "--port") or "8000"
+    if not port.isdigit():
+        return None
+    return serving_url_of(_flag(argv, "--host"), int(port), reach_host)

@@ -1,0 +1,135 @@
+"""One routing decision: the request's tokens, the index's hits, the backends' load, the
+score. The I/O it needs (``/tokenize``, ``/lookup``) is the only I/O here; the choice is
+:func:`kvplane.router.scoring.choose`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, NamedTuple
+
+import httpx
+
+from kvplane.errors import NotFound, Unavailable
+from kvplane.router.metrics import RouterMetrics
+from kvplane.router.pool import Backend, Pool
+from kvplane.router.scoring import Candidate, Decision, Weights, choose
+from kvplane.router.settings import RouterConfig
+from kvplane.router.tokens import TokenCache, tokenize_body
+from kvplane.router.upstream import ControllerClient, Hits
+
+__all__ = ["Route", "Router"]
+
+log = logging.getLogger("kvplane.router")
+
+_SESSIONS = 65536  # sessions remembered for affinity, least recently seen dropped first
+
+
+class Route(NamedTuple):
+    decision: Decision
+    backends: list[Backend]  # in the decision's order
+    prompt_tokens: int
+    seconds: float  # to decide, tokenizing and the lookup included
+
+
+class Router:
+    def __init__(
+        self,
+        config: RouterConfig,
+        pool: Pool,
+        controller: ControllerClient | None,
+        client: httpx.AsyncClient,
+        metrics: RouterMetrics,
+        weights: Weights,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.controller = controller
+        self.metrics = metrics
+        self.weights = weights
+        self.client = client
+        self._tokens = TokenCache(config.tokenize_cache_size)
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+
+    def session_of(self, headers: Any, body: dict[str, Any]) -> str | None:
+        name = self.config.affinity_header
+        if name and (value := headers.get(name)):
+            return str(value)
+        user = body.get("user") if self.config.affinity_user else None
+        return str(user) if isinstance(user, str) and user else None
+
+    def remember(self, session: str | None, url: str) -> None:
+        if session is None:
+            return
+        self._sessions[session] = url
+        self._sessions.move_to_end(session)
+        while len(self._sessions) > _SESSIONS:
+            self._sessions.popitem(last=False)
+
+    def backends_for(self, model: Any) -> list[Backend]:
+        """The admitted backends serving ``model`` (any, if the request names none).
+        Raises NotFound for a model no admitted backend serves, Unavailable when none is
+        admitted."""
+        up = self.pool.admitted()
+        if not up:
+            raise Unavailable("no backend is up: every backend failed its health checks")
+        if model is None:
+            return up
+        serving = [b for b in up if str(model) in b.models]
+        if not serving:
+            raise NotFound(f"The model `{model}` does not exist.")
+        return serving
+
+    async def tokens(
+        self, kind: str, body: dict[str, Any], backends: list[Backend]
+    ) -> list[int] | None:
+        """The prompt's token ids as the backends compute them; None when the request has
+        none to give or no backend tokenized it in time."""
+        wanted = tokenize_body(kind, body)
+        if wanted is None or isinstance(wanted, list):
+            return wanted
+        key = TokenCache.key(str(body.get("model")), wanted)
+        cached = self._tokens.get(key)
+        if cached is not None:
+            return cached
+        for backend in backends[:2]:
+            try:
+                resp = await self.client.post(
+                    f"{backend.url}/tokenize", json=wanted, timeout=self.config.lookup_timeout_s
+                )
+                if resp.status_code != 200:
+                    return None  # the backend cannot tokenize this (kvplane serve: chat)
+                tokens = [int(t) for t in resp.json()["tokens"]]
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                log.warning("/tokenize on %s failed: %r", backend.url, exc)
+                continue
+            self._tokens.put(key, tokens)
+            return tokens
+        return None
+
+    async def decide(self, kind: str, body: dict[str, Any], session: str | None) -> Route:
+        start = time.perf_counter()
+        backends = self.backends_for(body.get("model"))
+        tokens = await self.tokens(kind, body, backends)
+        hits: Hits | None = None
+        if tokens and self.controller is not None:
+            hits = await self.controller.lookup(tokens, self.config.lookup_timeout_s)
+        found = hits.by_instance if hits is not None else {}
+        candidates = []
+        for b in backends:
+            location, held = found.get(b.instance_id or "", (None, 0))
+            candidates.append(Candidate(b.url, b.instance_id, held, location, b.current_load))
+        affinity = self._sessions.get(session) if session is not None else None
+        decision = choose(
+            candidates,
+            len(tokens or ()),
+            self.weights,
+            holders=hits.tokens() if hits is not None else None,
+            affinity=affinity,
+        )
+        by_url = {b.url: b for b in backends}
+        seconds = time.perf_counter() - start
+        self.metrics.decision_seconds.observe(seconds)
+        return Route(decision, [by_url[u] for u in decision.ranking], len(tokens or ()), seconds)

@@ -1,0 +1,80 @@
+"""A request's prompt token ids, as its backend will compute them, so that the index's
+chunk keys (:mod:`kvplane.keys`, hashed from token ids) match the backend's.
+
+The backend's own ``/tokenize`` answers (vLLM's takes a completions ``prompt`` or a chat's
+``messages`` with its chat template; kvplane serve's a ``prompt``), so the ids are the
+backend's by construction, chat template and special tokens included. Answers are kept per
+model (an LRU of :attr:`RouterConfig.tokenize_cache_size` prompts): a repeated prompt, or a
+chat's earlier turns, cost no round trip.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any
+
+__all__ = ["TokenCache", "tokenize_body"]
+
+#: Fields of a chat request that its chat template sees (vLLM's /tokenize takes them).
+_CHAT_FIELDS = (
+    "messages",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template",
+    "chat_template_kwargs",
+    "tools",
+)
+
+
+def tokenize_body(kind: str, body: dict[str, Any]) -> dict[str, Any] | list[int] | None:
+    """What to POST to a backend's /tokenize for a request of ``kind`` (``"completions"``
+    or ``"chat"``), or the token ids when the request already gives them; None when the
+    request has nothing to tokenize (the index is then not asked). A batch of prompts is
+    routed by its first."""
+    model = body.get("model")
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None
+        return {"model": model, **{k: body[k] for k in _CHAT_FIELDS if k in body}}
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, int) and not isinstance(first, bool):
+            return [int(t) for t in prompt] if all(isinstance(t, int) for t in prompt) else None
+        if isinstance(first, list):
+            return [int(t) for t in first] if all(isinstance(t, int) for t in first) else None
+        prompt = first
+    if not isinstance(prompt, str):
+        return None
+    tok: dict[str, Any] = {"model": model, "prompt": prompt}
+    if "add_special_tokens" in body:
+        tok["add_special_tokens"] = body["add_special_tokens"]
+    return tok
+
+
+class TokenCache:
+    """Token ids by (model, /tokenize body), least recently used dropped first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
+
+    @staticmethod
+    def key(model: str, tokenize: dict[str, Any]) -> tuple[str, str]:
+        return model, json.dumps(tokenize, sort_keys=True, separators=(",", ":"))
+
+    def get(self, key: tuple[str, str]) -> list[int] | None:
+        tokens = self._entries.get(key)
+        if tokens is not None:
+            self._entries.move_to_end(key)
+        return tokens
+
+    def put(self, key: tuple[str, str], tokens: list[int]) -> None:
+        if self.size <= 0:
+            return
+        self._entries[key] = tokens
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)

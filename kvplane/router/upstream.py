@@ -1,0 +1,178 @@
+"""The router's calls to others: the controller (``/lookup`` per request, ``/status`` for
+the instances) and the backends' checks (``/health``, ``/metrics``, ``/v1/models``). Thin:
+what comes back goes into the pure :class:`~kvplane.router.pool.Pool`; httpx's errors are
+translated here and go no further.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import httpx
+
+from kvplane.router.metrics import RouterMetrics
+from kvplane.router.pool import BackendSpec, Pool, parse_load
+
+__all__ = ["Checker", "ControllerClient", "Hits"]
+
+log = logging.getLogger("kvplane.router")
+
+
+class Hits(NamedTuple):
+    """The index's answer for one prompt: instance -> (tier, tokens held from token 0)."""
+
+    by_instance: dict[str, tuple[str, int]]
+
+    def tokens(self) -> dict[str, int]:
+        return {i: n for i, (_, n) in self.by_instance.items()}
+
+
+class ControllerClient:
+    def __init__(self, url: str, client: httpx.AsyncClient, metrics: RouterMetrics) -> None:
+        self.url = url.rstrip("/")
+        self._client = client
+        self._metrics = metrics
+
+    async def lookup(self, tokens: Sequence[int], timeout: float) -> Hits | None:
+        """The index's hits for ``tokens``; None when the controller does not answer in
+        ``timeout`` seconds or answers an error (the request is then routed by load)."""
+        start = time.perf_counter()
+        try:
+            resp = await self._client.post(
+                f"{self.url}/lookup", json={"tokens": list(tokens)}, timeout=timeout
+            )
+            if resp.status_code != 200:
+                log.warning("controller /lookup answered %d: %s", resp.status_code, resp.text[:200])
+                return None
+            layout = resp.json()["layout_info"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            log.warning("controller /lookup failed: %r", exc)
+            return None
+        finally:
+            self._metrics.lookup_seconds.observe(time.perf_counter() - start)
+        return Hits({str(i): (str(loc), int(n)) for i, (loc, n) in layout.items()})
+
+    async def serving_urls(self, timeout: float) -> dict[str, str] | None:
+        """``serving_url -> instance_id`` of every registered instance that has one (its
+        lowest rank's); None when the controller does not answer."""
+        try:
+            resp = await self._client.get(f"{self.url}/status", timeout=timeout)
+            resp.raise_for_status()
+            instances = resp.json()["instances"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            log.warning("controller /status failed: %r", exc)
+            return None
+        found: dict[str, str] = {}
+        for inst in instances:
+            urls = [w.get("serving_url") for w in inst.get("workers", [])]
+            url = next((u for u in urls if u), None)
+            if url:
+                found[str(url).rstrip("/")] = str(inst["instance_id"])
+        return found
+
+
+class Checker:
+    """Keeps the pool current: every ``interval`` seconds each backend's ``/health`` and
+    ``/metrics`` (its models when it is (re)admitted and every tenth round), and every
+    ``discovery_interval`` seconds the controller's instances."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        client: httpx.AsyncClient,
+        controller: ControllerClient | None,
+        *,
+        flags: Sequence[BackendSpec],
+        discover: bool,
+        interval: float,
+        discovery_interval: float,
+        timeout: float,
+    ) -> None:
+        self.pool = pool
+        self._client = client
+        self._controller = controller
+        self._flags = list(flags)
+        self._discover = discover
+        self._interval = interval
+        self._discovery_interval = discovery_interval
+        self._timeout = timeout
+        self._round = 0
+
+    async def discover(self) -> None:
+        """Name the flag backends the controller knows; add the instances it lists."""
+        if self._controller is None:
+            return
+        listed = await self._controller.serving_urls(self._timeout)
+        if listed is None:
+            return
+        for spec in self._flags:
+            if spec.instance_id is None and spec.url in listed:
+                self.pool.add(BackendSpec(spec.url, listed[spec.url]), from_flag=True)
+        if self._discover:
+            self.pool.sync_discovered(listed)
+
+    async def check_all(self) -> None:
+        models_round = self._round % 10 == 0
+        self._round += 1
+        await asyncio.gather(*(self._check(url, models_round) for url in list(self.pool.backends)))
+
+    async def _check(self, url: str, models_round: bool) -> None:
+        backend = self.pool.backends.get(url)
+        if backend is None:
+            return
+        want_models = models_round or not backend.admitted or not backend.models
+        try:
+            health = await self._client.get(f"{url}/health", timeout=self._timeout)
+            if health.status_code != 200:
+                raise _CheckFailed(f"/health answered {health.status_code}")
+            metrics = await self._client.get(f"{url}/metrics", timeout=self._timeout)
+            load = parse_load(metrics.text) if metrics.status_code == 200 else None
+            models = None
+            if want_models:
+                listed = await self._client.get(f"{url}/v1/models", timeout=self._timeout)
+                models = [str(m["id"]) for m in listed.json()["data"]]
+        except (httpx.HTTPError, _CheckFailed, ValueError, KeyError, TypeError) as exc:
+            if self.pool.failed(url, repr(exc)):
+                log.warning(
+                    "backend %s ejected after %d failed checks: %r", url, backend.failures, exc
+                )
+            return
+        if not backend.admitted:
+            log.info("backend %s admitted (instance %s)", url, backend.instance_id)
+        self.pool.check_answered(url, load, models)
+
+    async def run(self) -> None:
+        """Check forever (cancel to stop)."""
+        last_discovery = -1e9
+        while True:
+            now = time.monotonic()
+            if now - last_discovery >= self._discovery_interval:
+                last_discovery = now
+                await self.discover()
+            await self.check_all()
+            await asyncio.sleep(self._interval)
+
+
+class _CheckFailed(Exception):
+    pass
+
+
+def describe(pool: Pool) -> list[dict[str, Any]]:
+    """The backends as the router's /health shows them."""
+    return [
+        {
+            "url": b.url,
+            "instance_id": b.instance_id,
+            "admitted": b.admitted,
+            "failures": b.failures,
+            "in_flight": b.in_flight,
+            "models": sorted(b.models),
+            "load": b.load._asdict(),
+            "last_error": b.last_error,
+        }
+        for b in sorted(pool.backends.values(), key=lambda b: b.url)
+    ]
