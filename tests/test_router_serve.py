@@ -65,6 +65,7 @@ def seed_on(fleet: Fleet, name: str, text: str) -> None:
         timeout=30,
         what=f"the index crediting {name} with the prompt",
     )
+    fleet.wait_idle()
 
 
 def post(fleet: Fleet, body: dict[str, Any], **kw: Any) -> httpx.Response:
