@@ -22,11 +22,13 @@ CHUNK = 64
 STARTUP_S = 300  # an outer bound: model loads on a busy 2-core machine
 
 
-def metric(url: str, name: str) -> float:
-    """The sum of family ``name``'s samples on ``url``/metrics (0 when absent)."""
+def metric(url: str, name: str, labels: str = "") -> float:
+    """The sum of sample ``name``'s values on ``url``/metrics whose label set contains
+    ``labels`` (0 when absent)."""
     total = 0.0
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
+        head = line.split(" ")[0]
+        if head.split("{")[0] == name and labels in head:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -116,6 +118,19 @@ class Fleet:
     def backend(self, name: str) -> dict[str, Any]:
         url = self.serve[name]
         return next(b for b in self.router_health()["backends"] if b["url"] == url)
+
+    def wait_idle(self) -> None:
+        """Until the router sees every backend idle (its last /metrics and its own count),
+        so that a routing assertion is about the prefix, not a previous test's tail."""
+
+        def idle() -> bool:
+            found = self.router_health()["backends"]
+            return all(
+                b["in_flight"] == 0 and b["load"]["running"] == 0 and b["load"]["waiting"] == 0
+                for b in found
+            )
+
+        wait_until(idle, timeout=60, what="every backend idle as the router sees it")
 
     def lookup(self, tokens: list[int]) -> dict[str, Any]:
         resp = httpx.post(f"{self.controller}/lookup", json={"tokens": tokens}, timeout=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,11 +13,15 @@ CPU = "LocalCPUBackend"
 
 
 def test_cost_counts_compute_hit_fetch_and_load() -> None:
-    c = Candidate("a", "inst-a", 300, CPU, Load(running=1, waiting=1, kv_usage=0.5, in_flight=1))
+    c = Candidate("a", "inst-a", 300, CPU, Load(running=1, waiting=1, kv_usage=0.9, in_flight=1))
     cost = cost_of(c, 1000, 800, W)
     assert (cost.hit_tokens, cost.fetched, cost.computed) == (300, 500, 200)
+    # 0.9 of the cache in use: half way from the 0.8 threshold to full
     expected = 200 + 300 * 0.05 + 500 * W.p2p_cost + 2 * W.request_cost + 0.5 * W.kv_usage_cost
-    assert cost.total == expected
+    assert cost.total == pytest.approx(expected)
+    assert cost_of(c._replace(load=Load(kv_usage=0.7)), 1000, 800, W).total == pytest.approx(
+        200 + 300 * 0.05 + 500 * W.p2p_cost
+    )
 
 
 def test_a_prefix_only_b_holds_goes_to_b() -> None:

@@ -81,6 +81,8 @@ def create_app(config: RouterConfig) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await client.aclose()
+            if controller is not None:
+                controller.close()
 
     app = FastAPI(title="kvplane router", version=kvplane.__version__, lifespan=lifespan)
     app.state.router = router

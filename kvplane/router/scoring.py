@@ -12,7 +12,8 @@ The cost is counted in *prompt tokens computed* (one token of prefill = 1):
 * its load: each request ahead of this one (``max(backend's running + waiting, the
   router's own in flight)``: the router's count is fresh, the backend's includes other
   clients) costs :attr:`Weights.request_cost` tokens, and a KV cache near full (preemption
-  ahead) ``kv_usage x Weights.kv_usage_cost``.
+  ahead) up to :attr:`Weights.kv_usage_cost` (nothing below
+  :attr:`Weights.kv_usage_threshold` of the cache in use, all of it at a full cache).
 
 The cheapest wins, so a hot prefix held by B goes to B while B is idle and spreads to A
 once B's queue costs more than A's P2P fetch. Ties (within
@@ -61,8 +62,15 @@ class Weights:
     p2p_cost: float = 0.15
     request_cost: float = 256.0
     kv_usage_cost: float = 512.0
+    kv_usage_threshold: float = 0.8
     affinity_tolerance: float = 32.0
     p2p_enabled: bool = True  # the instances fetch from each other (enable_p2p)
+
+    def kv_pressure(self, usage: float) -> float:
+        """0 up to ``kv_usage_threshold``, rising to 1 at a full cache: KV in use costs
+        nothing until the cache is nearly full (then admitting means preempting)."""
+        over = min(max(usage, 0.0), 1.0) - self.kv_usage_threshold
+        return max(over, 0.0) / (1.0 - self.kv_usage_threshold) if over > 0 else 0.0
 
     def tier_cost(self, location: str | None) -> float:
         if location is None:
@@ -123,7 +131,7 @@ def cost_of(
         + hit * weights.tier_cost(candidate.hit_location)
         + fetched * weights.p2p_cost
         + load.ahead * weights.request_cost
-        + min(max(load.kv_usage, 0.0), 1.0) * weights.kv_usage_cost
+        + weights.kv_pressure(load.kv_usage) * weights.kv_usage_cost
     )
     return Cost(total, computed, hit, fetched)
 

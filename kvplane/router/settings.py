@@ -83,9 +83,19 @@ class RouterConfig:
         minimum=0.0,
     )
     kv_usage_cost: float = key(
-        512.0, "Cost of a full KV cache (scaled by the backend's KV usage, 0..1).", kind=FLOAT,
+        512.0,
+        "Cost of a full KV cache; from kv_usage_threshold up it rises linearly to this.",
+        kind=FLOAT,
         minimum=0.0,
-    )  # fmt: skip
+    )
+    kv_usage_threshold: float = key(
+        0.8,
+        "Share of a backend's KV cache in use (its kv_cache_usage_perc) below which it "
+        "costs nothing.",
+        kind=FLOAT,
+        minimum=0.0,
+        maximum=0.99,
+    )
     affinity_header: str | None = key(
         "x-session-id",
         "Request header naming a session (null: none); its requests prefer the backend it "
@@ -174,6 +184,7 @@ def weights_of(config: RouterConfig) -> Weights:
         p2p_cost=config.p2p_cost,
         request_cost=config.request_cost,
         kv_usage_cost=config.kv_usage_cost,
+        kv_usage_threshold=config.kv_usage_threshold,
         affinity_tolerance=config.affinity_tolerance,
         p2p_enabled=config.p2p,
     )

@@ -13,13 +13,18 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import httpx
+import msgspec
 
+from kvplane.router.lean_http import LeanClient, LeanHttpError
 from kvplane.router.metrics import RouterMetrics
 from kvplane.router.pool import BackendSpec, Pool, parse_load
 
-__all__ = ["Checker", "ControllerClient", "Hits"]
+__all__ = ["Checker", "ControllerClient", "Hits", "describe"]
 
 log = logging.getLogger("kvplane.router")
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 
 class Hits(NamedTuple):
@@ -36,25 +41,42 @@ class ControllerClient:
         self.url = url.rstrip("/")
         self._client = client
         self._metrics = metrics
+        self._lean = LeanClient(self.url) if self.url.startswith("http://") else None
 
     async def lookup(self, tokens: Sequence[int], timeout: float) -> Hits | None:
         """The index's hits for ``tokens``; None when the controller does not answer in
         ``timeout`` seconds or answers an error (the request is then routed by load)."""
         start = time.perf_counter()
+        body = _encode({"tokens": tokens})
         try:
-            resp = await self._client.post(
-                f"{self.url}/lookup", json={"tokens": list(tokens)}, timeout=timeout
-            )
-            if resp.status_code != 200:
-                log.warning("controller /lookup answered %d: %s", resp.status_code, resp.text[:200])
+            if self._lean is not None:
+                status, answer = await self._lean.post("/lookup", body, timeout)
+            else:
+                resp = await self._client.post(
+                    f"{self.url}/lookup",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                    timeout=timeout,
+                )
+                status, answer = resp.status_code, resp.content
+            if status != 200:
+                log.warning("controller /lookup answered %d: %s", status, answer[:200])
                 return None
-            layout = resp.json()["layout_info"]
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            layout = _decode(answer)["layout_info"]
+            hits = {str(i): (str(loc), int(n)) for i, (loc, n) in layout.items()}
+        except (httpx.HTTPError, LeanHttpError, TimeoutError, msgspec.DecodeError) as exc:
             log.warning("controller /lookup failed: %r", exc)
+            return None
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("controller /lookup answered an unexpected body: %r", exc)
             return None
         finally:
             self._metrics.lookup_seconds.observe(time.perf_counter() - start)
-        return Hits({str(i): (str(loc), int(n)) for i, (loc, n) in layout.items()})
+        return Hits(hits)
+
+    def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
 
     async def serving_urls(self, timeout: float) -> dict[str, str] | None:
         """``serving_url -> instance_id`` of every registered instance that has one (its

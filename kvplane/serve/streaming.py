@@ -51,6 +51,12 @@ class TextDeltas:
         delta, self._sent = text[self._sent :], len(text)
         return delta
 
+    def rest(self) -> str:
+        """What is held back at the end (an incomplete character, decoded as U+FFFD)."""
+        text = self._tokenizer.decode(self._tokens)
+        delta, self._sent = text[self._sent :], len(text)
+        return delta
+
 
 _FINISHED = object()
 
@@ -96,7 +102,8 @@ async def stream_completions(
             index, what = item
             if isinstance(what, Completion):
                 reason = "stop" if what.finish_reason == "stop" else "length"
-                yield sse({**head, "choices": [_choice(index, "", reason)], "usage": None})
+                last = _choice(index, deltas[index].rest(), reason)
+                yield sse({**head, "choices": [last], "usage": None})
             elif text := deltas[index].add(what):
                 yield sse({**head, "choices": [_choice(index, text, None)], "usage": None})
         try:
