@@ -89,7 +89,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmFleet]:
                 vllm_server(
                     model,
                     env_extra=env,
-                    extra_args=["--kv-transfer-config", json.dumps(CONNECTOR)],
+                    # --enable-log-requests: vLLM logs its aborts only with it (and counts none)
+                    extra_args=[
+                        "--kv-transfer-config",
+                        json.dumps(CONNECTOR),
+                        "--enable-log-requests",
+                    ],
                     log_path=tmp / f"{name}.log",
                 )
             )
@@ -183,7 +188,7 @@ def test_a_burst_spreads_to_a_which_fetches_the_prefix_by_p2p(fleet: VllmFleet) 
     long = {
         "model": model,
         "prompt": system + " Long?",
-        "max_tokens": 200,
+        "max_tokens": 900,  # seconds of decoding: B stays busy while the second one is routed
         "ignore_eos": True,
         "stream": True,
     }
