@@ -236,11 +236,15 @@ def held_to_vllms_own_hit(
     assert all(grew.values()), f"hits per tier: {grew}"
     assert metric(server.base_url, "vllm:external_prefix_cache_hits_total") > external
     if exact:
-        assert answer == reference.answer
-        loaded = log.last("retrieve")[: len(reference.checksums) * CHUNK]
-        whole = len(loaded) // CHUNK * CHUNK
-        assert whole > 0, "nothing loaded"
-        assert checksums(worker_api, loaded[:whole]) == reference.checksums[: whole // CHUNK]
+        # every whole chunk came from kvplane: a partial load (a fetch that failed and was
+        # recomputed) computes a different shape and is no test of the loaded KV
+        retrieved = log.last("retrieve")
+        wanted = len(reference.checksums) * CHUNK
+        assert wanted > 0, "the prompt fills no whole chunk"
+        assert len(retrieved) >= wanted, f"loaded {len(retrieved)} tokens of {wanted}"
+        loaded = retrieved[:wanted]
+        assert checksums(worker_api, loaded) == reference.checksums
+        assert answer == reference.answer, f"{len(retrieved)} tokens loaded"
     return answer
 
 
