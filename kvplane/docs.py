@@ -3,7 +3,7 @@
 docs/configuration.md renders both key tables: the engine's (:class:`kvplane.config.EngineConfig`)
 and the controller's (:class:`kvplane.controller.settings.ControllerConfig`); docs/metrics.md
 renders the metric specs (:mod:`kvplane.metric_specs`). ``--check`` also checks that
-docs/controller.md names every controller flag.
+docs/controller.md names every controller flag and docs/router.md every router key and flag.
 """
 
 from __future__ import annotations
@@ -24,14 +24,21 @@ from kvplane.metric_specs import (
     MetricKind,
     MetricSpec,
 )
+from kvplane.router.settings import router_keys
 from kvplane.settings_table import KeySpec
 
-__all__ = ["missing_controller_flags", "render_configuration_md", "render_metrics_md"]
+__all__ = [
+    "missing_controller_flags",
+    "missing_router_keys",
+    "render_configuration_md",
+    "render_metrics_md",
+]
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 DOC_PATH = DOCS / "configuration.md"
 CONTROLLER_DOC_PATH = DOCS / "controller.md"
 METRICS_DOC_PATH = DOCS / "metrics.md"
+ROUTER_DOC_PATH = DOCS / "router.md"
 
 
 def _help(s: KeySpec) -> str:
@@ -116,19 +123,21 @@ def render_metrics_md() -> str:
         "# Metrics",
         "",
         "Generated from `kvplane/metric_specs.py` by `python -m kvplane.docs --write`; do not",
-        "edit. `tests/test_operate.py` scrapes a running controller and engine and checks that",
-        "they export exactly these families, and that every metric the Grafana dashboard",
+        "edit. `tests/test_operate.py` scrapes a running controller, engine and router and checks",
+        "that they export exactly these families, and that every metric the Grafana dashboard",
         "(`deploy/grafana/kvplane.json`) queries is among them.",
         "",
         "Counters end in `_total`; a histogram `NAME` exposes `NAME_bucket{le}`, `NAME_sum` and",
         "`NAME_count`. Durations are in seconds, sizes in bytes.",
         "",
-        "**Grafana**: have Prometheus scrape the controller and every engine's internal API,",
-        "then *Dashboards -> New -> Import* `deploy/grafana/kvplane.json` and choose that",
-        "Prometheus for its `DS_PROMETHEUS` input. Panels: lookup rate, latency and hit ratio,",
-        "ingest, workers, sequence gaps / resyncs / reaped workers, chunks per instance and tier",
-        "(controller) and per tier (engines), bytes per tier, evictions, tier hit ratio, write",
-        "queues, store/retrieve throughput and latency, P2P transfers, the Redis circuit breaker.",
+        "**Grafana**: have Prometheus scrape the controller, every engine's internal API and",
+        "each `kvplane router`, then *Dashboards -> New -> Import* `deploy/grafana/kvplane.json`",
+        "and choose that Prometheus for its `DS_PROMETHEUS` input. Panels: lookup rate, latency",
+        "and hit ratio, ingest, workers, sequence gaps / resyncs / reaped workers, chunks per",
+        "instance and tier (controller) and per tier (engines), bytes per tier, evictions, tier",
+        "hit ratio, write queues, store/retrieve throughput and latency, P2P transfers, the Redis",
+        "circuit breaker; the router's requests by reason, decision time, matched and fetched",
+        "tokens, in flight and requests per backend, backends up and errors.",
         "",
         "## Engine",
         "",
@@ -187,6 +196,14 @@ def missing_controller_flags() -> list[str]:
     return [f for f in [*flags, "--monitor-ports", "--monitor-port", "--config"] if f not in text]
 
 
+def missing_router_keys() -> list[str]:
+    """Router keys and flags that docs/router.md does not name (as `key` or `--flag`)."""
+    text = ROUTER_DOC_PATH.read_text() if ROUTER_DOC_PATH.exists() else ""
+    names = [f"`{s.name}`" for s in router_keys()]
+    flags = [f for s in router_keys() for f in s.flags] + ["--backend", "--config"]
+    return [n for n in [*names, *flags] if n not in text]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     group = parser.add_mutually_exclusive_group(required=True)
@@ -209,6 +226,10 @@ def main() -> int:
     missing = missing_controller_flags()
     if missing:
         print(f"docs/controller.md does not name the flags {missing}", file=sys.stderr)
+        status = 1
+    missing = missing_router_keys()
+    if missing:
+        print(f"docs/router.md does not name {missing}", file=sys.stderr)
         status = 1
     return status
 

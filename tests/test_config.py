@@ -8,7 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvplane.config import ConfigStore, EngineConfig, key_specs, load_config
-from kvplane.docs import DOC_PATH, missing_controller_flags, render_configuration_md
+from kvplane.docs import (
+    DOC_PATH,
+    missing_controller_flags,
+    missing_router_keys,
+    render_configuration_md,
+)
 from kvplane.errors import ConfigError
 from tests.support import REPO_ROOT, kvplane_env, run_threads
 
@@ -171,6 +176,7 @@ def test_every_key_has_help_and_valid_default():
 def test_configuration_doc_is_current():
     assert DOC_PATH.read_text() == render_configuration_md()
     assert missing_controller_flags() == []  # docs/controller.md names every flag
+    assert missing_router_keys() == []  # docs/router.md names every router key and flag
 
 
 # Verbatim from the seeds (controller_overview.rst, internal_api_server.rst): each YAML block

@@ -1,5 +1,6 @@
-"""What an operator sees, against a real controller and a real ``kvplane engine``: the
-metrics both export (docs/metrics.md), the Grafana dashboard's queries, ``kvplane status``.
+"""What an operator sees, against a real controller, a real ``kvplane engine`` and a real
+``kvplane router``: the metrics they export (docs/metrics.md), the Grafana dashboard's
+queries, ``kvplane status``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,20 @@ from kvplane.metric_specs import (
     CONTROLLER_METRICS,
     COPY_OPS,
     ENGINE_METRICS,
+    ROUTER_METRICS,
     TIER_STATS,
     MetricKind,
     MetricSpec,
 )
-from tests.support import REPO_ROOT, free_port, kvplane_env, run_kvplane, stop_process, wait_until
+from tests.support import (
+    REPO_ROOT,
+    free_port,
+    kvplane_env,
+    kvplane_process,
+    run_kvplane,
+    stop_process,
+    wait_until,
+)
 from tests.test_controller_integration import CHUNK, Cluster, Engine, new_cluster
 
 pytestmark = pytest.mark.slow
@@ -37,13 +47,20 @@ class Running(NamedTuple):
     cluster: Cluster
     engine: Engine
     fresh_scrape: str  # the engine's /metrics before it stored anything
+    router: str  # a kvplane router's URL, in front of the controller (no backends)
 
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    c = new_cluster(tmp_path_factory.mktemp("operate"))
-    with c.controller("controller.log"):
+    tmp = tmp_path_factory.mktemp("operate")
+    c = new_cluster(tmp)
+    port = free_port()
+    args = ["router", "--host", "127.0.0.1", "--port", str(port), "--controller", c.url]
+    router = f"http://127.0.0.1:{port}"
+    with c.controller("controller.log"), kvplane_process(args, log_path=tmp / "router.log"):
         c.wait_up()
+        # its /health is 503 without a backend; /metrics answers as soon as it serves
+        wait_until(lambda: _answers(router + "/metrics"), timeout=60, what="the router up")
         with c.engine("inst-a") as a:
             fresh = a.api.get("/metrics")
             assert fresh.status_code == 200, fresh.text
@@ -51,7 +68,14 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             assert a.store(0, n)["num_stored_tokens"] == n
             wait_until(lambda: c.lookup(0, n), timeout=10, what="admits reach the controller")
             c.lookup(0, 2 * n)  # half of these tokens are cached: the hit ratio moves
-            yield Running(c, a, fresh.text)
+            yield Running(c, a, fresh.text, router)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _families(text: str) -> dict[str, str]:
@@ -63,22 +87,23 @@ def _families(text: str) -> dict[str, str]:
     return {n: t for n, t in found.items() if not n.endswith("_created") or n[:-8] not in found}
 
 
-def _scrapes(c: Cluster, a: Engine) -> tuple[str, str]:
-    ctl = httpx.get(c.url + "/metrics", timeout=10)
-    eng = a.api.get("/metrics")
-    assert ctl.status_code == 200 and eng.status_code == 200
-    return ctl.text, eng.text
+def _scrapes(r: Running) -> tuple[str, str, str]:
+    ctl = httpx.get(r.cluster.url + "/metrics", timeout=10)
+    eng = r.engine.api.get("/metrics")
+    rtr = httpx.get(r.router + "/metrics", timeout=10)
+    assert ctl.status_code == 200 and eng.status_code == 200 and rtr.status_code == 200
+    return ctl.text, eng.text, rtr.text
 
 
 def _declared(specs: tuple[MetricSpec, ...]) -> dict[str, str]:
     return {s.name: s.kind.value for s in specs}
 
 
-def test_both_processes_export_exactly_the_declared_metrics(running: Running):
-    c, a, _ = running
-    ctl, eng = _scrapes(c, a)
+def test_every_process_exports_exactly_the_declared_metrics(running: Running):
+    ctl, eng, rtr = _scrapes(running)
     assert _families(ctl) == _declared(CONTROLLER_METRICS)
     assert _families(eng) == _declared(ENGINE_METRICS)
+    assert _families(rtr) == _declared(ROUTER_METRICS)
     # the tier figures each tier reports are the documented ones
     stats: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(eng):
@@ -102,7 +127,7 @@ def test_both_processes_export_exactly_the_declared_metrics(running: Running):
 def test_a_fresh_engine_exports_every_known_series_at_zero(running: Running):
     """Every family labelled by a tier, a copy op or an event subscriber has a series for
     each of them before any is used (a panel shows 0, not "No data")."""
-    _, a, fresh = running
+    _, a, fresh, _ = running
     tiers = a.api.get("/bypass/list").json()["all_backends"]
     assert sorted(tiers) == ["LocalCPUBackend", "P2PBackend"]
     known = {"tier": tiers, "op": list(COPY_OPS), "subscriber": ["controller worker"]}
@@ -140,26 +165,33 @@ def test_every_metric_the_grafana_dashboard_queries_exists(running: Running):
     assert board["__inputs"][0]["pluginId"] == "prometheus"
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
-    c, a, _ = running
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
     exported = {
         family.name + suffix
-        for text in _scrapes(c, a)
+        for text in _scrapes(running)
         for family in text_string_to_metric_families(text)
         for suffix in suffixes[family.type]
     }
     queried = {m for e in _dashboard_exprs() for m in re.findall(r"\bkvplane_[a-z0-9_]+", e)}
     assert len(queried) >= 20
     assert sorted(queried - exported) == []
+    # the router's row queries its families, not only the controller's and engines'
+    assert {m for m in queried if m.startswith("kvplane_router_")} >= {
+        "kvplane_router_requests_total",
+        "kvplane_router_decision_seconds_bucket",
+        "kvplane_router_matched_tokens_total",
+        "kvplane_router_backend_in_flight",
+    }
     # the panels the issue asks for are there
     titles = " | ".join(p["title"] for p in board["panels"]).lower()
     for topic in ("lookup latency", "lookup rate", "hit ratio", "ingest", "chunks per", "bytes per",
-                  "evictions", "throughput", "p2p", "circuit breaker"):  # fmt: skip
+                  "evictions", "throughput", "p2p", "circuit breaker", "router requests by reason",
+                  "router decision time", "router matched tokens", "router in flight"):  # fmt: skip
         assert topic in titles, topic
 
 
 def test_status_shows_the_instance_its_tiers_and_chunks(running: Running):
-    c, _, _ = running
+    c, _, _, _ = running
     done = run_kvplane(["status", "--controller", c.url], timeout=60)
     assert done.returncode == 0, done.stdout
     lines = done.stdout.splitlines()
@@ -190,7 +222,7 @@ def test_status_shows_the_instance_its_tiers_and_chunks(running: Running):
 
 
 def test_status_watch_refreshes_until_stopped(running: Running):
-    c, _, _ = running
+    c, _, _, _ = running
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvplane", "status", "--controller", c.url, "--watch", "0.2"],
         cwd=REPO_ROOT,
