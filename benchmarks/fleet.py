@@ -142,6 +142,7 @@ def serve(
             "local_cpu": True,
             "max_local_cpu_size": round(gb / 8 if name == "kvplane-disk" else 3 * gb, 4),
             "enable_async_loading": name == "kvplane-async",
+            "local_cpu_prefault": True,  # the slab resident before the first store
             "internal_api_server_enabled": True,
             "internal_api_server_port_start": api,
             "log_level": "WARNING",

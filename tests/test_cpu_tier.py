@@ -216,3 +216,37 @@ def test_lru_order_matches_a_reference_model(pages, ops):
             assert t.remove(key(i)) == (i in model)
             model.pop(i, None)
         assert t.keys() == [key(k) for k in model]
+
+
+def _resident_bytes(view: torch.Tensor) -> int:
+    """Bytes of ``view``'s memory that are resident now (mincore(2) on its pages)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = view.data_ptr() // page * page
+    length = view.data_ptr() + view.numel() - start
+    vec = (ctypes.c_ubyte * (-(-length // page)))()
+    rc = libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec)
+    assert rc == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec) * page
+
+
+def test_prefault_makes_the_slab_resident_and_leaves_stored_bytes_alone():
+    page_bytes, pages = 1 << 20, 64
+    cold = HostMemoryPool(page_bytes, pages, pin=False)
+    assert cold.prefaulted.is_set()  # nothing to wait for without prefault
+    assert _resident_bytes(cold._slab) < page_bytes * pages // 2  # pages fault in on use
+    warm = HostMemoryPool(page_bytes, pages, pin=False, prefault=True)
+    # chunks land while the slab is being made resident: their bytes must stay
+    written = []
+    for i in range(8):
+        p = warm.allocate()
+        assert p is not None
+        p.data.fill_(i + 1)
+        written.append(p)
+    assert warm.prefaulted.wait(30)
+    assert _resident_bytes(warm._slab) == page_bytes * pages
+    for i, p in enumerate(written):
+        assert bool((p.data == i + 1).all())

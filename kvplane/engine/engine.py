@@ -118,7 +118,9 @@ def build_engine(
     if config.local_cpu:
         page = layout.chunk_nbytes(config.chunk_size)
         try:
-            pool = HostMemoryPool.for_capacity(int(config.max_local_cpu_size * GB), page)
+            pool = HostMemoryPool.for_capacity(
+                int(config.max_local_cpu_size * GB), page, prefault=config.local_cpu_prefault
+            )
         except Unavailable as exc:
             raise ConfigError(f"max_local_cpu_size: {config.max_local_cpu_size}: {exc}") from None
     storage = StorageManager(
