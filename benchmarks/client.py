@@ -40,12 +40,18 @@ VLLM_COUNTERS = {
     ),
     "preemptions": ("vllm:num_preemptions_total", ""),
     "requests": ("vllm:request_success_total", ""),
+    "steps": ("vllm:iteration_tokens_total_count", ""),
 }
 #: kvplane's chunk reads by tier (the worker's ``/metrics``; P2PBackend: chunks from peers).
 KVPLANE_COUNTERS = {
     "chunks_from_cpu": ("kvplane_tier_hits_total", 'tier="LocalCPUBackend"'),
     "chunks_from_disk": ("kvplane_tier_hits_total", 'tier="LocalDiskBackend"'),
     "chunks_from_p2p": ("kvplane_tier_hits_total", 'tier="P2PBackend"'),
+    # the time kvplane's copies take in vLLM's worker (seconds; stores run inside the step,
+    # loads too unless asynchronous)
+    "store_s": ("kvplane_store_seconds_sum", ""),
+    "stores": ("kvplane_store_seconds_count", ""),
+    "retrieve_s": ("kvplane_retrieve_seconds_sum", ""),
 }
 
 

@@ -118,8 +118,11 @@ def summary(
             percentile([o.ttft for o in outcomes if o.round == r], 50) for r in rounds
         ],
         "ttft_s": ttft,
-        **{k: int(v) for k, v in grew.items()},
+        **{k: v if k.endswith("_s") else int(v) for k, v in grew.items()},
     }
+    if "store_s" in grew and grew.get("steps"):
+        row["kvplane_store_ms_per_step"] = grew["store_s"] / grew["steps"] * 1e3
+        row["kvplane_retrieve_ms_per_step"] = grew["retrieve_s"] / grew["steps"] * 1e3
     if baseline is not None:
         same = sum(a.tokens == b.tokens for a, b in zip(outcomes, baseline, strict=True))
         row["outputs_equal_vllm"] = f"{same}/{len(outcomes)}"
@@ -229,6 +232,14 @@ def report(header: list[str], results: dict[str, dict[str, dict[str, Any]]]) -> 
                 f"{'':13s} {kv if 'chunks_from_cpu' in row else ''}TTFT p50 by round (ms) "
                 f"{by_round}; outputs equal to vllm's {row.get('outputs_equal_vllm', 'baseline')}"
             )
+            if "kvplane_store_ms_per_step" in row:
+                stores = max(1, row["stores"])
+                lines.append(
+                    f"{'':13s} kvplane's copies over {row['steps']} steps: stores "
+                    f"{row['kvplane_store_ms_per_step']:.2f} ms per step "
+                    f"({row['store_s'] * 1e3 / stores:.1f} ms per store of {row['stores']}), "
+                    f"loads {row['kvplane_retrieve_ms_per_step']:.2f} ms per step"
+                )
             row["vs_vllm"] = {k: row[k] / base[k] if base[k] else 0.0 for k in RATIO_KEYS}
         lines.append("ratios against vllm alone of this run:")
         for name, row in rows.items():
