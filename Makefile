@@ -62,8 +62,8 @@ system-deps:
 demo: setup
 	$(PY) -m kvplane demo
 
-# The replicated controller (docs/ha.md): a 3-node NATS cluster, two replicas, two engines;
-# kills a replica and a NATS node while requests run.
+# The replicated controller (docs/ha.md): a 3-node NATS cluster, two replicas, two engines
+# (kvplane serve) behind kvplane router; kills a replica and a NATS node while requests run.
 demo-ha: setup
 	$(PY) -m kvplane.demo.ha
 

@@ -241,6 +241,12 @@ ROUTER_METRICS = (
     ),
     _h("kvplane_router_lookup_seconds", "Time of the controller's /lookup, as the router sees it"),
     _c(
+        "kvplane_router_controller_failovers",
+        "Times a controller failed and the router's calls moved to the next --controller, "
+        "by the one that failed",
+        "controller",
+    ),
+    _c(
         "kvplane_router_errors",
         "Requests that failed at a backend, by kind (connect, refused_503, mid_response, "
         "no_backend)",

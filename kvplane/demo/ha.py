@@ -1,56 +1,48 @@
 """``make demo-ha``: the replicated controller on one machine (docs/ha.md).
 
 1. a 3-node NATS JetStream cluster, two controller replicas (``kvplane controller
-   --nats``, the log and buckets kept in 3 copies) and two engines (``kvplane engine``,
-   synthetic caches, ``controller_nats_url``), all on free loopback ports;
-2. requests run throughout: prompts stored into the engines, lookups on both replicas;
-3. the replica holding the lease is killed (SIGKILL), then one NATS node; lookups go on at
-   the other replica, which takes the lease;
+   --nats``, the log and buckets kept in 3 copies), two engines (``kvplane serve``, the
+   tiny random-weight model, ``controller_nats_url``) and ``kvplane router`` with both
+   replicas as ``--controller``, the lease holder first; all on free loopback ports;
+2. requests run throughout (:mod:`kvplane.demo.ha_traffic`): completions through the
+   router, prompts sharing four prefixes, and a ``/lookup`` of each prompt on every live
+   replica;
+3. the replica holding the lease, the router's first controller, is killed (SIGKILL): the
+   router's lookups go to the other replica, which takes the lease; then one NATS node is
+   stopped;
 4. the killed replica is started again: it joins from a snapshot and the log;
-5. both replicas answer ``/query_chunks`` alike and equal to each engine's own key list;
-   a table of every step, and of the lookups each replica answered or failed.
+5. both replicas answer ``/query_chunks`` alike and equal to each engine's own key list.
 
-``kvplane router`` is not part of this demo yet (it is not on main).
+It prints a table of the steps, one of the completions per phase (failed, which instance
+each went to, why the router chose it) and one of each replica's lookups. Exit code 0
+only if no completion failed, the router kept routing by prefix after the kill and the
+replicas agreed with the engines.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kvplane.children import Child, Children, free_ports, start_child
+from kvplane.children import Child, Children, free_ports, process_group_alive, start_child
+from kvplane.demo.ha_traffic import Traffic, call
 from kvplane.errors import Unavailable
 from kvplane.text_table import format_table
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
 ENGINES = ("inst-a", "inst-b")
-PROMPT = 256
-KV = {"kv_num_layers": 2, "kv_num_heads": 2, "kv_head_size": 16, "kv_block_size": 16}
-
-
-def _call(method: str, url: str, body: Any = None, timeout: float = 10.0) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("content-type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as reply:
-            return json.loads(reply.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        raise Unavailable(f"{method} {url}: {exc.code} {exc.read()[:200]!r}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise Unavailable(f"{method} {url}: {exc}") from None
+PHASES = ("steady", "replica killed", "NATS node down", "replica back")
 
 
 def _until(check: Callable[[], T | None], timeout: float, what: str) -> T:
@@ -80,12 +72,23 @@ class Topology:
     def __init__(self, children: Children, workdir: Path) -> None:
         self.children = children
         self.workdir = workdir
-        ports = free_ports(11)
+        ports = free_ports(13)
         self.nats = [(ports[i], ports[3 + i]) for i in range(3)]  # (client, cluster)
         self.replica_ports = {"r1": ports[6], "r2": ports[7]}
-        self.engine_ports = dict(zip(ENGINES, ports[8:10], strict=True))
+        self.serve_ports = dict(zip(ENGINES, ports[8:10], strict=True))
+        self.api_ports = dict(zip(ENGINES, ports[10:12], strict=True))
+        self.router_port = ports[12]
         self.urls = ",".join(f"nats://{HOST}:{c}" for c, _ in self.nats)
         self.procs: dict[str, Child] = {}
+        # names the demo's processes (tests/test_demo_ha.py finds any left by it)
+        self.env = {"KVPLANE_DEMO_WORKDIR": str(workdir)}
+
+    def replica_url(self, name: str) -> str:
+        return f"http://{HOST}:{self.replica_ports[name]}"
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{HOST}:{self.router_port}"
 
     def start_nats(self, i: int) -> None:
         client, cluster = self.nats[i]
@@ -101,107 +104,89 @@ class Topology:
         args = ["controller", "--host", HOST, "--port", str(self.replica_ports[name])]
         args += ["--nats", self.urls, "--nats-replicas", "3", "--replica-id", name]
         args += ["--lease-ttl", "2", "--snapshot-interval", "3", "--worker-timeout", "10"]
-        self.procs[name] = self.children.start(log_name or name, args)
+        self.procs[name] = self.children.start(log_name or name, args, self.env)
 
     def start_engine(self, name: str) -> None:
+        """``kvplane serve`` with a CPU tier small enough to evict, reporting to the log;
+        its internal API (``/cache/keys``) on its own port."""
         config = {
             "lmcache_instance_id": name,
-            "chunk_size": 16,
-            **KV,
-            "kv_num_blocks": 256,
-            "max_local_cpu_size": 0.002,
+            "chunk_size": 64,
+            "max_local_cpu_size": 0.004,
             "enable_controller": True,
             "controller_nats_url": self.urls,
             "lmcache_worker_heartbeat_time": 1.0,
             "internal_api_server_enabled": True,
-            "internal_api_server_port_start": self.engine_ports[name] - 1,
+            "internal_api_server_port_start": self.api_ports[name] - 1,
             "internal_api_server_include_index_list": [1],
         }
         path = self.workdir / f"{name}.yaml"
         path.write_text(json.dumps(config))
-        self.procs[name] = self.children.start(name, ["engine", "--config", str(path)])
+        args = ["serve", "--host", HOST, "--port", str(self.serve_ports[name])]
+        args += ["--max-model-len", "1024", "--config", str(path)]
+        env = {**self.env, "OMP_NUM_THREADS": "1"}
+        self.procs[name] = self.children.start(name, args, env)
+
+    def start_router(self, first: str) -> None:
+        """The router, the replicas as its controllers with ``first`` first; it finds the
+        engines by their serving_url. The engines do not fetch from each other (p2p off)."""
+        config = self.workdir / "router.yaml"
+        config.write_text(json.dumps({"p2p": False, "poll_interval_s": 0.25}))
+        args = ["router", "--host", HOST, "--port", str(self.router_port)]
+        args += ["--config", str(config)]
+        for name in sorted(self.replica_ports, key=lambda r: r != first):
+            args += ["--controller", self.replica_url(name)]
+        self.procs["router"] = self.children.start("router", args, self.env)
 
     def replica(self, name: str, path: str, body: Any = None) -> Any:
-        url = f"http://{HOST}:{self.replica_ports[name]}{path}"
-        return _call("GET" if body is None else "POST", url, body)
-
-    def engine(self, name: str, method: str, path: str) -> Any:
-        return _call(method, f"http://{HOST}:{self.engine_ports[name]}{path}")
+        return call("GET" if body is None else "POST", self.replica_url(name) + path, body)
 
     def holder(self) -> str | None:
+        """The replica that says it holds the lease; one that does not answer is skipped
+        (a killed one)."""
         for name in self.replica_ports:
-            with_log = self.replica(name, "/status")["log"]
-            if with_log["leader"]:
-                return name
+            try:
+                if self.replica(name, "/status")["log"]["leader"]:
+                    return name
+            except Unavailable:
+                continue
         return None
 
+    def router_sees_engines(self) -> bool:
+        backends = call("GET", f"{self.router_url}/health")["backends"]
+        named = {b["instance_id"] for b in backends if b["admitted"]}
+        return named == set(ENGINES)
 
-class Traffic:
-    """Stores prompts into the engines and looks them up on every live replica, on a
-    thread; counts each replica's answered and failed lookups."""
-
-    def __init__(self, topo: Topology) -> None:
-        self.topo = topo
-        self.answered = dict.fromkeys(topo.replica_ports, 0)
-        self.failed = dict.fromkeys(topo.replica_ports, 0)
-        self.dead: set[str] = set()
-        self.stored = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.wait(0.05):
-            name = ENGINES[n % 2]
-            start = 1_000_000 * (n % 2) + PROMPT * n
-            try:
-                self.topo.engine(name, "POST", f"/cache/store?tokens_mock={start},{start + PROMPT}")
-                self.stored += 1
-            except Unavailable:
-                pass
-            for replica in self.topo.replica_ports:
-                if replica in self.dead:
-                    continue
-                try:
-                    self.topo.replica(
-                        replica, "/lookup", {"tokens": list(range(start, start + PROMPT))}
-                    )
-                    self.answered[replica] += 1
-                except Unavailable:
-                    self.failed[replica] += 1
-            n += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
+    def kill(self, name: str) -> None:
+        self.procs[name].proc.kill()
+        self.procs[name].proc.wait(10)
 
 
 def _agree(topo: Topology) -> bool:
     """Both replicas credit each engine with exactly its own keys."""
     for name in ENGINES:
-        own = {
-            k: sorted(v)
-            for k, v in topo.engine(name, "GET", "/cache/keys")["chunk_hashes"].items()
-            if v
-        }
+        keys = call("GET", f"http://{HOST}:{topo.api_ports[name]}/cache/keys")["chunk_hashes"]
+        own = {tier: sorted(v) for tier, v in keys.items() if v}
         for replica in topo.replica_ports:
             got = topo.replica(replica, "/query_chunks", {"instance_id": name})["chunk_hashes"]["0"]
-            if {k: v for k, v in got.items() if v} != own:
+            if {tier: sorted(v) for tier, v in got.items() if v} != own:
                 return False
     return True
 
 
-def run(workdir: Path) -> list[tuple[str, str]]:
-    steps: list[tuple[str, str]] = []
+class Report:
+    """The steps, printed as they happen and kept for the closing table."""
 
-    def step(what: str, showed: str) -> None:
-        steps.append((what, showed))
+    def __init__(self) -> None:
+        self.steps: list[list[str]] = []
+
+    def step(self, what: str, showed: str) -> None:
+        self.steps.append([what, showed])
         print(f"[demo-ha] {what}: {showed}", flush=True)
 
+
+def run(workdir: Path, report: Report) -> Traffic:
+    """The whole story; returns the traffic with its counts. Raises Unavailable."""
     with Children(workdir) as children:
         topo = Topology(children, workdir)
         for i in range(3):
@@ -210,60 +195,107 @@ def run(workdir: Path) -> list[tuple[str, str]]:
             topo.start_replica(name)
         for name in ENGINES:
             topo.start_engine(name)
-        for name, port in topo.replica_ports.items():
-            topo.procs[name].wait_healthy(f"http://{HOST}:{port}/healthz", timeout=120)
-        for name, port in topo.engine_ports.items():
-            topo.procs[name].wait_healthy(f"http://{HOST}:{port}/metrics", timeout=120)
-        step("started", f"3 NATS nodes, replicas r1 r2, engines {' '.join(ENGINES)}")
-        traffic = Traffic(topo).start()
+        for name in topo.replica_ports:
+            topo.procs[name].wait_healthy(f"{topo.replica_url(name)}/healthz", timeout=120)
+        for name, port in topo.serve_ports.items():
+            topo.procs[name].wait_healthy(f"http://{HOST}:{port}/health", timeout=180)
         holder = _until(topo.holder, 30, "a lease holder")
-        time.sleep(3)
-        topo.procs[holder].proc.kill()
-        topo.procs[holder].proc.wait(10)
-        traffic.dead.add(holder)
         other = next(r for r in topo.replica_ports if r != holder)
-        step(
-            f"killed replica {holder} (-9)",
-            f"the lease holder; {traffic.answered[other]} lookups on {other} so far",
+        topo.start_router(first=holder)
+        topo.procs["router"].wait_healthy(f"{topo.router_url}/health", timeout=60)
+        _until(topo.router_sees_engines, 30, "the router to find both engines")
+        report.step(
+            "started",
+            f"3 NATS nodes; replicas r1 r2 ({holder} holds the lease); "
+            f"engines {' '.join(ENGINES)}; router -> {holder}, {other}",
         )
+        tokenize = f"http://{HOST}:{topo.serve_ports[ENGINES[0]]}/tokenize"
+        replicas = {r: topo.replica_url(r) for r in topo.replica_ports}
+        traffic = Traffic(topo.router_url, tokenize, replicas, 0.05)
+        traffic.start()
+        time.sleep(4)
+        traffic.dead.add(holder)
+        traffic.phase = PHASES[1]
+        topo.kill(holder)
+        report.step(f"killed replica {holder} (-9)", "the lease holder, the router's first")
         _until(lambda: topo.holder() == other, 30, f"{other} to take the lease")
-        step("lease moved", f"{other} holds the lease")
+        used = call("GET", f"{topo.router_url}/health")["controller"]
+        asks = next((r for r in topo.replica_ports if topo.replica_url(r) == used), used)
+        report.step("lease moved", f"{other} holds the lease; the router asks {asks}")
+        traffic.phase = PHASES[2]
         topo.procs["nats-0"].stop()
-        step("stopped NATS node nats-0", "the cluster goes on with two of three")
-        time.sleep(3)
+        report.step("stopped NATS node nats-0", "the cluster goes on with two of three")
+        time.sleep(4)
         topo.start_replica(holder, f"{holder}-again")
-        topo.procs[holder].wait_healthy(
-            f"http://{HOST}:{topo.replica_ports[holder]}/healthz", timeout=120
-        )
+        topo.procs[holder].wait_healthy(f"{topo.replica_url(holder)}/healthz", timeout=120)
+        traffic.phase = PHASES[3]
         traffic.dead.discard(holder)
         log = topo.replica(holder, "/status")["log"]
-        step(
+        report.step(
             f"restarted {holder}",
             f"joined at log sequence {log['applied_seq']} (snapshot {log['snapshot_seq']})",
         )
-        time.sleep(3)
+        time.sleep(4)
         traffic.stop()
         _until(lambda: _agree(topo), 60, "the replicas to agree with the engines")
-        step(
-            "replicas agree",
-            "/query_chunks equal on both replicas and to each engine's /cache/keys",
+        report.step(
+            "replicas agree", "/query_chunks equal on both and to each engine's /cache/keys"
         )
-        rows = [[r, str(traffic.answered[r]), str(traffic.failed[r])] for r in topo.replica_ports]
-        print(format_table(["replica", "lookups answered", "failed"], rows), flush=True)
-        step("requests", f"{traffic.stored} prompts stored while it all happened")
-    return steps
+    left = [c.name for c in children.children if process_group_alive(c.pid)]
+    if left:
+        raise Unavailable(f"still running after the stop: {', '.join(left)}")
+    report.step("stopped", f"{len(children.children)} processes, none left")
+    return traffic
 
 
-def main() -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="kvplane-demo-ha-"))
+def _verdict(traffic: Traffic) -> str | None:
+    """What went wrong, if anything: a failed completion or lookup (a replica is asked
+    only while it runs), or routing blind after the kill."""
+    failed = sum(not s.ok for s in traffic.sent)
+    if failed:
+        return f"{failed} completions failed"
+    lookups = sum(n for (_, what), n in traffic.lookups.items() if what == "failed")
+    if lookups:
+        return f"{lookups} lookups failed"
+    blind = [s for s in traffic.sent if s.phase != PHASES[0] and s.reason == "fallback"]
+    if blind:
+        return f"{len(blind)} completions after the kill were routed without the index"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvplane.demo.ha",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="configs and logs (default: a temp dir)"
+    )
+    args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the children are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kvplane-demo-ha-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = Report()
     try:
-        steps = run(workdir)
-    except Unavailable as exc:
+        traffic = run(workdir, report)
+    except (Unavailable, TimeoutError) as exc:
         print(f"[demo-ha] failed: {exc} (logs in {workdir})", file=sys.stderr)
         return 1
-    print(format_table(["step", "what it showed"], [list(s) for s in steps]), flush=True)
-    print("kvplane router is not part of this demo yet (not on main).")
-    shutil.rmtree(workdir, ignore_errors=True)
+    print("\n" + format_table(["step", "what it showed"], report.steps))
+    headers = ["completions (router)", "sent", "failed", *ENGINES, "routed by (index)", "fallback"]
+    print("\n" + format_table(headers, traffic.completion_rows(PHASES, ENGINES)))
+    print(
+        "\n"
+        + format_table(["lookups", "answered", "found prefix", "failed"], traffic.lookup_rows())
+    )
+    problem = _verdict(traffic)
+    if problem is not None:
+        print(f"[demo-ha] failed: {problem} (logs in {workdir})", file=sys.stderr)
+        return 1
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

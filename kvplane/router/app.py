@@ -123,7 +123,12 @@ def create_app(config: RouterConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         up = bool(pool.admitted())
-        return JSONResponse({"ok": up, "backends": describe(pool)}, status_code=200 if up else 503)
+        body = {
+            "ok": up,
+            "controller": controller.current if controller is not None else None,
+            "backends": describe(pool),
+        }
+        return JSONResponse(body, status_code=200 if up else 503)
 
     @app.get("/metrics")
     async def metrics_page() -> Response:

@@ -1,6 +1,7 @@
-"""``kvplane router [--host H] [--port P] --controller URL [--backend [INSTANCE_ID=]URL ...]``:
-one OpenAI endpoint in front of vLLM (with kvplane's connector) and ``kvplane serve``
-instances; each request goes to the instance where it costs least (docs/router.md)."""
+"""``kvplane router [--host H] [--port P] --controller URL [--controller URL ...]
+[--backend [INSTANCE_ID=]URL ...]``: one OpenAI endpoint in front of vLLM (with kvplane's
+connector) and ``kvplane serve`` instances; each request goes to the instance where it costs
+least. Several ``--controller`` URLs are replicas of one index (docs/ha.md)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_flags(p, router_keys())
     p.add_argument(
+        "--controller",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a controller's HTTP URL (http://host:9000); repeat (or comma-separate) for "
+        "replicas of one index (kvplane controller --nats): the router fails over between "
+        "them (config key controller)",
+    )
+    p.add_argument(
         "--backend",
         action="append",
         default=[],
@@ -36,12 +46,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
-    """File, then flags; ``--backend`` adds to the file's ``backends``. Raises ConfigError."""
+    """File, then flags; ``--backend`` adds to the file's ``backends``, ``--controller``
+    replaces its ``controller``. Raises ConfigError."""
     base = RouterConfig.from_file(args.config) if args.config else RouterConfig()
     values = {**base.to_dict(), **flag_values(args, router_keys())}
     values["backends"] = (*base.backends, *args.backend)
+    if args.controller:
+        values["controller"] = ",".join(args.controller)
     config = RouterConfig(**values)
-    if config.controller is None and not config.backends:
+    if not config.controller and not config.backends:
         raise ConfigError("kvplane router needs --controller URL (and/or --backend URL)")
     return config
 
@@ -57,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         "kvplane router on http://%s:%d, controller %s, backends %s",
         config.host,
         config.port,
-        config.controller,
+        ", ".join(config.controller) or None,
         list(config.backends) or "from the controller",
     )
     run_http(create_app(config), config.host, config.port)

@@ -55,6 +55,7 @@ class RouterMetrics:
         self.fetch_tokens = counter("kvplane_router_fetch_tokens")
         self.decision_seconds = histogram("kvplane_router_decision_seconds")
         self.lookup_seconds = histogram("kvplane_router_lookup_seconds")
+        self.controller_failovers = counter("kvplane_router_controller_failovers")
         self.errors = counter("kvplane_router_errors")
         self.backend_requests = counter("kvplane_router_backend_requests")
         self.registry.register(_PoolCollector(pool))  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ prompt a multi-round chat adds per turn). ``make bench-route`` measures them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from kvplane.settings_table import (
     STR,
     STR_LIST,
     KeySpec,
+    Kind,
     check_known,
     key,
     key_table,
@@ -36,6 +38,18 @@ from kvplane.settings_table import (
 __all__ = ["RouterConfig", "router_keys", "weights_of"]
 
 
+def _url_list(v: Any) -> tuple[str, ...]:
+    """A URL, a list of URLs or a comma-separated string; each http(s)://host[:port]."""
+    urls = () if v is None else STR_LIST.parse(v)
+    for url in urls:
+        if not re.match(r"^https?://[^/\s]+/?$", url):
+            raise ValueError(f"expected http://host:port URLs, got {url!r}")
+    return tuple(u.rstrip("/") for u in urls)
+
+
+URL_LIST = Kind("str | list[str] | null", _url_list)
+
+
 @dataclass(frozen=True, repr=False)
 class RouterConfig:
     """The router process's settings; its fields are the key table. Frozen and valid
@@ -43,12 +57,13 @@ class RouterConfig:
 
     host: str = key("0.0.0.0", "Address to bind.", kind=STR, flags=("--host",))
     port: int = key(8080, "HTTP port.", kind=INT, minimum=1, maximum=65535, flags=("--port",))
-    controller: str | None = key(
-        None,
+    controller: tuple[str, ...] = key(
+        (),
         "The controller's HTTP URL (http://host:9000): /lookup for each request, /status "
-        "for the instances and their serving_url.",
-        kind=OPT_STR,
-        flags=("--controller",),
+        "for the instances and their serving_url. Several (a list, or comma-separated): "
+        "replicas of one index (kvplane controller --nats); each call goes to the one that "
+        "answered last, and to the next at once when it fails. --controller adds one.",
+        kind=URL_LIST,
     )
     backends: tuple[str, ...] = key(
         (),

@@ -37,64 +37,118 @@ class Hits(NamedTuple):
 
 
 class ControllerClient:
-    def __init__(self, url: str, client: httpx.AsyncClient, metrics: RouterMetrics) -> None:
-        self.url = url.rstrip("/")
+    """The controller's HTTP API at one URL or several (replicas of one index,
+    ``kvplane controller --nats``). Each call goes to the replica that answered last; one
+    that cannot be reached, answers an error or runs out of time is passed over for the
+    next at once, within the same deadline, and the first to answer becomes the current
+    one. Single-threaded: for one event loop's tasks."""
+
+    def __init__(
+        self, urls: Sequence[str], client: httpx.AsyncClient, metrics: RouterMetrics
+    ) -> None:
+        if not urls:
+            raise ValueError("a controller client needs at least one URL")
+        self.urls = tuple(u.rstrip("/") for u in urls)
         self._client = client
         self._metrics = metrics
-        self._lean = LeanClient(self.url) if self.url.startswith("http://") else None
+        self._lean = {u: LeanClient(u) for u in self.urls if u.startswith("http://")}
+        self._current = 0
+
+    @property
+    def current(self) -> str:
+        """The URL the next call goes to first."""
+        return self.urls[self._current]
+
+    def _order(self) -> list[int]:
+        n = len(self.urls)
+        return [(self._current + i) % n for i in range(n)]
+
+    def _failed(self, index: int, what: str) -> None:
+        """``urls[index]`` failed ``what``; the next one becomes current (if it was)."""
+        url = self.urls[index]
+        log.warning("controller %s failed: %s", url, what)
+        if len(self.urls) > 1 and index == self._current:
+            self._current = (index + 1) % len(self.urls)
+            self._metrics.controller_failovers.labels(url).inc()
+            log.warning("controller calls go to %s now", self.current)
 
     async def lookup(self, tokens: Sequence[int], timeout: float) -> Hits | None:
-        """The index's hits for ``tokens``; None when the controller does not answer in
-        ``timeout`` seconds or answers an error (the request is then routed by load)."""
+        """The index's hits for ``tokens`` from the first controller to answer; None when
+        none answers within ``timeout`` seconds (the request is then routed by load)."""
         start = time.perf_counter()
         body = _encode({"tokens": tokens})
         try:
-            if self._lean is not None:
-                status, answer = await self._lean.post("/lookup", body, timeout)
+            for index in self._order():
+                left = timeout - (time.perf_counter() - start)
+                if left <= 0:
+                    return None
+                try:
+                    hits = await self._lookup_at(self.urls[index], body, left)
+                except _ControllerFailed as exc:
+                    self._failed(index, f"/lookup {exc}")
+                    continue
+                self._current = index
+                return hits
+            return None
+        finally:
+            self._metrics.lookup_seconds.observe(time.perf_counter() - start)
+
+    async def _lookup_at(self, url: str, body: bytes, timeout: float) -> Hits:
+        lean = self._lean.get(url)
+        try:
+            if lean is not None:
+                status, answer = await lean.post("/lookup", body, timeout)
             else:
                 resp = await self._client.post(
-                    f"{self.url}/lookup",
+                    f"{url}/lookup",
                     content=body,
                     headers={"content-type": "application/json"},
                     timeout=timeout,
                 )
                 status, answer = resp.status_code, resp.content
-            if status != 200:
-                log.warning("controller /lookup answered %d: %s", status, answer[:200])
-                return None
+        except (httpx.HTTPError, LeanHttpError, TimeoutError) as exc:
+            raise _ControllerFailed(repr(exc)) from None
+        if status != 200:
+            raise _ControllerFailed(f"answered {status}: {answer[:200]!r}")
+        try:
             layout = _decode(answer)["layout_info"]
-            hits = {str(i): (str(loc), int(n)) for i, (loc, n) in layout.items()}
-        except (httpx.HTTPError, LeanHttpError, TimeoutError, msgspec.DecodeError) as exc:
-            log.warning("controller /lookup failed: %r", exc)
-            return None
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("controller /lookup answered an unexpected body: %r", exc)
-            return None
-        finally:
-            self._metrics.lookup_seconds.observe(time.perf_counter() - start)
-        return Hits(hits)
+            return Hits({str(i): (str(loc), int(n)) for i, (loc, n) in layout.items()})
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _ControllerFailed(f"answered an unexpected body: {exc!r}") from None
 
     def close(self) -> None:
-        if self._lean is not None:
-            self._lean.close()
+        for lean in self._lean.values():
+            lean.close()
 
     async def serving_urls(self, timeout: float) -> dict[str, str] | None:
         """``serving_url -> instance_id`` of every registered instance that has one (its
-        lowest rank's); None when the controller does not answer."""
-        try:
-            resp = await self._client.get(f"{self.url}/status", timeout=timeout)
-            resp.raise_for_status()
-            instances = resp.json()["instances"]
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            log.warning("controller /status failed: %r", exc)
-            return None
-        found: dict[str, str] = {}
-        for inst in instances:
-            urls = [w.get("serving_url") for w in inst.get("workers", [])]
-            url = next((u for u in urls if u), None)
-            if url:
-                found[str(url).rstrip("/")] = str(inst["instance_id"])
-        return found
+        lowest rank's), from the first controller to answer ``/status``; None when none
+        does."""
+        for index in self._order():
+            try:
+                resp = await self._client.get(f"{self.urls[index]}/status", timeout=timeout)
+                resp.raise_for_status()
+                found = _serving_urls(resp.json()["instances"])
+            except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                self._failed(index, f"/status {exc!r}")
+                continue
+            self._current = index
+            return found
+        return None
+
+
+def _serving_urls(instances: Any) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for inst in instances:
+        urls = [w.get("serving_url") for w in inst.get("workers", [])]
+        url = next((u for u in urls if u), None)
+        if url:
+            found[str(url).rstrip("/")] = str(inst["instance_id"])
+    return found
+
+
+class _ControllerFailed(Exception):
+    pass
 
 
 class Checker:
