@@ -1,5 +1,6 @@
 """The router's calls to others: the controller (``/lookup`` per request, ``/status`` for
-the instances) and the backends' checks (``/health``, ``/metrics``, ``/v1/models``). Thin:
+the instances, ``/routers/heartbeat``, each with its ``controller_token`` when set) and the
+backends' checks (``/health``, ``/metrics``, ``/v1/models``). Thin:
 what comes back goes into the pure :class:`~kvplane.router.pool.Pool`; httpx's errors are
 translated here and go no further.
 """
@@ -37,11 +38,19 @@ class Hits(NamedTuple):
 
 
 class ControllerClient:
-    def __init__(self, url: str, client: httpx.AsyncClient, metrics: RouterMetrics) -> None:
+    def __init__(
+        self,
+        url: str,
+        client: httpx.AsyncClient,
+        metrics: RouterMetrics,
+        token: str | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self._client = client
         self._metrics = metrics
-        self._lean = LeanClient(self.url) if self.url.startswith("http://") else None
+        self._auth = {"authorization": f"Bearer {token}"} if token else {}
+        lean = self.url.startswith("http://")
+        self._lean = LeanClient(self.url, headers=self._auth) if lean else None
 
     async def lookup(self, tokens: Sequence[int], timeout: float) -> Hits | None:
         """The index's hits for ``tokens``; None when the controller does not answer in
@@ -55,7 +64,7 @@ class ControllerClient:
                 resp = await self._client.post(
                     f"{self.url}/lookup",
                     content=body,
-                    headers={"content-type": "application/json"},
+                    headers={"content-type": "application/json", **self._auth},
                     timeout=timeout,
                 )
                 status, answer = resp.status_code, resp.content
@@ -82,7 +91,7 @@ class ControllerClient:
         """``serving_url -> instance_id`` of every registered instance that has one (its
         lowest rank's); None when the controller does not answer."""
         try:
-            resp = await self._client.get(f"{self.url}/status", timeout=timeout)
+            resp = await self._client.get(f"{self.url}/status", headers=self._auth, timeout=timeout)
             resp.raise_for_status()
             instances = resp.json()["instances"]
         except (httpx.HTTPError, ValueError, KeyError) as exc:
@@ -95,6 +104,19 @@ class ControllerClient:
             if url:
                 found[str(url).rstrip("/")] = str(inst["instance_id"])
         return found
+
+    async def heartbeat(self, body: dict[str, Any], timeout: float) -> str | None:
+        """POST the router's heartbeat; None when the controller took it, else what went
+        wrong (its status and error message, or the failure)."""
+        try:
+            resp = await self._client.post(
+                f"{self.url}/routers/heartbeat", json=body, headers=self._auth, timeout=timeout
+            )
+        except httpx.HTTPError as exc:
+            return repr(exc)
+        if resp.status_code == 200:
+            return None
+        return f"{resp.status_code} {resp.text[:200]}"
 
 
 class Checker:
