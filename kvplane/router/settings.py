@@ -178,8 +178,6 @@ class RouterConfig:
             raise ConfigError(
                 "controller_token: must be printable ASCII without spaces (it goes in a header)"
             )
-        if self.router_id is not None and not self.router_id.strip():
-            raise ConfigError("router_id: must not be empty (null: host:port)")
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{s.name}={getattr(self, s.name)!r}" for s in router_keys())
