@@ -88,6 +88,12 @@ def test_settings_that_cannot_work_are_config_errors(keys, named) -> None:
     assert "two words" not in str(caught.value)  # a token is never echoed
 
 
+def test_the_token_is_masked_in_the_config_repr() -> None:
+    shown = repr(RouterConfig(controller_token="s3cret"))
+    assert "s3cret" not in shown and "controller_token='***'" not in shown
+    assert "controller_token=***" in shown
+
+
 def test_a_backend_without_a_scheme_fails_before_the_router_announces_itself() -> None:
     done = run_kvplane(["router", "--backend", "localhost:8000"], timeout=120)
     assert done.returncode == 2, done.stdout

@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field, StrictBool
 
 from kvplane.controller.routers import RouterBackend, RouterEntry, RouterReport, RouterTable
-from kvplane.web.openapi import error_responses
+from kvplane.web.openapi import JSON_INTEGER, error_responses
 
 __all__ = [
     "RouterBackendModel",
@@ -28,10 +28,10 @@ __all__ = [
 ]
 
 Text = Annotated[str, Field(min_length=1, max_length=2048)]
-Count = Annotated[int, Field(ge=0, le=2**53)]
+Count = Annotated[int, Field(ge=0, le=2**53), JSON_INTEGER]
 # At most an hour between heartbeats: a router that says more is still forgotten in time.
-Interval = Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
-Seconds = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
+Interval = Annotated[float, Field(ge=0.01, le=3600, allow_inf_nan=False, strict=True)]
+Seconds = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False, strict=True)]
 
 
 class RouterBackendModel(BaseModel):

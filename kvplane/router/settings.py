@@ -180,7 +180,10 @@ class RouterConfig:
             )
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{s.name}={getattr(self, s.name)!r}" for s in router_keys())
+        fields = ", ".join(
+            f"{s.name}={'***' if s.secret and getattr(self, s.name) else repr(getattr(self, s.name))}"
+            for s in router_keys()
+        )
         return f"RouterConfig({fields})"
 
     def to_dict(self) -> dict[str, Any]:
