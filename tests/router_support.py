@@ -49,6 +49,7 @@ class Fleet:
         self.serve: dict[str, str] = {}
         self._children: dict[str, Child] = {}
         self.router = ""
+        self.headers: dict[str, str] = {}  # the controller's token, where it has one
 
     def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
         child = start_child(
@@ -57,12 +58,12 @@ class Fleet:
         self._children[name] = child
         return child
 
-    def start_controller(self) -> None:
+    def start_controller(self, *extra: str) -> None:
         args = controller_args(
             self._controller_port, self.pull, self.reply, worker_timeout=3.0,
             health_check_interval=0.2,
         )  # fmt: skip
-        self._start("controller", args)
+        self._start("controller", [*args, *extra])
         wait_controller_up(self.controller)
 
     def start_serve(self, name: str, port: int | None = None, p2p_port: int | None = None) -> None:
@@ -89,7 +90,9 @@ class Fleet:
     def wait_registered(self, name: str) -> None:
         def listed() -> bool:
             body = {"instance_id": name}
-            resp = httpx.post(f"{self.controller}/query_worker_info", json=body, timeout=5)
+            resp = httpx.post(
+                f"{self.controller}/query_worker_info", json=body, headers=self.headers, timeout=5
+            )
             return resp.status_code == 200
 
         wait_until(listed, timeout=60, what=f"{name} registered with the controller")
@@ -104,13 +107,21 @@ class Fleet:
         os.killpg(child.pid, signal.SIGKILL)
         child.proc.wait(timeout=30)
 
-    def start_router(self, *extra: str) -> None:
+    def start_router(self, *extra: str, name: str = "router") -> str:
+        """``kvplane router`` as child ``name``; its URL (also ``self.router`` for the
+        first)."""
         port = free_ports(1)[0]
         args = ["router", "--host", "127.0.0.1", "--port", str(port)]
         args += ["--controller", self.controller, *extra]
-        child = self._start("router", args)
-        self.router = f"http://127.0.0.1:{port}"
-        child.wait_healthy(f"{self.router}/health", timeout=60)
+        child = self._start(name, args)
+        url = f"http://127.0.0.1:{port}"
+        self.router = self.router or url
+        child.wait_healthy(f"{url}/health", timeout=60)
+        return url
+
+    def stop_child(self, name: str) -> None:
+        """Stop one child (SIGTERM to its group, then SIGKILL)."""
+        self._children.pop(name).stop()
 
     def router_health(self) -> dict[str, Any]:
         return dict(httpx.get(f"{self.router}/health", timeout=10).json())
@@ -133,7 +144,8 @@ class Fleet:
         wait_until(idle, timeout=60, what="every backend idle as the router sees it")
 
     def lookup(self, tokens: list[int]) -> dict[str, Any]:
-        resp = httpx.post(f"{self.controller}/lookup", json={"tokens": tokens}, timeout=10)
+        body = {"tokens": tokens}
+        resp = httpx.post(f"{self.controller}/lookup", json=body, headers=self.headers, timeout=10)
         return dict(resp.json()["layout_info"])
 
     def stop(self) -> None:

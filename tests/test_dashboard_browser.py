@@ -3,7 +3,8 @@ and ``chromium-driver``, installed by ``make system-deps``) driven by selenium, 
 controller and two real ``kvplane engine`` processes on loopback.
 
 Prompts are stored through the engines' internal API; the page must show both instances,
-their workers and chunk counts, and after a ``/clear`` the new counts without a reload.
+their workers and chunk counts, and after a ``/clear`` the new counts without a reload; a
+router's heartbeat must show in the Routers table until the router goes silent.
 Every wait polls the DOM under a deadline.
 
 ``KVPLANE_WRITE_SCREENSHOT=1`` also drives some lookup traffic for half a minute (so the
@@ -170,6 +171,39 @@ def test_the_page_shows_both_instances_and_follows_a_clear(cluster, browser) -> 
     assert int(browser.find_element(By.TAG_NAME, "body").get_attribute("data-polls")) > polls
     # the plots were drawn by the page's own script, as inline SVG
     assert browser.find_elements(By.CSS_SELECTOR, "#tier-bars rect")
+
+
+def test_the_page_shows_a_reporting_router_and_drops_it_when_silent(cluster, browser) -> None:
+    """A router's heartbeat, posted as ``kvplane router`` posts it (the real router reporting
+    is tests/test_router_dashboard.py): its row, backends and counts, gone once silent."""
+    c, _, _ = cluster
+    heartbeat = {
+        "router_id": "edge-b",
+        "url": "http://127.0.0.1:18080",
+        "interval_s": 1.0,
+        "uptime_s": 75.0,
+        "backends": [
+            {"url": "http://127.0.0.1:18000", "instance_id": "inst-a", "admitted": True,
+             "in_flight": 2},
+            {"url": "http://127.0.0.1:18100", "instance_id": None, "admitted": False,
+             "in_flight": 0},
+        ],
+        "requests": {"prefix": 1200, "load": 3, "fallback": 0},
+    }  # fmt: skip
+    browser.get(c.url + "/dashboard")
+    wait_text(browser, "#status", "live")
+    assert httpx.post(c.url + "/routers/heartbeat", json=heartbeat, timeout=15).status_code == 200
+    row = '#routers tr[data-router="edge-b"]'
+    wait_text(browser, f'{row} [data-field="up"]', "1 / 2")
+    assert text(browser, f'{row} [data-field="in-flight"]') == "2"
+    assert text(browser, f'{row} [data-field="requests"]') == "1,203"
+    assert text(browser, f'{row} [data-field="reasons"]') == "prefix 1,200, load 3"
+    backends = text(browser, f'{row} [data-field="backends"]') or ""
+    assert "inst-a http://127.0.0.1:18000" in backends and "(ejected)" in backends
+    assert text(browser, '#summary [data-field="routers"]') == "1"
+    # no more heartbeats: forgotten after 3 s, and the page says so without a reload
+    wait_text(browser, "#routers td.empty", "no router reports here")
+    wait_text(browser, '#summary [data-field="routers"]', "0")
 
 
 def settled_chunks(c: Cluster, instance_id: str) -> int:

@@ -19,6 +19,8 @@ from kvplane.controller.dashboard.routes import Dashboard
 from kvplane.controller.executor import EventStatus
 from kvplane.controller.fast_lookup import LookupRoute, Tokens, build_lookup, document_lookup
 from kvplane.controller.ops_api import build_ops_router
+from kvplane.controller.routers import RouterTable
+from kvplane.controller.routers_api import build_routers_router
 from kvplane.controller.settings import ControllerConfig
 from kvplane.controller.status_api import build_status_router
 from kvplane.protocol import COMPRESSION_METHODS
@@ -375,7 +377,8 @@ class Access:
 
 def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
     """The controller's FastAPI app over a running cluster (OpenAPI at /docs)."""
-    dashboard = Dashboard(cluster)
+    routers = RouterTable()
+    dashboard = Dashboard(cluster, routers=routers)
     app = FastAPI(
         title="kvplane controller",
         description="KV-aware routing lookups and cluster operations over kvplane workers; "
@@ -388,6 +391,7 @@ def create_app(cluster: Cluster, settings: ControllerConfig) -> FastAPI:
     app.include_router(build_cluster_router(cluster))
     app.include_router(ops_router)
     app.include_router(build_status_router(cluster))
+    app.include_router(build_routers_router(routers, cluster.clock))
     app.include_router(dashboard.router)
     app.add_middleware(LookupRoute, answer=build_lookup(cluster, latency))
     routes = app.router.routes

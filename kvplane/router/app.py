@@ -1,6 +1,6 @@
 """The router's HTTP front: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
 ``/health``, ``/metrics``. Every error has OpenAI's body (``{"error": {...}}``); the
-checker runs beside the server for the app's lifetime."""
+checker and the heartbeat to the controller run beside the server for the app's lifetime."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 import kvplane
 from kvplane.errors import BadRequest, KvplaneError
+from kvplane.router.heartbeat import Reporter
 from kvplane.router.metrics import RouterMetrics
 from kvplane.router.pool import Pool, parse_backend
 from kvplane.router.proxy import forward
@@ -56,7 +57,12 @@ def create_app(config: RouterConfig) -> FastAPI:
     timeout = httpx.Timeout(config.request_timeout_s, connect=config.connect_timeout_s)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     client = httpx.AsyncClient(timeout=timeout, limits=limits)
-    controller = ControllerClient(config.controller, client, metrics) if config.controller else None
+    controller = (
+        ControllerClient(config.controller, client, metrics, config.controller_token)
+        if config.controller
+        else None
+    )
+    reporter = Reporter(controller, pool, metrics, config) if controller is not None else None
     router = Router(config, pool, controller, client, metrics, weights_of(config))
     checker = Checker(
         pool,
@@ -73,13 +79,17 @@ def create_app(config: RouterConfig) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await checker.discover()
         await checker.check_all()
-        task = asyncio.create_task(checker.run(), name="kvplane-router-checker")
+        tasks = [asyncio.create_task(checker.run(), name="kvplane-router-checker")]
+        if reporter is not None:
+            tasks.append(asyncio.create_task(reporter.run(), name="kvplane-router-heartbeat"))
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await client.aclose()
             if controller is not None:
                 controller.close()

@@ -10,6 +10,7 @@ controller spends answering a lookup. This client writes the request in one buff
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 __all__ = ["LeanClient", "LeanHttpError"]
@@ -20,15 +21,21 @@ class LeanHttpError(Exception):
 
 
 class LeanClient:
-    """POSTs to one ``http://host:port`` origin. Safe for one event loop's tasks."""
+    """POSTs to one ``http://host:port`` origin, with ``headers`` on every request (an
+    ``authorization``). Safe for one event loop's tasks."""
 
-    def __init__(self, base_url: str, *, max_idle: int = 32) -> None:
+    def __init__(
+        self, base_url: str, *, headers: Mapping[str, str] | None = None, max_idle: int = 32
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"lean client needs an http://host:port URL, got {base_url!r}")
         self._host = parts.hostname
         self._port = parts.port or 80
         self._authority = parts.netloc.encode()
+        self._extra = b"".join(
+            f"\r\n{k}: {v}".encode("latin-1") for k, v in (headers or {}).items()
+        )
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._max_idle = max_idle
 
@@ -36,7 +43,7 @@ class LeanClient:
         """(status, body) of ``POST path`` with a JSON ``body``. Raises LeanHttpError, or
         TimeoutError after ``timeout`` seconds."""
         head = (
-            b"POST " + path.encode() + b" HTTP/1.1\r\nhost: " + self._authority
+            b"POST " + path.encode() + b" HTTP/1.1\r\nhost: " + self._authority + self._extra
             + b"\r\ncontent-type: application/json\r\ncontent-length: "
             + str(len(body)).encode() + b"\r\n\r\n"
         )  # fmt: skip

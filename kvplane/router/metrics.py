@@ -59,3 +59,12 @@ class RouterMetrics:
         self.errors = counter("kvplane_router_errors")
         self.backend_requests = counter("kvplane_router_backend_requests")
         self.registry.register(_PoolCollector(pool))  # type: ignore[arg-type]
+
+    def requests_by_reason(self) -> dict[str, int]:
+        """``kvplane_router_requests_total`` now, by reason (every reason, 0 included)."""
+        counts: dict[str, int] = {}
+        for family in self.requests.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["reason"]] = int(sample.value)
+        return counts

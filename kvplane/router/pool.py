@@ -1,5 +1,5 @@
 """The router's backends: where each is, which instance it is, whether it is admitted,
-how loaded. Pure: no I/O; the checker (:mod:`kvplane.router.checks`) feeds it what the
+how loaded. Pure: no I/O; the checker (:class:`kvplane.router.upstream.Checker`) feeds it what the
 backends answer and the proxy what its requests do.
 
 A backend is ejected after ``eject_after`` failures in a row (failed health checks, or

@@ -17,8 +17,9 @@ The cost is counted in *prompt tokens computed* (one token of prefill = 1):
 
 The cheapest wins, so a hot prefix held by B goes to B while B is idle and spreads to A
 once B's queue costs more than A's P2P fetch. Ties (within
-:attr:`Weights.affinity_tolerance`) go to the request's session instance, if it has one
-among them, then to the instance id (deterministic).
+:attr:`Weights.affinity_tolerance`) go to the request's session backend, if it has one
+among them; equal costs are then ordered by candidate name, the backend's URL
+(deterministic).
 """
 
 from __future__ import annotations

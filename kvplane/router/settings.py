@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvplane.errors import ConfigError
+from kvplane.router.pool import parse_backend
 from kvplane.router.scoring import Weights
 from kvplane.settings_table import (
     BOOL,
@@ -64,6 +65,22 @@ class RouterConfig:
         "replicas of one index (kvplane controller --nats); each call goes to the one that "
         "answered last, and to the next at once when it fails. --controller adds one.",
         kind=URL_LIST,
+    )
+    controller_token: str | None = key(
+        None,
+        "The controller's api_token, sent as Authorization: Bearer <token> on /lookup, "
+        "/status and the heartbeat (needed by a controller with api_token; for /lookup and "
+        "/status only with protect_reads). null: none sent.",
+        kind=OPT_STR,
+        secret=True,
+        flags=("--controller-token",),
+    )
+    router_id: str | None = key(
+        None,
+        "This router's name on the controller's GET /routers and dashboard. null: "
+        "host:port (a wildcard host replaced by the machine's name).",
+        kind=OPT_STR,
+        flags=("--router-id",),
     )
     backends: tuple[str, ...] = key(
         (),
@@ -139,7 +156,12 @@ class RouterConfig:
         minimum=1,
     )
     discovery_interval_s: float = key(
-        2.0, "Seconds between reads of the controller's instances.", kind=FLOAT, minimum=0.05
+        2.0,
+        "Seconds between reads of the controller's instances, and between heartbeats to it "
+        "(it forgets a router after 3 missed).",
+        kind=FLOAT,
+        minimum=0.05,
+        maximum=3600.0,
     )
     lookup_timeout_s: float = key(
         0.5,
@@ -163,9 +185,19 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        for backend in self.backends:
+            parse_backend(backend)  # a bad URL stops start-up, before anything is announced
+        token = self.controller_token
+        if token is not None and not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise ConfigError(
+                "controller_token: must be printable ASCII without spaces (it goes in a header)"
+            )
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{s.name}={getattr(self, s.name)!r}" for s in router_keys())
+        fields = ", ".join(
+            f"{s.name}={'***' if s.secret and getattr(self, s.name) else repr(getattr(self, s.name))}"
+            for s in router_keys()
+        )
         return f"RouterConfig({fields})"
 
     def to_dict(self) -> dict[str, Any]:

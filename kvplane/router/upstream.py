@@ -1,5 +1,6 @@
 """The router's calls to others: the controller (``/lookup`` per request, ``/status`` for
-the instances) and the backends' checks (``/health``, ``/metrics``, ``/v1/models``). Thin:
+the instances, ``/routers/heartbeat``, each with its ``controller_token`` when set) and the
+backends' checks (``/health``, ``/metrics``, ``/v1/models``). Thin:
 what comes back goes into the pure :class:`~kvplane.router.pool.Pool`; httpx's errors are
 translated here and go no further.
 """
@@ -44,14 +45,21 @@ class ControllerClient:
     one. Single-threaded: for one event loop's tasks."""
 
     def __init__(
-        self, urls: Sequence[str], client: httpx.AsyncClient, metrics: RouterMetrics
+        self,
+        urls: Sequence[str],
+        client: httpx.AsyncClient,
+        metrics: RouterMetrics,
+        token: str | None = None,
     ) -> None:
         if not urls:
             raise ValueError("a controller client needs at least one URL")
         self.urls = tuple(u.rstrip("/") for u in urls)
         self._client = client
         self._metrics = metrics
-        self._lean = {u: LeanClient(u) for u in self.urls if u.startswith("http://")}
+        self._auth = {"authorization": f"Bearer {token}"} if token else {}
+        self._lean = {
+            u: LeanClient(u, headers=self._auth) for u in self.urls if u.startswith("http://")
+        }
         self._current = 0
 
     @property
@@ -102,7 +110,7 @@ class ControllerClient:
                 resp = await self._client.post(
                     f"{url}/lookup",
                     content=body,
-                    headers={"content-type": "application/json"},
+                    headers={"content-type": "application/json", **self._auth},
                     timeout=timeout,
                 )
                 status, answer = resp.status_code, resp.content
@@ -126,7 +134,9 @@ class ControllerClient:
         does."""
         for index in self._order():
             try:
-                resp = await self._client.get(f"{self.urls[index]}/status", timeout=timeout)
+                resp = await self._client.get(
+                    f"{self.urls[index]}/status", headers=self._auth, timeout=timeout
+                )
                 resp.raise_for_status()
                 found = _serving_urls(resp.json()["instances"])
             except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -135,6 +145,25 @@ class ControllerClient:
             self._current = index
             return found
         return None
+
+    async def heartbeat(self, body: dict[str, Any], timeout: float) -> str | None:
+        """POST the router's heartbeat to every controller (each replica keeps its own table
+        of routers); None when all took it, else what went wrong at each that did not (its
+        status and error message, or the failure)."""
+
+        async def one(url: str) -> str | None:
+            try:
+                resp = await self._client.post(
+                    f"{url}/routers/heartbeat", json=body, headers=self._auth, timeout=timeout
+                )
+            except httpx.HTTPError as exc:
+                return f"{url}: {exc!r}"
+            if resp.status_code == 200:
+                return None
+            return f"{url}: {resp.status_code} {resp.text[:200]}"
+
+        problems = [p for p in await asyncio.gather(*(one(u) for u in self.urls)) if p]
+        return "; ".join(problems) or None
 
 
 def _serving_urls(instances: Any) -> dict[str, str]:

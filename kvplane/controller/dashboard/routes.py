@@ -28,6 +28,8 @@ from kvplane.controller.dashboard.snapshot import (
     sample_of,
 )
 from kvplane.controller.overview import by_instance, copy_workers
+from kvplane.controller.routers import RouterTable
+from kvplane.controller.routers_api import router_view
 from kvplane.errors import NotFound
 
 __all__ = ["Dashboard", "capture"]
@@ -71,11 +73,13 @@ class Dashboard:
         self,
         cluster: Cluster,
         *,
+        routers: RouterTable | None = None,
         interval_s: float = 2.0,
         capacity: int = 151,
         started: Callable[[], float] = time.time,
     ) -> None:
         self.cluster = cluster
+        self.routers = RouterTable() if routers is None else routers
         self.history = History(interval_s, capacity)
         self.started = started()
         self._pages = {name: _static(name) for name in ("index.html", "dashboard.html")}
@@ -95,6 +99,7 @@ class Dashboard:
         return build_snapshot(
             view,
             self.history.points(),
+            routers=[router_view(e, view.now) for e in self.routers.routers(view.now)],
             started=self.started,
             sample_interval_s=self.history.interval_s,
             history_span_s=self.history.span_s,
@@ -132,7 +137,8 @@ class Dashboard:
         @router.get("/dashboard/data", response_model=DashboardData)
         async def dashboard_data() -> DashboardData:
             """The live dashboard's state: instances, workers, chunks and bytes per tier,
-            lookup and ingest totals and rates over the last minutes, recent operations."""
+            lookup and ingest totals and rates over the last minutes, recent operations,
+            the routers that report here."""
             return self.data()
 
         @router.get("/dashboard/{name}", include_in_schema=False)

@@ -24,6 +24,7 @@ from kvplane.controller.dashboard.history import Point, Sample
 from kvplane.controller.executor import EventRecord
 from kvplane.controller.overview import Instance, chunks_by_tier, heartbeat_age_s, is_late
 from kvplane.controller.registry import WorkerRecord
+from kvplane.controller.routers_api import RouterView
 
 __all__ = [
     "ClusterView",
@@ -127,6 +128,9 @@ class DashboardData(BaseModel):
     instances: list[InstanceView]
     history: list[RatePoint] = Field(description="rates over the last minutes, oldest first")
     operations: list[OperationView] = Field(description="recent cluster operations, newest first")
+    routers: list[RouterView] = Field(
+        default_factory=list, description="the routers that report here (GET /routers)"
+    )
 
 
 # --- building it -----------------------------------------------------------------------------
@@ -209,6 +213,7 @@ def build_snapshot(
     started: float,
     sample_interval_s: float,
     history_span_s: float,
+    routers: Sequence[RouterView] = (),
 ) -> DashboardData:
     instances = [_instance_view(view, inst) for inst in view.instances]
     lookups, asked, matched, seconds = view.lookups
@@ -256,4 +261,5 @@ def build_snapshot(
             )
             for e in view.operations
         ],
+        routers=list(routers),
     )

@@ -164,6 +164,7 @@ function renderSummary(d) {
   document.getElementById("summary").replaceChildren(
     card("instances", fmtInt(d.totals.instances), "instances"),
     card("workers", fmtInt(d.totals.workers), "workers"),
+    card("routers", fmtInt((d.routers || []).length), "routers"),
     card("chunks", fmtInt(d.totals.chunks), "chunks"),
     card("bytes (full chunks)", fmtBytes(d.totals.bytes), "bytes"),
     card("lookups / s", last ? fmtRate(last.lookups_per_s) : "–", "lookup-rate"),
@@ -233,6 +234,28 @@ function renderWorkers(d) {
   fillBody("workers", rows, "no worker registered", 8);
 }
 
+function renderRouters(d) {
+  const rows = (d.routers || []).map((r) => {
+    const up = r.backends.filter((b) => b.admitted).length;
+    const backends = r.backends.map((b) =>
+      `${b.instance_id || "?"} ${b.url}${b.admitted ? "" : " (ejected)"}`).join(", ");
+    const reasons = Object.entries(r.requests).filter(([, n]) => n > 0)
+      .map(([k, n]) => `${k} ${fmtInt(n)}`).join(", ");
+    return el("tr", { "data-router": r.router_id },
+      el("td", {}, r.router_id),
+      el("td", { class: "mono" }, r.url),
+      el("td", { class: "num", "data-field": "up" }, `${up} / ${r.backends.length}`),
+      el("td", { "data-field": "backends" }, backends || "–"),
+      el("td", { class: "num", "data-field": "in-flight" },
+        fmtInt(r.backends.reduce((n, b) => n + b.in_flight, 0))),
+      el("td", { class: "num", "data-field": "requests" }, fmtInt(r.requests_total)),
+      el("td", { "data-field": "reasons" }, reasons || "–"),
+      el("td", { class: "num", "data-field": "heartbeat" }, fmtAge(r.heartbeat_age_s)),
+      el("td", { class: "num" }, fmtDuration(r.uptime_s)));
+  });
+  fillBody("routers", rows, "no router reports here", 9);
+}
+
 const COUNTERS = [
   ["sequence_gaps", "sequence gaps"],
   ["resyncs_requested", "resyncs requested"],
@@ -281,6 +304,7 @@ function render(d) {
   renderTiers(d);
   renderInstances(d);
   renderWorkers(d);
+  renderRouters(d);
   renderCounters(d);
   renderOperations(d);
   document.getElementById("updated").textContent = fmtTime(d.now);
