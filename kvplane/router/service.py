@@ -17,7 +17,7 @@ from kvplane.router.metrics import RouterMetrics
 from kvplane.router.pool import Backend, Pool
 from kvplane.router.scoring import Candidate, Decision, Weights, choose
 from kvplane.router.settings import RouterConfig
-from kvplane.router.tokens import TokenCache, tokenize_body
+from kvplane.router.tokens import LocalTokenizer, TokenCache, tokenize_body
 from kvplane.router.upstream import ControllerClient, Hits
 
 __all__ = ["Route", "Router"]
@@ -51,6 +51,8 @@ class Router:
         self.weights = weights
         self.client = client
         self._tokens = TokenCache(config.tokenize_cache_size)
+        self._local = LocalTokenizer(config.tokenizer) if config.tokenizer else None
+        self._local_checked = False
         self._sessions: OrderedDict[str, str] = OrderedDict()
 
     def session_of(self, headers: Any, body: dict[str, Any]) -> str | None:
@@ -94,6 +96,37 @@ class Router:
         cached = self._tokens.get(key)
         if cached is not None:
             return cached
+        local = self._local.encode(wanted) if self._local is not None else None
+        if local is not None and self._local_checked:
+            self._tokens.put(key, local)
+            return local
+        remote = await self._remote_tokens(wanted, backends)
+        if local is not None and remote is not None:
+            self._check_local(local, remote)
+        if remote is not None:
+            self._tokens.put(key, remote)
+        return remote
+
+    def _check_local(self, local: list[int], remote: list[int]) -> None:
+        """The first prompt both tokenized: the local tokenizer is kept only if it agrees
+        with the backend (other ids would key other chunks: every lookup would miss)."""
+        self._local_checked = True
+        if local != remote:
+            pairs = enumerate(zip(local, remote, strict=False))
+            first = next((i for i, (a, b) in pairs if a != b), min(len(local), len(remote)))
+            log.warning(
+                "local tokenizer %s disagrees with the backend's /tokenize (%d ids against "
+                "%d, first difference at %d): not used",
+                self.config.tokenizer,
+                len(local),
+                len(remote),
+                first,
+            )
+            self._local = None
+
+    async def _remote_tokens(
+        self, wanted: dict[str, Any], backends: list[Backend]
+    ) -> list[int] | None:
         for backend in backends[:2]:
             try:
                 resp = await self.client.post(
@@ -105,7 +138,6 @@ class Router:
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                 log.warning("/tokenize on %s failed: %r", backend.url, exc)
                 continue
-            self._tokens.put(key, tokens)
             return tokens
         return None
 

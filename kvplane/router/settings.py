@@ -139,6 +139,15 @@ class RouterConfig:
     request_timeout_s: float = key(
         600.0, "Longest wait for a backend's next bytes.", kind=FLOAT, minimum=0.1
     )
+    tokenizer: str | None = key(
+        None,
+        "The backends' tokenizer.json (or a model folder holding one): completions prompts "
+        "are tokenized in the router, not by a round trip to a backend's /tokenize (chats "
+        "still are). The first prompt is checked against a backend's /tokenize; on any "
+        "difference it is dropped with a warning.",
+        kind=OPT_STR,
+        flags=("--tokenizer",),
+    )
     tokenize_cache_size: int = key(
         4096, "Prompts whose token ids are kept, per model.", kind=INT, minimum=0
     )
