@@ -111,6 +111,19 @@ class RouterConfig:
         kind=FLOAT,
         minimum=0.0,
     )
+    recent_s: float = key(
+        30.0,
+        "Seconds a prompt the router sent to a backend counts as held there (as a hit in "
+        "its own cache), whatever the index says: the index shows a prefix only once its "
+        "prefill is done and stored. 0: the index alone.",
+        kind=FLOAT,
+        minimum=0.0,
+        flags=("--recent-s",),
+    )
+    recent_block: int = key(
+        64, "Block size (tokens) of the prompts the router remembers sending.", kind=INT,
+        minimum=1,
+    )  # fmt: skip
     # --- health and timing
     poll_interval_s: float = key(
         0.5, "Seconds between each backend's /health and /metrics checks.", kind=FLOAT,
