@@ -132,6 +132,12 @@ def workloads(scale: Scale, seed: int, alphabet: Sequence[int]) -> dict[str, lis
     return made
 
 
+def plot_title(header: Sequence[str]) -> str:
+    """The picture's title: the run's date and the machine (from the report's header)."""
+    machine_line = next(h for h in header if h.startswith("machine:"))
+    return f"{header[0].lstrip('# ')}; {machine_line.split(';')[0]}, no GPU"
+
+
 def kvplane_router_available() -> bool:
     """Whether this checkout has ``kvplane router`` (issue 20)."""
     import subprocess
@@ -371,7 +377,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[len(header) : -1]))
-    plot(Path(f"{out}.png"), results, header[0].lstrip("# ") + "; " + header[-3][:90])
+    plot(Path(f"{out}.png"), results, plot_title(header))
     print(f"wrote {out}.txt and {out}.png")
 
 
