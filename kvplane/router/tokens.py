@@ -9,7 +9,8 @@ chat's earlier turns, cost no round trip.
 
 With a local tokenizer (:class:`LocalTokenizer`, config key ``tokenizer``) a completions
 prompt is tokenized in the router instead: a backend's ``/tokenize`` is a round trip to a
-server whose cores are busy with prefills (30-90 ms a decision on the 2-core benchmark).
+server whose cores are busy with prefills (43-70 ms a decision in the full `make
+bench-route` on 2 cores).
 """
 
 from __future__ import annotations
