@@ -6,7 +6,9 @@ stored: a second request with a new prefix, sent while the first is still comput
 finds no hit anywhere, and a router going by the index alone sends it to the less loaded
 backend, which computes the same prefix again. What the router sent where is known at once;
 :meth:`RecentPrompts.held` answers it, block by block (a chained hash of every token up to
-each block's end, so equal keys mean equal prefixes).
+each block's end, so equal keys mean equal prefixes). The router counts it only for a
+backend the index shows none of the prompt: once the index answers, its chunks are what a
+peer can fetch by P2P, and the score weighs holder against fetcher on them alone.
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ class Router:
         candidates = []
         for b in backends:
             location, held = found.get(b.instance_id or "", (None, 0))
-            if recent.get(b.url, 0) > held:  # sent there, not yet (or no longer) indexed
+            if held == 0 and recent.get(b.url):  # sent there, not yet indexed
                 location, held = None, recent[b.url]
             candidates.append(Candidate(b.url, b.instance_id, held, location, b.current_load))
         affinity = self._sessions.get(session) if session is not None else None

@@ -114,8 +114,8 @@ class RouterConfig:
     recent_s: float = key(
         30.0,
         "Seconds a prompt the router sent to a backend counts as held there (as a hit in "
-        "its own cache), whatever the index says: the index shows a prefix only once its "
-        "prefill is done and stored. 0: the index alone.",
+        "its own cache) while the index shows that backend none of it: the index shows a "
+        "prefix only once its prefill is done and stored. 0: the index alone.",
         kind=FLOAT,
         minimum=0.0,
         flags=("--recent-s",),
