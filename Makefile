@@ -126,11 +126,11 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 # Round robin, sglang-router cache_aware, vllm-router kv_aware and `kvplane router` in front of
 # two vLLM instances with kvplane (one core each, P2P), on shared-prefix, hot-spot and
 # multi-turn workloads, plus each router's own latency against an instant fake backend;
-# writes benchmarks/results/route-cpu-2core.{txt,png} (about 15 minutes on 2 cores).
+# writes benchmarks/results/route-cpu-2core.{txt,png} (about 6 minutes on 2 cores).
 bench-route: setup vllm-setup $(BENCH_STAMP)
 	$(PY) benchmarks/route.py
 
-# The same at a small scale (4-layer model, fewer requests; 3-4 minutes): a smoke run.
+# The same at a small scale (4-layer model, fewer requests; about 2 minutes): a smoke run.
 bench-route-quick: setup vllm-setup $(BENCH_STAMP)
 	$(PY) benchmarks/route.py --quick
 

@@ -118,18 +118,21 @@ METRICS = (
     'vllm:kv_cache_usage_perc{{model_name="fake"}} 0.0\n'
     "fake:completions_total {completions}\n"
     "fake:prompt_tokens_total {prompt_tokens}\n"
+    "fake:tokenize_total {tokenize}\n"
 )
 
 
 @dataclass
 class Served:
     """One fake backend: the model it names, how ``/tokenize`` encodes text (default: one
-    id per byte), and what it answered (completions, the prompt ids they carried)."""
+    id per byte), and what it answered (completions, the prompt ids they carried, /tokenize
+    calls)."""
 
     model: str = MODEL
     encode: Callable[[str], list[int]] | None = None
     completions: int = 0
     prompt_tokens: int = 0
+    tokenize: int = 0
 
 
 def answer(path: str, body: bytes, served: Served) -> bytes:
@@ -142,13 +145,18 @@ def answer(path: str, body: bytes, served: Served) -> bytes:
         data = {"object": "list", "data": [entry]}
         return _response(200, json.dumps(data).encode())
     if path == "/metrics":
-        text = METRICS.format(completions=served.completions, prompt_tokens=served.prompt_tokens)
+        text = METRICS.format(
+            completions=served.completions,
+            prompt_tokens=served.prompt_tokens,
+            tokenize=served.tokenize,
+        )
         return _response(200, text.encode(), "text/plain; version=0.0.4")
     try:
         request = json.loads(body or b"{}")
     except ValueError:
         return _response(400, b'{"error": {"message": "malformed JSON", "type": "bad_request"}}')
     if path == "/tokenize":
+        served.tokenize += 1
         text = request.get("prompt", "")
         if isinstance(text, list):
             ids = text

@@ -49,27 +49,40 @@ def oracle_computed(
         raise ValueError("a request cannot be ready before it is sent")
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    # Events in time order; at equal times a prefill that ended comes before a send.
+    # Events in time order; at equal times a prefill that ended comes before a send, but
+    # never before its own request's send (a prefill taking no time still computes once).
     events = sorted(
         [(t, 0, i) for i, t in enumerate(ready)] + [(t, 1, i) for i, t in enumerate(sent)]
     )
     held: OrderedDict[int, None] = OrderedDict()
     keys = [block_keys(p, block) for p in prompts]
     computed = [0] * len(prompts)
-    for _, kind, i in events:
-        if kind == 1:
-            usable = (len(prompts[i]) - 1) // block
-            hit = 0
-            for key in keys[i][:usable]:
-                if key not in held:
-                    break
-                held.move_to_end(key)
-                hit += 1
-            computed[i] = len(prompts[i]) - hit * block
-            continue
+    was_sent: set[int] = set()
+    early: set[int] = set()  # ready at the time of its own send, before the send came up
+
+    def store(i: int) -> None:
         for key in keys[i]:
             held[key] = None
             held.move_to_end(key)
         while capacity_blocks is not None and len(held) > capacity_blocks:
             held.popitem(last=False)
+
+    for _, kind, i in events:
+        if kind == 0:
+            if i in was_sent:
+                store(i)
+            else:
+                early.add(i)
+            continue
+        usable = (len(prompts[i]) - 1) // block
+        hit = 0
+        for key in keys[i][:usable]:
+            if key not in held:
+                break
+            held.move_to_end(key)
+            hit += 1
+        computed[i] = len(prompts[i]) - hit * block
+        was_sent.add(i)
+        if i in early:
+            store(i)
     return computed

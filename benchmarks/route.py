@@ -132,6 +132,12 @@ def workloads(scale: Scale, seed: int, alphabet: Sequence[int]) -> dict[str, lis
     return made
 
 
+def plot_title(header: Sequence[str]) -> str:
+    """The picture's title: the run's date and the machine (from the report's header)."""
+    machine_line = next(h for h in header if h.startswith("machine:"))
+    return f"{header[0].lstrip('# ')}; {machine_line.split(';')[0]}, no GPU"
+
+
 def kvplane_router_available() -> bool:
     """Whether this checkout has ``kvplane router`` (issue 20)."""
     import subprocess
@@ -154,6 +160,7 @@ def one_run(
     controller: str,
     backends: Sequence[Backend],
     model: str,
+    model_dir: Path,
     folder: Path,
     scale: Scale,
 ) -> dict[str, Any]:
@@ -161,7 +168,9 @@ def one_run(
     before = [counters(i.server.base_url, VLLM_COUNTERS) for i in instances]
     kv_before = [counters(i.worker, KVPLANE_COUNTERS) for i in instances]
     log = folder / f"router-{router}-{len(os.listdir(folder))}.log"
-    with router_process(router, backends, log, controller=controller, model=model) as url:
+    with router_process(
+        router, backends, log, controller=controller, model=model, tokenizer=model_dir
+    ) as url:
         outcomes, wall = run_workload(url, model, requests, scale.concurrency, texts=texts)
         decisions = counters(url, ROUTER_COUNTERS) if router == "kvplane" else {}
     time.sleep(1.0)  # vLLM logs its counters after the step that finished the last request
@@ -224,7 +233,9 @@ def measure_routers_latency(
             measure_latency(backends[0].url, prompts[:50], LATENCY_RATE, model=model)  # warm
             direct = measure_latency(backends[0].url, prompts, LATENCY_RATE, model=model)
             log = folder / f"latency-{router}.log"
-            with router_process(router, backends, log, controller=ctl, model=model) as url:
+            with router_process(
+                router, backends, log, controller=ctl, model=model, tokenizer=tokenizer
+            ) as url:
                 measure_latency(url, prompts[:50], LATENCY_RATE, model=model)  # warm
                 routed = measure_latency(url, prompts, LATENCY_RATE, model=model)
             out[router] = latency_rows(direct, routed)
@@ -339,6 +350,7 @@ def main() -> None:
                             ctl,
                             backends,
                             model,
+                            model_dir,
                             folder,
                             scale,
                         )
@@ -365,7 +377,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[len(header) : -1]))
-    plot(Path(f"{out}.png"), results, header[0].lstrip("# ") + "; " + header[-3][:90])
+    plot(Path(f"{out}.png"), results, plot_title(header))
     print(f"wrote {out}.txt and {out}.png")
 
 

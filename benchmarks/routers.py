@@ -6,7 +6,9 @@ loopback port in front of a list of backends, and stopped with its process group
 * ``vllm-router``: vllm-router (PyPI ``vllm-router``) with ``--policy`` from
   :data:`VLLM_ROUTER_POLICY`; its ``kv_aware`` policy reads vLLM's KV events
   (``--kv-events-config`` on each instance, ``--kv-event-source`` here);
-* ``kvplane``: ``kvplane router --controller URL --backend ID=URL ...``.
+* ``kvplane``: ``kvplane router --controller URL --backend ID=URL ... --tokenizer DIR``
+  (the model's tokenizer in the router; without it, each decision waits for a busy
+  backend's /tokenize).
 
 sglang-router reads ``prompt`` as a string or a list of strings only (a list of token ids
 is refused with 422), so every router is sent text.
@@ -57,6 +59,7 @@ def _command(
     backends: Sequence[Backend],
     controller: str | None,
     model: str | None,
+    tokenizer: Path | None,
 ) -> list[str]:
     urls = [b.url for b in backends]
     if name == "round-robin":
@@ -82,6 +85,8 @@ def _command(
         args = ["router", "--host", "127.0.0.1", "--port", str(port), "--controller", controller]
         for b in backends:
             args += ["--backend", f"{b.instance_id}={b.url}"]
+        if tokenizer is not None:
+            args += ["--tokenizer", str(tokenizer)]
         return kvplane_args(args)
     raise ValueError(f"unknown router {name!r}; choose from {', '.join(ROUTERS)}")
 
@@ -94,12 +99,15 @@ def router_process(
     *,
     controller: str | None = None,
     model: str | None = None,
+    tokenizer: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
     """Router ``name`` in front of ``backends`` serving ``model``; yields its base URL once
-    ``/health`` answers 200. Raises with the log's tail if it exits or does not come up."""
+    ``/health`` answers 200. ``tokenizer``: the model's tokenizer.json or folder, for
+    ``kvplane router --tokenizer``. Raises with the log's tail if it exits or does not come
+    up."""
     port, metrics_port = free_ports(2)
-    args = _command(name, port, metrics_port, backends, controller, model)
+    args = _command(name, port, metrics_port, backends, controller, model, tokenizer)
     child = start_child(name, args, log_path, env=env, cwd=PACKAGE_ROOT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -135,6 +135,10 @@ def test_oracle_counts_whole_blocks_and_refuses_bad_input() -> None:
     assert oracle_computed(prompts, [0, 1, 2], [0.5, 1.5, 2.5], block=4) == [11, 3, 4]
     # sent while the first is still in its prefill: nothing to reuse yet
     assert oracle_computed(prompts[:2], [0, 1], [2, 3], block=4) == [11, 11]
+    # prefills that take no time (benchmarks/route.py's bound): each request still computes
+    # what no earlier request held, its own blocks included
+    assert oracle_computed(prompts, [0, 1, 2], [0, 1, 2], block=4) == [11, 3, 4]
+    assert oracle_computed(prompts[:2], [0, 0], [0, 0], block=4) == [11, 3]
     with pytest.raises(ValueError, match="before it is sent"):
         oracle_computed(prompts[:1], [1.0], [0.5], block=4)
     with pytest.raises(ValueError, match="as long"):

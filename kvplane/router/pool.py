@@ -48,12 +48,20 @@ class Backend:
     failures: int = 0
     load: Load = field(default_factory=Load)
     in_flight: int = 0
+    finished_since_check: int = 0  # the router's requests to it done since ``load`` came
     models: frozenset[str] = frozenset()
     last_error: str = ""
 
     @property
     def current_load(self) -> Load:
-        return self.load._replace(in_flight=self.in_flight)
+        """The backend's last /metrics, less the router's requests that finished since (up
+        to a poll interval old, it still counts them running: with the router the only
+        client, that stale count, not the router's own, decided where requests went), and
+        the router's own count in flight."""
+        done = self.finished_since_check
+        running = max(0, self.load.running - done)
+        waiting = max(0, self.load.waiting - max(0, done - self.load.running))
+        return Load(running, waiting, self.load.kv_usage, self.in_flight)
 
 
 @dataclass
@@ -86,7 +94,7 @@ class Pool:
             return
         b.admitted, b.failures, b.last_error = True, 0, ""
         if load is not None:
-            b.load = load
+            b.load, b.finished_since_check = load, 0
         if models is not None:
             b.models = frozenset(models)
 
@@ -120,6 +128,7 @@ class Pool:
         b = self.backends.get(url)
         if b is not None and b.in_flight > 0:
             b.in_flight -= 1
+            b.finished_since_check += 1
 
 
 #: The metric families a backend's /metrics shows its queue in: vLLM's, then kvplane

@@ -137,6 +137,7 @@ async def forward(
         metrics.fetch_tokens.inc(cost.fetched)
         metrics.backend_requests.labels(url).inc()
         router.remember(session, url)
+        router.sent(route, url)
         answer_headers = _answer_headers(upstream, backend, reason, cost.hit_tokens)
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
             return _Relay(

@@ -15,9 +15,10 @@ import httpx
 from kvplane.errors import NotFound, Unavailable
 from kvplane.router.metrics import RouterMetrics
 from kvplane.router.pool import Backend, Pool
+from kvplane.router.recent import RecentPrompts, prefix_keys
 from kvplane.router.scoring import Candidate, Decision, Weights, choose
 from kvplane.router.settings import RouterConfig
-from kvplane.router.tokens import TokenCache, tokenize_body
+from kvplane.router.tokens import LocalTokenizer, TokenCache, tokenize_body
 from kvplane.router.upstream import ControllerClient, Hits
 
 __all__ = ["Route", "Router"]
@@ -32,6 +33,7 @@ class Route(NamedTuple):
     backends: list[Backend]  # in the decision's order
     prompt_tokens: int
     seconds: float  # to decide, tokenizing and the lookup included
+    keys: list[int]  # the prompt's block keys (:func:`prefix_keys`), for :meth:`Router.sent`
 
 
 class Router:
@@ -51,6 +53,9 @@ class Router:
         self.weights = weights
         self.client = client
         self._tokens = TokenCache(config.tokenize_cache_size)
+        self._local = LocalTokenizer(config.tokenizer) if config.tokenizer else None
+        self._local_checked = False
+        self._recent = RecentPrompts(config.recent_block, config.recent_s)
         self._sessions: OrderedDict[str, str] = OrderedDict()
 
     def session_of(self, headers: Any, body: dict[str, Any]) -> str | None:
@@ -67,6 +72,11 @@ class Router:
         self._sessions.move_to_end(session)
         while len(self._sessions) > _SESSIONS:
             self._sessions.popitem(last=False)
+
+    def sent(self, route: Route, url: str) -> None:
+        """The request went to ``url``: its prompt counts as held there for ``recent_s``."""
+        if self.config.recent_s > 0 and route.keys:
+            self._recent.add(url, route.keys, time.monotonic())
 
     def backends_for(self, model: Any) -> list[Backend]:
         """The admitted backends serving ``model`` (any, if the request names none).
@@ -94,6 +104,37 @@ class Router:
         cached = self._tokens.get(key)
         if cached is not None:
             return cached
+        local = self._local.encode(wanted) if self._local is not None else None
+        if local is not None and self._local_checked:
+            self._tokens.put(key, local)
+            return local
+        remote = await self._remote_tokens(wanted, backends)
+        if local is not None and remote is not None:
+            self._check_local(local, remote)
+        if remote is not None:
+            self._tokens.put(key, remote)
+        return remote
+
+    def _check_local(self, local: list[int], remote: list[int]) -> None:
+        """The first prompt both tokenized: the local tokenizer is kept only if it agrees
+        with the backend (other ids would key other chunks: every lookup would miss)."""
+        self._local_checked = True
+        if local != remote:
+            pairs = enumerate(zip(local, remote, strict=False))
+            first = next((i for i, (a, b) in pairs if a != b), min(len(local), len(remote)))
+            log.warning(
+                "local tokenizer %s disagrees with the backend's /tokenize (%d ids against "
+                "%d, first difference at %d): not used",
+                self.config.tokenizer,
+                len(local),
+                len(remote),
+                first,
+            )
+            self._local = None
+
+    async def _remote_tokens(
+        self, wanted: dict[str, Any], backends: list[Backend]
+    ) -> list[int] | None:
         for backend in backends[:2]:
             try:
                 resp = await self.client.post(
@@ -105,7 +146,6 @@ class Router:
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                 log.warning("/tokenize on %s failed: %r", backend.url, exc)
                 continue
-            self._tokens.put(key, tokens)
             return tokens
         return None
 
@@ -117,9 +157,16 @@ class Router:
         if tokens and self.controller is not None:
             hits = await self.controller.lookup(tokens, self.config.lookup_timeout_s)
         found = hits.by_instance if hits is not None else {}
+        keys: list[int] = []
+        recent: dict[str, int] = {}
+        if tokens and self.config.recent_s > 0:
+            keys = prefix_keys(tokens, self.config.recent_block)
+            recent = self._recent.held(keys, time.monotonic())
         candidates = []
         for b in backends:
             location, held = found.get(b.instance_id or "", (None, 0))
+            if held == 0 and recent.get(b.url):  # sent there, not yet indexed
+                location, held = None, recent[b.url]
             candidates.append(Candidate(b.url, b.instance_id, held, location, b.current_load))
         affinity = self._sessions.get(session) if session is not None else None
         decision = choose(
@@ -132,4 +179,5 @@ class Router:
         by_url = {b.url: b for b in backends}
         seconds = time.perf_counter() - start
         self.metrics.decision_seconds.observe(seconds)
-        return Route(decision, [by_url[u] for u in decision.ranking], len(tokens or ()), seconds)
+        ranked = [by_url[u] for u in decision.ranking]
+        return Route(decision, ranked, len(tokens or ()), seconds, keys)

@@ -143,6 +143,19 @@ class RouterConfig:
         kind=FLOAT,
         minimum=0.0,
     )
+    recent_s: float = key(
+        30.0,
+        "Seconds a prompt the router sent to a backend counts as held there (as a hit in "
+        "its own cache) while the index shows that backend none of it: the index shows a "
+        "prefix only once its prefill is done and stored. 0: the index alone.",
+        kind=FLOAT,
+        minimum=0.0,
+        flags=("--recent-s",),
+    )
+    recent_block: int = key(
+        64, "Block size (tokens) of the prompts the router remembers sending.", kind=INT,
+        minimum=1,
+    )  # fmt: skip
     # --- health and timing
     poll_interval_s: float = key(
         0.5, "Seconds between each backend's /health and /metrics checks.", kind=FLOAT,
@@ -175,6 +188,15 @@ class RouterConfig:
     )
     request_timeout_s: float = key(
         600.0, "Longest wait for a backend's next bytes.", kind=FLOAT, minimum=0.1
+    )
+    tokenizer: str | None = key(
+        None,
+        "The backends' tokenizer.json (or a model folder holding one): completions prompts "
+        "are tokenized in the router, not by a round trip to a backend's /tokenize (chats "
+        "still are). The first prompt is checked against a backend's /tokenize; on any "
+        "difference it is dropped with a warning.",
+        kind=OPT_STR,
+        flags=("--tokenizer",),
     )
     tokenize_cache_size: int = key(
         4096, "Prompts whose token ids are kept, per model.", kind=INT, minimum=0
