@@ -8,7 +8,8 @@ Each configuration is one ``vllm serve`` with the 16-layer test model of
   forward pass (the step, and so every running request, waits for them);
 * ``kvplane-async``: the same on vLLM's asynchronous load path (``enable_async_loading``);
 * ``kvplane-disk``: a disk tier behind a CPU tier smaller than two prompts, so that most
-  loads read the disk tier (the output gives the chunks each tier served).
+  loads read the disk tier (the output gives the chunks each tier served);
+* ``kvplane-disk-async``: the same on the asynchronous load path.
 
 In each server ``--prompts`` distinct prompts of 1,800 token ids (from ``--seed``) are sent
 once, so that kvplane holds them. Then blocks, in a palindromic order (``hit load alone
@@ -73,7 +74,7 @@ PROMPT_TOKENS = 1800
 ALIGNED = PROMPT_TOKENS // BLOCK * BLOCK  # what vLLM's own cache can hit: whole blocks
 DECODE_PROMPT_TOKENS = 64
 KINDS = ("alone", "hit", "load")
-CONFIGS = ("kvplane-sync", "kvplane-async", "kvplane-disk")
+CONFIGS = ("kvplane-sync", "kvplane-async", "kvplane-disk", "kvplane-disk-async")
 CPU_GB = 0.5  # the sync/async CPU tier: every stored prompt (about 29 MB each) fits
 DISK_CPU_GB = 0.04  # the disk configuration's CPU tier: about 1.4 prompts
 WORKER_COUNTERS = {
@@ -379,11 +380,12 @@ def run_block(
 
 def kvplane_keys(name: str, folder: Path) -> tuple[dict[str, Any], str]:
     """The kvplane config of ``name`` and a line saying what its tiers hold."""
+    disk = name.startswith("kvplane-disk")
     keys: dict[str, Any] = {
         "chunk_size": 256,
         "local_cpu": True,
-        "max_local_cpu_size": DISK_CPU_GB if name == "kvplane-disk" else CPU_GB,
-        "enable_async_loading": name == "kvplane-async",
+        "max_local_cpu_size": DISK_CPU_GB if disk else CPU_GB,
+        "enable_async_loading": name.endswith("-async"),
         "local_cpu_prefault": True,
         # whole chunks only (1,792 of the 1,800 tokens): a hit in vLLM's cache covers the
         # same whole blocks, so that it leaves kvplane nothing to load
@@ -391,17 +393,15 @@ def kvplane_keys(name: str, folder: Path) -> tuple[dict[str, Any], str]:
         "log_level": "WARNING",
     }
     prompt_mb = ALIGNED * FULL.layers * 2 * 2 * (FULL.hidden // 4) * 2 / 1e6
-    if name == "kvplane-disk":
+    mode = "asynchronous (enable_async_loading)" if keys["enable_async_loading"] else "synchronous"
+    if disk:
         keys.update(local_disk=str(folder / "disk"), max_local_disk_size=1.0)
         about = (
             f"disk tier (a folder on this VM's disk, read through the page cache) behind a "
             f"{DISK_CPU_GB} GB CPU tier (about {DISK_CPU_GB * 1e3 / prompt_mb:.1f} prompts of "
-            f"{prompt_mb:.0f} MB), synchronous loads"
+            f"{prompt_mb:.0f} MB), {mode} loads"
         )
     else:
-        mode = (
-            "asynchronous (enable_async_loading)" if keys["enable_async_loading"] else "synchronous"
-        )
         about = f"CPU tier {CPU_GB} GB (every prompt, {prompt_mb:.0f} MB each), {mode} loads"
     return keys, about
 
@@ -501,10 +501,16 @@ def main() -> None:
         f"tokens and the last {PROMPT_TOKENS - ALIGNED} are computed, as after a hit of "
         f"{ALIGNED} tokens in vLLM's own cache (blocks of {BLOCK})",
     ]
-    print("\n".join(header), flush=True)
     results: dict[str, Any] = {}
     if args.keep and Path(f"{out}.txt").exists():
-        results = json.loads(Path(f"{out}.txt").read_text().splitlines()[-1])["results"]
+        kept = json.loads(Path(f"{out}.txt").read_text().splitlines()[-1])["results"]
+        results = {k: v for k, v in kept.items() if k not in args.configs}
+        if results:
+            header.append(
+                f"kept from an earlier run of the same settings: {', '.join(results)} "
+                f"(each section says when it was measured)"
+            )
+    print("\n".join(header), flush=True)
     before = cpu_times()
     with tempfile.TemporaryDirectory(prefix="kvplane-itl-") as tmp:
         model = build_model(
