@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-ha ha-picture demo-vllm test test-stress lint setup system-deps docs dashboard-screenshot bench bench-vllm bench-fleet bench-route bench-route-quick soak clean vllm-setup vllm-clean
+.PHONY: demo demo-ha ha-picture demo-vllm test test-stress lint setup system-deps docs dashboard-screenshot bench bench-vllm bench-fleet bench-itl bench-route bench-route-quick soak clean vllm-setup vllm-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -114,6 +114,12 @@ bench-vllm: setup vllm-setup
 # disk tier) and with ExampleConnector; writes benchmarks/results/fleet-cpu-2core.{txt,png}.
 bench-fleet: setup vllm-setup
 	$(PY) benchmarks/fleet.py
+
+# Inter-token latency of two decoding streams while another request loads 1,800 tokens from
+# kvplane (CPU tier, sync and async loads; disk tier), against the same requests hit in vLLM's
+# own cache and against the streams alone; writes benchmarks/results/itl-load-cpu-2core.{txt,png}.
+bench-itl: setup vllm-setup
+	$(PY) benchmarks/itl_load.py
 
 # The routers benchmarks/route.py compares kvplane's with (the `bench` extra), installed with
 # torch held at the pinned CPU build so that no dependency can pull a CUDA one.
