@@ -116,8 +116,9 @@ bench-fleet: setup vllm-setup
 	$(PY) benchmarks/fleet.py
 
 # Inter-token latency of two decoding streams while another request loads 1,800 tokens from
-# kvplane (CPU tier, sync and async loads; disk tier), against the same requests hit in vLLM's
-# own cache and against the streams alone; writes benchmarks/results/itl-load-cpu-2core.{txt,png}.
+# kvplane (CPU tier and disk tier, each with sync and async loads), against the same requests
+# hit in vLLM's own cache and the streams alone; writes
+# benchmarks/results/itl-load-cpu-2core.{txt,png} (about 9 minutes on 2 cores).
 bench-itl: setup vllm-setup
 	$(PY) benchmarks/itl_load.py
 

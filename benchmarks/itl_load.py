@@ -256,14 +256,18 @@ def plot(path: Path, results: Mapping[str, Mapping[str, Any]], title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
-    for ax, (name, result) in zip(axes[0], results.items(), strict=True):
+    cols = min(2, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(results) :]:
+        ax.set_visible(False)
+    for ax, (name, result) in zip(axes.flat, results.items(), strict=False):
         for i, kind in enumerate(KINDS):
             gaps = sorted(g * 1e3 for g in result["kinds"][kind]["gaps_s"])
             share = [(j + 1) / len(gaps) for j in range(len(gaps))]
             ax.step(gaps, share, color=f"C{i}", where="post", label=kind)
         ax.axhline(0.99, color="grey", lw=0.5, ls=":")
-        ax.set(xscale="log", xlabel="inter-token gap (ms)", ylabel="share of gaps")
+        ax.set(xlabel="inter-token gap (ms)", ylabel="share of gaps", xlim=(0, 60))
         ratio = result["ratios"]["p99_load_over_hit"]
         ax.set_title(f"{name}: p99 load/hit {ratio:.2f}x", fontsize=10)
         ax.legend(fontsize=8)
