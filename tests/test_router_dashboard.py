@@ -109,8 +109,8 @@ def test_without_the_token_heartbeats_and_lookups_are_refused(fleet: Fleet) -> N
     assert resp.headers["x-kvplane-route-reason"] == "fallback"  # its /lookup was refused
     wait_until(
         lambda: (
-            "controller /lookup answered 401" in fleet.log("router-nt")
-            and "refused or missed the router's heartbeat: 401" in fleet.log("router-nt")
+            f"controller {fleet.controller} failed: /lookup answered 401" in fleet.log("router-nt")
+            and f"the router's heartbeat: {fleet.controller}: 401" in fleet.log("router-nt")
         ),
         timeout=15,
         what="the router logging the refused lookup and heartbeat",

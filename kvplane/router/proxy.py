@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import anyio
 import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -85,8 +86,11 @@ class _Relay(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._upstream.aclose()
+            # counted done first: a cancelled task (the client left) is cancelled again at
+            # its next await, which the close is shielded from
             self._router.pool.finished(self._backend.url)
+            with anyio.CancelScope(shield=True):
+                await self._upstream.aclose()
 
 
 async def forward(
