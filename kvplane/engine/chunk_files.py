@@ -9,6 +9,7 @@ is a cache miss, and the checksum catches a torn file after a crash.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import uuid
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from kvplane.engine import serde
-from kvplane.engine.chunk import KVChunk
+from kvplane.engine.chunk import KVChunk, Landing
 from kvplane.errors import CorruptChunk
 from kvplane.keys import CacheKey
 
@@ -98,9 +99,22 @@ def write_chunk_file(root: Path, key: CacheKey, chunk: KVChunk) -> int:
     return len(header) + payload.nbytes
 
 
-def read_chunk_file(path: Path, key: CacheKey) -> KVChunk:
-    """Read and verify one chunk file. Raises FileNotFoundError (gone) or CorruptChunk."""
+#: Bytes read (and hashed while still in cache) at a time when a payload lands in a buffer
+#: of the caller's choosing.
+_PIECE = 1 << 20
+
+
+def read_chunk_file(path: Path, key: CacheKey, into: Landing | None = None) -> KVChunk:
+    """Read and verify one chunk file. With ``into``, the payload is read straight into the
+    buffer it hands out for the key (a CPU-tier page: no buffer of its own, no copy after),
+    or into one of its own when it hands out none. Raises FileNotFoundError (gone) or
+    CorruptChunk."""
     with open(path, "rb", buffering=0) as f:
+        if into is not None:
+            landed = _read_landed(f, key, into)
+            if landed is not None:
+                return landed
+            f.seek(0)
         size = os.fstat(f.fileno()).st_size
         buf = bytearray(size)
         view = memoryview(buf)
@@ -112,6 +126,35 @@ def read_chunk_file(path: Path, key: CacheKey) -> KVChunk:
             got += n
     _, chunk = serde.decode(view[:got], expected_key=key)
     return chunk
+
+
+def _read_landed(f: io.FileIO, key: CacheKey, into: Landing) -> KVChunk | None:
+    """The chunk with its payload read into ``into``'s buffer; None when it gives none."""
+    head = _read_exact(f, serde.PREFIX_SIZE)
+    head += _read_exact(f, serde.header_size(head) - len(head))
+    check = serde.PayloadCheck(head)
+    nbytes = check.header.payload_len
+    buffer = into(key, nbytes)
+    if buffer is None:
+        return None
+    view = memoryview(buffer).cast("B")[:nbytes]
+    got = 0
+    while got < nbytes:
+        n = f.readinto(view[got : min(got + _PIECE, nbytes)])
+        if not n:
+            break
+        check.update(view[got : got + n])
+        got += n
+    if f.read(1):
+        raise CorruptChunk(f"chunk file {key.to_str()} runs on past its frame")
+    return check.chunk(view[:got], expected_key=key)
+
+
+def _read_exact(f: io.FileIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise CorruptChunk(f"chunk file truncated inside its header ({len(data)} of {n} bytes)")
+    return data
 
 
 def read_chunk_tokens(path: Path, key: CacheKey) -> int:

@@ -260,18 +260,46 @@ class StorageManager:
     def read(self, key: CacheKey) -> Iterator[KVChunk | None]:
         """The chunk from the highest tier that has it, valid for the block."""
         for backend in self._active():
-            with backend.read(key) as chunk:
+            with self._read_from(backend, key) as chunk:
                 if chunk is None:
                     self.metrics.tier_misses.labels(backend.name).inc()
                     continue
                 self.metrics.tier_hits.labels(backend.name).inc()
                 self.metrics.tier_bytes_read.labels(backend.name).inc(chunk.nbytes)
-                cpu = self.cpu_writable
-                if backend is not self.cpu and cpu is not None and not self._frozen:
-                    cpu.put(key, chunk)
                 yield chunk
                 return
         yield None
+
+    @contextmanager
+    def _read_from(self, backend: StorageBackend, key: CacheKey) -> Iterator[KVChunk | None]:
+        """``backend``'s chunk for the block, a lower tier's promoted into the CPU tier:
+        read straight into a CPU-tier page where the tier can land payloads (then lent by
+        the CPU tier), else read and copied there."""
+        cpu = self.cpu_writable
+        if backend is self.cpu or cpu is None or self._frozen:
+            with backend.read(key) as chunk:
+                yield chunk
+            return
+        if backend.lands_payloads:
+            with _landing_in(cpu) as (into, landed):
+                chunk = backend.get_many([key], into)[0]
+                # a miss (a damaged file too) leaves its page to be freed with the landing
+                page = landed.pop(key, None) if chunk is not None else None
+                if chunk is None or page is None:  # a miss, or no free page: its own buffer
+                    if chunk is not None:
+                        cpu.put(key, chunk)
+                    yield chunk
+                    return
+                cpu.commit(key, chunk.meta, page, chunk.nbytes)
+            with cpu.read(key) as promoted:
+                if promoted is not None:
+                    yield promoted
+                    return
+            # evicted again at once (a full CPU tier under other writers): read it anew
+        with backend.read(key) as chunk:
+            if chunk is not None:
+                cpu.put(key, chunk)
+            yield chunk
 
     def get(self, key: CacheKey) -> KVChunk | None:
         """Like :meth:`read`, but the chunk owns its bytes."""

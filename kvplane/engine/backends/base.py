@@ -28,6 +28,10 @@ class StorageBackend(ABC):
     #: True for a tier that holds nothing itself and fetches from elsewhere (the p2p tier):
     #: the storage manager queues no writes to it and asks it only after local tiers miss.
     fetch_only: ClassVar[bool] = False
+    #: True for a tier whose reads (:meth:`get_many` with a landing) put the payload in the
+    #: caller's buffer: the storage manager promotes its hits by reading them straight
+    #: into a CPU-tier page instead of copying them there.
+    lands_payloads: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._sink: EventSink | None = None

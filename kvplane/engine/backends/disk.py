@@ -14,12 +14,13 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from kvplane.engine import chunk_files
 from kvplane.engine.backends.base import StorageBackend, register_backend
-from kvplane.engine.chunk import KVChunk
+from kvplane.engine.chunk import KVChunk, Landing
 from kvplane.engine.events import ChunkAdmitted, ChunkEvicted, StorageEvent
 from kvplane.errors import CorruptChunk
 from kvplane.keys import CacheKey
@@ -41,6 +42,7 @@ class DiskStats(NamedTuple):
 @register_backend
 class LocalDiskBackend(StorageBackend):
     name = "LocalDiskBackend"
+    lands_payloads = True
 
     def __init__(self, root: str | Path, max_bytes: int) -> None:
         """Open (creating it if needed) the directory ``root`` and index what it holds.
@@ -105,14 +107,16 @@ class LocalDiskBackend(StorageBackend):
         self._emit_all(events)
         return admitted
 
-    def get(self, key: CacheKey) -> KVChunk | None:
+    def get(self, key: CacheKey, into: Landing | None = None) -> KVChunk | None:
+        """The chunk; with ``into``, its payload read straight into the buffer ``into``
+        hands out (see :func:`kvplane.engine.chunk_files.read_chunk_file`)."""
         with self._lock:
             if key not in self._index:
                 return None
             self._index.move_to_end(key)
         path = chunk_files.chunk_path(self.root, key)
         try:
-            chunk = chunk_files.read_chunk_file(path, key)
+            chunk = chunk_files.read_chunk_file(path, key, into)
         except FileNotFoundError:
             self._forget(key)
             return None
@@ -125,6 +129,11 @@ class LocalDiskBackend(StorageBackend):
         with contextlib.suppress(OSError):  # only the restart order would suffer
             os.utime(path)
         return chunk
+
+    def get_many(
+        self, keys: Sequence[CacheKey], into: Landing | None = None
+    ) -> list[KVChunk | None]:
+        return [self.get(k, into) for k in keys]
 
     def remove(self, key: CacheKey) -> bool:
         return self._forget(key, unlink=True)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from kvplane.config import load_config
 from kvplane.engine import chunk_files
 from kvplane.engine.backends.base import StorageBackend, register_backend
-from kvplane.engine.chunk import KVChunk
+from kvplane.engine.chunk import KVChunk, Landing
 from kvplane.engine.events import ChunkAdmitted, ChunkEvicted
 from kvplane.errors import BadRequest, ConfigError, CorruptChunk
 from kvplane.keys import CacheKey
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 @register_backend
 class FSConnectorBackend(StorageBackend):
     name = "FSConnector"
+    lands_payloads = True
 
     def __init__(self, root: str | Path) -> None:
         """Use (creating it if needed) the shared directory ``root``. Raises OSError."""
@@ -76,10 +78,12 @@ class FSConnectorBackend(StorageBackend):
         self._emit(ChunkAdmitted(key, self.name))
         return True
 
-    def get(self, key: CacheKey) -> KVChunk | None:
+    def get(self, key: CacheKey, into: Landing | None = None) -> KVChunk | None:
+        """The chunk; with ``into``, its payload read straight into the buffer ``into``
+        hands out (see :func:`kvplane.engine.chunk_files.read_chunk_file`)."""
         path = chunk_files.chunk_path(self.root, key)
         try:
-            return chunk_files.read_chunk_file(path, key)
+            return chunk_files.read_chunk_file(path, key, into)
         except FileNotFoundError:
             return None
         except (CorruptChunk, OSError) as exc:
@@ -88,6 +92,11 @@ class FSConnectorBackend(StorageBackend):
                 self._corrupt += 1
             self.remove(key)
             return None
+
+    def get_many(
+        self, keys: Sequence[CacheKey], into: Landing | None = None
+    ) -> list[KVChunk | None]:
+        return [self.get(k, into) for k in keys]
 
     def remove(self, key: CacheKey) -> bool:
         try:
