@@ -57,7 +57,8 @@ PROMPT = " ".join(f"alpha{i % 89} beta{i % 7} gamma{i % 13}" for i in range(110)
 BATCH_TOKENS = 512  # instance A's --max-num-batched-tokens: prefill in chunks
 #: The bound on int8 chunks: for every position, the top-5 logprobs of a hit over int8 KV
 #: differ from vLLM's own by at most this (the tokens in both lists; 0.058 measured on
-#: 2026-12-07), and the tokens are the same; docs/vllm.md.
+#: 2026-12-07); a greedy token differs only where the reference's top two were within twice
+#: the bound (a near tie; seen once in CI); docs/vllm.md.
 INT8_LOGPROB_BOUND = 0.25
 
 
@@ -130,7 +131,8 @@ def complete(server: VllmServer, prompt: Prompt, max_tokens: int = 3) -> dict[st
     resp = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=300)
     assert resp.status_code == 200, resp.text
     choice = resp.json()["choices"][0]
-    return {"text": choice["text"], "top": choice["logprobs"]["top_logprobs"]}
+    logprobs = choice["logprobs"]
+    return {"text": choice["text"], "tokens": logprobs["tokens"], "top": logprobs["top_logprobs"]}
 
 
 def tokenize(server: VllmServer, prompt: str) -> list[int]:
@@ -440,6 +442,22 @@ def top_logprob_gap(answer: dict[str, Any], reference: dict[str, Any]) -> float:
     return max(gaps)
 
 
+def assert_flips_only_near_ties(answer: dict[str, Any], reference: dict[str, Any]) -> None:
+    """Greedy tokens over lossy KV equal the reference's up to the first position where the
+    reference's top two are within twice the logprob bound (each may move by the bound, so
+    only such a near tie can flip); there the answer took the runner-up."""
+    for n, (mine, theirs, top) in enumerate(
+        zip(answer["tokens"], reference["tokens"], reference["top"], strict=True)
+    ):
+        if mine != theirs:
+            assert mine in top, f"token {n}: {mine!r} is not in the reference's top 5 {top}"
+            margin = top[theirs] - top[mine]
+            assert margin <= 2 * INT8_LOGPROB_BOUND, (
+                f"token {n}: flipped over a {margin:.3f} margin"
+            )
+            return
+
+
 def test_compressed_chunks_load_exactly_with_zstd_and_within_the_bound_with_int8(
     instance_a: tuple[VllmServer, int, EventSubscriber], controller: ControllerProc
 ) -> None:
@@ -467,7 +485,7 @@ def test_compressed_chunks_load_exactly_with_zstd_and_within_the_bound_with_int8
         if not exact:
             gap = top_logprob_gap(answer, reference.answer)
             assert gap <= INT8_LOGPROB_BOUND, f"int8: top-5 logprobs {gap:.4f} apart"
-            assert answer["text"] == reference.answer["text"]
+            assert_flips_only_near_ties(answer, reference.answer)
 
 
 def test_a_partial_hit_under_chunked_prefill_equals_vllms_own_hit(

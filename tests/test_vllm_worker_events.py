@@ -227,3 +227,32 @@ def test_two_requests_sharing_a_prefix_load_it_once_on_the_async_path(
         assert scheduler.matched_tokens("b", other, 0) == 2 * CHUNK
     finally:
         scheduler.shutdown()
+
+
+def test_the_async_loader_thread_runs_below_normal_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader yields the CPU to the serving threads (its nice value, read from /proc,
+    is the worker's _LOADER_NICE); the threads that serve steps stay at normal priority."""
+    import os
+
+    from kvplane.integrations.vllm import worker
+
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))
+    held = HeldChunks(1, [CPU])
+    scheduler = SchedulerChannel(endpoint("nice-test", 0), held)
+    config = EngineConfig(**BASE, enable_async_loading=True)
+    side = WorkerSide(config, fake_facts(block_size=BLOCK, engine_id="nice-test"))
+    side.register({f"layer.{i}": torch.randn(BLOCKS, 2, BLOCK, 16) for i in range(2)})
+    try:
+
+        def nice_of(name: str) -> int:
+            thread = next(t for t in threading.enumerate() if t.name == name)
+            stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+            return int(stat[stat.rindex(")") + 2 :].split()[16])  # field 19, nice
+
+        assert wait_until(lambda: nice_of("kvplane-vllm-loader") == worker._LOADER_NICE)
+        assert nice_of("kvplane-vllm-tier-events") == os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        side.shutdown()
+        scheduler.close()

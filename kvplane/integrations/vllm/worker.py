@@ -10,7 +10,9 @@ asynchronous ones), stores in ``wait_for_save`` (after it); both move whole bloc
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: How long a step with nothing for kvplane may wait for a running prefetch.
 _IDLE_STEP_WAIT_S = 0.005
+#: the asynchronous loader's nice value (0 normal, 19 lowest): below the serving threads
+_LOADER_NICE = 10
 
 
 def layout_of(views: Sequence[torch.Tensor], *, block_size: int, use_mla: bool) -> KVLayout:
@@ -230,6 +234,12 @@ class WorkerSide:
             self._loads.put(spec)
 
     def _load_loop(self) -> None:
+        """The loader thread. It runs below normal priority: an asynchronous load exists so
+        that the running requests' steps (vLLM's compute thread, its engine core and API
+        server, which share this machine's cores) never wait for it; the load takes what
+        CPU they leave."""
+        with contextlib.suppress(OSError, AttributeError):  # per-thread priority: Linux only
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOADER_NICE)
         while (spec := self._loads.get()) is not None:
             self._load(spec)  # failed blocks are recorded before the request is reported
             log.debug("async load %s landed", spec.req_id)
