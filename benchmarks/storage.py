@@ -5,7 +5,10 @@ Chunks are Llama-3.1-8B-shaped (32 layers, K/V, 256 tokens, 8 KV heads, head 128
 
 - Disk: ``LocalDiskBackend.put``/``get`` (header, checksum, temp file + rename; read and
   verify) beside a plain Python ``open().write()``/``readinto()`` of the same payloads into
-  the same directory. Both read back through the page cache (no root to drop it).
+  the same directory. Both read back through the page cache (no root to drop it). And a
+  disk hit promoted into a resident CPU tier, as a load does (read straight into its pages,
+  and read then copied, the path before), beside a plain ``readinto()`` of the same files
+  into one resident buffer.
 - Redis: ``RemoteBackend.put``/``get`` (framing, checksum, circuit breaker) beside raw
   ``SET``/``GET`` of the same payload bytes through the same pooled client, against a
   redis-server this script starts on a free loopback port (stopped by PID at the end).
@@ -31,10 +34,13 @@ from pathlib import Path
 
 import torch
 
+from kvplane.engine.backends.cpu import LocalCPUBackend
 from kvplane.engine.backends.disk import LocalDiskBackend
 from kvplane.engine.backends.redis_server import redis_server_args
 from kvplane.engine.backends.remote import RemoteBackend
 from kvplane.engine.chunk import KVChunk
+from kvplane.engine.memory_pool import HostMemoryPool
+from kvplane.engine.storage_manager import StorageManager
 from kvplane.keys import CacheKey
 
 CHUNK_SHAPE = (32, 2, 256, 8, 128)
@@ -110,10 +116,44 @@ def bench_disk(chunks: list[tuple[CacheKey, KVChunk]], base: Path, repeat: int) 
             with open(plain_dir / f"{i}.bin", "rb", buffering=0) as f:
                 f.readinto(buf)
 
+    # A disk hit promoted into a resident CPU tier (what a load does): read straight into
+    # its pages, or (lands_payloads off) read into a buffer of its own and copied there;
+    # the baseline reads the same files into one resident buffer, over and over.
+    nbytes = chunks[0][1].nbytes
+    promote: dict[str, StorageManager] = {}
+    resident = torch.empty(nbytes, dtype=torch.uint8)
+    resident.fill_(0)
+
+    def reset_promote(lands: bool) -> Callable[[], None]:
+        def reset() -> None:
+            pool = HostMemoryPool(nbytes, len(chunks), pin=False, prefault=True)
+            pool.prefaulted.wait()
+            disk = holder["disk"]
+            disk.lands_payloads = lands  # type: ignore[misc]
+            promote["storage"] = StorageManager([LocalCPUBackend(pool), disk])
+
+        return reset
+
+    def promote_read() -> None:
+        storage = promote["storage"]
+        for key, _ in chunks:
+            with storage.read(key) as chunk:
+                if chunk is None:
+                    raise RuntimeError("disk tier lost a chunk")
+
+    def plain_into_resident() -> None:
+        view = resident.numpy().data
+        for i in range(len(payloads)):
+            with open(plain_dir / f"{i}.bin", "rb", buffering=0) as f:
+                f.readinto(view)
+
     w_tier = best_seconds(tier_write, repeat, reset_tier)
     w_plain = best_seconds(plain_write, repeat, fresh(plain_dir))
     r_tier = best_seconds(tier_read, repeat, lambda: None)
     r_plain = best_seconds(plain_read, repeat, lambda: None)
+    p_land = best_seconds(promote_read, repeat, reset_promote(True))
+    p_copy = best_seconds(promote_read, repeat, reset_promote(False))
+    p_plain = best_seconds(plain_into_resident, repeat, lambda: None)
     shutil.rmtree(base, ignore_errors=True)
     gb = total / 1e9
     return {
@@ -121,6 +161,9 @@ def bench_disk(chunks: list[tuple[CacheKey, KVChunk]], base: Path, repeat: int) 
         "file_write_gbps": gb / w_plain,
         "disk_read_gbps": gb / r_tier,
         "file_read_gbps": gb / r_plain,
+        "promote_landed_gbps": gb / p_land,
+        "promote_copied_gbps": gb / p_copy,
+        "file_into_resident_gbps": gb / p_plain,
     }
 
 
@@ -208,6 +251,11 @@ def main() -> None:
         f"disk tier read  {disk['disk_read_gbps']:.2f} GB/s vs plain file read  "
         f"{disk['file_read_gbps']:.2f} GB/s"
     )
+    print(
+        f"disk hit into the CPU tier {disk['promote_landed_gbps']:.2f} GB/s read into its pages, "
+        f"{disk['promote_copied_gbps']:.2f} GB/s read and copied, vs plain file read into "
+        f"a resident buffer {disk['file_into_resident_gbps']:.2f} GB/s"
+    )
     redis_dir = base / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
     red = bench_redis(chunks, redis_dir, args.repeat)
@@ -223,6 +271,10 @@ def main() -> None:
         "bytes": total,
         "disk_write_ratio": round(disk["disk_write_gbps"] / disk["file_write_gbps"], 3),
         "disk_read_ratio": round(disk["disk_read_gbps"] / disk["file_read_gbps"], 3),
+        "promote_ratio": round(disk["promote_landed_gbps"] / disk["file_into_resident_gbps"], 3),
+        "promote_landed_vs_copied": round(
+            disk["promote_landed_gbps"] / disk["promote_copied_gbps"], 3
+        ),
         "redis_put_ratio": round(red["redis_put_gbps"] / red["raw_set_gbps"], 3),
         "redis_get_ratio": round(red["redis_get_gbps"] / red["raw_get_gbps"], 3),
         **{k: round(v, 3) for k, v in {**disk, **red}.items()},
