@@ -14,7 +14,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from kvplane.engine import serde
 from kvplane.engine.chunk import KVChunk, Landing
@@ -130,9 +130,7 @@ def read_chunk_file(path: Path, key: CacheKey, into: Landing | None = None) -> K
 
 def _read_landed(f: io.FileIO, key: CacheKey, into: Landing) -> KVChunk | None:
     """The chunk with its payload read into ``into``'s buffer; None when it gives none."""
-    head = _read_exact(f, serde.PREFIX_SIZE)
-    head += _read_exact(f, serde.header_size(head) - len(head))
-    check = serde.PayloadCheck(head)
+    check = serde.PayloadCheck(_read_header(f))
     nbytes = check.header.payload_len
     buffer = into(key, nbytes)
     if buffer is None:
@@ -150,19 +148,20 @@ def _read_landed(f: io.FileIO, key: CacheKey, into: Landing) -> KVChunk | None:
     return check.chunk(view[:got], expected_key=key)
 
 
-def _read_exact(f: io.FileIO, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise CorruptChunk(f"chunk file truncated inside its header ({len(data)} of {n} bytes)")
-    return data
+def _read_header(f: BinaryIO | io.FileIO) -> bytes:
+    """A frame's whole header from the start of ``f``. Raises CorruptChunk."""
+    head = f.read(serde.PREFIX_SIZE)
+    head += f.read(serde.header_size(head) - len(head))
+    if len(head) != serde.header_size(head):
+        raise CorruptChunk(f"chunk file truncated inside its header ({len(head)} bytes)")
+    return head
 
 
 def read_chunk_tokens(path: Path, key: CacheKey) -> int:
     """The token count in one chunk file's header, without reading its payload. Raises
     FileNotFoundError (gone) or CorruptChunk (unreadable header, or another key's)."""
     with open(path, "rb") as f:
-        prefix = f.read(serde.PREFIX_SIZE)
-        header = prefix + f.read(serde.header_size(prefix) - len(prefix))
+        header = _read_header(f)
     parsed = serde.decode_header(header)
     if parsed.key != key:
         raise CorruptChunk(f"chunk file {path.name} holds key {parsed.key.to_str()}")
