@@ -113,6 +113,14 @@ class EngineConfig:
         "running requests keep stepping) instead of before the step's forward pass.",
         kind=BOOL,
     )
+    promote_before_load: bool = key(
+        True,
+        "Under vLLM's synchronous load path: while other requests run, a hit that only a "
+        "lower tier (disk, FS, remote) holds is first read into the CPU tier off the step "
+        "(the request waits a few steps), so that its load inside the step copies from "
+        "memory instead of stalling the batch on the tier.",
+        kind=BOOL,
+    )
     save_unfull_chunk: bool = key(
         True, "Store the last partial chunk of a prompt.", kind=BOOL, mutable=True
     )

@@ -128,3 +128,24 @@ def test_read_chunk_file_without_a_buffer_from_the_landing_reads_its_own(
     landed = chunk_files.read_chunk_file(path, make_key(5), lambda _k, _n: buffer.numpy().data)
     assert same_kv(landed, make_chunk(5))
     assert landed.payload.data_ptr() == buffer.data_ptr()
+
+
+def test_promote_reads_the_leading_lower_tier_run_into_the_cpu_tier(
+    lower: StorageBackend,
+) -> None:
+    """What a scheduler's probe asks for before a synchronous load: every chunk of the
+    leading locally held run that only the lower tier holds is read into the CPU tier (one
+    CPU-tier chunk in the run is passed over, not counted); the run ends at the first chunk
+    no tier holds; a frozen manager promotes nothing."""
+    storage, cpu = storage_over(lower, 8)
+    assert cpu.put(make_key(1), make_chunk(1))
+    keys = [make_key(i) for i in (0, 1, 2, 7, 3)]  # chunk 7 is held nowhere
+    assert storage.promote(keys) == 2
+    assert [storage.locate(k) for k in keys] == [cpu.name, cpu.name, cpu.name, None, lower.name]
+    with cpu.read(make_key(2)) as promoted:
+        assert same_kv(promoted, make_chunk(2))
+    assert storage.promote(keys) == 0  # all in memory now
+
+    frozen, frozen_cpu = storage_over(lower, 8)
+    frozen.frozen = True
+    assert frozen.promote([make_key(3)]) == 0 and not frozen_cpu.contains(make_key(3))

@@ -27,6 +27,7 @@ from tests.vllm_support import fake_facts
 
 BLOCK, CHUNK, BLOCKS = 4, 8, 16
 CPU = "LocalCPUBackend"
+DISK = "LocalDiskBackend"
 BASE: dict[str, Any] = dict(chunk_size=CHUNK, max_local_cpu_size=0.01)
 
 
@@ -229,11 +230,61 @@ def test_two_requests_sharing_a_prefix_load_it_once_on_the_async_path(
         scheduler.shutdown()
 
 
-def test_the_async_loader_thread_runs_below_normal_priority(
+def test_a_busy_sync_scheduler_has_a_disk_hit_read_into_the_cpu_tier_before_its_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The loader yields the CPU to the serving threads (its nice value, read from /proc,
-    is the worker's _LOADER_NICE); the threads that serve steps stay at normal priority."""
+    """promote_before_load: with a request running, a hit only the disk tier holds is
+    answered "ask again" while the rank reads it into its CPU tier on the prefetch thread;
+    then the hit is answered from the CPU tier, so the load inside the step copies from
+    memory. With nothing running, and on the asynchronous path, the hit is answered at
+    once (its load stalls nobody, or runs on the loader thread)."""
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))
+    disk = dict(local_disk=str(tmp_path / "disk"), max_local_disk_size=0.05, p2p_timeout_s=60.0)
+    facts = fake_facts(block_size=BLOCK, engine_id="promote-test")
+    scheduler = scheduler_side(facts, **disk)
+    side = WorkerSide(EngineConfig(**BASE, **disk), facts)
+    side.register({f"layer.{i}": torch.randn(BLOCKS, 2, BLOCK, 16) for i in range(2)})
+    storage = side.process.storage
+    try:
+        scheduler.planner.warm = True
+        tokens = list(range(3 * CHUNK + 2))
+        hashes = chunk_hashes(tokens, CHUNK)  # the partial last chunk too
+        hit = len(tokens) - 1  # vLLM computes at least one token
+        slots = side._slots(list(range(7)), len(tokens))
+        assert side.process.cache_engine.store(tokens, side.caches, slots).num_chunks == 4
+        assert storage.flush(30.0)
+        storage.clear([CPU])
+
+        def locations() -> tuple[str, ...]:
+            with scheduler.channel.lock:
+                return scheduler.channel.held.prefix(hashes).locations
+
+        wait_until(lambda: locations() == (DISK,) * 4, timeout=10, what="the disk admits")
+
+        assert scheduler.matched_tokens("idle", tokens, 0) == hit
+        assert scheduler.counters.promotions == 0
+
+        scheduler.allocated("running", _Running(list(range(2000, 2000 + CHUNK))), [7, 8], 0)
+        assert scheduler.matched_tokens("r", tokens, 0) is None
+        assert scheduler.counters.promotions == 1
+        assert scheduler.channel.wait_answers("r", 1, 60.0) == 1
+        assert scheduler.matched_tokens("r", tokens, 0) == hit
+        assert locations() == (CPU,) * 4
+        keys = side.process.cache_engine.keys_for(tokens)
+        assert [storage.locate(k) for k in keys] == [CPU] * 4
+        assert scheduler.counters.promotions == 1  # one probe per request
+        assert not scheduler_side(facts, **disk, enable_async_loading=True).promoting
+    finally:
+        side.shutdown()
+        scheduler.shutdown()
+
+
+def test_the_loader_and_the_promoter_run_below_normal_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The async loader and the sync path's promoter yield the CPU to the serving threads
+    (their nice value, read from /proc, is the worker's _LOADER_NICE); the threads that
+    serve steps, and the prefetch thread that fetches from peers, stay at normal priority."""
     import os
 
     from kvplane.integrations.vllm import worker
@@ -256,3 +307,14 @@ def test_the_async_loader_thread_runs_below_normal_priority(
     finally:
         side.shutdown()
         scheduler.close()
+
+    # the synchronous path's promoter (its thread starts with its first promotion)
+    sync = WorkerSide(EngineConfig(**BASE), fake_facts(block_size=BLOCK, engine_id="nice-test"))
+    sync.register({f"layer.{i}": torch.randn(BLOCKS, 2, BLOCK, 16) for i in range(2)})
+    try:
+        assert sync._promoter is not None
+        sync._promoter.submit(lambda: None).result()
+        assert nice_of("kvplane-vllm-promoter_0") == worker._LOADER_NICE
+        assert nice_of("kvplane-vllm-prefetch") == os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        sync.shutdown()

@@ -348,6 +348,12 @@ class CacheEngine:
             return spans[held - 1][1] if held else 0
         return self._prefix_tokens(keys, spans)
 
+    def promote(self, tokens: TokenIds) -> int:
+        """Read the chunks of the prompt's locally held prefix that only a lower tier (disk,
+        FS, remote) holds into the CPU tier, so that a load that follows copies from
+        memory. Returns how many chunks were promoted."""
+        return self.storage.promote(self.keys_for(to_token_array(tokens)))
+
     def _prefix_tokens(self, keys: Sequence[CacheKey], spans: Sequence[tuple[int, int]]) -> int:
         held = 0
         for key, (_, end) in zip(keys, spans, strict=True):

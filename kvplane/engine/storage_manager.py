@@ -343,6 +343,26 @@ class StorageManager:
             return False
         return backend.put(key, chunk)
 
+    def promote(self, keys: Sequence[CacheKey]) -> int:
+        """Read each chunk of the leading run of ``keys`` that local tiers hold, and that
+        only a lower tier holds, into the CPU tier, as :meth:`read` would. Later loads of
+        the run then copy from memory. Returns how many were promoted."""
+        cpu = self.cpu_writable
+        if cpu is None or self._frozen:
+            return 0
+        promoted = 0
+        for key in keys:
+            location = self.locate(key)
+            if location is None:
+                break
+            if location == cpu.name:
+                continue
+            with self.read(key) as chunk:
+                if chunk is None:  # evicted since it was located
+                    break
+            promoted += 1
+        return promoted
+
     def prefetch(self, keys: Sequence[CacheKey]) -> int:
         """Bring the leading run of ``keys`` that local tiers lack in from fetch-only tiers
         (peers), one batch per tier, promoted into the CPU tier. Returns how many leading

@@ -6,7 +6,9 @@ the config has tiers that index cannot see (peers, a shared remote store), a req
 index does not fully cover is first *probed*: the workers are asked to look up (and fetch
 from peers into their CPU tier) its chunks, and vLLM is told "ask again" (``None``) until
 every rank answered or ``p2p_timeout_s`` passed; with no request running, the scheduling
-call waits for the answer itself instead. A chunk evicted between the answer and the
+call waits for the answer itself instead. The same probe, on the synchronous load path
+(``promote_before_load``), has the ranks read a hit that only a lower tier holds into their
+CPU tier while other requests step, so its load inside a step copies from memory. A chunk evicted between the answer and the
 load makes the load fall short; the worker reports those blocks and vLLM recomputes them
 (the connector sets ``kv_load_failure_policy`` to ``recompute``).
 
@@ -46,6 +48,7 @@ _PROBE_WAIT_S = 0.001
 #: core polls for the worker's reply (docs/vllm-facts.md §i); on a 2-core machine those two
 #: loops made the peer transfer they wait for 3-4x slower.
 _IDLE_PROBE_WAIT_S = 0.25
+_CPU_TIER = TIER_ORDER[0]
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Counters:
     hit_requests: int = 0
     hit_tokens: int = 0
     probes: int = 0
+    promotions: int = 0  # probes sent to read lower-tier hits into the CPU tier
     stores_planned: int = 0
     loads_planned: int = 0
     async_loads_planned: int = 0
@@ -129,6 +133,8 @@ class SchedulerSide:
         self.channel = SchedulerChannel(endpoint(engine_id, dp_rank), held)
         self.planner = Planner(self.policy, held)
         self.probing = bool(config.enable_p2p or config.remote_url)
+        #: the synchronous path reads lower-tier hits into the CPU tier before their load
+        self.promoting = config.promote_before_load and not config.enable_async_loading
         self.publish_events = publish_events
         self.links: dict[int, BlockLink] = {}
         self.counters = Counters()
@@ -172,15 +178,22 @@ class SchedulerSide:
         probe = self._probes.get(req_id)
         with self.channel.lock:
             found = self.planner.match(req_id, tokens, num_computed, probed=_probed(probe))
-        if self.probing and probe is None and found.chunk_tokens < _covered(tokens):
+        promote = probe is None and self._promotes(found)
+        unseen = self.probing and found.chunk_tokens < _covered(tokens)  # tiers it cannot see
+        if probe is None and (promote or unseen):
             now = time.monotonic()
             probe = self._probes[req_id] = _Probe(
                 now + self.config.p2p_timeout_s, found.chunk_tokens, now
             )
             self.channel.request_prefetch(req_id, list(tokens))
             self.counters.probes += 1
+            self.counters.promotions += int(promote)
             log.debug(
-                "probe %s: %d tokens, index holds %d", req_id, len(tokens), found.chunk_tokens
+                "probe %s: %d tokens, index holds %d%s",
+                req_id,
+                len(tokens),
+                found.chunk_tokens,
+                " (promote)" if promote else "",
             )
             if len(self.planner):  # requests are running: never hold their steps for it
                 return None
@@ -207,6 +220,14 @@ class SchedulerSide:
             return None  # its chunks land in vLLM's own cache once that load ends
         self.counters.lookups += 1
         return found.external
+
+    def _promotes(self, found: Match) -> bool:
+        """Whether the hit's load should wait for its lower-tier chunks to be read into the
+        CPU tier: only while requests run (an idle engine's load stalls nobody)."""
+        if not self.promoting or not found.external or not len(self.planner):
+            return False
+        first = found.num_computed // self.config.chunk_size
+        return any(location != _CPU_TIER for location in found.locations[first:])
 
     @property
     def load_async(self) -> bool:

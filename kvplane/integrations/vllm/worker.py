@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -37,8 +38,16 @@ log = logging.getLogger(__name__)
 
 #: How long a step with nothing for kvplane may wait for a running prefetch.
 _IDLE_STEP_WAIT_S = 0.005
-#: the asynchronous loader's nice value (0 normal, 19 lowest): below the serving threads
+#: the nice value (0 normal, 19 lowest) of the asynchronous loader and the promoter:
+#: below the serving threads
 _LOADER_NICE = 10
+
+
+def _below_normal_priority() -> None:
+    """The calling thread at ``_LOADER_NICE``: its background reads yield the CPU to the
+    serving threads."""
+    with contextlib.suppress(OSError, AttributeError):  # per-thread priority: Linux only
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOADER_NICE)
 
 
 def layout_of(views: Sequence[torch.Tensor], *, block_size: int, use_mla: bool) -> KVLayout:
@@ -88,6 +97,8 @@ class WorkerSide:
         self._in_flight = 0
         self._landed: set[str] = set()
         self._load_ended = threading.Condition(self._lock)
+        #: the synchronous path's promotions (promote_before_load), below normal priority
+        self._promoter: ThreadPoolExecutor | None = None
 
     # --------------------------------------------------------------- start-up
     def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
@@ -121,6 +132,10 @@ class WorkerSide:
                     target=self._load_loop, name="kvplane-vllm-loader", daemon=True
                 )
                 self._loader.start()
+            elif self.config.promote_before_load:
+                self._promoter = ThreadPoolExecutor(
+                    1, "kvplane-vllm-promoter", initializer=_below_normal_priority
+                )
             events = process.storage.subscribe("vllm scheduler")
             process.start()
             self.process = process
@@ -176,7 +191,14 @@ class WorkerSide:
                     channel.changed(event.location, admitted, event.key.chunk_hash)
 
     def _prefetch(self, token_ids: list[int]) -> int:
-        held = int(self.process.cache_engine.lookup(token_ids))
+        """A scheduler's probe (on the channel's prefetch thread): on the synchronous path
+        the prompt's lower-tier chunks are first promoted into the CPU tier (on the
+        promoter thread, while the batch steps: the load inside the step then copies from
+        memory), then its chunks are fetched from peers. Returns the prefix held."""
+        engine = self.process.cache_engine
+        if self._promoter is not None:
+            self._promoter.submit(engine.promote, token_ids).result()
+        held = int(engine.lookup(token_ids))
         events, channel = self._events, self.channel
         if events is not None and channel is not None:
             self._forward(events, channel)  # the fetched chunks' admits go before PrefetchDone
@@ -238,8 +260,7 @@ class WorkerSide:
         that the running requests' steps (vLLM's compute thread, its engine core and API
         server, which share this machine's cores) never wait for it; the load takes what
         CPU they leave."""
-        with contextlib.suppress(OSError, AttributeError):  # per-thread priority: Linux only
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOADER_NICE)
+        _below_normal_priority()
         while (spec := self._loads.get()) is not None:
             self._load(spec)  # failed blocks are recorded before the request is reported
             log.debug("async load %s landed", spec.req_id)
@@ -309,6 +330,9 @@ class WorkerSide:
             self._loads.put(None)
             self._loader.join(timeout=30)
             self._loader = None
+        if self._promoter is not None:
+            self._promoter.shutdown(wait=True, cancel_futures=True)
+            self._promoter = None
         if self._events is not None:
             self._events.close()
             self._events = None
