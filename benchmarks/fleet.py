@@ -20,8 +20,13 @@ tokens) is at least 4x what vLLM's KV memory holds:
 * ``example``: vLLM's ExampleConnector (safetensors files in a folder; it hits only a prompt
   it saw whole, block-aligned).
 
-``vllm``, ``kvplane-cpu`` and ``kvplane-async`` also run a no-reuse workload first (every
-prompt unique from its first token): what kvplane costs when it cannot help.
+``vllm``, ``kvplane-cpu`` and ``kvplane-async`` also run a no-reuse workload (every prompt
+unique from its first token): what kvplane costs when it cannot help. It runs first, on
+``--no-reuse-servers`` fresh servers of each of the three, interleaved (vllm, cpu, async,
+vllm, ...), and each configuration's figures pool its servers' requests: one server's
+figures are steady from run to run, but two servers of one configuration differed by up to
+a third in TTFT p50 on this VM, more than any cost kvplane could add. The per-server p50s
+are reported beside the pooled ones.
 
 Per configuration: TTFT p50/p90/p99, inter-token latency p50/p99, output tokens/s and
 requests/s over the run's wall time, prompt tokens vLLM computed and its cache hits by
@@ -170,13 +175,18 @@ def serve(
         yield server, worker
 
 
-def measure(
-    server: VllmServer,
-    worker: str | None,
-    requests: Sequence[Request],
-    args: argparse.Namespace,
-    baseline: list[Outcome] | None,
-) -> tuple[dict[str, Any], list[Outcome]]:
+@dataclass(frozen=True)
+class Measured:
+    """One server's run of a workload: its requests' outcomes, wall time, counter deltas."""
+
+    outcomes: list[Outcome]
+    wall: float
+    grew: dict[str, float]
+
+
+def run_raw(
+    server: VllmServer, worker: str | None, requests: Sequence[Request], args: argparse.Namespace
+) -> Measured:
     before = counters(server.base_url, VLLM_COUNTERS)
     kv_before = counters(worker, KVPLANE_COUNTERS) if worker else {}
     outcomes, wall = run_workload(
@@ -186,7 +196,44 @@ def measure(
     grew = {k: v - before[k] for k, v in counters(server.base_url, VLLM_COUNTERS).items()}
     if worker:
         grew.update({k: v - kv_before[k] for k, v in counters(worker, KVPLANE_COUNTERS).items()})
-    return summary(outcomes, wall, grew, baseline), outcomes
+    return Measured(outcomes, wall, grew)
+
+
+def measure(
+    server: VllmServer,
+    worker: str | None,
+    requests: Sequence[Request],
+    args: argparse.Namespace,
+    baseline: list[Outcome] | None,
+) -> tuple[dict[str, Any], list[Outcome]]:
+    run = run_raw(server, worker, requests, args)
+    return summary(run.outcomes, run.wall, run.grew, baseline), run.outcomes
+
+
+def pooled(runs: Sequence[Measured], baseline: list[Outcome] | None) -> dict[str, Any]:
+    """One row over several servers' runs of one workload: their requests together, wall
+    times and counters summed, and each server's own TTFT p50."""
+    outcomes = [o for run in runs for o in run.outcomes]
+    grew: dict[str, float] = {}
+    for run in runs:
+        for k, v in run.grew.items():
+            grew[k] = grew.get(k, 0.0) + v
+    row = summary(outcomes, sum(r.wall for r in runs), grew, baseline)
+    row["ttft_p50_by_server_s"] = [percentile([o.ttft for o in r.outcomes], 50) for r in runs]
+    return row
+
+
+@contextlib.contextmanager
+def started(
+    name: str, model: Path, folder: Path, blocks: int, kv_bytes: int, seed: int
+) -> Iterator[tuple[VllmServer, str | None]]:
+    """:func:`serve` in a fresh ``folder``, with a first request's one-off costs paid (a
+    prompt of its own, from ``seed``)."""
+    folder.mkdir()
+    with serve(name, model, folder, blocks, kv_bytes) as (server, worker):
+        warm = no_reuse(seed, 1, 300, 4, vocab=VOCAB)
+        run_workload(server.base_url, server.model, warm, 1)
+        yield server, worker
 
 
 def machine() -> str:
@@ -232,6 +279,9 @@ def report(header: list[str], results: dict[str, dict[str, dict[str, Any]]]) -> 
                 f"{'':13s} {kv if 'chunks_from_cpu' in row else ''}TTFT p50 by round (ms) "
                 f"{by_round}; outputs equal to vllm's {row.get('outputs_equal_vllm', 'baseline')}"
             )
+            if "ttft_p50_by_server_s" in row:
+                each = ", ".join(f"{t * 1e3:.0f}" for t in row["ttft_p50_by_server_s"])
+                lines.append(f"{'':13s} TTFT p50 on each of its servers (ms): {each}")
             if "kvplane_store_ms_per_step" in row:
                 stores = max(1, row["stores"])
                 lines.append(
@@ -290,6 +340,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--out", type=Path, help="results path without suffix")
+    parser.add_argument(
+        "--no-reuse-servers", type=int, default=3, help="fresh servers per no-reuse figure"
+    )
     args = parser.parse_args()
     if "vllm" not in args.configs:
         parser.error("--configs needs vllm: every ratio is against it")
@@ -322,7 +375,8 @@ def main() -> None:
         f"workload: {shape}, seed {args.seed}, {arrivals}, greedy, ignore_eos; "
         f"{len(requests)} requests; working set {working} tokens ({kv_bytes / 1e6:.0f} MB of KV) "
         f"= {working / (blocks * BLOCK):.1f}x vLLM's KV memory ({blocks} blocks of {BLOCK})",
-        f"no-reuse workload: {len(unique)} unique prompts of {shape.prompt_tokens(0)} tokens",
+        f"no-reuse workload: {len(unique)} unique prompts of {shape.prompt_tokens(0)} tokens, "
+        f"on {args.no_reuse_servers} fresh servers of each configuration (pooled)",
     ]
     if args.quick:
         header.insert(
@@ -337,28 +391,35 @@ def main() -> None:
         model = build_model(
             Path(tmp) / "model", num_layers=scale.layers, hidden_size=scale.hidden, init_scale=4.0
         )
-        for name in ["vllm", *(c for c in args.configs if c != "vllm")]:
-            folder = Path(tmp) / name
-            folder.mkdir()
-            started = time.monotonic()
-            with serve(name, model, folder, blocks, kv_bytes) as (server, worker):
-                up = time.monotonic() - started
-                warm = no_reuse(args.seed + 2, 1, 300, 4, vocab=VOCAB)
-                run_workload(
-                    server.base_url, server.model, warm, 1
-                )  # a first request's one-off costs
-                runs = [("no-reuse", unique, name), ("multi-round", requests, name)]
-                if name not in NO_REUSE_CONFIGS:
-                    runs = runs[1:]
-                if name == "vllm":  # the control: how far vLLM alone differs from itself
-                    runs.append(("multi-round", requests, "vllm-again"))
-                for workload, reqs, label in runs:
-                    row, outcomes = measure(server, worker, reqs, args, baselines.get(workload))
-                    baselines.setdefault(workload, outcomes)
-                    results[workload][label] = row
+        order = ["vllm", *(c for c in args.configs if c != "vllm")]
+        pools: dict[str, list[Measured]] = {}
+        for i in range(args.no_reuse_servers):
+            for name in (c for c in order if c in NO_REUSE_CONFIGS):
+                folder = Path(tmp) / f"{name}-no-reuse-{i}"
+                with started(name, model, folder, blocks, kv_bytes, args.seed + 2) as (
+                    server,
+                    worker,
+                ):
+                    pools.setdefault(name, []).append(run_raw(server, worker, unique, args))
+                    p50 = percentile([o.ttft for o in pools[name][-1].outcomes], 50)
                     print(
-                        f"{label} {workload}: TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms, "
-                        f"{row['wall_s']:.1f} s (server up in {up:.0f} s)",
+                        f"{name} no-reuse, server {i + 1}: TTFT p50 {p50 * 1e3:.0f} ms", flush=True
+                    )
+        baseline = None
+        for name, runs in pools.items():
+            results["no-reuse"][name] = pooled(runs, baseline)
+            baseline = baseline or [o for run in runs for o in run.outcomes]
+        for name in order:
+            folder = Path(tmp) / name
+            with started(name, model, folder, blocks, kv_bytes, args.seed + 2) as (server, worker):
+                labels = [name, "vllm-again"] if name == "vllm" else [name]
+                for label in labels:  # vllm-again: how far vLLM alone differs from itself
+                    row, outcomes = measure(server, worker, requests, args, baselines.get("mr"))
+                    baselines.setdefault("mr", outcomes)
+                    results["multi-round"][label] = row
+                    print(
+                        f"{label} multi-round: TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms, "
+                        f"{row['wall_s']:.1f} s",
                         flush=True,
                     )
     stolen = steal_share(before, cpu_times())
