@@ -253,6 +253,8 @@ class LeanClient:
         """Await ``step`` (a write's drain or a read) within the read timeout, its
         failures as LeanHttpError (or _Stale, with ``stale``, when no byte came back)."""
         try:
+            if self._read_timeout is None:  # the caller's deadline alone (a lookup's)
+                return await step
             async with asyncio.timeout(self._read_timeout):
                 return await step
         except TimeoutError:
