@@ -17,7 +17,17 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-__all__ = ["Answer", "LeanClient", "LeanConnectError", "LeanHttpError", "parse_head"]
+__all__ = [
+    "CHUNKED",
+    "UNTIL_CLOSE",
+    "Answer",
+    "Headers",
+    "LeanClient",
+    "LeanConnectError",
+    "LeanHttpError",
+    "framing",
+    "parse_head",
+]
 
 Headers = list[tuple[bytes, bytes]]
 _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
