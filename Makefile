@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-ha ha-picture demo-vllm test test-stress lint setup system-deps docs dashboard-screenshot bench bench-vllm bench-fleet bench-itl bench-route bench-route-quick soak clean vllm-setup vllm-clean
+.PHONY: demo demo-ha ha-picture demo-vllm test test-stress lint setup system-deps docs dashboard-screenshot bench bench-vllm bench-fleet bench-itl bench-route bench-route-quick bench-route-latency soak clean vllm-setup vllm-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -140,6 +140,11 @@ bench-route: setup vllm-setup $(BENCH_STAMP)
 # The same at a small scale (4-layer model, fewer requests; about 2 minutes): a smoke run.
 bench-route-quick: setup vllm-setup $(BENCH_STAMP)
 	$(PY) benchmarks/route.py --quick
+
+# Only each router's added latency in front of two instant fake backends (no vLLM, about a
+# minute per router); prints, writes nothing (add ARGS='--out PATH').
+bench-route-latency: setup $(BENCH_STAMP)
+	$(PY) benchmarks/route.py --latency-only $(ARGS)
 
 # Lookups, admits/evicts, workers joining and leaving and controller restarts on loopback,
 # then an exact audit of the controller's index; exits non-zero if a check fails.

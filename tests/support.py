@@ -3,6 +3,7 @@ bounded waits, threads joined with a deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import subprocess
@@ -28,6 +29,7 @@ __all__ = [
     "free_ports",
     "kvplane_env",
     "kvplane_process",
+    "read_request",
     "run_kvplane",
     "run_threads",
     "stop_process",
@@ -37,6 +39,15 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """The next HTTP/1.1 request on ``reader`` (a test server's): its head, blank line
+    included, and its Content-Length body. Raises IncompleteReadError at the end."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    length = next((int(x.split(b":")[1]) for x in lines if x.startswith(b"content-length:")), 0)
+    return head, await reader.readexactly(length)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

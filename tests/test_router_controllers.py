@@ -16,7 +16,7 @@ import httpx
 from kvplane.router.metrics import RouterMetrics
 from kvplane.router.pool import Pool
 from kvplane.router.upstream import ControllerClient, Hits
-from tests.support import free_port
+from tests.support import free_port, read_request
 
 LAYOUT = {"layout_info": {"inst-b": ["LocalCPUBackend", 64]}}
 
@@ -25,13 +25,7 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     """A controller's /lookup, as few bytes as HTTP/1.1 allows; counts each request."""
     try:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":")[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length")
-            )
-            await reader.readexactly(length)
+            await read_request(reader)
             body = json.dumps(LAYOUT).encode()
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
             await writer.drain()

@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field, ValidationError
 from kvplane.controller.cluster import Cluster
 from kvplane.errors import BadRequest, KvplaneError
 from kvplane.keys import MAX_TOKEN_ID, TOKEN_ID_RANGE
+from kvplane.web.asgi import receive_body
 from kvplane.web.errors import INVALID, error_body, route_error_body, validation_message
 from kvplane.web.openapi import JSON_INTEGER, NONEMPTY_STRING, Refine, pair, unrouted_operation
 
@@ -205,15 +206,10 @@ class LookupRoute:
             refusal = JSONResponse(body, status_code=_NOT_ALLOWED, headers={"Allow": "POST"})
             await refusal(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        status, payload = self.answer(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        raw = await receive_body(receive)
+        if raw is None:  # the client went away
+            return
+        status, payload = self.answer(raw)
         headers = [*_HEADERS, (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})

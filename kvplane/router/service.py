@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import httpx
@@ -19,7 +20,7 @@ from kvplane.router.recent import RecentPrompts, prefix_keys
 from kvplane.router.scoring import Candidate, Decision, Weights, choose
 from kvplane.router.settings import RouterConfig
 from kvplane.router.tokens import LocalTokenizer, TokenCache, tokenize_body
-from kvplane.router.upstream import ControllerClient, Hits
+from kvplane.router.upstream import ControllerClient, Hits, Origin, origin_for
 
 __all__ = ["Route", "Router"]
 
@@ -57,11 +58,34 @@ class Router:
         self._local_checked = False
         self._recent = RecentPrompts(config.recent_block, config.recent_s)
         self._sessions: OrderedDict[str, str] = OrderedDict()
+        self._origins: dict[str, Origin] = {}
+        header = config.affinity_header
+        self._affinity_header = header.lower().encode("latin-1") if header else None
 
-    def session_of(self, headers: Any, body: dict[str, Any]) -> str | None:
-        name = self.config.affinity_header
-        if name and (value := headers.get(name)):
-            return str(value)
+    def origin(self, url: str) -> Origin:
+        """Where requests to backend ``url`` go (one keep-alive client per backend)."""
+        found = self._origins.get(url)
+        if found is None:
+            found = self._origins[url] = origin_for(
+                url, self.client, self.config.connect_timeout_s, self.config.request_timeout_s
+            )
+        return found
+
+    def close(self) -> None:
+        for origin in self._origins.values():
+            origin.close()
+        self._origins.clear()
+
+    def session_of(
+        self, headers: Iterable[tuple[bytes, bytes]], body: dict[str, Any]
+    ) -> str | None:
+        """The request's session: its affinity header (``headers`` as ASGI gives them),
+        else the body's ``user``."""
+        name = self._affinity_header
+        if name is not None:
+            value = next((v for k, v in headers if k == name), None)
+            if value:
+                return value.decode("latin-1")
         user = body.get("user") if self.config.affinity_user else None
         return str(user) if isinstance(user, str) and user else None
 

@@ -15,10 +15,11 @@ bench-route` on 2 cores).
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from kvplane.errors import ConfigError
 
@@ -62,24 +63,31 @@ def tokenize_body(kind: str, body: dict[str, Any]) -> dict[str, Any] | list[int]
     return tok
 
 
+#: A /tokenize body as one canonical string of bytes (keys sorted): the cache's key, made
+#: for every request (a 1K-token prompt in 2 us, where json.dumps took 12).
+_canonical = msgspec.json.Encoder(order="sorted").encode
+
+CacheKey = tuple[str, bytes]
+
+
 class TokenCache:
     """Token ids by (model, /tokenize body), least recently used dropped first."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._entries: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, list[int]] = OrderedDict()
 
     @staticmethod
-    def key(model: str, tokenize: dict[str, Any]) -> tuple[str, str]:
-        return model, json.dumps(tokenize, sort_keys=True, separators=(",", ":"))
+    def key(model: str, tokenize: dict[str, Any]) -> CacheKey:
+        return model, _canonical(tokenize)
 
-    def get(self, key: tuple[str, str]) -> list[int] | None:
+    def get(self, key: CacheKey) -> list[int] | None:
         tokens = self._entries.get(key)
         if tokens is not None:
             self._entries.move_to_end(key)
         return tokens
 
-    def put(self, key: tuple[str, str], tokens: list[int]) -> None:
+    def put(self, key: CacheKey, tokens: list[int]) -> None:
         if self.size <= 0:
             return
         self._entries[key] = tokens

@@ -10,22 +10,118 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import httpx
 import msgspec
 
-from kvplane.router.lean_http import LeanClient, LeanHttpError
+from kvplane.router.lean_http import Headers, LeanClient, LeanConnectError, LeanHttpError
 from kvplane.router.metrics import RouterMetrics
 from kvplane.router.pool import BackendSpec, Pool, parse_load
 
-__all__ = ["Checker", "ControllerClient", "Hits", "describe"]
+__all__ = [
+    "Checker",
+    "ControllerClient",
+    "Hits",
+    "HttpxOrigin",
+    "Origin",
+    "Reply",
+    "describe",
+    "origin_for",
+]
 
 log = logging.getLogger("kvplane.router")
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
+
+
+class Reply(Protocol):
+    """An answer whose head is read (:class:`~kvplane.router.lean_http.Answer`'s
+    interface): its body once, whole or piece by piece, then ``aclose``."""
+
+    status: int
+    headers: Headers
+
+    def header(self, name: bytes) -> bytes | None: ...
+    async def read(self) -> bytes: ...
+    def pieces(self) -> AsyncIterator[bytes]: ...
+    def close(self) -> None: ...
+
+
+class Origin(Protocol):
+    """Where a backend's requests go: :class:`LeanClient` for http, :class:`HttpxOrigin`
+    for https. Raises LeanConnectError when nothing was sent, LeanHttpError otherwise."""
+
+    async def send(
+        self, method: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
+    ) -> Reply: ...
+    def close(self) -> None: ...
+
+
+def origin_for(url: str, client: httpx.AsyncClient, connect_s: float, read_s: float) -> Origin:
+    """The lean client for an http ``url``, httpx for any other."""
+    if url.startswith("http://"):
+        return LeanClient(url, max_idle=256, connect_timeout=connect_s, read_timeout=read_s)
+    return HttpxOrigin(client, url)
+
+
+class HttpxOrigin:
+    """An origin the lean client does not serve (https), through httpx, with its errors
+    translated to the lean client's."""
+
+    def __init__(self, client: httpx.AsyncClient, base_url: str) -> None:
+        self._client = client
+        self._base = base_url
+
+    async def send(
+        self, method: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
+    ) -> Reply:
+        request = self._client.build_request(
+            method, self._base + path, content=body, headers=list(headers)
+        )
+        try:
+            return _HttpxReply(await self._client.send(request, stream=True))
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise LeanConnectError(repr(exc)) from None
+        except httpx.HTTPError as exc:
+            raise LeanHttpError(repr(exc)) from None
+
+    def close(self) -> None:
+        """Nothing of its own: the shared httpx client is closed by the app."""
+
+
+class _HttpxReply:
+    def __init__(self, resp: httpx.Response) -> None:
+        self._resp = resp
+        self.status = resp.status_code
+        self.headers: Headers = [(k.lower(), v) for k, v in resp.headers.raw]
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+    async def read(self) -> bytes:
+        try:
+            return await self._resp.aread()
+        except httpx.HTTPError as exc:
+            raise LeanHttpError(repr(exc)) from None
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._resp.aiter_raw():
+                yield piece
+        except httpx.HTTPError as exc:
+            raise LeanHttpError(repr(exc)) from None
+
+    def close(self) -> None:
+        """Closed by a task of its own: the caller may be a cancelled one."""
+        closing = asyncio.ensure_future(self._resp.aclose())
+        _closing.add(closing)
+        closing.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Future[None]] = set()  # httpx answers being closed
 
 
 class Hits(NamedTuple):
